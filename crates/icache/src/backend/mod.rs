@@ -1,0 +1,79 @@
+//! The storage behind an [`ICache`](crate::ICache): a small trait and its
+//! implementations, one feature-gated file each.
+//!
+//! The trait is deliberately narrow: everything icache does is built from
+//! "fetch generations and entries together", "initialise missing generations",
+//! "bump generations atomically", "set" and "delete". Each method is one round
+//! trip on a network backend (the generation methods may take a second one when a
+//! counter is missing or foreign, which is rare).
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::codec::Entry;
+use crate::error::Result;
+use crate::keys::Key;
+
+#[cfg(feature = "memcached")]
+pub(crate) mod memcached;
+pub(crate) mod memory;
+#[cfg(feature = "redis")]
+pub(crate) mod redis;
+
+/// What [`Backend::fetch`] returns, in the order the keys were given.
+#[derive(Debug, Default)]
+pub(crate) struct Fetched {
+    /// `None`: the generation is missing, or its bytes are not ours.
+    pub(crate) gens: Vec<Option<u64>>,
+    /// `None`: missing, or not decodable (foreign or corrupt bytes).
+    pub(crate) entries: Vec<Option<Arc<Entry>>>,
+}
+
+pub(crate) trait Backend: Send + Sync + fmt::Debug + 'static {
+    /// Reads generations and entries in one round trip.
+    fn fetch(&self, gens: &[Key<'_>], entries: &[Key<'_>]) -> Result<Fetched>;
+
+    /// For each generation: if it is missing (or not a number), store
+    /// `fresh[i]` atomically unless another client got there first; return the
+    /// value now stored.
+    fn init_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>>;
+
+    /// Adds one to each generation atomically; a missing (or foreign) one becomes
+    /// `fresh[i]` (then +1 on Redis, which is just as fresh). Returns the new
+    /// values. One round trip for all of them.
+    fn incr_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>>;
+
+    /// Stores an entry; `ttl` only for plain entries.
+    fn set(&self, key: Key<'_>, entry: Arc<Entry>, ttl: Option<Duration>) -> Result<()>;
+
+    /// Removes an entry; `true` if something was there.
+    fn delete(&self, key: Key<'_>) -> Result<bool>;
+
+    /// Does the backend answer? One cheap round trip.
+    fn ping(&self) -> Result<()>;
+
+    /// `"memory"`, `"redis"` or `"memcached"`.
+    fn name(&self) -> &'static str;
+}
+
+/// A fresh random generation, in `1..=2^62`: never 0, and with headroom so that
+/// +1 bumps never overflow a signed 64-bit Redis integer.
+pub(crate) fn fresh_generation() -> u64 {
+    rand::random_range(1..=(1u64 << 62))
+}
+
+pub(crate) fn fresh_generations(n: usize) -> Vec<u64> {
+    (0..n).map(|_| fresh_generation()).collect()
+}
+
+/// Parses a generation stored as decimal ASCII (Redis, memcached); anything
+/// else (foreign bytes, 0) is "not ours".
+#[cfg(any(feature = "redis", feature = "memcached"))]
+pub(crate) fn parse_gen(bytes: &[u8]) -> Option<u64> {
+    let s = std::str::from_utf8(bytes).ok()?.trim_end();
+    match s.parse::<u64>() {
+        Ok(0) | Err(_) => None,
+        Ok(v) => Some(v),
+    }
+}

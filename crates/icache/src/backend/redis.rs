@@ -1,0 +1,247 @@
+//! Redis, single node (`redis://`, `rediss://`), through redis-rs's blocking
+//! client and our small pool.
+//!
+//! Why blocking: template rendering is synchronous and is the hot path; a
+//! blocking connection used from the rendering thread costs one loopback round
+//! trip, with no hop to another thread. The async API runs this same code on
+//! tokio's blocking pool.
+//!
+//! Generations are decimal integers (so `INCR` works on them). A bump is
+//! `MULTI; SET k <fresh> NX; INCR k; EXEC` per token, all tokens in one
+//! pipeline: atomic per token (no eviction can slip between the two
+//! commands, so a counter never restarts at 1), one round trip in all.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::{Backend, Fetched, parse_gen};
+use crate::codec::{self, Entry};
+use crate::config::{Config, Target};
+use crate::error::{Error, ErrorKind, Result};
+use crate::keys::{self, Key};
+use crate::pool::Pool;
+
+pub(crate) struct Redis {
+    client: redis::Client,
+    pool: Pool<redis::Connection>,
+    prefix: String,
+    timeout: Duration,
+    connect_timeout: Duration,
+    redacted: String,
+}
+
+impl std::fmt::Debug for Redis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redis")
+            .field("url", &self.redacted)
+            .finish()
+    }
+}
+
+impl Redis {
+    pub(crate) fn new(config: &Config) -> Result<Self> {
+        let Target::Redis { url, ca_file } = &config.target else {
+            return Err(Error::config("not a redis:// URL"));
+        };
+        let bad = |e: redis::RedisError| {
+            // redis-rs messages do not echo the URL, but be sure: ours only names
+            // the redacted form.
+            Error::config(format!(
+                "{}: {}",
+                config.redacted,
+                e.detail().unwrap_or("invalid Redis URL")
+            ))
+        };
+        let client = match ca_file {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    Error::config(format!(
+                        "ca_file={path:?} in {}: cannot read it",
+                        config.redacted
+                    ))
+                    .with_source(e)
+                })?;
+                redis::Client::build_with_tls(
+                    url.as_str(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    },
+                )
+                .map_err(bad)?
+            }
+            None => redis::Client::open(url.as_str()).map_err(bad)?,
+        };
+        Ok(Redis {
+            client,
+            pool: Pool::new(config.pool_size),
+            prefix: config.prefix.clone(),
+            timeout: config.timeout,
+            connect_timeout: config.connect_timeout,
+            redacted: config.redacted.clone(),
+        })
+    }
+
+    fn connect(&self) -> Result<redis::Connection> {
+        let con = self
+            .client
+            .get_connection_with_timeout(self.connect_timeout)
+            .map_err(|e| self.error("connect", e))?;
+        con.set_read_timeout(Some(self.timeout))
+            .and_then(|()| con.set_write_timeout(Some(self.timeout)))
+            .map_err(|e| self.error("connect", e))?;
+        Ok(con)
+    }
+
+    fn run<T>(
+        &self,
+        op: &str,
+        f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>,
+    ) -> Result<T> {
+        self.pool.with(
+            || self.connect(),
+            |con| f(con).map_err(|e| self.error(op, e)),
+        )
+    }
+
+    fn error(&self, op: &str, e: redis::RedisError) -> Error {
+        let kind = if e.is_timeout() {
+            ErrorKind::Timeout
+        } else if e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped() {
+            ErrorKind::Unavailable
+        } else {
+            ErrorKind::Backend
+        };
+        let what = match kind {
+            ErrorKind::Timeout => format!("no answer within {:?}", self.timeout),
+            _ => e.to_string(),
+        };
+        Error::new(kind, format!("redis {op} on {}: {what}", self.redacted))
+    }
+
+    fn key(&self, k: Key<'_>) -> String {
+        keys::encode(&self.prefix, k)
+    }
+
+    /// Overwrites foreign bytes under a generation key with a fresh value.
+    fn replace_foreign(&self, key: &str, fresh: u64) -> Result<u64> {
+        self.run("set", |con| {
+            redis::cmd("SET").arg(key).arg(fresh).query::<()>(con)
+        })?;
+        Ok(fresh)
+    }
+}
+
+impl Backend for Redis {
+    fn fetch(&self, gens: &[Key<'_>], entries: &[Key<'_>]) -> Result<Fetched> {
+        if gens.is_empty() && entries.is_empty() {
+            return Ok(Fetched::default());
+        }
+        let all: Vec<String> = gens.iter().chain(entries).map(|k| self.key(*k)).collect();
+        let values: Vec<Option<Vec<u8>>> =
+            self.run("MGET", |con| redis::cmd("MGET").arg(&all).query(con))?;
+        if values.len() != all.len() {
+            return Err(Error::new(
+                ErrorKind::Backend,
+                format!(
+                    "redis MGET on {}: {} values for {} keys",
+                    self.redacted,
+                    values.len(),
+                    all.len()
+                ),
+            ));
+        }
+        let mut values = values.into_iter();
+        let gens = values
+            .by_ref()
+            .take(gens.len())
+            .map(|v| v.as_deref().and_then(parse_gen))
+            .collect();
+        let entries = values
+            .map(|v| v.and_then(|b| codec::decode(Bytes::from(b))).map(Arc::new))
+            .collect();
+        Ok(Fetched { gens, entries })
+    }
+
+    fn init_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
+        let keys: Vec<String> = gens.iter().map(|k| self.key(*k)).collect();
+        let got: Vec<Option<Vec<u8>>> = self.run("SET NX", |con| {
+            let mut pipe = redis::pipe();
+            for (k, f) in keys.iter().zip(fresh) {
+                pipe.cmd("SET").arg(k).arg(f).arg("NX").ignore();
+                pipe.cmd("GET").arg(k);
+            }
+            pipe.query(con)
+        })?;
+        keys.iter()
+            .zip(fresh)
+            .zip(got)
+            .map(|((k, &f), v)| match v.as_deref().and_then(parse_gen) {
+                Some(g) => Ok(g),
+                None => self.replace_foreign(k, f),
+            })
+            .collect()
+    }
+
+    fn incr_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
+        let keys: Vec<String> = gens.iter().map(|k| self.key(*k)).collect();
+        let bump = |con: &mut redis::Connection, keys: &[String], fresh: &[u64]| {
+            let mut pipe = redis::pipe();
+            for (k, f) in keys.iter().zip(fresh) {
+                pipe.cmd("MULTI").ignore();
+                pipe.cmd("SET").arg(k).arg(f).arg("NX").ignore();
+                pipe.cmd("INCR").arg(k).ignore();
+                pipe.cmd("EXEC");
+            }
+            pipe.query::<Vec<(Option<String>, u64)>>(con)
+        };
+        match self.run("INCR", |con| bump(con, &keys, fresh)) {
+            Ok(v) => Ok(v.into_iter().map(|(_, g)| g).collect()),
+            // A token holds foreign bytes, so INCR refused it: bump one by one,
+            // replacing what is not a number by a fresh value (as fresh as a bump).
+            Err(e) if e.is_backend() => keys
+                .iter()
+                .zip(fresh)
+                .map(|(k, &f)| {
+                    match self.run("INCR", |con| bump(con, std::slice::from_ref(k), &[f])) {
+                        Ok(mut v) => Ok(v.pop().map(|(_, g)| g).unwrap_or(f)),
+                        Err(e) if e.is_backend() => self.replace_foreign(k, f),
+                        Err(e) => Err(e),
+                    }
+                })
+                .collect(),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn set(&self, key: Key<'_>, entry: Arc<Entry>, ttl: Option<Duration>) -> Result<()> {
+        let k = self.key(key);
+        let bytes = codec::encode(&entry);
+        self.run("SET", |con| {
+            let mut cmd = redis::cmd("SET");
+            cmd.arg(&k).arg(&bytes);
+            if let Some(ttl) = ttl {
+                cmd.arg("PX")
+                    .arg(ttl.as_millis().clamp(1, u128::from(u64::MAX)) as u64);
+            }
+            cmd.query::<()>(con)
+        })
+    }
+
+    fn delete(&self, key: Key<'_>) -> Result<bool> {
+        let k = self.key(key);
+        let n: u64 = self.run("DEL", |con| redis::cmd("DEL").arg(&k).query(con))?;
+        Ok(n > 0)
+    }
+
+    fn ping(&self) -> Result<()> {
+        self.run("PING", |con| redis::cmd("PING").query::<String>(con))
+            .map(|_| ())
+    }
+
+    fn name(&self) -> &'static str {
+        "redis"
+    }
+}

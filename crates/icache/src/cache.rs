@@ -1,0 +1,557 @@
+//! The `ICache` handle: the seed's five methods, plain get/set, and their async
+//! forms.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::backend::{self, Backend};
+use crate::codec::{Entry, Payload};
+use crate::config::{Config, Target};
+use crate::error::{Error, Result};
+use crate::keys::Key;
+
+/// A handle to a timeout-less cache. Cheap to clone; all clones share one
+/// backend (and its connections).
+///
+/// See the [crate docs](crate) for the model and examples.
+#[derive(Clone)]
+pub struct ICache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    backend: Box<dyn Backend>,
+    config: Config,
+}
+
+impl fmt::Debug for ICache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ICache")
+            .field("backend", &self.inner.backend.name())
+            .field("url", &self.inner.config.redacted)
+            .finish()
+    }
+}
+
+impl Default for ICache {
+    /// The in-process cache with default settings, as `memory://`.
+    fn default() -> Self {
+        ICache::memory()
+    }
+}
+
+impl ICache {
+    /// Opens a cache from a URL:
+    ///
+    /// | URL | backend |
+    /// |---|---|
+    /// | `memory://` , `memory://?max_bytes=N` | in-process, bounded by bytes (default 64 MiB) |
+    /// | `redis://[user:password@]host[:port][/db]` | Redis (feature `redis`) |
+    /// | `rediss://…` (`#insecure` to skip certificate checks) | Redis over TLS (feature `redis`) |
+    /// | `memcached://host[:port]` | memcached (feature `memcached`) |
+    ///
+    /// Options for every scheme: `prefix=` (keeps apps apart on a shared
+    /// server; ASCII letters, digits, `-`, `_`, `.`), `timeout_ms=` (one answer,
+    /// default 100), `connect_timeout_ms=` (default 100), `pool_size=` (idle
+    /// connections kept, default 8).
+    ///
+    /// Network backends connect lazily: opening never blocks, and a server that
+    /// is down shows up as an error of the first operation.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::Config`](crate::ErrorKind::Config), with a message naming the
+    /// offending part, for a malformed URL, an unknown scheme or option, or a
+    /// scheme whose cargo feature is not enabled.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::from_url("memory://?max_bytes=1048576&prefix=shop")?;
+    /// assert!(icache::ICache::from_url("memory://?colour=red").unwrap_err().is_config());
+    /// # Ok::<(), icache::Error>(())
+    /// ```
+    pub fn from_url(url: &str) -> Result<ICache> {
+        let config = Config::parse(url)?;
+        let backend: Box<dyn Backend> = match &config.target {
+            Target::Memory { max_bytes } => Box::new(backend::memory::Memory::new(*max_bytes)?),
+            #[cfg(feature = "redis")]
+            Target::Redis { .. } => Box::new(backend::redis::Redis::new(&config)?),
+            #[cfg(feature = "memcached")]
+            Target::Memcached { .. } => Box::new(backend::memcached::Memcached::new(&config)?),
+            #[allow(unreachable_patterns)]
+            _ => {
+                let feature = match &config.target {
+                    Target::Redis { .. } => "redis",
+                    _ => "memcached",
+                };
+                return Err(Error::config(format!(
+                    "{} needs icache's cargo feature {feature:?}, which is not enabled",
+                    config.redacted
+                )));
+            }
+        };
+        Ok(ICache {
+            inner: Arc::new(Inner { backend, config }),
+        })
+    }
+
+    /// Opens the cache named by the `ICACHE_URL` environment variable, or the
+    /// in-process default (`memory://`) when it is unset or empty.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// // With ICACHE_URL unset this is the in-process cache.
+    /// let cache = icache::ICache::from_env()?;
+    /// cache.incr("movies")?;
+    /// # Ok::<(), icache::Error>(())
+    /// ```
+    pub fn from_env() -> Result<ICache> {
+        match std::env::var("ICACHE_URL") {
+            Ok(url) if !url.trim().is_empty() => ICache::from_url(&url),
+            _ => ICache::from_url("memory://"),
+        }
+    }
+
+    /// The in-process cache with default settings (64 MiB).
+    pub fn memory() -> ICache {
+        // The default configuration always parses and always builds; fall back
+        // to a tiny store rather than panic should that ever change.
+        ICache::from_url("memory://").unwrap_or_else(|_| {
+            ICache::from_url("memory://?max_bytes=1048576")
+                .unwrap_or_else(|e| unreachable!("memory backend cannot fail to build: {e}"))
+        })
+    }
+
+    /// `"memory"`, `"redis"` or `"memcached"`.
+    pub fn backend_name(&self) -> &'static str {
+        self.inner.backend.name()
+    }
+
+    /// The URL this cache was opened with, password replaced by `***`.
+    pub fn url(&self) -> &str {
+        &self.inner.config.redacted
+    }
+
+    /// The configured time-out for one backend answer.
+    pub fn timeout(&self) -> Duration {
+        self.inner.config.timeout
+    }
+
+    /// One round trip to the backend: `Ok` if it answers.
+    pub fn ping(&self) -> Result<()> {
+        self.inner.backend.ping()
+    }
+
+    pub(crate) fn backend(&self) -> &dyn Backend {
+        &*self.inner.backend
+    }
+
+    // ---- generations -------------------------------------------------------
+
+    /// Bumps the generation of `token`: every value stored under a version that
+    /// includes this token is outdated from now on. Call it **after** the
+    /// database commit that changed the data.
+    ///
+    /// Atomic in the backend: concurrent bumps are never lost. A token that has
+    /// no generation yet (never used, evicted, lost in a restart) gets a fresh
+    /// random one, never 0. Returns the new generation.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::memory();
+    /// let before = cache.get_sum(&["movies"])?;
+    /// let now = cache.incr("movies")?;
+    /// assert_eq!(now, before + 1);
+    /// # Ok::<(), icache::Error>(())
+    /// ```
+    pub fn incr(&self, token: &str) -> Result<u64> {
+        let mut out = self.incr_many(&[token])?;
+        out.pop()
+            .ok_or_else(|| Error::new(crate::ErrorKind::Backend, "backend returned no generation"))
+    }
+
+    /// Bumps several tokens at once, in one round trip (pipelined on Redis and
+    /// memcached). Each bump is atomic; the set of them is not a transaction.
+    /// Returns the new generations, in order.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::memory();
+    /// let v = cache.get_sum(&["movies", "user:42"])?;
+    /// cache.incr_many(&["movies", "user:42"])?;
+    /// assert_eq!(cache.get_sum(&["movies", "user:42"])?, v.wrapping_add(2));
+    /// # Ok::<(), icache::Error>(())
+    /// ```
+    pub fn incr_many(&self, tokens: &[&str]) -> Result<Vec<u64>> {
+        if tokens.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<Key<'_>> = tokens.iter().map(|t| Key::gen_(t)).collect();
+        let fresh = backend::fresh_generations(keys.len());
+        self.inner.backend.incr_gens(&keys, &fresh)
+    }
+
+    /// The current generation of each token, in order (missing ones are
+    /// initialised to fresh random values). One round trip when all exist.
+    pub fn generations(&self, tokens: &[&str]) -> Result<Vec<u64>> {
+        let keys: Vec<Key<'_>> = tokens.iter().map(|t| Key::gen_(t)).collect();
+        let fetched = self.inner.backend.fetch(&keys, &[])?;
+        self.complete_gens(&keys, fetched.gens)
+    }
+
+    /// Fills in missing generations (initialising them atomically in the
+    /// backend) and returns them all.
+    pub(crate) fn complete_gens(
+        &self,
+        keys: &[Key<'_>],
+        gens: Vec<Option<u64>>,
+    ) -> Result<Vec<u64>> {
+        if gens.iter().all(Option::is_some) {
+            return Ok(gens.into_iter().flatten().collect());
+        }
+        let missing: Vec<usize> = (0..gens.len()).filter(|&i| gens[i].is_none()).collect();
+        let missing_keys: Vec<Key<'_>> = missing.iter().map(|&i| keys[i]).collect();
+        let fresh = backend::fresh_generations(missing.len());
+        let got = self.inner.backend.init_gens(&missing_keys, &fresh)?;
+        let mut out: Vec<u64> = gens.into_iter().map(|g| g.unwrap_or(0)).collect();
+        for (i, g) in missing.into_iter().zip(got) {
+            out[i] = g;
+        }
+        Ok(out)
+    }
+
+    /// The version of a set of tokens: the wrapping sum of their generations.
+    /// One round trip (plus one to initialise tokens seen for the first time).
+    ///
+    /// Generations start at random values in 1..=2^62 and only ever move by +1
+    /// or to a new random value, so a version returns to an earlier value only
+    /// by chance: about 2^-62 per comparison, even after evictions and restarts.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::memory();
+    /// let v1 = cache.get_sum(&["movies", "user:42"])?;
+    /// assert_ne!(v1, 0);
+    /// assert_eq!(cache.get_sum(&["movies", "user:42"])?, v1); // stable until a bump
+    /// cache.incr("user:42")?;
+    /// assert_ne!(cache.get_sum(&["movies", "user:42"])?, v1);
+    /// # Ok::<(), icache::Error>(())
+    /// ```
+    pub fn get_sum(&self, tokens: &[&str]) -> Result<u64> {
+        if tokens.is_empty() {
+            return Ok(0);
+        }
+        Ok(self
+            .generations(tokens)?
+            .into_iter()
+            .fold(0u64, u64::wrapping_add))
+    }
+
+    // ---- versioned entries -------------------------------------------------
+
+    /// Stores `value` under `key` together with the `version` it was computed
+    /// from (read that version with [`get_sum`](Self::get_sum) **before** reading
+    /// the data). Any key string and any value size the backend accepts.
+    ///
+    /// # Errors
+    ///
+    /// [`ErrorKind::TooLarge`](crate::ErrorKind::TooLarge) when the backend
+    /// refuses the size; the network kinds when it cannot be reached.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::memory();
+    /// let version = cache.get_sum(&["movies", "user:42"])?;
+    /// cache.set_versioned("movies#42", "<ul>…</ul>", version)?;
+    /// assert_eq!(cache.get_versioned("movies#42", version)?.as_deref(), Some("<ul>…</ul>"));
+    /// # Ok::<(), icache::Error>(())
+    /// ```
+    pub fn set_versioned(&self, key: &str, value: impl Into<Arc<str>>, version: u64) -> Result<()> {
+        self.store_versioned(key, Payload::Text(value.into()), version)
+    }
+
+    /// [`set_versioned`](Self::set_versioned) for bytes.
+    pub fn set_versioned_bytes(
+        &self,
+        key: &str,
+        value: impl Into<Bytes>,
+        version: u64,
+    ) -> Result<()> {
+        self.store_versioned(key, Payload::Bytes(value.into()), version)
+    }
+
+    fn store_versioned(&self, key: &str, payload: Payload, version: u64) -> Result<()> {
+        self.inner.backend.set(
+            Key::versioned(key),
+            Arc::new(Entry::versioned(payload, version)),
+            None,
+        )
+    }
+
+    /// The value stored by [`set_versioned`](Self::set_versioned) under `key`,
+    /// if it was stored with exactly `version`; `None` otherwise (never stored,
+    /// evicted, stored under another version, or not text).
+    ///
+    /// Unlike the seed, a mismatching entry is **not deleted**: deleting costs a
+    /// round trip, and a slow reader holding an old version would delete the
+    /// entry that a faster reader had just stored for the current one. An
+    /// outdated entry is overwritten by the next `set_versioned` of its key, or
+    /// evicted by the backend when memory is needed.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::memory();
+    /// cache.set_versioned("k", "old", 1)?;
+    /// assert_eq!(cache.get_versioned("k", 2)?, None);
+    /// assert_eq!(cache.get_versioned("k", 1)?.as_deref(), Some("old"));
+    /// # Ok::<(), icache::Error>(())
+    /// ```
+    pub fn get_versioned(&self, key: &str, version: u64) -> Result<Option<Arc<str>>> {
+        Ok(self
+            .load_versioned(key, version)?
+            .and_then(Payload::into_text))
+    }
+
+    /// [`get_versioned`](Self::get_versioned) for bytes (text values come back
+    /// as their UTF-8 bytes).
+    pub fn get_versioned_bytes(&self, key: &str, version: u64) -> Result<Option<Bytes>> {
+        Ok(self.load_versioned(key, version)?.map(Payload::into_bytes))
+    }
+
+    fn load_versioned(&self, key: &str, version: u64) -> Result<Option<Payload>> {
+        let mut fetched = self.inner.backend.fetch(&[], &[Key::versioned(key)])?;
+        Ok(match fetched.entries.pop().flatten() {
+            Some(entry) if entry.version == Some(version) => Some(entry.payload.clone()),
+            _ => None,
+        })
+    }
+
+    // ---- plain caching -----------------------------------------------------
+
+    /// Plain caching beside the versioned kind ("you can use it for additional
+    /// caching as well"): stores `value` under `key`, for `ttl` if given,
+    /// otherwise until evicted. Plain keys never meet versioned keys or tokens.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let cache = icache::ICache::memory();
+    /// cache.set("greeting", "hello", None)?;
+    /// cache.set("otp", "123456", Some(Duration::from_secs(30)))?;
+    /// assert_eq!(cache.get("greeting")?.as_deref(), Some("hello"));
+    /// assert!(cache.delete("greeting")?);
+    /// assert_eq!(cache.get("greeting")?, None);
+    /// # Ok::<(), icache::Error>(())
+    /// ```
+    pub fn set(&self, key: &str, value: impl Into<Arc<str>>, ttl: Option<Duration>) -> Result<()> {
+        self.store_plain(key, Payload::Text(value.into()), ttl)
+    }
+
+    /// [`set`](Self::set) for bytes.
+    pub fn set_bytes(
+        &self,
+        key: &str,
+        value: impl Into<Bytes>,
+        ttl: Option<Duration>,
+    ) -> Result<()> {
+        self.store_plain(key, Payload::Bytes(value.into()), ttl)
+    }
+
+    fn store_plain(&self, key: &str, payload: Payload, ttl: Option<Duration>) -> Result<()> {
+        if ttl.is_some_and(|t| t.is_zero()) {
+            // Expires at once: store nothing, and drop what was there.
+            self.inner.backend.delete(Key::plain(key))?;
+            return Ok(());
+        }
+        self.inner
+            .backend
+            .set(Key::plain(key), Arc::new(Entry::plain(payload)), ttl)
+    }
+
+    /// The text stored by [`set`](Self::set), if any (bytes that are not UTF-8
+    /// read as `None`; use [`get_bytes`](Self::get_bytes)).
+    pub fn get(&self, key: &str) -> Result<Option<Arc<str>>> {
+        Ok(self.get_many(&[key])?.pop().flatten())
+    }
+
+    /// The bytes stored by [`set_bytes`](Self::set_bytes) or [`set`](Self::set).
+    pub fn get_bytes(&self, key: &str) -> Result<Option<Bytes>> {
+        Ok(self.get_many_bytes(&[key])?.pop().flatten())
+    }
+
+    /// Several plain values in one round trip, in order.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::memory();
+    /// cache.set("a", "1", None)?;
+    /// let got = cache.get_many(&["a", "b"])?;
+    /// assert_eq!(got[0].as_deref(), Some("1"));
+    /// assert_eq!(got[1], None);
+    /// # Ok::<(), icache::Error>(())
+    /// ```
+    pub fn get_many(&self, keys: &[&str]) -> Result<Vec<Option<Arc<str>>>> {
+        Ok(self
+            .load_plain(keys)?
+            .into_iter()
+            .map(|p| p.and_then(Payload::into_text))
+            .collect())
+    }
+
+    /// [`get_many`](Self::get_many) for bytes.
+    pub fn get_many_bytes(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
+        Ok(self
+            .load_plain(keys)?
+            .into_iter()
+            .map(|p| p.map(Payload::into_bytes))
+            .collect())
+    }
+
+    fn load_plain(&self, keys: &[&str]) -> Result<Vec<Option<Payload>>> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<Key<'_>> = keys.iter().map(|k| Key::plain(k)).collect();
+        let fetched = self.inner.backend.fetch(&[], &keys)?;
+        Ok(fetched
+            .entries
+            .into_iter()
+            .map(|e| match e {
+                Some(entry) if entry.version.is_none() => Some(entry.payload.clone()),
+                _ => None,
+            })
+            .collect())
+    }
+
+    /// Removes a plain value; `true` if one was there.
+    pub fn delete(&self, key: &str) -> Result<bool> {
+        self.inner.backend.delete(Key::plain(key))
+    }
+}
+
+/// The async API: the same operations for async handlers.
+///
+/// On the memory backend they run inline (they never block). On network
+/// backends they run the blocking client on tokio's blocking pool
+/// (`spawn_blocking`), so the executor's threads are never blocked; outside a
+/// tokio runtime they simply run inline.
+impl ICache {
+    async fn off_executor<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&ICache) -> Result<T> + Send + 'static,
+    {
+        if self.backend_name() == "memory" {
+            return f(self);
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                let this = self.clone();
+                handle.spawn_blocking(move || f(&this)).await.map_err(|e| {
+                    Error::new(crate::ErrorKind::Backend, format!("cache task failed: {e}"))
+                })?
+            }
+            Err(_) => f(self),
+        }
+    }
+
+    /// Async [`incr`](Self::incr).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> icache::Result<()> {
+    /// let cache = icache::ICache::memory();
+    /// let g = cache.incr_async("movies").await?;
+    /// assert_eq!(cache.get_sum_async(&["movies"]).await?, g);
+    /// # Ok(()) }
+    /// ```
+    pub async fn incr_async(&self, token: &str) -> Result<u64> {
+        let token = token.to_owned();
+        self.off_executor(move |c| c.incr(&token)).await
+    }
+
+    /// Async [`incr_many`](Self::incr_many).
+    pub async fn incr_many_async(&self, tokens: &[&str]) -> Result<Vec<u64>> {
+        let tokens = owned(tokens);
+        self.off_executor(move |c| c.incr_many(&borrowed(&tokens)))
+            .await
+    }
+
+    /// Async [`get_sum`](Self::get_sum).
+    pub async fn get_sum_async(&self, tokens: &[&str]) -> Result<u64> {
+        let tokens = owned(tokens);
+        self.off_executor(move |c| c.get_sum(&borrowed(&tokens)))
+            .await
+    }
+
+    /// Async [`set_versioned`](Self::set_versioned).
+    pub async fn set_versioned_async(
+        &self,
+        key: &str,
+        value: impl Into<Arc<str>>,
+        version: u64,
+    ) -> Result<()> {
+        let (key, value) = (key.to_owned(), value.into());
+        self.off_executor(move |c| c.set_versioned(&key, value, version))
+            .await
+    }
+
+    /// Async [`get_versioned`](Self::get_versioned).
+    pub async fn get_versioned_async(&self, key: &str, version: u64) -> Result<Option<Arc<str>>> {
+        let key = key.to_owned();
+        self.off_executor(move |c| c.get_versioned(&key, version))
+            .await
+    }
+
+    /// Async [`set`](Self::set).
+    pub async fn set_async(
+        &self,
+        key: &str,
+        value: impl Into<Arc<str>>,
+        ttl: Option<Duration>,
+    ) -> Result<()> {
+        let (key, value) = (key.to_owned(), value.into());
+        self.off_executor(move |c| c.set(&key, value, ttl)).await
+    }
+
+    /// Async [`get`](Self::get).
+    pub async fn get_async(&self, key: &str) -> Result<Option<Arc<str>>> {
+        let key = key.to_owned();
+        self.off_executor(move |c| c.get(&key)).await
+    }
+
+    /// Async [`get_many`](Self::get_many).
+    pub async fn get_many_async(&self, keys: &[&str]) -> Result<Vec<Option<Arc<str>>>> {
+        let keys = owned(keys);
+        self.off_executor(move |c| c.get_many(&borrowed(&keys)))
+            .await
+    }
+
+    /// Async [`delete`](Self::delete).
+    pub async fn delete_async(&self, key: &str) -> Result<bool> {
+        let key = key.to_owned();
+        self.off_executor(move |c| c.delete(&key)).await
+    }
+}
+
+fn owned(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn borrowed(items: &[String]) -> Vec<&str> {
+    items.iter().map(String::as_str).collect()
+}

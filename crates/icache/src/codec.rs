@@ -1,0 +1,248 @@
+//! The byte format of entries on remote backends.
+//!
+//! ```text
+//! "iC" 0x01 flags [version: u64 LE] [deps: u32 LE count, (u32 LE len, bytes)*] payload
+//! ```
+//!
+//! flags: bit 0 = the payload is UTF-8 text, bit 1 = a version follows, bit 2 =
+//! a list of dependency tokens follows. Anything that does not parse (foreign
+//! bytes written by another client, a truncated value) decodes to `None`, which
+//! callers treat as a miss: never a panic.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+
+const MAGIC: &[u8; 3] = b"iC\x01";
+const TEXT: u8 = 1;
+const VERSIONED: u8 = 2;
+const DEPS: u8 = 4;
+
+/// A stored value: text (returned as `Arc<str>`) or bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Payload {
+    Text(Arc<str>),
+    Bytes(Bytes),
+}
+
+impl Payload {
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        match self {
+            Payload::Text(s) => s.as_bytes(),
+            Payload::Bytes(b) => b,
+        }
+    }
+
+    /// The payload as text; bytes that are not UTF-8 give `None`.
+    pub(crate) fn into_text(self) -> Option<Arc<str>> {
+        match self {
+            Payload::Text(s) => Some(s),
+            Payload::Bytes(b) => std::str::from_utf8(&b).ok().map(Arc::from),
+        }
+    }
+
+    pub(crate) fn into_bytes(self) -> Bytes {
+        match self {
+            Payload::Text(s) => Bytes::from(s.as_bytes().to_vec()),
+            Payload::Bytes(b) => b,
+        }
+    }
+}
+
+/// One cached value with what it was computed from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Entry {
+    /// The version of the tokens it was computed under (`None` for plain `set`).
+    pub(crate) version: Option<u64>,
+    /// Tokens beyond the caller's own that the value depends on (nested blocks).
+    pub(crate) deps: Vec<Box<str>>,
+    pub(crate) payload: Payload,
+}
+
+impl Entry {
+    pub(crate) fn plain(payload: Payload) -> Self {
+        Entry {
+            version: None,
+            deps: Vec::new(),
+            payload,
+        }
+    }
+
+    pub(crate) fn versioned(payload: Payload, version: u64) -> Self {
+        Entry {
+            version: Some(version),
+            deps: Vec::new(),
+            payload,
+        }
+    }
+
+    /// Approximate size in memory, for the memory backend's byte bound.
+    pub(crate) fn weight(&self) -> usize {
+        self.payload.as_bytes().len() + self.deps.iter().map(|d| d.len() + 16).sum::<usize>() + 64
+    }
+}
+
+pub(crate) fn encode(entry: &Entry) -> Vec<u8> {
+    let payload = entry.payload.as_bytes();
+    let mut out = Vec::with_capacity(
+        payload.len() + 16 + entry.deps.iter().map(|d| d.len() + 4).sum::<usize>(),
+    );
+    out.extend_from_slice(MAGIC);
+    let mut flags = 0;
+    if matches!(entry.payload, Payload::Text(_)) {
+        flags |= TEXT;
+    }
+    if entry.version.is_some() {
+        flags |= VERSIONED;
+    }
+    if !entry.deps.is_empty() {
+        flags |= DEPS;
+    }
+    out.push(flags);
+    if let Some(v) = entry.version {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    if !entry.deps.is_empty() {
+        out.extend_from_slice(&len_u32(entry.deps.len()).to_le_bytes());
+        for dep in &entry.deps {
+            out.extend_from_slice(&len_u32(dep.len()).to_le_bytes());
+            out.extend_from_slice(dep.as_bytes());
+        }
+    }
+    out.extend_from_slice(payload);
+    out
+}
+
+fn len_u32(n: usize) -> u32 {
+    // Token names and counts beyond 4 GiB are not representable in any backend we
+    // support; saturating keeps encode total, and decode then rejects the entry.
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+struct Reader {
+    buf: Bytes,
+    pos: usize,
+}
+
+impl Reader {
+    fn take(&mut self, n: usize) -> Option<Bytes> {
+        let end = self.pos.checked_add(n)?;
+        if end > self.buf.len() {
+            return None;
+        }
+        let out = self.buf.slice(self.pos..end);
+        self.pos = end;
+        Some(out)
+    }
+    fn u32(&mut self) -> Option<usize> {
+        let b = self.take(4)?;
+        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    }
+    fn u64(&mut self) -> Option<u64> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b);
+        Some(u64::from_le_bytes(a))
+    }
+}
+
+/// Decodes what [`encode`] wrote; `None` for anything else.
+pub(crate) fn decode(buf: Bytes) -> Option<Entry> {
+    let mut r = Reader { buf, pos: 0 };
+    if r.take(3)?.as_ref() != MAGIC {
+        return None;
+    }
+    let flags = r.take(1)?[0];
+    if flags & !(TEXT | VERSIONED | DEPS) != 0 {
+        return None;
+    }
+    let version = if flags & VERSIONED != 0 {
+        Some(r.u64()?)
+    } else {
+        None
+    };
+    let mut deps = Vec::new();
+    if flags & DEPS != 0 {
+        let count = r.u32()?;
+        // Each dep needs at least 4 bytes: bound the allocation by what is there.
+        if count > (r.buf.len() - r.pos) / 4 {
+            return None;
+        }
+        deps.reserve(count);
+        for _ in 0..count {
+            let len = r.u32()?;
+            let bytes = r.take(len)?;
+            deps.push(Box::from(std::str::from_utf8(&bytes).ok()?));
+        }
+    }
+    let rest = r.buf.slice(r.pos..);
+    let payload = if flags & TEXT != 0 {
+        Payload::Text(Arc::from(std::str::from_utf8(&rest).ok()?))
+    } else {
+        Payload::Bytes(rest)
+    };
+    Some(Entry {
+        version,
+        deps,
+        payload,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(e: Entry) {
+        assert_eq!(decode(Bytes::from(encode(&e))), Some(e));
+    }
+
+    #[test]
+    fn entries_roundtrip() {
+        roundtrip(Entry::plain(Payload::Text(Arc::from(""))));
+        roundtrip(Entry::plain(Payload::Bytes(Bytes::from_static(b"\0\xff"))));
+        roundtrip(Entry::versioned(
+            Payload::Text(Arc::from("<ul>…</ul>")),
+            u64::MAX,
+        ));
+        roundtrip(Entry {
+            version: Some(7),
+            deps: vec![Box::from("movies"), Box::from("")],
+            payload: Payload::Bytes(Bytes::new()),
+        });
+    }
+
+    #[test]
+    fn foreign_bytes_are_none() {
+        for junk in [
+            &b""[..],
+            b"iC",
+            b"iC\x01",
+            b"iC\x02\x00",
+            b"iC\x01\x80",
+            b"iC\x01\x02\x01",
+            b"iC\x01\x04\xff\xff\xff\xff",
+            b"iC\x01\x01\xff\xfe",
+            b"42",
+            b"hello world",
+        ] {
+            assert_eq!(decode(Bytes::copy_from_slice(junk)), None, "{junk:?}");
+        }
+    }
+
+    #[test]
+    fn every_truncation_is_none_or_shorter_payload() {
+        let full = encode(&Entry {
+            version: Some(1),
+            deps: vec![Box::from("abc")],
+            payload: Payload::Text(Arc::from("xyz")),
+        });
+        for n in 0..full.len() {
+            // A truncated payload may still decode (it is just shorter text), but
+            // nothing before the payload may decode, and nothing may panic.
+            let d = decode(Bytes::copy_from_slice(&full[..n]));
+            if n < full.len() - 3 {
+                assert_eq!(d, None, "{n}");
+            }
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! How user strings become backend keys.
+//!
+//! Any string is a valid token or key. Short, plain names stay readable so an
+//! operator can find `movies` in `redis-cli`; everything else is hashed with
+//! SHA-256 (collision resistant, so user-controlled input cannot make two
+//! entries share a key). The readable and hashed forms live under different tags,
+//! so they can never collide with each other either. Every key fits memcached:
+//! at most 64 (prefix) + 5 + 64 bytes, no whitespace or control bytes.
+
+use sha2::{Digest, Sha256};
+
+/// Which namespace a key lives in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Space {
+    /// A token's generation counter.
+    Gen,
+    /// An entry stored by `set_versioned` or a fragment.
+    Versioned,
+    /// A plain `set`/`get` entry.
+    Plain,
+}
+
+impl Space {
+    fn tags(self) -> (char, char) {
+        match self {
+            Space::Gen => ('g', 'G'),
+            Space::Versioned => ('v', 'V'),
+            Space::Plain => ('k', 'K'),
+        }
+    }
+}
+
+/// A key before it is encoded for a backend: the namespace and the user's string.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Key<'a> {
+    pub(crate) space: Space,
+    pub(crate) name: &'a str,
+}
+
+impl<'a> Key<'a> {
+    pub(crate) fn gen_(name: &'a str) -> Self {
+        Key {
+            space: Space::Gen,
+            name,
+        }
+    }
+    pub(crate) fn versioned(name: &'a str) -> Self {
+        Key {
+            space: Space::Versioned,
+            name,
+        }
+    }
+    pub(crate) fn plain(name: &'a str) -> Self {
+        Key {
+            space: Space::Plain,
+            name,
+        }
+    }
+}
+
+/// Longest name kept readable in a backend key.
+const READABLE_MAX: usize = 64;
+
+fn is_readable(name: &str) -> bool {
+    name.len() <= READABLE_MAX
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'#'))
+}
+
+/// Longest accepted `?prefix=`.
+pub(crate) const PREFIX_MAX: usize = 64;
+
+/// Checks a `?prefix=` value; it goes into keys verbatim, so it must be plain.
+pub(crate) fn validate_prefix(prefix: &str) -> Result<(), String> {
+    if prefix.len() > PREFIX_MAX {
+        return Err(format!(
+            "prefix is {} bytes long; at most {PREFIX_MAX} are allowed",
+            prefix.len()
+        ));
+    }
+    if let Some(c) = prefix
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        return Err(format!(
+            "prefix {prefix:?} contains {c:?}; use only ASCII letters, digits, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
+}
+
+/// Hex SHA-256 of `bytes`.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    let digest = Sha256::digest(bytes);
+    let mut out = String::with_capacity(64);
+    for b in digest.iter() {
+        out.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
+        out.push(char::from_digit(u32::from(b & 0xf), 16).unwrap_or('0'));
+    }
+    out
+}
+
+/// The key as remote backends store it: `[prefix:]ic:<tag>:<name or hash>`.
+pub(crate) fn encode(prefix: &str, key: Key<'_>) -> String {
+    let (plain_tag, hashed_tag) = key.space.tags();
+    let mut out = String::with_capacity(prefix.len() + 6 + 64);
+    if !prefix.is_empty() {
+        out.push_str(prefix);
+        out.push(':');
+    }
+    out.push_str("ic:");
+    if is_readable(key.name) {
+        out.push(plain_tag);
+        out.push(':');
+        out.push_str(key.name);
+    } else {
+        out.push(hashed_tag);
+        out.push(':');
+        out.push_str(&sha256_hex(key.name.as_bytes()));
+    }
+    out
+}
+
+/// Joins several parts into one name without ambiguity: each part is preceded
+/// by its length, so `["a#b"]` and `["a", "b"]` can never give the same name.
+pub(crate) fn join_parts<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
+    let mut out = String::new();
+    for part in parts {
+        out.push_str(&part.len().to_string());
+        out.push(':');
+        out.push_str(part);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readable_names_stay_readable() {
+        assert_eq!(encode("", Key::gen_("movies")), "ic:g:movies");
+        assert_eq!(encode("shop", Key::gen_("user:42")), "shop:ic:g:user:42");
+    }
+
+    #[test]
+    fn other_names_are_hashed_and_fit_memcached() {
+        for name in ["with space", "a\nb", "", "ü", &"x".repeat(100_000)] {
+            let k = encode(&"p".repeat(PREFIX_MAX), Key::versioned(name));
+            assert!(k.len() <= 250, "{k}");
+            assert!(k.bytes().all(|b| b.is_ascii_graphic()), "{k}");
+        }
+    }
+
+    #[test]
+    fn readable_and_hashed_forms_never_meet() {
+        // A readable name that looks like a hash still gets the lowercase tag.
+        let hash = sha256_hex(b"with space");
+        assert_ne!(
+            encode("", Key::plain(&hash)),
+            encode("", Key::plain("with space"))
+        );
+    }
+
+    #[test]
+    fn spaces_are_apart() {
+        assert_ne!(encode("", Key::gen_("a")), encode("", Key::versioned("a")));
+        assert_ne!(encode("", Key::plain("a")), encode("", Key::versioned("a")));
+    }
+
+    #[test]
+    fn parts_join_unambiguously() {
+        assert_ne!(join_parts(["a#b"]), join_parts(["a", "b"]));
+        assert_ne!(join_parts(["ab", ""]), join_parts(["a", "b"]));
+        assert_ne!(join_parts(["1:a"]), join_parts(["1", "a"]));
+    }
+
+    #[test]
+    fn prefixes_are_checked() {
+        assert!(validate_prefix("shop-1.eu_west").is_ok());
+        assert!(validate_prefix("a b").unwrap_err().contains("' '"));
+        assert!(validate_prefix("a:b").is_err());
+        assert!(validate_prefix(&"p".repeat(65)).is_err());
+    }
+}

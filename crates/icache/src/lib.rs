@@ -1,0 +1,96 @@
+//! # icache: timeout-less fragment caching
+//!
+//! icache caches rendered output **until the data it shows changes**, with no
+//! timeouts. It is the Rust form of a small Django app (its `ICache` object and
+//! `{% icache %}` tag), with the original's defects fixed.
+//!
+//! ## The model
+//!
+//! * A **token** names some data: `"movies"`, `"user:42"`.
+//! * Every token has a **generation** in the shared cache. [`ICache::incr`]
+//!   bumps it; call it **after** the database commit that changed the data.
+//! * A cached value is stored with the **version** of its tokens, the wrapping
+//!   sum of their generations ([`ICache::get_sum`]). Read the version **before**
+//!   reading the data, store the result under that version
+//!   ([`ICache::set_versioned`]), and serve it only while the current version is
+//!   still the same ([`ICache::get_versioned`]).
+//!
+//! With these two orderings a reader never serves output older than the last
+//! bump that completed before its read began, and nothing ever needs a timeout:
+//! an outdated entry is simply never served again, and leaves when the backend
+//! needs the room.
+//!
+//! Generations never repeat: a missing one (never set, evicted, lost in a
+//! restart) becomes a fresh random value in 1..=2^62, never 0, and bumps are
+//! atomic increments in the backend. So a version only returns to an old value
+//! by chance, about 2^-62.
+//!
+//! ## Example
+//!
+//! ```
+//! use icache::ICache;
+//!
+//! let cache = ICache::from_url("memory://")?;     // or ICache::from_env()?
+//!
+//! // Reader: version first, then data, then store under that version.
+//! let version = cache.get_sum(&["movies", "user:42"])?;
+//! let html = match cache.get_versioned("movies#42", version)? {
+//!     Some(html) => html.to_string(),
+//!     None => {
+//!         let html = "<ul>…</ul>".to_string(); // render from the database
+//!         cache.set_versioned("movies#42", html.as_str(), version)?;
+//!         html
+//!     }
+//! };
+//! assert_eq!(cache.get_versioned("movies#42", version)?.as_deref(), Some(html.as_str()));
+//!
+//! // Writer: commit, then bump. The entry above is never served again.
+//! cache.incr_many(&["movies", "user:42"])?;
+//! let version = cache.get_sum(&["movies", "user:42"])?;
+//! assert_eq!(cache.get_versioned("movies#42", version)?, None);
+//! # Ok::<(), icache::Error>(())
+//! ```
+//!
+//! ## Backends
+//!
+//! | URL | feature | notes |
+//! |---|---|---|
+//! | `memory://?max_bytes=N` | always | in-process, bounded by bytes (default 64 MiB) |
+//! | `redis://user:pass@host:port/db`, `rediss://…` | `redis` | single node; TLS through rustls |
+//! | `memcached://host:port` | `memcached` | one server, our own small client |
+//!
+//! Every scheme takes `?prefix=` (keeps apps apart on a shared server),
+//! `timeout_ms=`, `connect_timeout_ms=` and `pool_size=`. See
+//! [`ICache::from_url`].
+//!
+//! Any string is a valid token or key (spaces, `#`, control characters,
+//! unicode, 100 KB): short plain names stay readable in the backend, anything
+//! else is hashed with SHA-256, so no two inputs share an entry and every key
+//! fits memcached.
+//!
+//! ## Sync and async
+//!
+//! The methods are blocking and work from any thread, with or without a tokio
+//! runtime (including inside `spawn_blocking`). Each has an `_async` twin for
+//! async handlers that never blocks the executor.
+//!
+//! ## Errors
+//!
+//! One [`Error`] type with an [`ErrorKind`]: bad configuration (naming the bad
+//! part of the URL), backend unavailable, timed out, value too large, backend
+//! error. Foreign or corrupt bytes under our keys read as a miss, never a panic.
+//! Passwords never appear in `Debug` output, errors or logs.
+
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod backend;
+mod cache;
+mod codec;
+mod config;
+mod error;
+mod keys;
+mod pool;
+
+pub use bytes::Bytes;
+pub use cache::ICache;
+pub use error::{Error, ErrorKind, Result};

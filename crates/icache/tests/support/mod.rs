@@ -1,0 +1,1125 @@
+//! Test support: real `redis-server` / `memcached` processes and a small TCP
+//! proxy, for integration tests and benches.
+//!
+//! Use it from an integration test with `mod support;`, or from a bench with
+//! `#[path = "../tests/support/mod.rs"] mod support;`.
+//!
+//! # What it gives you
+//!
+//! * [`RedisServer`]: a plain-TCP `redis-server` (no persistence) in its own
+//!   temporary directory.
+//! * [`RedisTlsServer`]: a TLS-only `redis-server` with a freshly generated
+//!   self-signed CA and a server certificate for `127.0.0.1` / `localhost`.
+//! * [`MemcachedServer`]: a `memcached` that accepts values of several MB.
+//! * [`Proxy`]: a counting TCP proxy that can be paused to simulate a backend
+//!   that accepts connections but never answers.
+//!
+//! Every server and the proxy listen on a free port of `127.0.0.1` only (never
+//! a fixed port, never another address). A port is found by binding
+//! `127.0.0.1:0`; as that port could be taken by someone else before the
+//! server binds it, a failed start is retried (up to 5 times) on a new port.
+//! A server that cannot be started panics with the content of its log files.
+//!
+//! `stop()` kills a server with SIGKILL (a crash, not a clean shutdown) and
+//! `restart()` starts it again on the same port, with the same arguments and
+//! directory. Servers keep nothing on disk, so a restarted server is empty.
+//! Dropping a server kills it and removes its temporary directory.
+//!
+//! # Missing binaries
+//!
+//! The `start*()` constructors return `None` when a required binary
+//! (`redis-server`, `memcached`, and `openssl` for TLS) is not on `PATH`:
+//!
+//! * when the environment variable `CI` is `true` (or `1`) they **panic**
+//!   instead, so a CI job without the servers fails rather than silently
+//!   skipping the tests;
+//! * otherwise they print a loud `SKIPPING: ... not installed; run
+//!   scripts/test.sh to install it` message to stderr, and the test should
+//!   return early:
+//!
+//! ```ignore
+//! let Some(redis) = support::RedisServer::start() else { return };
+//! ```
+//!
+//! [`RedisTlsServer::start`] also returns `None` (with a loud message, even in
+//! CI) when the installed `redis-server` was built without TLS support.
+#![allow(dead_code)]
+
+use std::fs::{self, OpenOptions};
+use std::io::{self, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// How long a server may take to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many times a start is tried (each time on a new port).
+const START_ATTEMPTS: usize = 5;
+/// How many times a restart on the same port is tried.
+const RESTART_ATTEMPTS: usize = 5;
+/// Log line `redis-server` writes once it listens.
+const REDIS_READY_LINE: &str = "Ready to accept connections";
+
+// ---------------------------------------------------------------------------
+// Small helpers
+// ---------------------------------------------------------------------------
+
+/// Returns the full path of `binary` if it is an executable file on `PATH`.
+fn find_on_path(binary: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(binary))
+        .find(|candidate| is_executable(candidate))
+}
+
+#[cfg(unix)]
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(not(unix))]
+fn is_executable(path: &Path) -> bool {
+    fs::metadata(path).is_ok_and(|m| m.is_file())
+}
+
+/// Whether we run in CI (`CI=true`, as set by GitHub Actions and most others).
+fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+}
+
+/// Prints `message` to stderr between two loud bars.
+fn shout(message: &str) {
+    let bar = "!".repeat(78);
+    eprintln!("\n{bar}\n!!! {message}\n{bar}\n");
+}
+
+/// Checks that `binary` is installed.
+///
+/// Returns `true` if it is on `PATH`. Otherwise panics when `CI` is `true`
+/// (tests must fail in CI), or prints a loud SKIPPING message and returns
+/// `false`.
+fn require(binary: &str) -> bool {
+    if find_on_path(binary).is_some() {
+        return true;
+    }
+    if in_ci() {
+        panic!(
+            "{binary} is not installed (not found on PATH) and CI=true: tests \
+             needing it must not be skipped in CI; run scripts/test.sh to install it"
+        );
+    }
+    shout(&format!(
+        "SKIPPING: {binary} not installed; run scripts/test.sh to install it"
+    ));
+    false
+}
+
+/// A free TCP port on 127.0.0.1 (free when this returns; see the module docs).
+fn free_port() -> u16 {
+    let listener =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0 to find a free port");
+    listener
+        .local_addr()
+        .expect("local address of a listener bound to 127.0.0.1:0")
+        .port()
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, port))
+}
+
+/// Length of a file, 0 if it does not exist (yet).
+fn file_len(path: &Path) -> u64 {
+    fs::metadata(path).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Content of a file from byte `from` on, lossily decoded, for messages.
+fn read_from(path: &Path, from: u64) -> String {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let from = usize::try_from(from).unwrap_or(usize::MAX).min(bytes.len());
+            String::from_utf8_lossy(&bytes[from..]).into_owned()
+        }
+        Err(e) => format!("<cannot read {}: {e}>", path.display()),
+    }
+}
+
+/// Content of a whole log file, for failure messages (the tail if huge).
+fn log_excerpt(path: &Path, from: u64) -> String {
+    const MAX: usize = 64 * 1024;
+    let text = read_from(path, from);
+    if text.len() <= MAX {
+        return text;
+    }
+    let mut start = text.len() - MAX;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("<... truncated ...>\n{}", &text[start..])
+}
+
+/// A directory under [`std::env::temp_dir`], removed on drop.
+struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    fn new(kind: &str) -> TempDir {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let base = std::env::temp_dir();
+        fs::create_dir_all(&base).expect("create the system temporary directory");
+        loop {
+            let nanos = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            let path = base.join(format!(
+                "icache-test-{kind}-{}-{}-{nanos}",
+                std::process::id(),
+                COUNTER.fetch_add(1, Ordering::Relaxed),
+            ));
+            match fs::create_dir(&path) {
+                Ok(()) => return TempDir { path },
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(e) => panic!("cannot create temporary directory {}: {e}", path.display()),
+            }
+        }
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Generic server process management
+// ---------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Redis,
+    RedisTls,
+    Memcached,
+}
+
+/// Why a start attempt failed.
+enum StartError {
+    /// Did not come up (maybe a port race): try again.
+    Failed(String),
+    /// `redis-server` has no TLS support: give up, no point retrying.
+    TlsUnsupported(String),
+}
+
+impl StartError {
+    fn into_message(self) -> String {
+        match self {
+            StartError::Failed(m) | StartError::TlsUnsupported(m) => m,
+        }
+    }
+}
+
+/// One server process: what to run, where, on which port.
+struct ServerProcess {
+    kind: Kind,
+    program: PathBuf,
+    extra_args: Vec<String>,
+    port: u16,
+    child: Option<Child>,
+    // Dropped last (fields drop in declaration order), after the process is
+    // killed in `Drop for ServerProcess`.
+    dir: TempDir,
+}
+
+impl ServerProcess {
+    fn name(&self) -> &'static str {
+        match self.kind {
+            Kind::Redis => "redis-server",
+            Kind::RedisTls => "redis-server (TLS)",
+            Kind::Memcached => "memcached",
+        }
+    }
+
+    /// File the server's stdout and stderr go to.
+    fn stdio_log(&self) -> PathBuf {
+        self.dir.path().join("stdio.log")
+    }
+
+    /// Redis' own log file (`--logfile`), if the server has one.
+    fn server_log(&self) -> Option<PathBuf> {
+        match self.kind {
+            Kind::Redis | Kind::RedisTls => Some(self.dir.path().join("redis.log")),
+            Kind::Memcached => None,
+        }
+    }
+
+    fn args(&self, port: u16) -> Vec<String> {
+        let dir = self.dir.path();
+        let s = |v: &str| v.to_owned();
+        let path = |p: PathBuf| p.to_string_lossy().into_owned();
+        let mut args = match self.kind {
+            Kind::Redis | Kind::RedisTls => {
+                let mut args = if self.kind == Kind::Redis {
+                    vec![s("--port"), port.to_string()]
+                } else {
+                    vec![
+                        s("--port"),
+                        s("0"),
+                        s("--tls-port"),
+                        port.to_string(),
+                        s("--tls-cert-file"),
+                        path(dir.join("server.crt")),
+                        s("--tls-key-file"),
+                        path(dir.join("server.key")),
+                        s("--tls-ca-cert-file"),
+                        path(dir.join("ca.crt")),
+                        s("--tls-auth-clients"),
+                        s("no"),
+                    ]
+                };
+                args.extend([
+                    s("--bind"),
+                    s("127.0.0.1"),
+                    s("--save"),
+                    s(""),
+                    s("--appendonly"),
+                    s("no"),
+                    s("--daemonize"),
+                    s("no"),
+                    s("--protected-mode"),
+                    s("no"),
+                    s("--dir"),
+                    path(dir.to_path_buf()),
+                    s("--logfile"),
+                    path(dir.join("redis.log")),
+                ]);
+                args
+            }
+            Kind::Memcached => {
+                let mut args = vec![
+                    // memcached refuses to run as root without -u; when not
+                    // root, -u is ignored.
+                    s("-u"),
+                    s("root"),
+                    s("-l"),
+                    s("127.0.0.1"),
+                    s("-p"),
+                    port.to_string(),
+                    s("-U"),
+                    s("0"),
+                ];
+                if let Some(item_size) = memcached_item_size(&self.extra_args) {
+                    args.extend([s("-I"), item_size]);
+                }
+                args
+            }
+        };
+        args.extend(self.extra_args.iter().cloned());
+        args
+    }
+
+    fn command_line(&self, port: u16) -> String {
+        let mut line = self.program.display().to_string();
+        for arg in self.args(port) {
+            if arg.is_empty() || arg.contains(' ') {
+                line.push_str(&format!(" {arg:?}"));
+            } else {
+                line.push(' ');
+                line.push_str(&arg);
+            }
+        }
+        line
+    }
+
+    /// Starts the server on `port` and waits until it is ready.
+    fn spawn_ready(&mut self, port: u16) -> Result<(), StartError> {
+        self.stop();
+        let stdio_path = self.stdio_log();
+        let stdio_from = file_len(&stdio_path);
+        let server_log_from = self.server_log().map_or(0, |p| file_len(&p));
+        let stdio = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&stdio_path)
+            .unwrap_or_else(|e| panic!("cannot open {}: {e}", stdio_path.display()));
+        let stderr = stdio
+            .try_clone()
+            .unwrap_or_else(|e| panic!("cannot clone handle of {}: {e}", stdio_path.display()));
+        let child = Command::new(&self.program)
+            .args(self.args(port))
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stdio))
+            .stderr(Stdio::from(stderr))
+            .spawn();
+        let child = match child {
+            Ok(child) => child,
+            Err(e) => panic!("cannot spawn `{}`: {e}", self.command_line(port)),
+        };
+        self.child = Some(child);
+        self.port = port;
+
+        match self.wait_ready(server_log_from) {
+            Ok(()) => Ok(()),
+            Err(reason) => {
+                let exited = self
+                    .child
+                    .as_mut()
+                    .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+                self.stop();
+                let stdio_text = log_excerpt(&stdio_path, stdio_from);
+                let server_text = self
+                    .server_log()
+                    .map(|p| log_excerpt(&p, server_log_from))
+                    .unwrap_or_default();
+                let mut message = format!(
+                    "{} on 127.0.0.1:{port} did not come up: {reason}\ncommand: {}\n\
+                     --- stdout/stderr ({}) ---\n{stdio_text}",
+                    self.name(),
+                    self.command_line(port),
+                    stdio_path.display(),
+                );
+                if let Some(p) = self.server_log() {
+                    message.push_str(&format!("--- log ({}) ---\n{server_text}", p.display()));
+                }
+                let all = format!("{stdio_text}\n{server_text}");
+                let tls_unsupported = self.kind == Kind::RedisTls
+                    && exited
+                    && ((all.contains("Bad directive") && all.contains("tls-"))
+                        || all.contains("connection type tls"));
+                if tls_unsupported {
+                    Err(StartError::TlsUnsupported(message))
+                } else {
+                    Err(StartError::Failed(message))
+                }
+            }
+        }
+    }
+
+    /// Polls until the server answers (bounded by [`READY_TIMEOUT`]).
+    fn wait_ready(&mut self, server_log_from: u64) -> Result<(), String> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut last_probe_error = String::from("no probe made yet");
+        loop {
+            if let Some(reason) = self.exited() {
+                return Err(reason);
+            }
+            match self.probe(server_log_from) {
+                Ok(()) => {
+                    // Make sure it is *our* process that answered: a server
+                    // that lost a port race exits right after startup.
+                    thread::sleep(Duration::from_millis(50));
+                    if let Some(reason) = self.exited() {
+                        return Err(reason);
+                    }
+                    if self.probe(server_log_from).is_ok() {
+                        return Ok(());
+                    }
+                }
+                Err(e) => last_probe_error = e,
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "not ready after {READY_TIMEOUT:?} (last probe: {last_probe_error})"
+                ));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `Some(reason)` if the process has exited.
+    fn exited(&mut self) -> Option<String> {
+        let child = self.child.as_mut()?;
+        match child.try_wait() {
+            Ok(Some(status)) => Some(format!("process exited early ({status})")),
+            Ok(None) => None,
+            Err(e) => Some(format!("cannot query the process status: {e}")),
+        }
+    }
+
+    fn probe(&self, server_log_from: u64) -> Result<(), String> {
+        if let Some(log) = self.server_log() {
+            // Redis logs this only once it has bound its port, so this also
+            // proves that whatever answers on the port is our process.
+            if !read_from(&log, server_log_from).contains(REDIS_READY_LINE) {
+                return Err(format!("no {REDIS_READY_LINE:?} in the log yet"));
+            }
+        }
+        let stream = TcpStream::connect_timeout(&loopback(self.port), Duration::from_millis(250))
+            .map_err(|e| format!("connect: {e}"))?;
+        match self.kind {
+            Kind::Redis => request_line(stream, b"PING\r\n", b"+PONG"),
+            // Cannot speak without TLS: the connect (and the log) is enough.
+            Kind::RedisTls => Ok(()),
+            Kind::Memcached => request_line(stream, b"version\r\n", b"VERSION"),
+        }
+    }
+
+    /// Kills the process (SIGKILL) and reaps it.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts on a new free port, retrying on failure.
+    fn start_fresh(&mut self) -> Result<(), StartError> {
+        let mut failures = Vec::new();
+        for _ in 0..START_ATTEMPTS {
+            match self.spawn_ready(free_port()) {
+                Ok(()) => return Ok(()),
+                Err(StartError::TlsUnsupported(m)) => return Err(StartError::TlsUnsupported(m)),
+                Err(StartError::Failed(m)) => failures.push(m),
+            }
+        }
+        Err(StartError::Failed(format!(
+            "{} failed to start {START_ATTEMPTS} times:\n{}",
+            self.name(),
+            failures.join("\n==========\n")
+        )))
+    }
+
+    /// Starts again on the same port; panics if that fails.
+    fn restart(&mut self) {
+        self.stop();
+        let port = self.port;
+        let mut failures = Vec::new();
+        for _ in 0..RESTART_ATTEMPTS {
+            match self.spawn_ready(port) {
+                Ok(()) => return,
+                Err(e) => failures.push(e.into_message()),
+            }
+            thread::sleep(Duration::from_millis(200));
+        }
+        panic!(
+            "{} failed to restart on 127.0.0.1:{port} ({RESTART_ATTEMPTS} attempts):\n{}",
+            self.name(),
+            failures.join("\n==========\n")
+        );
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Sends `request` and checks that the first line of the answer starts with
+/// `expected`.
+fn request_line(mut stream: TcpStream, request: &[u8], expected: &[u8]) -> Result<(), String> {
+    let timeout = Some(Duration::from_secs(1));
+    stream
+        .set_read_timeout(timeout)
+        .map_err(|e| format!("set_read_timeout: {e}"))?;
+    stream
+        .set_write_timeout(timeout)
+        .map_err(|e| format!("set_write_timeout: {e}"))?;
+    stream
+        .write_all(request)
+        .map_err(|e| format!("write: {e}"))?;
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 256];
+    while !answer.windows(2).any(|w| w == b"\r\n") && answer.len() < 4096 {
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => answer.extend_from_slice(&buf[..n]),
+            Err(e) => return Err(format!("read: {e}")),
+        }
+    }
+    if answer.starts_with(expected) {
+        Ok(())
+    } else {
+        Err(format!(
+            "unexpected answer {:?}",
+            String::from_utf8_lossy(&answer)
+        ))
+    }
+}
+
+/// The `-I` (max item size) to pass to memcached, or `None` if the caller
+/// sets it. 32 MB by default; memcached refuses an item size above half the
+/// memory limit, so with a small `-m` it is lowered to `-m`/2.
+fn memcached_item_size(extra_args: &[String]) -> Option<String> {
+    let mut memory_mb: Option<u64> = None;
+    let mut args = extra_args.iter();
+    while let Some(arg) = args.next() {
+        if arg == "-I" || arg == "--max-item-size" || arg.starts_with("--max-item-size=") {
+            return None;
+        }
+        let value = if arg == "-m" || arg == "--memory-limit" {
+            args.next().map(String::as_str)
+        } else {
+            arg.strip_prefix("--memory-limit=")
+        };
+        if let Some(value) = value {
+            let digits: String = value.chars().take_while(char::is_ascii_digit).collect();
+            memory_mb = digits.parse().ok();
+        }
+    }
+    let kb = match memory_mb {
+        Some(mb) if mb > 0 => (mb * 1024 / 2).min(32 * 1024),
+        _ => 32 * 1024,
+    };
+    Some(format!("{kb}k"))
+}
+
+// ---------------------------------------------------------------------------
+// Redis
+// ---------------------------------------------------------------------------
+
+/// A real `redis-server` on a free port of 127.0.0.1, without persistence.
+pub struct RedisServer {
+    process: ServerProcess,
+}
+
+impl RedisServer {
+    /// Starts a server. `None` if `redis-server` is not installed (outside
+    /// CI; see the module docs).
+    pub fn start() -> Option<RedisServer> {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra `redis-server` arguments, e.g.
+    /// `["--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru"]`.
+    pub fn start_with(extra_args: &[&str]) -> Option<RedisServer> {
+        if !require("redis-server") {
+            return None;
+        }
+        let program = find_on_path("redis-server")?;
+        let mut process = ServerProcess {
+            kind: Kind::Redis,
+            program,
+            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
+            port: 0,
+            child: None,
+            dir: TempDir::new("redis"),
+        };
+        if let Err(e) = process.start_fresh() {
+            panic!("{}", e.into_message());
+        }
+        Some(RedisServer { process })
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.process.port
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port())
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit.
+    pub fn stop(&mut self) {
+        self.process.stop();
+    }
+
+    /// Starts the server again (stopping it first if running) on the same
+    /// port with the same arguments, and waits until it is ready. The new
+    /// server is empty.
+    pub fn restart(&mut self) {
+        self.process.restart();
+    }
+}
+
+/// A real TLS-only `redis-server` on a free port of 127.0.0.1, with a
+/// self-signed CA and a server certificate for `127.0.0.1` and `localhost`.
+/// Clients are not asked for certificates.
+pub struct RedisTlsServer {
+    process: ServerProcess,
+}
+
+impl RedisTlsServer {
+    /// Starts a server. `None` if `redis-server` or `openssl` is not
+    /// installed (outside CI; see the module docs), or if `redis-server` was
+    /// built without TLS support.
+    pub fn start() -> Option<RedisTlsServer> {
+        Self::start_with(&[])
+    }
+
+    /// Starts a server with extra `redis-server` arguments.
+    pub fn start_with(extra_args: &[&str]) -> Option<RedisTlsServer> {
+        if !require("redis-server") || !require("openssl") {
+            return None;
+        }
+        let program = find_on_path("redis-server")?;
+        let dir = TempDir::new("redis-tls");
+        generate_certificates(dir.path());
+        let mut process = ServerProcess {
+            kind: Kind::RedisTls,
+            program,
+            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
+            port: 0,
+            child: None,
+            dir,
+        };
+        match process.start_fresh() {
+            Ok(()) => Some(RedisTlsServer { process }),
+            Err(StartError::TlsUnsupported(message)) => {
+                shout(&format!(
+                    "SKIPPING: the installed redis-server was built without TLS support \
+                     (rebuild it with BUILD_TLS=yes or install a TLS-enabled package):\n{message}"
+                ));
+                None
+            }
+            Err(StartError::Failed(message)) => panic!("{message}"),
+        }
+    }
+
+    /// The TLS port it listens on.
+    pub fn port(&self) -> u16 {
+        self.process.port
+    }
+
+    /// `rediss://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.port())
+    }
+
+    /// The PEM file of the CA that signed the server certificate.
+    pub fn ca_cert_path(&self) -> PathBuf {
+        self.process.dir.path().join("ca.crt")
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit.
+    pub fn stop(&mut self) {
+        self.process.stop();
+    }
+
+    /// Starts the server again on the same port (see [`RedisServer::restart`]).
+    pub fn restart(&mut self) {
+        self.process.restart();
+    }
+}
+
+/// Writes `ca.crt`/`ca.key` (a self-signed CA) and `server.crt`/`server.key`
+/// (signed by it, for IP 127.0.0.1 and DNS localhost) into `dir`, with the
+/// `openssl` command line. Panics with openssl's output on failure.
+fn generate_certificates(dir: &Path) {
+    let write = |name: &str, content: &str| {
+        let path = dir.join(name);
+        fs::write(&path, content)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+    };
+    // Own config files, so the system openssl.cnf does not matter. The
+    // extensions are what strict verifiers (webpki/rustls) require.
+    write(
+        "ca.cnf",
+        "[req]\nprompt = no\ndistinguished_name = dn\nx509_extensions = v3_ca\n\
+         [dn]\nCN = icache test CA\n\
+         [v3_ca]\nbasicConstraints = critical,CA:TRUE\n\
+         keyUsage = critical,keyCertSign,cRLSign\nsubjectKeyIdentifier = hash\n",
+    );
+    write(
+        "server.cnf",
+        "[req]\nprompt = no\ndistinguished_name = dn\n[dn]\nCN = localhost\n",
+    );
+    write(
+        "server_ext.cnf",
+        "[v3_server]\nbasicConstraints = critical,CA:FALSE\n\
+         keyUsage = critical,digitalSignature\nextendedKeyUsage = serverAuth\n\
+         subjectAltName = IP:127.0.0.1,DNS:localhost\n\
+         subjectKeyIdentifier = hash\nauthorityKeyIdentifier = keyid\n",
+    );
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    run_openssl(
+        dir,
+        &[
+            &["req", "-x509", "-new"][..],
+            &ec,
+            &[
+                "-keyout", "ca.key", "-out", "ca.crt", "-days", "3650", "-config", "ca.cnf",
+            ],
+        ]
+        .concat(),
+    );
+    run_openssl(
+        dir,
+        &[
+            &["req", "-new"][..],
+            &ec,
+            &[
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-config",
+                "server.cnf",
+            ],
+        ]
+        .concat(),
+    );
+    run_openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "3650",
+            "-extfile",
+            "server_ext.cnf",
+            "-extensions",
+            "v3_server",
+        ],
+    );
+}
+
+fn run_openssl(dir: &Path, args: &[&str]) {
+    let output = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `openssl {}`: {e}", args.join(" ")));
+    assert!(
+        output.status.success(),
+        "`openssl {}` failed in {} ({}):\n{}{}",
+        args.join(" "),
+        dir.display(),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// memcached
+// ---------------------------------------------------------------------------
+
+/// A real `memcached` on a free port of 127.0.0.1 (TCP only), accepting
+/// items up to 32 MB by default.
+pub struct MemcachedServer {
+    process: ServerProcess,
+}
+
+impl MemcachedServer {
+    /// Starts `memcached -l 127.0.0.1 -p PORT -U 0 -I 32m` (plus `-u root`,
+    /// needed when running as root). `None` if `memcached` is not installed
+    /// (outside CI; see the module docs).
+    pub fn start() -> Option<MemcachedServer> {
+        Self::start_with(&[])
+    }
+
+    /// Like [`MemcachedServer::start`], with extra arguments appended, e.g.
+    /// `["-m", "1"]`. With a small `-m`, the default `-I` is lowered to half
+    /// of it (memcached requires that); an explicit `-I` replaces the default.
+    pub fn start_with(extra_args: &[&str]) -> Option<MemcachedServer> {
+        if !require("memcached") {
+            return None;
+        }
+        let program = find_on_path("memcached")?;
+        let mut process = ServerProcess {
+            kind: Kind::Memcached,
+            program,
+            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
+            port: 0,
+            child: None,
+            dir: TempDir::new("memcached"),
+        };
+        if let Err(e) = process.start_fresh() {
+            panic!("{}", e.into_message());
+        }
+        Some(MemcachedServer { process })
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.process.port
+    }
+
+    /// `memcached://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("memcached://127.0.0.1:{}", self.port())
+    }
+
+    /// Kills the server (SIGKILL) and waits for it to exit.
+    pub fn stop(&mut self) {
+        self.process.stop();
+    }
+
+    /// Starts the server again (stopping it first if running) on the same
+    /// port with the same arguments, and waits until it is ready. The new
+    /// server is empty.
+    pub fn restart(&mut self) {
+        self.process.restart();
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Proxy
+// ---------------------------------------------------------------------------
+
+/// How often proxy threads look at the shutdown and pause flags.
+const PROXY_POLL: Duration = Duration::from_millis(10);
+
+struct ProxyShared {
+    target_port: u16,
+    shutdown: AtomicBool,
+    paused: AtomicBool,
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
+    connections: AtomicU64,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl ProxyShared {
+    fn stopping(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+
+    /// Waits while paused; `false` if the proxy is shutting down.
+    fn wait_while_paused(&self) -> bool {
+        while self.paused.load(Ordering::SeqCst) {
+            if self.stopping() {
+                return false;
+            }
+            thread::sleep(PROXY_POLL);
+        }
+        !self.stopping()
+    }
+}
+
+/// A counting TCP proxy on a free port of 127.0.0.1, forwarding every
+/// connection to `127.0.0.1:target_port`.
+///
+/// While paused it still accepts connections but reads and forwards nothing
+/// in either direction (data already read is held back), which looks like a
+/// hanging backend. Its threads stop when it is dropped.
+pub struct Proxy {
+    port: u16,
+    shared: Arc<ProxyShared>,
+    accept_thread: Option<JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Starts a proxy to `127.0.0.1:target_port`.
+    pub fn start(target_port: u16) -> Proxy {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .expect("proxy: bind a listener on 127.0.0.1:0");
+        let port = listener
+            .local_addr()
+            .expect("proxy: local address of its listener")
+            .port();
+        listener
+            .set_nonblocking(true)
+            .expect("proxy: make its listener non-blocking");
+        let shared = Arc::new(ProxyShared {
+            target_port,
+            shutdown: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            bytes_up: AtomicU64::new(0),
+            bytes_down: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            workers: Mutex::new(Vec::new()),
+        });
+        let accept_shared = Arc::clone(&shared);
+        let accept_thread = thread::Builder::new()
+            .name(format!("proxy-{port}-accept"))
+            .spawn(move || proxy_accept_loop(&listener, &accept_shared))
+            .expect("proxy: spawn its accept thread");
+        Proxy {
+            port,
+            shared,
+            accept_thread: Some(accept_thread),
+        }
+    }
+
+    /// The port the proxy listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Bytes forwarded from clients to the target.
+    pub fn bytes_up(&self) -> u64 {
+        self.shared.bytes_up.load(Ordering::SeqCst)
+    }
+
+    /// Bytes forwarded from the target to clients.
+    pub fn bytes_down(&self) -> u64 {
+        self.shared.bytes_down.load(Ordering::SeqCst)
+    }
+
+    /// Client connections accepted so far.
+    pub fn connections(&self) -> u64 {
+        self.shared.connections.load(Ordering::SeqCst)
+    }
+
+    /// Stops forwarding (connections are still accepted).
+    pub fn pause(&self) {
+        self.shared.paused.store(true, Ordering::SeqCst);
+    }
+
+    /// Forwards again, including what was held back while paused.
+    pub fn resume(&self) {
+        self.shared.paused.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        if let Some(handle) = self.accept_thread.take() {
+            let _ = handle.join();
+        }
+        // The accept thread has ended: no more workers get added.
+        let workers = std::mem::take(
+            &mut *self
+                .shared
+                .workers
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        for handle in workers {
+            let _ = handle.join();
+        }
+    }
+}
+
+fn proxy_accept_loop(listener: &TcpListener, shared: &Arc<ProxyShared>) {
+    while !shared.stopping() {
+        match listener.accept() {
+            Ok((client, _)) => {
+                shared.connections.fetch_add(1, Ordering::SeqCst);
+                proxy_connection(client, shared);
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            // WouldBlock (nothing to accept) or a transient error.
+            Err(_) => thread::sleep(PROXY_POLL),
+        }
+    }
+}
+
+/// Connects to the target and starts the two pumping threads; on any failure
+/// the client connection is just closed.
+fn proxy_connection(client: TcpStream, shared: &Arc<ProxyShared>) {
+    let Ok(server) =
+        TcpStream::connect_timeout(&loopback(shared.target_port), Duration::from_secs(1))
+    else {
+        return;
+    };
+    let setup = || -> io::Result<[(TcpStream, TcpStream); 2]> {
+        client.set_nonblocking(false)?;
+        for stream in [&client, &server] {
+            stream.set_nodelay(true)?;
+            stream.set_read_timeout(Some(PROXY_POLL))?;
+            stream.set_write_timeout(Some(PROXY_POLL))?;
+        }
+        Ok([
+            (client.try_clone()?, server.try_clone()?),
+            (server.try_clone()?, client.try_clone()?),
+        ])
+    };
+    let Ok([up, down]) = setup() else {
+        return;
+    };
+    let mut workers = shared
+        .workers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    for ((from, to), upstream) in [(up, true), (down, false)] {
+        let pump_shared = Arc::clone(shared);
+        let spawned = thread::Builder::new()
+            .name(format!(
+                "proxy-pump-{}",
+                if upstream { "up" } else { "down" }
+            ))
+            .spawn(move || proxy_pump(from, to, upstream, &pump_shared));
+        match spawned {
+            Ok(handle) => workers.push(handle),
+            Err(_) => {
+                let _ = client.shutdown(Shutdown::Both);
+                let _ = server.shutdown(Shutdown::Both);
+                return;
+            }
+        }
+    }
+}
+
+/// Copies `from` to `to` until EOF, an error, or shutdown.
+fn proxy_pump(mut from: TcpStream, mut to: TcpStream, upstream: bool, shared: &ProxyShared) {
+    let counter = if upstream {
+        &shared.bytes_up
+    } else {
+        &shared.bytes_down
+    };
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if !shared.wait_while_paused() {
+            break;
+        }
+        match from.read(&mut buf) {
+            Ok(0) => {
+                // Half-close: pass the EOF on, let the other direction finish.
+                let _ = to.shutdown(Shutdown::Write);
+                return;
+            }
+            Ok(n) => {
+                if !proxy_write_all(&mut to, &buf[..n], shared) {
+                    break;
+                }
+                counter.fetch_add(n as u64, Ordering::SeqCst);
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = from.shutdown(Shutdown::Both);
+    let _ = to.shutdown(Shutdown::Both);
+}
+
+/// Writes all of `data`, holding it back while paused; `false` on error or
+/// shutdown.
+fn proxy_write_all(to: &mut TcpStream, mut data: &[u8], shared: &ProxyShared) -> bool {
+    while !data.is_empty() {
+        if !shared.wait_while_paused() {
+            return false;
+        }
+        match to.write(data) {
+            Ok(0) => return false,
+            Ok(n) => data = &data[n..],
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) => {}
+            Err(_) => return false,
+        }
+    }
+    true
+}
