@@ -198,6 +198,26 @@ impl ICache {
         self.inner.backend.incr_gens(&keys, &fresh)
     }
 
+    /// Drops a token's generation, as an eviction or a server restart would.
+    /// Everything stored under it becomes outdated: the next read starts the
+    /// token at a fresh random value. Prefer [`incr`](Self::incr); this exists
+    /// for operators and for tests of the eviction path. `true` if a
+    /// generation was there.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::memory();
+    /// let v = cache.get_sum(&["movies"])?;
+    /// cache.set_versioned("list", "<ul/>", v)?;
+    /// assert!(cache.forget_token("movies")?);
+    /// assert_eq!(cache.get_versioned("list", cache.get_sum(&["movies"])?)?, None);
+    /// # Ok::<(), icache::Error>(())
+    /// ```
+    pub fn forget_token(&self, token: &str) -> Result<bool> {
+        self.inner.backend.delete(Key::gen_(token))
+    }
+
     /// The current generation of each token, in order (missing ones are
     /// initialised to fresh random values). One round trip when all exist.
     pub fn generations(&self, tokens: &[&str]) -> Result<Vec<u64>> {

@@ -276,7 +276,10 @@ mod tests {
         assert!(err("memcached://").contains("missing host"));
         assert!(err("memcached://u:p@h").contains("user"));
         let e = err("redis://:pw@/");
-        assert!(e.contains("missing host") || e.contains("does not parse"), "{e}");
+        assert!(
+            e.contains("missing host") || e.contains("does not parse"),
+            "{e}"
+        );
         assert!(!e.contains("pw"), "{e}");
         assert!(err("not a url").contains("does not parse"));
         assert!(!err("redis://u:hunter2@h?x=1").contains("hunter2"));

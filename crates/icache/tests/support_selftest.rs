@@ -162,9 +162,14 @@ fn redis_tls_comes_up() {
     if let Ok(out) = cli(port) {
         let stdout = String::from_utf8_lossy(&out.stdout);
         let stderr = String::from_utf8_lossy(&out.stderr);
-        let cli_without_tls = stderr.contains("nrecognized option") || stderr.contains("not supported");
+        let cli_without_tls =
+            stderr.contains("nrecognized option") || stderr.contains("not supported");
         if !cli_without_tls {
-            assert_eq!(stdout.trim(), "PONG", "redis-cli --tls PING: {stdout}{stderr}");
+            assert_eq!(
+                stdout.trim(),
+                "PONG",
+                "redis-cli --tls PING: {stdout}{stderr}"
+            );
         }
     }
 

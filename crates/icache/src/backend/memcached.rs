@@ -257,11 +257,8 @@ impl Memcached {
             conn.send(req.as_bytes())?;
             read_values(conn, keys.len())
         })?;
-        let mut found: std::collections::HashMap<String, Vec<u8>> = found.into_iter().collect();
-        Ok(keys
-            .iter()
-            .map(|k| found.get(k).cloned().or_else(|| found.remove(k)))
-            .collect())
+        let found: std::collections::HashMap<String, Vec<u8>> = found.into_iter().collect();
+        Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
     }
 
     /// Plain `set` of a generation (replacing foreign bytes).
@@ -397,6 +394,9 @@ impl Backend for Memcached {
             let mut foreign = Vec::new();
             for (&i, a) in pending.iter().zip(answers) {
                 match a {
+                    // Below 2: the counter held foreign bytes ("0") that incr
+                    // accepted. Not a generation of ours: replace it.
+                    Incr::Value(v) if v < 2 => foreign.push(i),
                     Incr::Value(v) => out[i] = Some(v),
                     Incr::NotFound => missing.push(i),
                     Incr::NotANumber => foreign.push(i),

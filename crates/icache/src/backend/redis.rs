@@ -195,10 +195,21 @@ impl Backend for Redis {
                 pipe.cmd("INCR").arg(k).ignore();
                 pipe.cmd("EXEC");
             }
-            pipe.query::<Vec<(Option<String>, u64)>>(con)
+            pipe.query::<Vec<(Option<String>, i64)>>(con)
+        };
+        // A result below 2 means the counter held foreign bytes ("0", "-5")
+        // that INCR accepted: not a generation of ours, so replace it.
+        let checked = |k: &String, f: u64, g: i64| match u64::try_from(g) {
+            Ok(g) if g > 1 => Ok(g),
+            _ => self.replace_foreign(k, f),
         };
         match self.run("INCR", |con| bump(con, &keys, fresh)) {
-            Ok(v) => Ok(v.into_iter().map(|(_, g)| g).collect()),
+            Ok(v) => keys
+                .iter()
+                .zip(fresh)
+                .zip(v)
+                .map(|((k, &f), (_, g))| checked(k, f, g))
+                .collect(),
             // A token holds foreign bytes, so INCR refused it: bump one by one,
             // replacing what is not a number by a fresh value (as fresh as a bump).
             Err(e) if e.is_backend() => keys
@@ -206,7 +217,10 @@ impl Backend for Redis {
                 .zip(fresh)
                 .map(|(k, &f)| {
                     match self.run("INCR", |con| bump(con, std::slice::from_ref(k), &[f])) {
-                        Ok(mut v) => Ok(v.pop().map(|(_, g)| g).unwrap_or(f)),
+                        Ok(mut v) => match v.pop() {
+                            Some((_, g)) => checked(k, f, g),
+                            None => self.replace_foreign(k, f),
+                        },
                         Err(e) if e.is_backend() => self.replace_foreign(k, f),
                         Err(e) => Err(e),
                     }

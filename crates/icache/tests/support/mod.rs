@@ -51,7 +51,7 @@ use std::net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -93,9 +93,12 @@ fn in_ci() -> bool {
 }
 
 /// Prints `message` to stderr between two loud bars.
+///
+/// Written to the stderr handle rather than with `eprintln!`, which the test
+/// harness captures (and only shows for failing tests): a skip must be seen.
 fn shout(message: &str) {
     let bar = "!".repeat(78);
-    eprintln!("\n{bar}\n!!! {message}\n{bar}\n");
+    let _ = write!(io::stderr().lock(), "\n{bar}\n!!! {message}\n{bar}\n\n");
 }
 
 /// Checks that `binary` is installed.
@@ -113,9 +116,16 @@ fn require(binary: &str) -> bool {
              needing it must not be skipped in CI; run scripts/test.sh to install it"
         );
     }
-    shout(&format!(
-        "SKIPPING: {binary} not installed; run scripts/test.sh to install it"
-    ));
+    // Once per binary and process: loud, not a wall of identical messages.
+    static WARNED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let mut warned = WARNED.lock().unwrap_or_else(PoisonError::into_inner);
+    if !warned.iter().any(|b| b == binary) {
+        warned.push(binary.to_owned());
+        shout(&format!(
+            "SKIPPING: {binary} not installed; run scripts/test.sh to install it \
+             (tests needing it pass without testing anything)"
+        ));
+    }
     false
 }
 
@@ -145,7 +155,8 @@ fn read_from(path: &Path, from: u64) -> String {
             let from = usize::try_from(from).unwrap_or(usize::MAX).min(bytes.len());
             String::from_utf8_lossy(&bytes[from..]).into_owned()
         }
-        Err(e) => format!("<cannot read {}: {e}>", path.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => String::from("<no such file>\n"),
+        Err(e) => format!("<cannot read {}: {e}>\n", path.display()),
     }
 }
 
@@ -484,9 +495,9 @@ impl ServerProcess {
             }
         }
         Err(StartError::Failed(format!(
-            "{} failed to start {START_ATTEMPTS} times:\n{}",
+            "{} failed to start {START_ATTEMPTS} times, each on a new port: {}",
             self.name(),
-            failures.join("\n==========\n")
+            summarize_failures(&failures)
         )))
     }
 
@@ -505,7 +516,7 @@ impl ServerProcess {
         panic!(
             "{} failed to restart on 127.0.0.1:{port} ({RESTART_ATTEMPTS} attempts):\n{}",
             self.name(),
-            failures.join("\n==========\n")
+            summarize_failures(&failures)
         );
     }
 }
@@ -514,6 +525,21 @@ impl Drop for ServerProcess {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Earlier attempts as their first line, the last one in full.
+fn summarize_failures(failures: &[String]) -> String {
+    let Some((last, earlier)) = failures.split_last() else {
+        return String::from("no attempt made");
+    };
+    let mut text = String::new();
+    for failure in earlier {
+        text.push_str("\n  - ");
+        text.push_str(failure.lines().next().unwrap_or_default());
+    }
+    text.push_str("\n--- last attempt ---\n");
+    text.push_str(last);
+    text
 }
 
 /// Sends `request` and checks that the first line of the answer starts with
@@ -538,7 +564,8 @@ fn request_line(mut stream: TcpStream, request: &[u8], expected: &[u8]) -> Resul
             Err(e) => return Err(format!("read: {e}")),
         }
     }
-    if answer.starts_with(expected) {
+    // A server started with --requirepass answers PING with NOAUTH: it is up.
+    if answer.starts_with(expected) || answer.starts_with(b"-NOAUTH") {
         Ok(())
     } else {
         Err(format!(
@@ -957,7 +984,8 @@ impl Proxy {
         self.port
     }
 
-    /// Bytes forwarded from clients to the target.
+    /// Bytes forwarded from clients to the target (counted as forwarding
+    /// starts, so an answer a client got is always counted).
     pub fn bytes_up(&self) -> u64 {
         self.shared.bytes_up.load(Ordering::SeqCst)
     }
@@ -995,7 +1023,7 @@ impl Drop for Proxy {
                 .shared
                 .workers
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
+                .unwrap_or_else(PoisonError::into_inner),
         );
         for handle in workers {
             let _ = handle.join();
@@ -1043,7 +1071,7 @@ fn proxy_connection(client: TcpStream, shared: &Arc<ProxyShared>) {
     let mut workers = shared
         .workers
         .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+        .unwrap_or_else(PoisonError::into_inner);
     for ((from, to), upstream) in [(up, true), (down, false)] {
         let pump_shared = Arc::clone(shared);
         let spawned = thread::Builder::new()
@@ -1082,10 +1110,15 @@ fn proxy_pump(mut from: TcpStream, mut to: TcpStream, upstream: bool, shared: &P
                 return;
             }
             Ok(n) => {
+                if !shared.wait_while_paused() {
+                    break;
+                }
+                // Counted before the write: whatever a peer has received is
+                // already counted when it looks at the counters.
+                counter.fetch_add(n as u64, Ordering::SeqCst);
                 if !proxy_write_all(&mut to, &buf[..n], shared) {
                     break;
                 }
-                counter.fetch_add(n as u64, Ordering::SeqCst);
             }
             Err(e)
                 if matches!(
