@@ -221,23 +221,22 @@ impl ICache {
     /// The current generation of each token, in order (missing ones are
     /// initialised to fresh random values). One round trip when all exist.
     pub fn generations(&self, tokens: &[&str]) -> Result<Vec<u64>> {
-        let keys: Vec<Key<'_>> = tokens.iter().map(|t| Key::gen_(t)).collect();
-        let fetched = self.inner.backend.fetch(&keys, &[])?;
-        self.complete_gens(&keys, fetched.gens)
+        let fetched = self.inner.backend.fetch(tokens, &[])?;
+        self.complete_gens(tokens, fetched.gens)
     }
 
     /// Fills in missing generations (initialising them atomically in the
     /// backend) and returns them all.
     pub(crate) fn complete_gens(
         &self,
-        keys: &[Key<'_>],
+        tokens: &[&str],
         gens: Vec<Option<u64>>,
     ) -> Result<Vec<u64>> {
         if gens.iter().all(Option::is_some) {
             return Ok(gens.into_iter().flatten().collect());
         }
         let missing: Vec<usize> = (0..gens.len()).filter(|&i| gens[i].is_none()).collect();
-        let missing_keys: Vec<Key<'_>> = missing.iter().map(|&i| keys[i]).collect();
+        let missing_keys: Vec<Key<'_>> = missing.iter().map(|&i| Key::gen_(tokens[i])).collect();
         let fresh = backend::fresh_generations(missing.len());
         let got = self.inner.backend.init_gens(&missing_keys, &fresh)?;
         let mut out: Vec<u64> = gens.into_iter().map(|g| g.unwrap_or(0)).collect();
@@ -269,10 +268,21 @@ impl ICache {
         if tokens.is_empty() {
             return Ok(0);
         }
-        Ok(self
-            .generations(tokens)?
-            .into_iter()
-            .fold(0u64, u64::wrapping_add))
+        let gens = self.inner.backend.fetch(tokens, &[])?.gens;
+        // Hot path: every generation was there; no second pass, no allocation.
+        let mut sum = 0u64;
+        for g in &gens {
+            match g {
+                Some(g) => sum = sum.wrapping_add(*g),
+                None => {
+                    return Ok(self
+                        .complete_gens(tokens, gens)?
+                        .into_iter()
+                        .fold(0, u64::wrapping_add));
+                }
+            }
+        }
+        Ok(sum)
     }
 
     // ---- versioned entries -------------------------------------------------
@@ -349,8 +359,7 @@ impl ICache {
     }
 
     fn load_versioned(&self, key: &str, version: u64) -> Result<Option<Payload>> {
-        let mut fetched = self.inner.backend.fetch(&[], &[Key::versioned(key)])?;
-        Ok(match fetched.entries.pop().flatten() {
+        Ok(match self.inner.backend.get_entry(Key::versioned(key))? {
             Some(entry) if entry.version == Some(version) => Some(entry.payload.clone()),
             _ => None,
         })

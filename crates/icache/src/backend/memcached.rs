@@ -309,12 +309,16 @@ enum Incr {
 }
 
 impl Backend for Memcached {
-    fn fetch(&self, gens: &[Key<'_>], entries: &[Key<'_>]) -> Result<Fetched> {
-        let all: Vec<String> = gens.iter().chain(entries).map(|k| self.key(*k)).collect();
+    fn fetch(&self, tokens: &[&str], entries: &[Key<'_>]) -> Result<Fetched> {
+        let all: Vec<String> = tokens
+            .iter()
+            .map(|t| self.key(Key::gen_(t)))
+            .chain(entries.iter().map(|k| self.key(*k)))
+            .collect();
         let mut values = self.get_many(&all)?.into_iter();
         let gens = values
             .by_ref()
-            .take(gens.len())
+            .take(tokens.len())
             .map(|v| v.as_deref().and_then(parse_gen))
             .collect();
         let entries = values

@@ -148,6 +148,19 @@ impl Memory {
         self.evictions.load(Ordering::Relaxed)
     }
 
+    fn entry(&self, k: &Key<'_>) -> Option<Arc<Entry>> {
+        match self.store.get(&r(k)) {
+            Some(Item::Entry { entry, expires }) => match expires {
+                Some(at) if at <= Instant::now() => {
+                    self.store.remove(&r(k));
+                    None
+                }
+                _ => Some(entry),
+            },
+            _ => None,
+        }
+    }
+
     fn gen_cell(&self, key: &Key<'_>, fresh: u64) -> Arc<AtomicU64> {
         if let Some(Item::Gen(cell)) = self.store.get(&r(key)) {
             return cell;
@@ -170,28 +183,20 @@ impl Memory {
 }
 
 impl Backend for Memory {
-    fn fetch(&self, gens: &[Key<'_>], entries: &[Key<'_>]) -> Result<Fetched> {
-        let gens = gens
+    fn fetch(&self, tokens: &[&str], entries: &[Key<'_>]) -> Result<Fetched> {
+        let gens = tokens
             .iter()
-            .map(|k| match self.store.get(&r(k)) {
+            .map(|t| match self.store.get(&r(&Key::gen_(t))) {
                 Some(Item::Gen(cell)) => Some(cell.load(Ordering::Acquire)),
                 _ => None,
             })
             .collect();
-        let entries = entries
-            .iter()
-            .map(|k| match self.store.get(&r(k)) {
-                Some(Item::Entry { entry, expires }) => match expires {
-                    Some(at) if at <= Instant::now() => {
-                        self.store.remove(&r(k));
-                        None
-                    }
-                    _ => Some(entry),
-                },
-                _ => None,
-            })
-            .collect();
+        let entries = entries.iter().map(|k| self.entry(k)).collect();
         Ok(Fetched { gens, entries })
+    }
+
+    fn get_entry(&self, key: Key<'_>) -> Result<Option<Arc<Entry>>> {
+        Ok(self.entry(&key))
     }
 
     fn init_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {

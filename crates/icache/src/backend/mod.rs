@@ -31,8 +31,15 @@ pub(crate) struct Fetched {
 }
 
 pub(crate) trait Backend: Send + Sync + fmt::Debug + 'static {
-    /// Reads generations and entries in one round trip.
-    fn fetch(&self, gens: &[Key<'_>], entries: &[Key<'_>]) -> Result<Fetched>;
+    /// Reads the generations of `tokens` and the entries under `entries` in
+    /// one round trip.
+    fn fetch(&self, tokens: &[&str], entries: &[Key<'_>]) -> Result<Fetched>;
+
+    /// One entry. The default goes through [`fetch`](Self::fetch); the memory
+    /// backend answers without allocating.
+    fn get_entry(&self, key: Key<'_>) -> Result<Option<Arc<Entry>>> {
+        Ok(self.fetch(&[], &[key])?.entries.pop().flatten())
+    }
 
     /// For each generation: if it is missing (or not a number), store
     /// `fresh[i]` atomically unless another client got there first; return the

@@ -135,11 +135,15 @@ impl Redis {
 }
 
 impl Backend for Redis {
-    fn fetch(&self, gens: &[Key<'_>], entries: &[Key<'_>]) -> Result<Fetched> {
-        if gens.is_empty() && entries.is_empty() {
+    fn fetch(&self, tokens: &[&str], entries: &[Key<'_>]) -> Result<Fetched> {
+        if tokens.is_empty() && entries.is_empty() {
             return Ok(Fetched::default());
         }
-        let all: Vec<String> = gens.iter().chain(entries).map(|k| self.key(*k)).collect();
+        let all: Vec<String> = tokens
+            .iter()
+            .map(|t| self.key(Key::gen_(t)))
+            .chain(entries.iter().map(|k| self.key(*k)))
+            .collect();
         let values: Vec<Option<Vec<u8>>> =
             self.run("MGET", |con| redis::cmd("MGET").arg(&all).query(con))?;
         if values.len() != all.len() {
@@ -156,7 +160,7 @@ impl Backend for Redis {
         let mut values = values.into_iter();
         let gens = values
             .by_ref()
-            .take(gens.len())
+            .take(tokens.len())
             .map(|v| v.as_deref().and_then(parse_gen))
             .collect();
         let entries = values

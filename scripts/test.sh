@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace against real servers.
+#
+# Installs what the tests need when it is missing (Debian/Ubuntu packages):
+# redis-server (with redis-cli), memcached, and openssl for the TLS test. The
+# tests start their own servers on free loopback ports; nothing is left running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
+command -v memcached >/dev/null 2>&1 || need+=(memcached)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "scripts/test.sh: installing ${need[*]}" >&2
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+
+cargo test --workspace --all-features "$@"
