@@ -11,7 +11,14 @@ use crate::backend::{self, Backend};
 use crate::codec::{Entry, Payload};
 use crate::config::{Config, Target};
 use crate::error::{Error, Result};
+use crate::fragment::Flights;
 use crate::keys::Key;
+use crate::stats::{Counters, Stats};
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
+
+/// How many fragments' nested-token lists are remembered per process.
+const DEP_HINTS: usize = 10_000;
 
 /// A handle to a timeout-less cache. Cheap to clone; all clones share one
 /// backend (and its connections).
@@ -22,9 +29,17 @@ pub struct ICache {
     inner: Arc<Inner>,
 }
 
-struct Inner {
-    backend: Box<dyn Backend>,
-    config: Config,
+pub(crate) struct Inner {
+    pub(crate) backend: Box<dyn Backend>,
+    pub(crate) config: Config,
+    pub(crate) counters: Counters,
+    pub(crate) flights: Flights,
+    /// Fragment name -> the nested tokens its entry was last seen with, so a
+    /// hit can fetch their generations in the same round trip as the entry.
+    pub(crate) dep_hints: quick_cache::sync::Cache<String, Arc<[Box<str>]>>,
+    /// Milliseconds (since `started`) of the last fail-open warning.
+    pub(crate) last_warning: AtomicU64,
+    pub(crate) started: Instant,
 }
 
 impl fmt::Debug for ICache {
@@ -94,8 +109,17 @@ impl ICache {
                 )));
             }
         };
+        let counters = Counters::new(backend.name());
         Ok(ICache {
-            inner: Arc::new(Inner { backend, config }),
+            inner: Arc::new(Inner {
+                backend,
+                config,
+                counters,
+                flights: Flights::default(),
+                dep_hints: quick_cache::sync::Cache::new(DEP_HINTS),
+                last_warning: AtomicU64::new(0),
+                started: Instant::now(),
+            }),
         })
     }
 
@@ -147,8 +171,24 @@ impl ICache {
         self.inner.backend.ping()
     }
 
-    pub(crate) fn backend(&self) -> &dyn Backend {
-        &*self.inner.backend
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
+    }
+
+    /// A snapshot of this cache's counters (shared by all clones of the handle).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::memory();
+    /// cache.fragment(&["movies"], || Ok::<_, std::convert::Infallible>("<ul/>".to_string()))?;
+    /// cache.fragment(&["movies"], || Ok::<_, std::convert::Infallible>("<ul/>".to_string()))?;
+    /// let stats = cache.stats();
+    /// assert_eq!((stats.hits, stats.misses), (1, 1));
+    /// # Ok::<(), std::convert::Infallible>(())
+    /// ```
+    pub fn stats(&self) -> Stats {
+        self.inner.counters.snapshot(self.inner.backend.evictions())
     }
 
     // ---- generations -------------------------------------------------------

@@ -18,6 +18,8 @@ pub(crate) enum Space {
     Versioned,
     /// A plain `set`/`get` entry.
     Plain,
+    /// A cached fragment (`fragment`, template blocks).
+    Fragment,
 }
 
 impl Space {
@@ -26,6 +28,7 @@ impl Space {
             Space::Gen => ('g', 'G'),
             Space::Versioned => ('v', 'V'),
             Space::Plain => ('k', 'K'),
+            Space::Fragment => ('f', 'F'),
         }
     }
 }
@@ -47,6 +50,12 @@ impl<'a> Key<'a> {
     pub(crate) fn versioned(name: &'a str) -> Self {
         Key {
             space: Space::Versioned,
+            name,
+        }
+    }
+    pub(crate) fn fragment(name: &'a str) -> Self {
+        Key {
+            space: Space::Fragment,
             name,
         }
     }
@@ -179,7 +188,7 @@ mod tests {
     #[test]
     fn prefixes_are_checked() {
         assert!(validate_prefix("shop-1.eu_west").is_ok());
-        assert!(validate_prefix("a b").unwrap_err().contains("' '"));
+        assert!(validate_prefix("a b").expect_err("space").contains("' '"));
         assert!(validate_prefix("a:b").is_err());
         assert!(validate_prefix(&"p".repeat(65)).is_err());
     }

@@ -88,9 +88,19 @@ mod cache;
 mod codec;
 mod config;
 mod error;
+mod fragment;
 mod keys;
+#[cfg(feature = "minijinja")]
+pub mod minijinja;
 mod pool;
+mod stats;
 
 pub use bytes::Bytes;
 pub use cache::ICache;
 pub use error::{Error, ErrorKind, Result};
+pub use stats::Stats;
+
+// The README's examples are compiled and run as doctests, so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+struct ReadmeDoctests;

@@ -143,11 +143,6 @@ impl Memory {
         })
     }
 
-    /// Entries evicted to stay within the byte bound, since start.
-    pub(crate) fn evictions(&self) -> u64 {
-        self.evictions.load(Ordering::Relaxed)
-    }
-
     fn entry(&self, k: &Key<'_>) -> Option<Arc<Entry>> {
         match self.store.get(&r(k)) {
             Some(Item::Entry { entry, expires }) => match expires {
@@ -255,5 +250,9 @@ impl Backend for Memory {
 
     fn name(&self) -> &'static str {
         "memory"
+    }
+
+    fn evictions(&self) -> u64 {
+        self.evictions.load(Ordering::Relaxed)
     }
 }

@@ -62,6 +62,11 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug + 'static {
 
     /// `"memory"`, `"redis"` or `"memcached"`.
     fn name(&self) -> &'static str;
+
+    /// Entries evicted to stay within a bound, where the backend knows.
+    fn evictions(&self) -> u64 {
+        0
+    }
 }
 
 /// A fresh random generation, in `1..=2^62`: never 0, and with headroom so that

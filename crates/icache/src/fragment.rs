@@ -1,0 +1,569 @@
+//! Cached fragments: `fragment`, `fragment_named`, `fragment_async`, and the
+//! engine behind template blocks.
+//!
+//! A lookup fetches the tokens' generations **and** the entry in one round
+//! trip (plus the generations of nested tokens the entry was last seen with,
+//! remembered per process in `dep_hints`). On a miss the body is rendered once
+//! per process and version (single-flight), the generations are read again, and
+//! the output is stored only if they did not move while it rendered.
+//!
+//! Nested blocks: while a body renders, a thread-local frame collects the
+//! generations every block inside it read. The outer entry stores those tokens
+//! (`deps`) and includes their generations in its version, so a bump of an
+//! inner token invalidates the outer block too.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::time::Instant;
+
+use crate::cache::ICache;
+use crate::codec::{Entry, Payload};
+use crate::error::Error;
+use crate::keys::{Key, join_parts};
+use crate::stats::Event;
+
+/// Token generations as read by one render: `(token, generation)`.
+type Reads = Vec<(Box<str>, u64)>;
+
+thread_local! {
+    static FRAMES: RefCell<Vec<Reads>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Tells the enclosing render (if any) which generations this block depends on.
+fn report(reads: &[(Box<str>, u64)]) {
+    FRAMES.with(|f| {
+        if let Some(top) = f.borrow_mut().last_mut() {
+            top.extend(reads.iter().cloned());
+        }
+    });
+}
+
+/// A frame for the blocks nested in one render; popped on drop (even on panic).
+struct Frame {
+    done: bool,
+}
+
+impl Frame {
+    fn push() -> Frame {
+        FRAMES.with(|f| f.borrow_mut().push(Vec::new()));
+        Frame { done: false }
+    }
+    fn finish(mut self) -> Reads {
+        self.done = true;
+        FRAMES.with(|f| f.borrow_mut().pop()).unwrap_or_default()
+    }
+}
+
+impl Drop for Frame {
+    fn drop(&mut self) {
+        if !self.done {
+            FRAMES.with(|f| f.borrow_mut().pop());
+        }
+    }
+}
+
+/// What a leader's render produced, shared with the threads that waited.
+struct Rendered {
+    html: String,
+    reads: Reads,
+}
+
+#[derive(Default)]
+struct Flight {
+    /// `None` while rendering; `Some(None)` if the leader failed.
+    outcome: Mutex<Option<Option<Arc<Rendered>>>>,
+    done: Condvar,
+}
+
+/// In-flight renders, by fragment name and version.
+#[derive(Default)]
+pub(crate) struct Flights {
+    map: Mutex<HashMap<(String, u64), Arc<Flight>>>,
+}
+
+enum Role<'a> {
+    Leader(LeaderGuard<'a>),
+    Follower(Arc<Flight>),
+}
+
+/// Ends a flight: publishes the outcome (failure if dropped without one).
+struct LeaderGuard<'a> {
+    flights: &'a Flights,
+    key: (String, u64),
+    flight: Arc<Flight>,
+    published: bool,
+}
+
+impl LeaderGuard<'_> {
+    fn publish(mut self, outcome: Option<Arc<Rendered>>) {
+        self.end(outcome);
+    }
+    fn end(&mut self, outcome: Option<Arc<Rendered>>) {
+        self.published = true;
+        self.flights
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key);
+        *self
+            .flight
+            .outcome
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(outcome);
+        self.flight.done.notify_all();
+    }
+}
+
+impl Drop for LeaderGuard<'_> {
+    fn drop(&mut self) {
+        if !self.published {
+            self.end(None);
+        }
+    }
+}
+
+impl Flights {
+    fn join(&self, key: (String, u64)) -> Role<'_> {
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(f) = map.get(&key) {
+            return Role::Follower(f.clone());
+        }
+        let flight = Arc::new(Flight::default());
+        map.insert(key.clone(), flight.clone());
+        Role::Leader(LeaderGuard {
+            flights: self,
+            key,
+            flight,
+            published: false,
+        })
+    }
+}
+
+impl Flight {
+    fn wait(&self) -> Option<Arc<Rendered>> {
+        let mut outcome = self.outcome.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(o) = &*outcome {
+                return o.clone();
+            }
+            outcome = self
+                .done
+                .wait(outcome)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// The result of looking a fragment up.
+enum Lookup {
+    Hit {
+        html: Arc<str>,
+        reads: Reads,
+    },
+    Miss {
+        own: Reads,
+        own_version: u64,
+    },
+    /// The backend failed: render uncached.
+    Down,
+}
+
+/// The entry name of a block: its identity and its tokens, length-prefixed so
+/// that no two different lists give the same name.
+pub(crate) fn fragment_name(identity: &[&str], tokens: &[&str]) -> String {
+    let mut name = identity.len().to_string();
+    name.push('|');
+    name.push_str(&join_parts(identity.iter().chain(tokens).copied()));
+    name
+}
+
+fn sum(reads: &[(Box<str>, u64)]) -> u64 {
+    reads.iter().fold(0u64, |s, (_, g)| s.wrapping_add(*g))
+}
+
+impl ICache {
+    /// Caches the output of `render` until a token in `tokens` is bumped: the
+    /// seed's `{% icache token… %}` block, for any renderer (Askama, Maud,
+    /// hand-written HTML).
+    ///
+    /// Every token is part of the entry's key and of its version. The version
+    /// is read before `render` runs; on a hit `render` is not called at all.
+    /// On a miss it runs once per process for all the threads that miss the
+    /// same fragment at once, and its output is stored only if no token moved
+    /// while it ran. Fragments rendered inside `render` (nested blocks, on the
+    /// same thread) add their tokens to this one's.
+    ///
+    /// Backend trouble never becomes an error here: the body is rendered
+    /// uncached (fail-open), a warning is logged at most every 10 s, and
+    /// [`Stats::errors`](crate::Stats::errors) counts it. The closure's own
+    /// error comes back unchanged and nothing is stored.
+    ///
+    /// Two calls with the same tokens share one entry: use
+    /// [`fragment_named`](Self::fragment_named) to tell different blocks apart.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # fn render_list(db: &str) -> Result<String, std::fmt::Error> { Ok(format!("<ul>{db}</ul>")) }
+    /// # let db = "movies";
+    /// let cache = icache::ICache::memory();
+    /// let user_id = 42.to_string();
+    /// let html = cache.fragment(&["movies-personal-rating", "movies", &user_id], || render_list(&db))?;
+    /// assert_eq!(html, "<ul>movies</ul>");
+    /// // Hit: the closure is not called.
+    /// let again = cache.fragment(&["movies-personal-rating", "movies", &user_id], || -> Result<String, std::fmt::Error> { unreachable!() })?;
+    /// assert_eq!(again, html);
+    /// # Ok::<(), std::fmt::Error>(())
+    /// ```
+    pub fn fragment<E>(
+        &self,
+        tokens: &[&str],
+        render: impl FnOnce() -> Result<String, E>,
+    ) -> Result<String, E> {
+        self.block(&["fragment"], tokens, render)
+    }
+
+    /// [`fragment`](Self::fragment) for a block with its own identity: blocks
+    /// with different names never share an entry, whatever their tokens.
+    pub fn fragment_named<E>(
+        &self,
+        name: &str,
+        tokens: &[&str],
+        render: impl FnOnce() -> Result<String, E>,
+    ) -> Result<String, E> {
+        self.block(&["named", name], tokens, render)
+    }
+
+    /// The async form of [`fragment`](Self::fragment), for a body that awaits.
+    ///
+    /// The lookup and the store run off the executor (or inline on the memory
+    /// backend). Nested fragments are not recorded across `.await` points, and
+    /// concurrent misses are not merged: each renders.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), std::fmt::Error> {
+    /// # async fn render_list_async() -> Result<String, std::fmt::Error> { Ok("<ul/>".into()) }
+    /// let cache = icache::ICache::memory();
+    /// let user_id = "42".to_string();
+    /// let html = cache
+    ///     .fragment_async(&["movies-personal-rating", "movies", &user_id], || async { render_list_async().await })
+    ///     .await?;
+    /// assert_eq!(html, "<ul/>");
+    /// # Ok(()) }
+    /// ```
+    pub async fn fragment_async<E, F, Fut>(&self, tokens: &[&str], render: F) -> Result<String, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<String, E>>,
+    {
+        let name = fragment_name(&["fragment"], tokens);
+        let owned: Vec<String> = tokens.iter().map(|t| (*t).to_owned()).collect();
+        let lookup = {
+            let (name, owned) = (name.clone(), owned.clone());
+            self.off_executor_infallible(move |c| {
+                let tokens: Vec<&str> = owned.iter().map(String::as_str).collect();
+                c.lookup(&name, &tokens)
+            })
+            .await
+        };
+        let (own_version, store) = match lookup {
+            Lookup::Hit { html, .. } => {
+                self.inner().counters.count(Event::Hit);
+                return Ok(html.to_string());
+            }
+            Lookup::Miss { own_version, .. } => {
+                self.inner().counters.count(Event::Miss);
+                (own_version, true)
+            }
+            Lookup::Down => (0, false),
+        };
+        let started = Instant::now();
+        let html = render().await?;
+        self.inner().counters.rendered(started.elapsed());
+        if store {
+            let html = html.clone();
+            self.off_executor_infallible(move |c| {
+                let tokens: Vec<&str> = owned.iter().map(String::as_str).collect();
+                c.store_checked(&name, &tokens, own_version, &[], html);
+            })
+            .await;
+        }
+        Ok(html)
+    }
+
+    async fn off_executor_infallible<T, F>(&self, f: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce(&ICache) -> T + Send + 'static,
+    {
+        if self.backend_name() == "memory" {
+            return f(self);
+        }
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                let this = self.clone();
+                match handle.spawn_blocking(move || f(&this)).await {
+                    Ok(v) => v,
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                }
+            }
+            Err(_) => f(self),
+        }
+    }
+
+    /// The engine of every cached block: `identity` tells blocks apart,
+    /// `tokens` are its arguments (key and version).
+    pub(crate) fn block<E>(
+        &self,
+        identity: &[&str],
+        tokens: &[&str],
+        render: impl FnOnce() -> Result<String, E>,
+    ) -> Result<String, E> {
+        let name = fragment_name(identity, tokens);
+        let _span =
+            tracing::trace_span!("icache.fragment", backend = self.backend_name()).entered();
+        let counters = &self.inner().counters;
+        let (own, own_version) = match self.lookup(&name, tokens) {
+            Lookup::Hit { html, reads } => {
+                counters.count(Event::Hit);
+                report(&reads);
+                return Ok(html.to_string());
+            }
+            Lookup::Down => {
+                let started = Instant::now();
+                let out = render();
+                counters.rendered(started.elapsed());
+                return out;
+            }
+            Lookup::Miss { own, own_version } => (own, own_version),
+        };
+        counters.count(Event::Miss);
+        match self.inner().flights.join((name.clone(), own_version)) {
+            Role::Leader(guard) => {
+                match self.render_and_store(&name, tokens, own, own_version, render) {
+                    Ok(rendered) => {
+                        let rendered = Arc::new(rendered);
+                        guard.publish(Some(rendered.clone()));
+                        report(&rendered.reads);
+                        Ok(rendered.html.clone())
+                    }
+                    Err(e) => {
+                        guard.publish(None);
+                        Err(e)
+                    }
+                }
+            }
+            Role::Follower(flight) => {
+                if let Some(rendered) = flight.wait()
+                    && self.still_current(tokens, &rendered.reads)
+                {
+                    counters.count(Event::Shared);
+                    report(&rendered.reads);
+                    return Ok(rendered.html.clone());
+                }
+                // The leader failed, or a nested token moved since it rendered.
+                let rendered = self.render_and_store(&name, tokens, own, own_version, render)?;
+                report(&rendered.reads);
+                Ok(rendered.html)
+            }
+        }
+    }
+
+    /// A follower takes the leader's output only if the nested tokens the
+    /// leader read (which this thread did not read itself) have not moved.
+    fn still_current(&self, tokens: &[&str], reads: &[(Box<str>, u64)]) -> bool {
+        let deps: Vec<&(Box<str>, u64)> = reads
+            .iter()
+            .filter(|(t, _)| !tokens.contains(&&**t))
+            .collect();
+        if deps.is_empty() {
+            return true;
+        }
+        let names: Vec<&str> = deps.iter().map(|(t, _)| &**t).collect();
+        match self.generations(&names) {
+            Ok(now) => now.iter().zip(&deps).all(|(n, (_, g))| n == g),
+            Err(e) => {
+                self.backend_trouble(&e);
+                false
+            }
+        }
+    }
+
+    fn render_and_store<E>(
+        &self,
+        name: &str,
+        tokens: &[&str],
+        own: Reads,
+        own_version: u64,
+        render: impl FnOnce() -> Result<String, E>,
+    ) -> Result<Rendered, E> {
+        let frame = Frame::push();
+        let started = Instant::now();
+        let out = render();
+        let nested = frame.finish();
+        self.inner().counters.rendered(started.elapsed());
+        let html = out?;
+        // Nested tokens beyond our own, first read of each (the oldest).
+        let mut deps: Reads = Vec::new();
+        for (t, g) in nested {
+            if !tokens.contains(&&*t) && !deps.iter().any(|(d, _)| *d == t) {
+                deps.push((t, g));
+            }
+        }
+        let version = own_version.wrapping_add(sum(&deps));
+        self.store_checked(name, tokens, version, &deps, html.clone());
+        let mut reads = own;
+        reads.extend(deps);
+        Ok(Rendered { html, reads })
+    }
+
+    /// Stores `html` under `version` unless the generations moved on while it
+    /// rendered (then storing it would be wasted: it could never be served).
+    fn store_checked(
+        &self,
+        name: &str,
+        tokens: &[&str],
+        version: u64,
+        deps: &[(Box<str>, u64)],
+        html: String,
+    ) {
+        let counters = &self.inner().counters;
+        let mut all: Vec<&str> = tokens.to_vec();
+        all.extend(deps.iter().map(|(t, _)| &**t));
+        let now = match self.generations(&all) {
+            Ok(g) => g.into_iter().fold(0u64, u64::wrapping_add),
+            Err(e) => return self.backend_trouble(&e),
+        };
+        if now != version {
+            counters.count(Event::Outdated);
+            tracing::debug!("icache: tokens moved while rendering; output not stored");
+            return;
+        }
+        let dep_names: Vec<Box<str>> = deps.iter().map(|(t, _)| t.clone()).collect();
+        let entry = Entry {
+            version: Some(version),
+            deps: dep_names.clone(),
+            payload: Payload::Text(Arc::from(html)),
+        };
+        match self
+            .inner()
+            .backend
+            .set(Key::fragment(name), Arc::new(entry), None)
+        {
+            Ok(()) => {
+                counters.count(Event::Store);
+                if !dep_names.is_empty() {
+                    self.inner()
+                        .dep_hints
+                        .insert(name.to_owned(), Arc::from(dep_names));
+                }
+            }
+            Err(e) if e.is_too_large() => {
+                counters.count(Event::TooLarge);
+                tracing::warn!(error = %e, "icache: fragment too large for the backend; served uncached");
+            }
+            Err(e) => self.backend_trouble(&e),
+        }
+    }
+
+    fn lookup(&self, name: &str, tokens: &[&str]) -> Lookup {
+        let hints = self.inner().dep_hints.get(name);
+        let mut all: Vec<&str> = tokens.to_vec();
+        if let Some(h) = &hints {
+            for d in h.iter() {
+                if !all.contains(&&**d) {
+                    all.push(d);
+                }
+            }
+        }
+        let fetched = match self.inner().backend.fetch(&all, &[Key::fragment(name)]) {
+            Ok(f) => f,
+            Err(e) => {
+                self.backend_trouble(&e);
+                return Lookup::Down;
+            }
+        };
+        let mut gens = match self.complete_gens(&all, fetched.gens) {
+            Ok(g) => g,
+            Err(e) => {
+                self.backend_trouble(&e);
+                return Lookup::Down;
+            }
+        };
+        let own: Reads = tokens
+            .iter()
+            .zip(&gens)
+            .map(|(t, g)| (Box::from(*t), *g))
+            .collect();
+        let own_version = sum(&own);
+        let Some(entry) = fetched.entries.into_iter().next().flatten() else {
+            return Lookup::Miss { own, own_version };
+        };
+        // Generations of the entry's nested tokens: from this round trip when
+        // the hint was right, otherwise one more.
+        let missing: Vec<&str> = entry
+            .deps
+            .iter()
+            .map(|d| &**d)
+            .filter(|d| !all.contains(d))
+            .collect();
+        if !missing.is_empty() {
+            match self.generations(&missing) {
+                Ok(g) => {
+                    all.extend(missing);
+                    gens.extend(g);
+                }
+                Err(e) => {
+                    self.backend_trouble(&e);
+                    return Lookup::Down;
+                }
+            }
+        }
+        if hints.as_deref() != Some(&*entry.deps) && !entry.deps.is_empty() {
+            self.inner()
+                .dep_hints
+                .insert(name.to_owned(), Arc::from(entry.deps.clone()));
+        }
+        let mut reads = own.clone();
+        for d in &entry.deps {
+            if let Some(i) = all.iter().position(|a| a == &&**d) {
+                reads.push((d.clone(), gens[i]));
+            }
+        }
+        let current = own_version.wrapping_add(sum(&reads[own.len()..]));
+        match (&entry.payload, entry.version) {
+            (Payload::Text(html), Some(v)) if v == current => Lookup::Hit {
+                html: html.clone(),
+                reads,
+            },
+            _ => {
+                self.inner().counters.count(Event::Mismatch);
+                Lookup::Miss { own, own_version }
+            }
+        }
+    }
+
+    /// Fail-open bookkeeping: count, and warn at most every 10 seconds.
+    pub(crate) fn backend_trouble(&self, e: &Error) {
+        let inner = self.inner();
+        inner.counters.count(Event::Error);
+        let now = u64::try_from(inner.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = inner.last_warning.load(Ordering::Relaxed);
+        if (last == 0 || now.saturating_sub(last) >= 10_000)
+            && inner
+                .last_warning
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(backend = self.backend_name(), error = %e, "icache: cache backend trouble; rendering uncached");
+        } else {
+            tracing::debug!(error = %e, "icache: cache backend trouble");
+        }
+    }
+}

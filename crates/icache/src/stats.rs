@@ -1,0 +1,152 @@
+//! Counters: an in-library snapshot ([`Stats`]) and the `metrics` facade.
+//!
+//! Metric names (labels: `backend` only; never keys or arguments):
+//! `icache_hits_total`, `icache_misses_total`, `icache_mismatches_total`,
+//! `icache_errors_total`, `icache_stores_total`, `icache_outdated_total`,
+//! `icache_too_large_total`, `icache_evictions_total` (memory backend),
+//! and the histogram `icache_render_seconds`. Install your recorder before
+//! opening the cache: handles are taken once, when the cache is opened.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use metrics::{Counter, Histogram};
+
+/// A snapshot of one cache handle's counters (shared by its clones).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Fragments served from the cache (the body was not rendered).
+    pub hits: u64,
+    /// Fragments rendered because no usable entry was there (includes mismatches).
+    pub misses: u64,
+    /// Misses where an entry was there, stored under an older version.
+    pub mismatches: u64,
+    /// Backend operations that failed; the fragment was rendered uncached.
+    pub errors: u64,
+    /// Fragments stored after a render.
+    pub stores: u64,
+    /// Renders not stored because their tokens moved on while rendering.
+    pub outdated: u64,
+    /// Renders not stored because the backend refused their size.
+    pub too_large: u64,
+    /// Renders that waited for another thread's render of the same block.
+    pub shared_renders: u64,
+    /// Entries the memory backend evicted to stay within its bound (0 for
+    /// network backends, which count evictions themselves).
+    pub evictions: u64,
+    /// Time spent rendering fragment bodies, in total.
+    pub render_time: Duration,
+}
+
+impl Stats {
+    /// hits / (hits + misses), or 0 before the first lookup.
+    pub fn hit_ratio(&self) -> f64 {
+        let total = self.hits + self.misses;
+        if total == 0 {
+            0.0
+        } else {
+            self.hits as f64 / total as f64
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Pair {
+    local: AtomicU64,
+    metric: Counter,
+}
+
+impl Pair {
+    fn new(name: &'static str, backend: &'static str) -> Self {
+        Pair {
+            local: AtomicU64::new(0),
+            metric: metrics::counter!(name, "backend" => backend),
+        }
+    }
+    fn add(&self, n: u64) {
+        self.local.fetch_add(n, Ordering::Relaxed);
+        self.metric.increment(n);
+    }
+    fn get(&self) -> u64 {
+        self.local.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Counters {
+    hits: Pair,
+    misses: Pair,
+    mismatches: Pair,
+    errors: Pair,
+    stores: Pair,
+    outdated: Pair,
+    too_large: Pair,
+    shared: Pair,
+    render_nanos: AtomicU64,
+    render_hist: Histogram,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Event {
+    Hit,
+    Miss,
+    Mismatch,
+    Error,
+    Store,
+    Outdated,
+    TooLarge,
+    Shared,
+}
+
+impl Counters {
+    pub(crate) fn new(backend: &'static str) -> Self {
+        Counters {
+            hits: Pair::new("icache_hits_total", backend),
+            misses: Pair::new("icache_misses_total", backend),
+            mismatches: Pair::new("icache_mismatches_total", backend),
+            errors: Pair::new("icache_errors_total", backend),
+            stores: Pair::new("icache_stores_total", backend),
+            outdated: Pair::new("icache_outdated_total", backend),
+            too_large: Pair::new("icache_too_large_total", backend),
+            shared: Pair::new("icache_shared_renders_total", backend),
+            render_nanos: AtomicU64::new(0),
+            render_hist: metrics::histogram!("icache_render_seconds", "backend" => backend),
+        }
+    }
+
+    pub(crate) fn count(&self, event: Event) {
+        match event {
+            Event::Hit => &self.hits,
+            Event::Miss => &self.misses,
+            Event::Mismatch => &self.mismatches,
+            Event::Error => &self.errors,
+            Event::Store => &self.stores,
+            Event::Outdated => &self.outdated,
+            Event::TooLarge => &self.too_large,
+            Event::Shared => &self.shared,
+        }
+        .add(1);
+    }
+
+    pub(crate) fn rendered(&self, took: Duration) {
+        let nanos = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+        self.render_nanos.fetch_add(nanos, Ordering::Relaxed);
+        self.render_hist.record(took.as_secs_f64());
+    }
+
+    pub(crate) fn snapshot(&self, evictions: u64) -> Stats {
+        Stats {
+            hits: self.hits.get(),
+            misses: self.misses.get(),
+            mismatches: self.mismatches.get(),
+            errors: self.errors.get(),
+            stores: self.stores.get(),
+            outdated: self.outdated.get(),
+            too_large: self.too_large.get(),
+            shared_renders: self.shared.get(),
+            evictions,
+            render_time: Duration::from_nanos(self.render_nanos.load(Ordering::Relaxed)),
+        }
+    }
+}
