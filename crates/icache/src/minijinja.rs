@@ -430,8 +430,10 @@ impl<'a> Rewriter<'a> {
                 loop {
                     match bytes.get(i) {
                         None => {
-                            return Err(self
-                                .err(at, &format!("unterminated quoted token {}", &args[start..])));
+                            return Err(self.err(
+                                at,
+                                &format!("unterminated quoted token {}", &args[start..]),
+                            ));
                         }
                         Some(b'\\') => i += 2,
                         Some(&c) if c == b => {

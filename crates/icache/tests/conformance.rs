@@ -18,19 +18,19 @@ use icache::{ErrorKind, ICache};
 use support::{MemcachedServer, Proxy, RedisServer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
+pub(crate) enum Kind {
     Memory,
     Redis,
     Memcached,
 }
 
-enum Server {
+pub(crate) enum Server {
     None,
     Redis(RedisServer),
     Memcached(MemcachedServer),
 }
 
-struct Ctx {
+pub(crate) struct Ctx {
     kind: Kind,
     server: Server,
     cache: ICache,
@@ -169,15 +169,22 @@ fn run(kind: Kind, case: fn(&Ctx)) {
     }
 }
 
+/// One `#[test]` per case and backend: `<group>::<backend>::<case>`.
 macro_rules! suite {
-    ($($case:ident),* $(,)?) => {
-        mod memory { $( #[test] fn $case() { super::run(super::Kind::Memory, super::cases::$case) } )* }
-        mod redis { $( #[test] fn $case() { super::run(super::Kind::Redis, super::cases::$case) } )* }
-        mod memcached { $( #[test] fn $case() { super::run(super::Kind::Memcached, super::cases::$case) } )* }
+    ($group:ident = $cases:path: $($case:ident),* $(,)?) => {
+        mod $group {
+            mod memory { $( #[test] fn $case() { crate::run(crate::Kind::Memory, { use $cases as c; c::$case }) } )* }
+            mod redis { $( #[test] fn $case() { crate::run(crate::Kind::Redis, { use $cases as c; c::$case }) } )* }
+            mod memcached { $( #[test] fn $case() { crate::run(crate::Kind::Memcached, { use $cases as c; c::$case }) } )* }
+        }
     };
 }
+pub(crate) use suite;
 
-suite!(
+#[path = "conformance/fragments.rs"]
+mod fragments;
+
+suite!(object = crate::object_cases:
     incr_adds_one,
     missing_generations_are_fresh_and_never_zero,
     get_sum_is_the_wrapping_sum,
@@ -198,7 +205,7 @@ suite!(
     errors_and_debug_never_show_passwords,
 );
 
-mod cases {
+mod object_cases {
     use super::*;
 
     pub fn incr_adds_one(ctx: &Ctx) {

@@ -913,6 +913,7 @@ struct ProxyShared {
     paused: AtomicBool,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
+    round_trips: AtomicU64,
     connections: AtomicU64,
     workers: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -964,6 +965,7 @@ impl Proxy {
             paused: AtomicBool::new(false),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
+            round_trips: AtomicU64::new(0),
             connections: AtomicU64::new(0),
             workers: Mutex::new(Vec::new()),
         });
@@ -991,6 +993,13 @@ impl Proxy {
     }
 
     /// Bytes forwarded from the target to clients.
+    /// Requests that followed an answer (or opened a connection): a client that
+    /// writes a whole pipeline at once and then reads counts one round trip.
+    pub fn round_trips(&self) -> u64 {
+        self.shared.round_trips.load(Ordering::SeqCst)
+    }
+
+    /// Bytes forwarded from the server to the clients.
     pub fn bytes_down(&self) -> u64 {
         self.shared.bytes_down.load(Ordering::SeqCst)
     }
@@ -1072,14 +1081,17 @@ fn proxy_connection(client: TcpStream, shared: &Arc<ProxyShared>) {
         .workers
         .lock()
         .unwrap_or_else(PoisonError::into_inner);
+    // true while the client's next bytes start a new round trip.
+    let turn = Arc::new(AtomicBool::new(true));
     for ((from, to), upstream) in [(up, true), (down, false)] {
         let pump_shared = Arc::clone(shared);
+        let turn = Arc::clone(&turn);
         let spawned = thread::Builder::new()
             .name(format!(
                 "proxy-pump-{}",
                 if upstream { "up" } else { "down" }
             ))
-            .spawn(move || proxy_pump(from, to, upstream, &pump_shared));
+            .spawn(move || proxy_pump(from, to, upstream, &pump_shared, &turn));
         match spawned {
             Ok(handle) => workers.push(handle),
             Err(_) => {
@@ -1092,7 +1104,13 @@ fn proxy_connection(client: TcpStream, shared: &Arc<ProxyShared>) {
 }
 
 /// Copies `from` to `to` until EOF, an error, or shutdown.
-fn proxy_pump(mut from: TcpStream, mut to: TcpStream, upstream: bool, shared: &ProxyShared) {
+fn proxy_pump(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    upstream: bool,
+    shared: &ProxyShared,
+    turn: &AtomicBool,
+) {
     let counter = if upstream {
         &shared.bytes_up
     } else {
@@ -1116,6 +1134,13 @@ fn proxy_pump(mut from: TcpStream, mut to: TcpStream, upstream: bool, shared: &P
                 // Counted before the write: whatever a peer has received is
                 // already counted when it looks at the counters.
                 counter.fetch_add(n as u64, Ordering::SeqCst);
+                if upstream {
+                    if turn.swap(false, Ordering::SeqCst) {
+                        shared.round_trips.fetch_add(1, Ordering::SeqCst);
+                    }
+                } else {
+                    turn.store(true, Ordering::SeqCst);
+                }
                 if !proxy_write_all(&mut to, &buf[..n], shared) {
                     break;
                 }
