@@ -10,7 +10,7 @@ use icache::ICache;
 /// Stands in for an expensive database query and template render.
 fn render_ratings(user: u32, movies: &[(&str, u8)]) -> String {
     let mut sorted = movies.to_vec();
-    sorted.sort_by(|a, b| b.1.cmp(&a.1));
+    sorted.sort_by_key(|m| std::cmp::Reverse(m.1));
     let mut html = format!("<ul class=\"user-{user}\">");
     for (title, stars) in sorted {
         html.push_str(&format!("<li>{title}: {stars}★</li>"));

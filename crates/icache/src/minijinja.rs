@@ -380,8 +380,8 @@ impl<'a> Rewriter<'a> {
                         calls.push(None);
                     }
                 }
-                "endcall" => match calls.pop() {
-                    Some(Some(_)) => {
+                "endcall" => {
+                    if let Some(Some(_)) = calls.pop() {
                         let Some(open) = stack.pop() else {
                             return Err(self.err(at, "unbalanced {% endcall %}"));
                         };
@@ -393,8 +393,7 @@ impl<'a> Rewriter<'a> {
                         }
                         self.close(open, &tag, "endcall");
                     }
-                    Some(None) | None => {}
-                },
+                }
                 _ => {}
             }
         }

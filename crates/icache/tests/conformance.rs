@@ -179,7 +179,6 @@ macro_rules! suite {
         }
     };
 }
-pub(crate) use suite;
 
 #[path = "conformance/fragments.rs"]
 mod fragments;

@@ -9,7 +9,7 @@ use icache::ICache;
 use minijinja::Environment;
 
 use crate::support::Proxy;
-use crate::{Ctx, Kind, Server, suite};
+use crate::{Ctx, Kind, Server};
 
 suite!(blocks = crate::fragments::cases:
     hit_does_not_render,
