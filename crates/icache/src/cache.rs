@@ -166,6 +166,22 @@ impl ICache {
         self.inner.config.timeout
     }
 
+    /// The backend's own counters as name/value pairs: Redis `INFO` (memory,
+    /// hits, evictions, keyspace), memcached `stats`, or the memory store's
+    /// size and evictions. For operators (`icache stats`).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::memory();
+    /// let stats = cache.server_stats()?;
+    /// assert!(stats.iter().any(|(k, _)| k == "entries"));
+    /// # Ok::<(), icache::Error>(())
+    /// ```
+    pub fn server_stats(&self) -> Result<Vec<(String, String)>> {
+        self.inner.backend.server_stats()
+    }
+
     /// One round trip to the backend: `Ok` if it answers.
     pub fn ping(&self) -> Result<()> {
         self.inner.backend.ping()

@@ -202,6 +202,7 @@ suite!(object = crate::object_cases:
     async_api_and_runtimes,
     too_large_is_a_clear_error,
     errors_and_debug_never_show_passwords,
+    server_stats_answer,
 );
 
 mod object_cases {
@@ -620,6 +621,17 @@ mod object_cases {
             cache.get_versioned("small", 1).expect("get").as_deref(),
             Some("ok")
         );
+    }
+
+    pub fn server_stats_answer(ctx: &Ctx) {
+        let stats = ctx.cache.server_stats().expect("server_stats");
+        let want = match ctx.kind {
+            Kind::Memory => "entries",
+            Kind::Redis => "used_memory",
+            Kind::Memcached => "curr_items",
+        };
+        assert!(stats.iter().any(|(k, _)| k == want), "{stats:?}");
+        ctx.cache.ping().expect("ping");
     }
 
     pub fn errors_and_debug_never_show_passwords(ctx: &Ctx) {

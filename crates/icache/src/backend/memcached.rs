@@ -494,4 +494,21 @@ impl Backend for Memcached {
     fn name(&self) -> &'static str {
         "memcached"
     }
+
+    fn server_stats(&self) -> Result<Vec<(String, String)>> {
+        self.run("stats", |conn| {
+            conn.send(b"stats\r\n")?;
+            let mut out = Vec::new();
+            loop {
+                let line = conn.line()?;
+                if line == "END" {
+                    return Ok(out);
+                }
+                match line.strip_prefix("STAT ").and_then(|l| l.split_once(' ')) {
+                    Some((k, v)) => out.push((k.to_string(), v.to_string())),
+                    None => return Err(server_error(line)),
+                }
+            }
+        })
+    }
 }

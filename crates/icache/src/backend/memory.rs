@@ -255,4 +255,13 @@ impl Backend for Memory {
     fn evictions(&self) -> u64 {
         self.evictions.load(Ordering::Relaxed)
     }
+
+    fn server_stats(&self) -> Result<Vec<(String, String)>> {
+        Ok(vec![
+            ("entries".into(), self.store.len().to_string()),
+            ("bytes".into(), self.store.weight().to_string()),
+            ("max_bytes".into(), self.store.capacity().to_string()),
+            ("evictions".into(), self.evictions().to_string()),
+        ])
+    }
 }

@@ -63,6 +63,10 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug + 'static {
     /// `"memory"`, `"redis"` or `"memcached"`.
     fn name(&self) -> &'static str;
 
+    /// The server's own counters (Redis `INFO`, memcached `stats`, the memory
+    /// store's size), as name/value pairs, for operators.
+    fn server_stats(&self) -> Result<Vec<(String, String)>>;
+
     /// Entries evicted to stay within a bound, where the backend knows.
     fn evictions(&self) -> u64 {
         0

@@ -262,4 +262,27 @@ impl Backend for Redis {
     fn name(&self) -> &'static str {
         "redis"
     }
+
+    fn server_stats(&self) -> Result<Vec<(String, String)>> {
+        let info: String = self.run("INFO", |con| redis::cmd("INFO").query(con))?;
+        const WANTED: &[&str] = &[
+            "redis_version",
+            "uptime_in_seconds",
+            "connected_clients",
+            "used_memory",
+            "maxmemory",
+            "maxmemory_policy",
+            "keyspace_hits",
+            "keyspace_misses",
+            "evicted_keys",
+            "expired_keys",
+            "total_commands_processed",
+        ];
+        Ok(info
+            .lines()
+            .filter_map(|l| l.trim_end().split_once(':'))
+            .filter(|(k, _)| WANTED.contains(k) || k.starts_with("db"))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect())
+    }
 }
