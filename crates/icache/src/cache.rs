@@ -626,6 +626,11 @@ impl ICache {
             .await
     }
 
+    /// Async [`ping`](Self::ping).
+    pub async fn ping_async(&self) -> Result<()> {
+        self.off_executor(|c| c.ping()).await
+    }
+
     /// Async [`delete`](Self::delete).
     pub async fn delete_async(&self, key: &str) -> Result<bool> {
         let key = key.to_owned();

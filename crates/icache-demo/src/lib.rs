@@ -1,0 +1,398 @@
+//! The seed's movies site on icache: axum + MiniJinja + SQLite.
+//!
+//! Run with: `cargo run --release -p icache-demo` and open <http://127.0.0.1:3000/>.
+//!
+//! A user's page lists their movies by personal rating inside the seed's own
+//! block, `{% icache 'movies-personal-rating' 'movies' user.id %}`; the home
+//! page has a top list cached by `'movies'`. Rating a movie commits to SQLite,
+//! **then** bumps `movies` and the user's id, exactly the seed's `post_save`
+//! hook. The cache is in-process by default; `ICACHE_URL=redis://…` or
+//! `memcached://…` switches backends with no other change.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::rejection::FormRejection;
+use axum::extract::{Form, Path as UrlPath, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
+use icache::ICache;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use minijinja::value::Serde;
+use minijinja::{Environment, Value, context};
+use serde::{Deserialize, Serialize};
+
+pub mod db;
+use db::Db;
+
+/// Where the site listens by default.
+pub const DEFAULT_ADDR: &str = "127.0.0.1:3000";
+
+/// The last render time of each cached block, measured inside the block's
+/// body, so it only changes when the body really renders (a miss).
+#[derive(Default)]
+struct Timers {
+    last_ms: Mutex<HashMap<String, f64>>,
+}
+
+thread_local! {
+    static STARTED: RefCell<HashMap<String, Instant>> = RefCell::new(HashMap::new());
+}
+
+struct Inner {
+    cache: ICache,
+    env: Environment<'static>,
+    db: Arc<Db>,
+    prometheus: PrometheusHandle,
+    timers: Arc<Timers>,
+}
+
+/// The shared state of the site.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+/// The Prometheus recorder, installed once per process (before any cache is
+/// opened, so icache's counters report to it).
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(&[0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0])
+                .map(PrometheusBuilder::build_recorder)
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed: then ours just
+            // shows nothing, which /metrics makes visible.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+fn template_source(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "base.html" => include_str!("templates/base.html"),
+        "index.html" => include_str!("templates/index.html"),
+        "user.html" => include_str!("templates/user.html"),
+        "error.html" => include_str!("templates/error.html"),
+        _ => return None,
+    })
+}
+
+fn sql_error(e: rusqlite::Error) -> minijinja::Error {
+    minijinja::Error::new(
+        minijinja::ErrorKind::InvalidOperation,
+        format!("database: {e}"),
+    )
+}
+
+/// Opens the database (creating and seeding it on first start) and builds the
+/// template environment around `cache`.
+pub fn open(
+    data_dir: &Path,
+    cache: ICache,
+) -> Result<AppState, Box<dyn std::error::Error + Send + Sync>> {
+    let prometheus = prometheus();
+    let db = Arc::new(Db::open(data_dir)?);
+    let timers = Arc::new(Timers::default());
+    let mut env = Environment::new();
+    icache::minijinja::register(&mut env, cache.clone());
+    // Templates go through icache's loader: the seed's {% icache %} syntax.
+    env.set_loader(icache::minijinja::loader(|name: &str| {
+        Ok(template_source(name))
+    }));
+    let d = db.clone();
+    env.add_function(
+        "personal_ratings",
+        move |user: i64| -> Result<Value, minijinja::Error> {
+            Ok(Value::from(Serde(
+                d.personal_ratings(user).map_err(sql_error)?,
+            )))
+        },
+    );
+    let d = db.clone();
+    env.add_function("top_movies", move || -> Result<Value, minijinja::Error> {
+        Ok(Value::from(Serde(d.top_movies(20).map_err(sql_error)?)))
+    });
+    env.add_function("timer_start", |name: String| {
+        STARTED.with(|s| s.borrow_mut().insert(name, Instant::now()));
+        String::new()
+    });
+    let t = timers.clone();
+    env.add_function("timer_stop", move |name: String| {
+        if let Some(started) = STARTED.with(|s| s.borrow_mut().remove(&name)) {
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            t.last_ms
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(name, ms);
+        }
+        String::new()
+    });
+    Ok(AppState(Arc::new(Inner {
+        cache,
+        env,
+        db,
+        prometheus,
+        timers,
+    })))
+}
+
+/// The site's routes.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/", get(index))
+        .route("/users/{id}", get(user_page))
+        .route("/users/{id}/rate", post(rate))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// Serves the site on `listener` until the process is stopped.
+pub async fn serve(listener: tokio::net::TcpListener, state: AppState) -> std::io::Result<()> {
+    axum::serve(listener, app(state)).await
+}
+
+/// A page that went wrong: rendered as a clear HTML page with its status.
+#[derive(Debug)]
+pub struct PageError {
+    status: StatusCode,
+    message: String,
+}
+
+impl PageError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        PageError {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct StatsView {
+    hits: u64,
+    misses: u64,
+    ratio: String,
+    errors: u64,
+}
+
+#[derive(Serialize)]
+struct TimerView {
+    name: String,
+    ms: String,
+}
+
+impl AppState {
+    fn common(&self) -> Value {
+        let s = self.0.cache.stats();
+        let mut timers: Vec<TimerView> = self
+            .0
+            .timers
+            .last_ms
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| TimerView {
+                name: k.clone(),
+                ms: format!("{v:.2}"),
+            })
+            .collect();
+        timers.sort_by(|a, b| a.name.cmp(&b.name));
+        context! {
+            backend => self.0.cache.backend_name(),
+            stats => Serde(StatsView {
+                hits: s.hits,
+                misses: s.misses,
+                ratio: format!("{:.1}%", s.hit_ratio() * 100.0),
+                errors: s.errors,
+            }),
+            timers => Serde(timers),
+        }
+    }
+
+    fn render(&self, template: &str, ctx: Value) -> Result<String, PageError> {
+        let ctx = context! { ..ctx, ..self.common() };
+        self.0
+            .env
+            .get_template(template)
+            .and_then(|t| t.render(ctx))
+            .map_err(|e| {
+                tracing::error!(error = %e, template, "render failed");
+                PageError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "The page could not be rendered.",
+                )
+            })
+    }
+}
+
+/// Runs blocking work (SQLite, MiniJinja, sync cache calls) off the executor.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, PageError> + Send + 'static,
+) -> Result<T, PageError> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(PageError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("worker failed: {e}"),
+        ))
+    })
+}
+
+fn db_error(e: rusqlite::Error) -> PageError {
+    tracing::error!(error = %e, "database error");
+    PageError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "The database is not available right now.",
+    )
+}
+
+async fn index(State(state): State<AppState>) -> Result<Html<String>, ErrorPage> {
+    let html = blocking(move || {
+        let users = state.0.db.users().map_err(db_error)?;
+        state.render("index.html", context! { users => Serde(users) })
+    })
+    .await
+    .map_err(|e| ErrorPage(e, None))?;
+    Ok(Html(html))
+}
+
+fn parse_user(state: &AppState, id: &str) -> Result<db::User, PageError> {
+    let not_found = || PageError::new(StatusCode::NOT_FOUND, format!("There is no user {id:?}."));
+    let id: i64 = id.parse().map_err(|_| not_found())?;
+    state.0.db.user(id).map_err(db_error)?.ok_or_else(not_found)
+}
+
+async fn user_page(
+    State(state): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Html<String>, ErrorPage> {
+    let s = state.clone();
+    let html = blocking(move || {
+        let user = parse_user(&s, &id)?;
+        s.render("user.html", context! { user => Serde(user) })
+    })
+    .await
+    .map_err(|e| ErrorPage(e, Some(state.clone())))?;
+    Ok(Html(html))
+}
+
+/// The rating form. Fields are strings so that a malformed post gets our own
+/// clear message rather than a generic rejection.
+#[derive(Debug, Deserialize)]
+pub struct RateForm {
+    movie_id: String,
+    rating: String,
+}
+
+async fn rate(
+    State(state): State<AppState>,
+    UrlPath(id): UrlPath<String>,
+    form: Result<Form<RateForm>, FormRejection>,
+) -> Result<Redirect, ErrorPage> {
+    let s = state.clone();
+    let to = blocking(move || {
+        let Form(form) = form.map_err(|e| {
+            PageError::new(
+                StatusCode::BAD_REQUEST,
+                format!("The rating form was malformed ({e}). Send movie_id and rating (1 to 5)."),
+            )
+        })?;
+        let user = parse_user(&s, &id)?;
+        let movie: i64 = form.movie_id.trim().parse().map_err(|_| {
+            PageError::new(StatusCode::BAD_REQUEST, format!("Movie id {:?} is not a number.", form.movie_id))
+        })?;
+        let rating: i64 = match form.rating.trim().parse() {
+            Ok(r) if (1..=5).contains(&r) => r,
+            _ => {
+                return Err(PageError::new(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    format!("Rating {:?} is out of range: give a whole number from 1 to 5.", form.rating),
+                ));
+            }
+        };
+        if !s.0.db.movie_exists(movie).map_err(db_error)? {
+            return Err(PageError::new(StatusCode::NOT_FOUND, format!("There is no movie {movie}.")));
+        }
+        // Commit first, then bump: a reader can never cache the old list
+        // under the new version.
+        s.0.db.rate(user.id, movie, rating).map_err(db_error)?;
+        if let Err(e) = s.0.cache.incr_many(&["movies", &user.id.to_string()]) {
+            tracing::error!(error = %e, "rating saved but the cache could not be invalidated");
+            return Err(PageError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "Your rating was saved, but the cache could not be told: pages may show the old list until it is back.",
+            ));
+        }
+        Ok(format!("/users/{}", user.id))
+    })
+    .await
+    .map_err(|e| ErrorPage(e, Some(state)))?;
+    Ok(Redirect::to(&to))
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    let backend = state.0.cache.backend_name();
+    match state.0.cache.ping_async().await {
+        Ok(()) => (
+            StatusCode::OK,
+            format!("ok: cache backend {backend} answers\n"),
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("degraded: cache backend {backend}: {e} (pages render uncached)\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics_text(State(state): State<AppState>) -> Response {
+    state.0.prometheus.run_upkeep();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.0.prometheus.render(),
+    )
+        .into_response()
+}
+
+async fn not_found(State(state): State<AppState>) -> ErrorPage {
+    ErrorPage(
+        PageError::new(StatusCode::NOT_FOUND, "There is no such page."),
+        Some(state),
+    )
+}
+
+/// A [`PageError`] on its way out, with the state to render the page (or
+/// plain text when there is none).
+pub struct ErrorPage(PageError, Option<AppState>);
+
+impl IntoResponse for ErrorPage {
+    fn into_response(self) -> Response {
+        let ErrorPage(err, state) = self;
+        let body = state
+            .and_then(|s| {
+                s.render(
+                    "error.html",
+                    context! { status => err.status.to_string(), message => err.message.clone() },
+                )
+                .ok()
+            })
+            .unwrap_or_else(|| {
+                format!(
+                    "<!doctype html><title>{0}</title><h1>{0}</h1><p>{1}</p>",
+                    err.status,
+                    minijinja::HtmlEscape(&err.message)
+                )
+            });
+        (err.status, Html(body)).into_response()
+    }
+}

@@ -1,0 +1,88 @@
+//! Run with: `cargo run --release -p icache-demo` then open http://127.0.0.1:3000/
+//!
+//! Flags (or environment): `--addr` (`ICACHE_DEMO_ADDR`, default
+//! 127.0.0.1:3000), `--data-dir` (`ICACHE_DEMO_DATA`, default `./data`), and
+//! `ICACHE_URL` for the cache (default: in-process).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// The seed's movies site on icache.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "ICACHE_DEMO_ADDR", default_value = icache_demo::DEFAULT_ADDR)]
+    addr: SocketAddr,
+    /// Directory of the SQLite database (created and seeded on first start).
+    #[arg(long, env = "ICACHE_DEMO_DATA", default_value = "data")]
+    data_dir: PathBuf,
+    /// Cache URL: memory://, redis://…, memcached://… (default: in-process).
+    #[arg(long, env = "ICACHE_URL")]
+    cache_url: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let args = Args::parse();
+    // The recorder goes in before the cache opens, so icache reports to it.
+    icache_demo::prometheus();
+    let cache = match args.cache_url.as_deref() {
+        Some(url) if !url.trim().is_empty() => icache::ICache::from_url(url),
+        _ => Ok(icache::ICache::memory()),
+    };
+    let cache = match cache {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("icache-demo: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let started = std::time::Instant::now();
+    let state = match icache_demo::open(&args.data_dir, cache.clone()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "icache-demo: cannot open the database in {}: {e}",
+                args.data_dir.display()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(args.addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("icache-demo: cannot listen on {}: {e}", args.addr);
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing::info!(
+        "movies site on http://{} (cache: {}, data: {}, ready in {:?})",
+        args.addr,
+        cache.url(),
+        args.data_dir.display(),
+        started.elapsed()
+    );
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    match axum::serve(listener, icache_demo::app(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("icache-demo: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
