@@ -2,8 +2,9 @@
 # Runs every test of the workspace against real servers.
 #
 # Installs what the tests need when it is missing (Debian/Ubuntu packages):
-# redis-server (with redis-cli), memcached, and openssl for the TLS test. The
-# tests start their own servers on free loopback ports; nothing is left running.
+# redis-server (with redis-cli), memcached, openssl for the TLS test, and
+# chromium + chromium-driver for the browser test. The tests start their own
+# servers on free loopback ports; nothing is left running.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,6 +13,8 @@ command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v memcached >/dev/null 2>&1 || need+=(memcached)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
+command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 if [ ${#need[@]} -gt 0 ]; then
   echo "scripts/test.sh: installing ${need[*]}" >&2
   sudo=""

@@ -28,6 +28,8 @@ use minijinja::{Environment, Value, context};
 use serde::{Deserialize, Serialize};
 
 pub mod db;
+#[doc(hidden)]
+pub mod testing;
 use db::Db;
 
 /// Where the site listens by default.
@@ -192,6 +194,16 @@ struct TimerView {
 }
 
 impl AppState {
+    /// The database (for tests and tools).
+    pub fn db(&self) -> &Db {
+        &self.0.db
+    }
+
+    /// The cache handle.
+    pub fn cache(&self) -> &ICache {
+        &self.0.cache
+    }
+
     fn common(&self) -> Value {
         let s = self.0.cache.stats();
         let mut timers: Vec<TimerView> = self

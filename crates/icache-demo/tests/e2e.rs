@@ -1,0 +1,211 @@
+//! End to end: the site on a free port, on each backend (real redis-server
+//! and memcached started by the test harness), fetched, rated and fetched
+//! again over HTTP.
+
+#[path = "../../icache/tests/support/mod.rs"]
+mod support;
+
+use icache::ICache;
+use icache_demo::testing::{Site, movie_order, stat};
+use support::{MemcachedServer, RedisServer};
+
+enum Backend {
+    Memory,
+    Redis(RedisServer),
+    Memcached(MemcachedServer),
+}
+
+impl Backend {
+    fn all() -> Vec<Backend> {
+        let mut v = vec![Backend::Memory];
+        if let Some(s) = RedisServer::start() {
+            v.push(Backend::Redis(s));
+        }
+        if let Some(s) = MemcachedServer::start() {
+            v.push(Backend::Memcached(s));
+        }
+        v
+    }
+    fn url(&self) -> String {
+        match self {
+            Backend::Memory => "memory://".into(),
+            Backend::Redis(s) => format!("{}?timeout_ms=2000", s.url()),
+            Backend::Memcached(s) => format!("{}?timeout_ms=2000", s.url()),
+        }
+    }
+}
+
+#[test]
+fn rate_a_movie_and_see_the_new_order_on_every_backend() {
+    for backend in Backend::all() {
+        let cache = ICache::from_url(&backend.url()).expect("cache");
+        let site = Site::start(cache.clone());
+        let name = cache.backend_name();
+
+        let page = site.get("/users/3");
+        assert_eq!(page.status, 200, "{name}: {}", page.body);
+        assert!(page.body.contains(&format!("<b id=\"backend\">{name}</b>")));
+        let before = movie_order(&page.body, "personal");
+        assert!(before.len() > 300, "{name}: {} movies listed", before.len());
+
+        // Repeated fetches are hits, and the list is the same.
+        let hits0 = stat(&site.get("/users/3").body, "hits");
+        let again = site.get("/users/3");
+        assert!(
+            stat(&again.body, "hits") > hits0,
+            "{name}: hits did not rise"
+        );
+        assert_eq!(movie_order(&again.body, "personal"), before);
+
+        // Rate the last movie 5 stars: it moves up into the 5-star group.
+        let last = *before.last().expect("a movie");
+        let r = site.post_form("/users/3/rate", &format!("movie_id={last}&rating=5"));
+        assert_eq!(r.status, 303, "{name}: {}", r.body);
+        assert_eq!(r.header("location"), Some("/users/3"));
+        let after = movie_order(&site.get("/users/3").body, "personal");
+        let pos = after.iter().position(|&m| m == last).expect("still listed");
+        assert!(
+            pos < before.len() - 1,
+            "{name}: movie {last} did not move up"
+        );
+        assert_eq!(after.len(), before.len());
+
+        // The home page's top list (cached by 'movies') is served too.
+        let home = site.get("/");
+        assert_eq!(home.status, 200);
+        assert_eq!(movie_order(&home.body, "top").len(), 20);
+        let home_again = site.get("/");
+        assert_eq!(
+            movie_order(&home_again.body, "top"),
+            movie_order(&home.body, "top")
+        );
+
+        // A bump from elsewhere (another process, an ops script) invalidates.
+        let misses0 = stat(&site.get("/users/3").body, "misses");
+        let other = if let Backend::Memory = backend {
+            cache.clone()
+        } else {
+            ICache::from_url(&backend.url()).expect("other")
+        };
+        other.incr("movies").expect("bump");
+        let page = site.get("/users/3");
+        assert!(
+            stat(&site.get("/users/3").body, "misses") > misses0,
+            "{name}: bump did not invalidate"
+        );
+        assert_eq!(movie_order(&page.body, "personal"), after);
+
+        // Health and metrics.
+        let h = site.get("/healthz");
+        assert_eq!(h.status, 200, "{}", h.body);
+        assert!(h.body.contains(name));
+        let m = site.get("/metrics");
+        assert_eq!(m.status, 200);
+        assert!(m.body.contains("icache_hits_total"), "{}", m.body);
+        assert!(
+            m.body.contains("icache_render_seconds_bucket"),
+            "{}",
+            m.body
+        );
+    }
+}
+
+#[test]
+fn bad_input_gets_a_clear_4xx_page_and_loses_nothing() {
+    let site = Site::start(ICache::memory());
+    let ratings = || site.state_count();
+    let before = ratings();
+    for (method, path, body, status, needle) in [
+        ("GET", "/users/9999", "", 404, "no user"),
+        ("GET", "/users/abc", "", 404, "no user"),
+        ("GET", "/users/-1", "", 404, "no user"),
+        ("GET", "/nope", "", 404, "no such page"),
+        (
+            "POST",
+            "/users/9999/rate",
+            "movie_id=1&rating=3",
+            404,
+            "no user",
+        ),
+        (
+            "POST",
+            "/users/1/rate",
+            "movie_id=999999&rating=3",
+            404,
+            "no movie",
+        ),
+        (
+            "POST",
+            "/users/1/rate",
+            "movie_id=abc&rating=3",
+            400,
+            "not a number",
+        ),
+        (
+            "POST",
+            "/users/1/rate",
+            "movie_id=1&rating=0",
+            422,
+            "out of range",
+        ),
+        (
+            "POST",
+            "/users/1/rate",
+            "movie_id=1&rating=6",
+            422,
+            "out of range",
+        ),
+        (
+            "POST",
+            "/users/1/rate",
+            "movie_id=1&rating=3.5",
+            422,
+            "out of range",
+        ),
+        (
+            "POST",
+            "/users/1/rate",
+            "movie_id=1&rating=",
+            422,
+            "out of range",
+        ),
+        ("POST", "/users/1/rate", "movie_id=1", 400, "malformed"),
+        ("POST", "/users/1/rate", "", 400, "malformed"),
+        ("POST", "/users/1/rate", "%%%&&&=", 400, "malformed"),
+    ] {
+        let r = if method == "GET" {
+            site.get(path)
+        } else {
+            site.post_form(path, body)
+        };
+        assert_eq!(r.status, status, "{method} {path} {body:?}: {}", r.body);
+        assert!(
+            r.body.to_lowercase().contains(needle),
+            "{method} {path} {body:?}: {}",
+            r.body
+        );
+        assert!(
+            r.body.contains("<!doctype html>"),
+            "a page, not a bare error"
+        );
+    }
+    let r = site.post(
+        "/users/1/rate",
+        "application/json",
+        "{\"movie_id\":1,\"rating\":3}",
+    );
+    assert!((400..500).contains(&r.status), "{}: {}", r.status, r.body);
+    assert_eq!(ratings(), before, "nothing added or lost");
+    // And the site still works.
+    assert_eq!(site.get("/users/1").status, 200);
+}
+
+trait Count {
+    fn state_count(&self) -> i64;
+}
+
+impl Count for Site {
+    fn state_count(&self) -> i64 {
+        self.state.db().count_ratings().expect("count")
+    }
+}
