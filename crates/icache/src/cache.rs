@@ -14,7 +14,8 @@ use crate::error::{Error, Result};
 use crate::fragment::Flights;
 use crate::keys::Key;
 use crate::stats::{Counters, Stats};
-use std::sync::atomic::AtomicU64;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 /// How many fragments' nested-token lists are remembered per process.
@@ -37,6 +38,10 @@ pub(crate) struct Inner {
     /// Fragment name -> the nested tokens its entry was last seen with, so a
     /// hit can fetch their generations in the same round trip as the entry.
     pub(crate) dep_hints: quick_cache::sync::Cache<String, Arc<[Box<str>]>>,
+    /// Tokens whose bump failed (backend down): replayed before this handle
+    /// reads any generation again, so it never serves what they invalidated.
+    pub(crate) pending: Mutex<Vec<String>>,
+    pub(crate) has_pending: AtomicBool,
     /// Milliseconds (since `started`) of the last fail-open warning.
     pub(crate) last_warning: AtomicU64,
     pub(crate) started: Instant,
@@ -117,6 +122,8 @@ impl ICache {
                 counters,
                 flights: Flights::default(),
                 dep_hints: quick_cache::sync::Cache::new(DEP_HINTS),
+                pending: Mutex::new(Vec::new()),
+                has_pending: AtomicBool::new(false),
                 last_warning: AtomicU64::new(0),
                 started: Instant::now(),
             }),
@@ -245,13 +252,72 @@ impl ICache {
     /// assert_eq!(cache.get_sum(&["movies", "user:42"])?, v.wrapping_add(2));
     /// # Ok::<(), icache::Error>(())
     /// ```
+    ///
+    /// # Errors
+    ///
+    /// When the backend cannot be reached the bump is reported as an error
+    /// **and** remembered: this handle replays it before it reads any
+    /// generation again (and renders blocks uncached until it could), so the
+    /// outage cannot make it serve what the bump invalidated.
     pub fn incr_many(&self, tokens: &[&str]) -> Result<Vec<u64>> {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
+        self.replay_pending()?;
         let keys: Vec<Key<'_>> = tokens.iter().map(|t| Key::gen_(t)).collect();
         let fresh = backend::fresh_generations(keys.len());
-        self.inner.backend.incr_gens(&keys, &fresh)
+        self.inner
+            .backend
+            .incr_gens(&keys, &fresh)
+            .inspect_err(|e| {
+                if !e.is_config() {
+                    self.remember(tokens);
+                }
+            })
+    }
+
+    fn remember(&self, tokens: &[&str]) {
+        let mut pending = self
+            .inner
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for t in tokens {
+            if !pending.iter().any(|p| p == t) {
+                pending.push((*t).to_owned());
+            }
+        }
+        self.inner.has_pending.store(true, Ordering::Release);
+        tracing::warn!(
+            tokens = pending.len(),
+            "icache: bump failed; it will be replayed before the next read"
+        );
+    }
+
+    /// Replays bumps that failed earlier. Cheap when there are none (one
+    /// atomic load); an error means they still cannot be applied.
+    pub(crate) fn replay_pending(&self) -> Result<()> {
+        if !self.inner.has_pending.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let mut pending = self
+            .inner
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pending.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<Key<'_>> = pending.iter().map(|t| Key::gen_(t)).collect();
+        let fresh = backend::fresh_generations(keys.len());
+        self.inner.backend.incr_gens(&keys, &fresh)?;
+        tracing::info!(
+            tokens = pending.len(),
+            "icache: replayed bumps that had failed"
+        );
+        pending.clear();
+        self.inner.has_pending.store(false, Ordering::Release);
+        Ok(())
     }
 
     /// Drops a token's generation, as an eviction or a server restart would.
@@ -277,6 +343,7 @@ impl ICache {
     /// The current generation of each token, in order (missing ones are
     /// initialised to fresh random values). One round trip when all exist.
     pub fn generations(&self, tokens: &[&str]) -> Result<Vec<u64>> {
+        self.replay_pending()?;
         let fetched = self.inner.backend.fetch(tokens, &[])?;
         self.complete_gens(tokens, fetched.gens)
     }
@@ -324,6 +391,7 @@ impl ICache {
         if tokens.is_empty() {
             return Ok(0);
         }
+        self.replay_pending()?;
         let gens = self.inner.backend.fetch(tokens, &[])?.gens;
         // Hot path: every generation was there; no second pass, no allocation.
         let mut sum = 0u64;
@@ -376,11 +444,15 @@ impl ICache {
     }
 
     fn store_versioned(&self, key: &str, payload: Payload, version: u64) -> Result<()> {
-        self.inner.backend.set(
-            Key::versioned(key),
-            Arc::new(Entry::versioned(payload, version)),
-            None,
-        )
+        self.inner
+            .backend
+            .set(
+                Key::versioned(key),
+                Arc::new(Entry::versioned(payload, version)),
+                None,
+                None,
+            )
+            .map(drop)
     }
 
     /// The value stored by [`set_versioned`](Self::set_versioned) under `key`,
@@ -461,7 +533,8 @@ impl ICache {
         }
         self.inner
             .backend
-            .set(Key::plain(key), Arc::new(Entry::plain(payload)), ttl)
+            .set(Key::plain(key), Arc::new(Entry::plain(payload)), ttl, None)
+            .map(drop)
     }
 
     /// The text stored by [`set`](Self::set), if any (bytes that are not UTF-8

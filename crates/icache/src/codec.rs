@@ -1,11 +1,13 @@
 //! The byte format of entries on remote backends.
 //!
 //! ```text
-//! "iC" 0x01 flags [version: u64 LE] [deps: u32 LE count, (u32 LE len, bytes)*] payload
+//! "iC" 0x01 flags [version: u64 LE] [deps: u32 LE count, (u32 LE len, bytes)*]
+//!              [instance: u32 LE len, bytes] payload
 //! ```
 //!
 //! flags: bit 0 = the payload is UTF-8 text, bit 1 = a version follows, bit 2 =
-//! a list of dependency tokens follows. Anything that does not parse (foreign
+//! a list of dependency tokens follows, bit 3 = the id of the server instance
+//! that stored it follows (see `backend` on restarts and rollbacks). Anything that does not parse (foreign
 //! bytes written by another client, a truncated value) decodes to `None`, which
 //! callers treat as a miss: never a panic.
 
@@ -17,6 +19,7 @@ const MAGIC: &[u8; 3] = b"iC\x01";
 const TEXT: u8 = 1;
 const VERSIONED: u8 = 2;
 const DEPS: u8 = 4;
+const INSTANCE: u8 = 8;
 
 /// A stored value: text (returned as `Arc<str>`) or bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +85,7 @@ impl Entry {
     }
 }
 
-pub(crate) fn encode(entry: &Entry) -> Vec<u8> {
+pub(crate) fn encode(entry: &Entry, instance: Option<&str>) -> Vec<u8> {
     let payload = entry.payload.as_bytes();
     let mut out = Vec::with_capacity(
         payload.len() + 16 + entry.deps.iter().map(|d| d.len() + 4).sum::<usize>(),
@@ -98,6 +101,9 @@ pub(crate) fn encode(entry: &Entry) -> Vec<u8> {
     if !entry.deps.is_empty() {
         flags |= DEPS;
     }
+    if instance.is_some() {
+        flags |= INSTANCE;
+    }
     out.push(flags);
     if let Some(v) = entry.version {
         out.extend_from_slice(&v.to_le_bytes());
@@ -108,6 +114,10 @@ pub(crate) fn encode(entry: &Entry) -> Vec<u8> {
             out.extend_from_slice(&len_u32(dep.len()).to_le_bytes());
             out.extend_from_slice(dep.as_bytes());
         }
+    }
+    if let Some(id) = instance {
+        out.extend_from_slice(&len_u32(id.len()).to_le_bytes());
+        out.extend_from_slice(id.as_bytes());
     }
     out.extend_from_slice(payload);
     out
@@ -146,14 +156,15 @@ impl Reader {
     }
 }
 
-/// Decodes what [`encode`] wrote; `None` for anything else.
-pub(crate) fn decode(buf: Bytes) -> Option<Entry> {
+/// Decodes what [`encode`] wrote, with the instance id it was stored under;
+/// `None` for anything else.
+pub(crate) fn decode(buf: Bytes) -> Option<(Entry, Option<Box<str>>)> {
     let mut r = Reader { buf, pos: 0 };
     if r.take(3)?.as_ref() != MAGIC {
         return None;
     }
     let flags = r.take(1)?[0];
-    if flags & !(TEXT | VERSIONED | DEPS) != 0 {
+    if flags & !(TEXT | VERSIONED | DEPS | INSTANCE) != 0 {
         return None;
     }
     let version = if flags & VERSIONED != 0 {
@@ -175,17 +186,27 @@ pub(crate) fn decode(buf: Bytes) -> Option<Entry> {
             deps.push(Box::from(std::str::from_utf8(&bytes).ok()?));
         }
     }
+    let instance = if flags & INSTANCE != 0 {
+        let len = r.u32()?;
+        let bytes = r.take(len)?;
+        Some(Box::from(std::str::from_utf8(&bytes).ok()?))
+    } else {
+        None
+    };
     let rest = r.buf.slice(r.pos..);
     let payload = if flags & TEXT != 0 {
         Payload::Text(Arc::from(std::str::from_utf8(&rest).ok()?))
     } else {
         Payload::Bytes(rest)
     };
-    Some(Entry {
-        version,
-        deps,
-        payload,
-    })
+    Some((
+        Entry {
+            version,
+            deps,
+            payload,
+        },
+        instance,
+    ))
 }
 
 #[cfg(test)]
@@ -193,7 +214,14 @@ mod tests {
     use super::*;
 
     fn roundtrip(e: Entry) {
-        assert_eq!(decode(Bytes::from(encode(&e))), Some(e));
+        assert_eq!(
+            decode(Bytes::from(encode(&e, None))),
+            Some((e.clone(), None))
+        );
+        assert_eq!(
+            decode(Bytes::from(encode(&e, Some("run-1")))),
+            Some((e, Some(Box::from("run-1"))))
+        );
     }
 
     #[test]
@@ -231,11 +259,14 @@ mod tests {
 
     #[test]
     fn every_truncation_is_none_or_shorter_payload() {
-        let full = encode(&Entry {
-            version: Some(1),
-            deps: vec![Box::from("abc")],
-            payload: Payload::Text(Arc::from("xyz")),
-        });
+        let full = encode(
+            &Entry {
+                version: Some(1),
+                deps: vec![Box::from("abc")],
+                payload: Payload::Text(Arc::from("xyz")),
+            },
+            Some("id"),
+        );
         for n in 0..full.len() {
             // A truncated payload may still decode (it is just shorter text), but
             // nothing before the payload may decode, and nothing may panic.

@@ -166,6 +166,9 @@ enum Lookup {
     Miss {
         own: Reads,
         own_version: u64,
+        /// The server instance the version was read from: the output is
+        /// stored only there.
+        instance: Option<Arc<str>>,
     },
     /// The backend failed: render uncached.
     Down,
@@ -277,20 +280,24 @@ impl ICache {
                 self.inner().counters.count(Event::Hit);
                 return Ok(html.to_string());
             }
-            Lookup::Miss { own_version, .. } => {
+            Lookup::Miss {
+                own_version,
+                instance,
+                ..
+            } => {
                 self.inner().counters.count(Event::Miss);
-                (own_version, true)
+                (own_version, Some(instance))
             }
-            Lookup::Down => (0, false),
+            Lookup::Down => (0, None),
         };
         let started = Instant::now();
         let html = render().await?;
         self.inner().counters.rendered(started.elapsed());
-        if store {
+        if let Some(instance) = store {
             let html = html.clone();
             self.off_executor_infallible(move |c| {
                 let tokens: Vec<&str> = owned.iter().map(String::as_str).collect();
-                c.store_checked(&name, &tokens, own_version, &[], html);
+                c.store_checked(&name, &tokens, own_version, &[], html, instance);
             })
             .await;
         }
@@ -329,7 +336,7 @@ impl ICache {
         let _span =
             tracing::trace_span!("icache.fragment", backend = self.backend_name()).entered();
         let counters = &self.inner().counters;
-        let (own, own_version) = match self.lookup(&name, tokens) {
+        let (own, own_version, instance) = match self.lookup(&name, tokens) {
             Lookup::Hit { html, reads } => {
                 counters.count(Event::Hit);
                 report(&reads);
@@ -341,12 +348,16 @@ impl ICache {
                 counters.rendered(started.elapsed());
                 return out;
             }
-            Lookup::Miss { own, own_version } => (own, own_version),
+            Lookup::Miss {
+                own,
+                own_version,
+                instance,
+            } => (own, own_version, instance),
         };
         counters.count(Event::Miss);
         match self.inner().flights.join((name.clone(), own_version)) {
             Role::Leader(guard) => {
-                match self.render_and_store(&name, tokens, own, own_version, render) {
+                match self.render_and_store(&name, tokens, own, own_version, instance, render) {
                     Ok(rendered) => {
                         let rendered = Arc::new(rendered);
                         guard.publish(Some(rendered.clone()));
@@ -368,7 +379,8 @@ impl ICache {
                     return Ok(rendered.html.clone());
                 }
                 // The leader failed, or a nested token moved since it rendered.
-                let rendered = self.render_and_store(&name, tokens, own, own_version, render)?;
+                let rendered =
+                    self.render_and_store(&name, tokens, own, own_version, instance, render)?;
                 report(&rendered.reads);
                 Ok(rendered.html)
             }
@@ -401,6 +413,7 @@ impl ICache {
         tokens: &[&str],
         own: Reads,
         own_version: u64,
+        instance: Option<Arc<str>>,
         render: impl FnOnce() -> Result<String, E>,
     ) -> Result<Rendered, E> {
         let frame = Frame::push();
@@ -417,7 +430,7 @@ impl ICache {
             }
         }
         let version = own_version.wrapping_add(sum(&deps));
-        self.store_checked(name, tokens, version, &deps, html.clone());
+        self.store_checked(name, tokens, version, &deps, html.clone(), instance);
         let mut reads = own;
         reads.extend(deps);
         Ok(Rendered { html, reads })
@@ -432,6 +445,7 @@ impl ICache {
         version: u64,
         deps: &[(Box<str>, u64)],
         html: String,
+        instance: Option<Arc<str>>,
     ) {
         let counters = &self.inner().counters;
         let mut all: Vec<&str> = tokens.to_vec();
@@ -451,12 +465,17 @@ impl ICache {
             deps: dep_names.clone(),
             payload: Payload::Text(Arc::from(html)),
         };
-        match self
-            .inner()
-            .backend
-            .set(Key::fragment(name), Arc::new(entry), None)
-        {
-            Ok(()) => {
+        match self.inner().backend.set(
+            Key::fragment(name),
+            Arc::new(entry),
+            None,
+            instance.as_deref(),
+        ) {
+            Ok(false) => {
+                counters.count(Event::Outdated);
+                tracing::debug!("icache: the server restarted while rendering; output not stored");
+            }
+            Ok(true) => {
                 counters.count(Event::Store);
                 if !dep_names.is_empty() {
                     self.inner()
@@ -473,6 +492,10 @@ impl ICache {
     }
 
     fn lookup(&self, name: &str, tokens: &[&str]) -> Lookup {
+        if let Err(e) = self.replay_pending() {
+            self.backend_trouble(&e);
+            return Lookup::Down;
+        }
         let hints = self.inner().dep_hints.get(name);
         let mut all: Vec<&str> = tokens.to_vec();
         if let Some(h) = &hints {
@@ -502,8 +525,13 @@ impl ICache {
             .map(|(t, g)| (Box::from(*t), *g))
             .collect();
         let own_version = sum(&own);
+        let instance = fetched.instance;
         let Some(entry) = fetched.entries.into_iter().next().flatten() else {
-            return Lookup::Miss { own, own_version };
+            return Lookup::Miss {
+                own,
+                own_version,
+                instance,
+            };
         };
         // Generations of the entry's nested tokens: from this round trip when
         // the hint was right, otherwise one more.
@@ -544,7 +572,11 @@ impl ICache {
             },
             _ => {
                 self.inner().counters.count(Event::Mismatch);
-                Lookup::Miss { own, own_version }
+                Lookup::Miss {
+                    own,
+                    own_version,
+                    instance,
+                }
             }
         }
     }

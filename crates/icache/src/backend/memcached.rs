@@ -35,6 +35,8 @@ const RELATIVE_TTL_MAX: u64 = 30 * 24 * 3600;
 
 struct Conn {
     stream: BufReader<TcpStream>,
+    /// The server instance: its pid and start time, from `stats`.
+    instance: Arc<str>,
 }
 
 impl Conn {
@@ -196,9 +198,12 @@ impl Memcached {
                         last = Some(e);
                         continue;
                     }
-                    return Ok(Conn {
+                    let mut conn = Conn {
                         stream: BufReader::with_capacity(16 * 1024, stream),
-                    });
+                        instance: Arc::from(""),
+                    };
+                    conn.instance = instance_of(&mut conn).map_err(|f| self.fail("stats", f))?;
+                    return Ok(conn);
                 }
                 Err(e) => last = Some(e),
             }
@@ -213,39 +218,50 @@ impl Memcached {
     fn run<T>(&self, op: &str, f: impl Fn(&mut Conn) -> Answer<T>) -> Result<T> {
         self.pool.with(
             || self.connect(),
-            |conn| {
-                f(conn).map_err(|fail| match fail {
-                    Fail::Io(e) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock) => {
-                        Error::new(
-                            ErrorKind::Timeout,
-                            format!("memcached {op} on {}: no answer within {:?}", self.redacted, self.timeout),
-                        )
-                    }
-                    Fail::Io(e) => from_io(&format!("memcached {op} on {}", self.redacted), e),
-                    Fail::Server(m) => Error::new(
-                        ErrorKind::Backend,
-                        format!("memcached {op} on {}: {m}", self.redacted),
-                    ),
-                    Fail::TooLarge(m) => Error::new(
-                        ErrorKind::TooLarge,
-                        format!(
-                            "memcached {op} on {}: {m} (the server's item size limit is its -I option)",
-                            self.redacted
-                        ),
-                    ),
-                })
-            },
+            |conn| f(conn).map_err(|fail| self.fail(op, fail)),
         )
+    }
+
+    fn fail(&self, op: &str, fail: Fail) -> Error {
+        match fail {
+            Fail::Io(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock
+                ) =>
+            {
+                Error::new(
+                    ErrorKind::Timeout,
+                    format!(
+                        "memcached {op} on {}: no answer within {:?}",
+                        self.redacted, self.timeout
+                    ),
+                )
+            }
+            Fail::Io(e) => from_io(&format!("memcached {op} on {}", self.redacted), e),
+            Fail::Server(m) => Error::new(
+                ErrorKind::Backend,
+                format!("memcached {op} on {}: {m}", self.redacted),
+            ),
+            Fail::TooLarge(m) => Error::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "memcached {op} on {}: {m} (the server's item size limit is its -I option)",
+                    self.redacted
+                ),
+            ),
+        }
     }
 
     fn key(&self, k: Key<'_>) -> String {
         keys::encode(&self.prefix, k)
     }
 
-    /// `get` for many keys; values in the order of `keys`.
-    fn get_many(&self, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>> {
+    /// `get` for many keys; values in the order of `keys`, and the instance
+    /// that answered.
+    fn get_many(&self, keys: &[String]) -> Result<(Vec<Option<Vec<u8>>>, Option<Arc<str>>)> {
         if keys.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), None));
         }
         let mut req = String::from("get");
         for k in keys {
@@ -253,12 +269,15 @@ impl Memcached {
             req.push_str(k);
         }
         req.push_str("\r\n");
-        let found = self.run("get", |conn| {
+        let (found, instance) = self.run("get", |conn| {
             conn.send(req.as_bytes())?;
-            read_values(conn, keys.len())
+            Ok((read_values(conn, keys.len())?, conn.instance.clone()))
         })?;
         let found: std::collections::HashMap<String, Vec<u8>> = found.into_iter().collect();
-        Ok(keys.iter().map(|k| found.get(k).cloned()).collect())
+        Ok((
+            keys.iter().map(|k| found.get(k).cloned()).collect(),
+            Some(instance),
+        ))
     }
 
     /// Plain `set` of a generation (replacing foreign bytes).
@@ -301,6 +320,30 @@ impl Memcached {
     }
 }
 
+/// The server instance behind a fresh connection: its pid and start time.
+fn instance_of(conn: &mut Conn) -> Answer<Arc<str>> {
+    conn.send(b"stats\r\n")?;
+    let (mut pid, mut time, mut uptime) = (0i64, 0i64, 0i64);
+    loop {
+        let line = conn.line()?;
+        if line == "END" {
+            break;
+        }
+        let mut parts = line.split(' ');
+        if parts.next() != Some("STAT") {
+            return Err(server_error(line));
+        }
+        let (name, value) = (parts.next(), parts.next().and_then(|v| v.parse().ok()));
+        match (name, value) {
+            (Some("pid"), Some(v)) => pid = v,
+            (Some("time"), Some(v)) => time = v,
+            (Some("uptime"), Some(v)) => uptime = v,
+            _ => {}
+        }
+    }
+    Ok(Arc::from(format!("{pid}@{}", time - uptime)))
+}
+
 /// One answer to `incr`.
 enum Incr {
     Value(u64),
@@ -315,16 +358,25 @@ impl Backend for Memcached {
             .map(|t| self.key(Key::gen_(t)))
             .chain(entries.iter().map(|k| self.key(*k)))
             .collect();
-        let mut values = self.get_many(&all)?.into_iter();
+        let (values, instance) = self.get_many(&all)?;
+        let mut values = values.into_iter();
         let gens = values
             .by_ref()
             .take(tokens.len())
             .map(|v| v.as_deref().and_then(parse_gen))
             .collect();
+        let here = instance.clone().unwrap_or_else(|| Arc::from(""));
         let entries = values
-            .map(|v| v.and_then(|b| codec::decode(Bytes::from(b))).map(Arc::new))
+            .map(|v| {
+                v.and_then(|b| codec::decode(Bytes::from(b)))
+                    .and_then(|(e, from)| super::same_instance(e, from.as_deref(), &here))
+            })
             .collect();
-        Ok(Fetched { gens, entries })
+        Ok(Fetched {
+            gens,
+            entries,
+            instance,
+        })
     }
 
     fn init_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
@@ -341,7 +393,7 @@ impl Backend for Memcached {
         let taken: Vec<usize> = (0..keys.len()).filter(|&i| out[i].is_none()).collect();
         if !taken.is_empty() {
             let ks: Vec<String> = taken.iter().map(|&i| keys[i].clone()).collect();
-            let now = self.get_many(&ks)?;
+            let (now, _) = self.get_many(&ks)?;
             let mut foreign = Vec::new();
             for (&i, v) in taken.iter().zip(now) {
                 match v.as_deref().and_then(parse_gen) {
@@ -437,7 +489,13 @@ impl Backend for Memcached {
         Ok(out.into_iter().map(|g| g.unwrap_or_default()).collect())
     }
 
-    fn set(&self, key: Key<'_>, entry: Arc<Entry>, ttl: Option<Duration>) -> Result<()> {
+    fn set(
+        &self,
+        key: Key<'_>,
+        entry: Arc<Entry>,
+        ttl: Option<Duration>,
+        guard: Option<&str>,
+    ) -> Result<bool> {
         let k = self.key(key);
         let exptime = match ttl {
             None => 0,
@@ -454,12 +512,20 @@ impl Backend for Memcached {
                 }
             }
         };
-        let req = storage("set", &k, exptime, &codec::encode(&entry));
         self.run("set", |conn| {
+            if guard.is_some_and(|g| g != &*conn.instance) {
+                return Ok(false);
+            }
+            let req = storage(
+                "set",
+                &k,
+                exptime,
+                &codec::encode(&entry, Some(&conn.instance)),
+            );
             conn.send(&req)?;
             let line = conn.line()?;
             if line == "STORED" {
-                Ok(())
+                Ok(true)
             } else {
                 Err(server_error(line))
             }

@@ -187,7 +187,11 @@ impl Backend for Memory {
             })
             .collect();
         let entries = entries.iter().map(|k| self.entry(k)).collect();
-        Ok(Fetched { gens, entries })
+        Ok(Fetched {
+            gens,
+            entries,
+            instance: None,
+        })
     }
 
     fn get_entry(&self, key: Key<'_>) -> Result<Option<Arc<Entry>>> {
@@ -214,7 +218,13 @@ impl Backend for Memory {
             .collect())
     }
 
-    fn set(&self, key: Key<'_>, entry: Arc<Entry>, ttl: Option<Duration>) -> Result<()> {
+    fn set(
+        &self,
+        key: Key<'_>,
+        entry: Arc<Entry>,
+        ttl: Option<Duration>,
+        _guard: Option<&str>,
+    ) -> Result<bool> {
         let weight = ByBytes.weight(
             &MemKey::from(key),
             &Item::Entry {
@@ -237,7 +247,7 @@ impl Backend for Memory {
         let expires = ttl.map(|t| Instant::now() + t);
         self.store
             .insert(MemKey::from(key), Item::Entry { entry, expires });
-        Ok(())
+        Ok(true)
     }
 
     fn delete(&self, key: Key<'_>) -> Result<bool> {

@@ -1,6 +1,18 @@
 //! The storage behind an [`ICache`](crate::ICache): a small trait and its
 //! implementations, one feature-gated file each.
 //!
+//! ## Restarts and rollbacks
+//!
+//! A network backend can restart empty (all generations come back fresh: safe)
+//! or restore an older snapshot (an RDB file, a lagging replica promoted):
+//! then generations go back to older values *and* entries stored under them
+//! come back, so an old entry could match again although the data moved on.
+//! To close that hole every connection learns the id of the server instance
+//! it talks to (Redis `run_id`, memcached pid and start time) when it opens;
+//! versioned entries are stored with that id, and an entry written by another
+//! instance is a miss. A fragment is stored only on the instance its version
+//! was read from (`set`'s `guard`).
+//!
 //! The trait is deliberately narrow: everything icache does is built from
 //! "fetch generations and entries together", "initialise missing generations",
 //! "bump generations atomically", "set" and "delete". Each method is one round
@@ -26,8 +38,11 @@ pub(crate) mod redis;
 pub(crate) struct Fetched {
     /// `None`: the generation is missing, or its bytes are not ours.
     pub(crate) gens: Vec<Option<u64>>,
-    /// `None`: missing, or not decodable (foreign or corrupt bytes).
+    /// `None`: missing, not decodable (foreign or corrupt bytes), or a
+    /// versioned entry stored by another server instance.
     pub(crate) entries: Vec<Option<Arc<Entry>>>,
+    /// The server instance that answered (`None` in-process).
+    pub(crate) instance: Option<Arc<str>>,
 }
 
 pub(crate) trait Backend: Send + Sync + fmt::Debug + 'static {
@@ -51,8 +66,15 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug + 'static {
     /// values. One round trip for all of them.
     fn incr_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>>;
 
-    /// Stores an entry; `ttl` only for plain entries.
-    fn set(&self, key: Key<'_>, entry: Arc<Entry>, ttl: Option<Duration>) -> Result<()>;
+    /// Stores an entry; `ttl` only for plain entries. With a `guard`, stores
+    /// only if the server instance is still that one, and says whether it did.
+    fn set(
+        &self,
+        key: Key<'_>,
+        entry: Arc<Entry>,
+        ttl: Option<Duration>,
+        guard: Option<&str>,
+    ) -> Result<bool>;
 
     /// Removes an entry; `true` if something was there.
     fn delete(&self, key: Key<'_>) -> Result<bool>;
@@ -71,6 +93,21 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug + 'static {
     fn evictions(&self) -> u64 {
         0
     }
+}
+
+/// Keeps a decoded entry if it may be served from `instance`: versioned
+/// entries only where they were stored (a restored snapshot's entries are
+/// misses); plain entries anywhere.
+#[cfg(any(feature = "redis", feature = "memcached"))]
+pub(crate) fn same_instance(
+    entry: Entry,
+    from: Option<&str>,
+    instance: &str,
+) -> Option<Arc<Entry>> {
+    if entry.version.is_some() && from != Some(instance) {
+        return None;
+    }
+    Some(Arc::new(entry))
 }
 
 /// A fresh random generation, in `1..=2^62`: never 0, and with headroom so that

@@ -23,9 +23,15 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::keys::{self, Key};
 use crate::pool::Pool;
 
+/// A connection and the server instance it talks to (`run_id`).
+struct Conn {
+    con: redis::Connection,
+    instance: Arc<str>,
+}
+
 pub(crate) struct Redis {
     client: redis::Client,
-    pool: Pool<redis::Connection>,
+    pool: Pool<Conn>,
     prefix: String,
     timeout: Duration,
     connect_timeout: Duration,
@@ -84,15 +90,27 @@ impl Redis {
         })
     }
 
-    fn connect(&self) -> Result<redis::Connection> {
-        let con = self
+    fn connect(&self) -> Result<Conn> {
+        let mut con = self
             .client
             .get_connection_with_timeout(self.connect_timeout)
             .map_err(|e| self.error("connect", e))?;
         con.set_read_timeout(Some(self.timeout))
             .and_then(|()| con.set_write_timeout(Some(self.timeout)))
             .map_err(|e| self.error("connect", e))?;
-        Ok(con)
+        // Which server instance is this? Asked once per connection.
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query(&mut con)
+            .map_err(|e| self.error("INFO server", e))?;
+        let run_id = info
+            .lines()
+            .find_map(|l| l.trim_end().strip_prefix("run_id:"))
+            .unwrap_or("unknown");
+        Ok(Conn {
+            con,
+            instance: Arc::from(run_id),
+        })
     }
 
     fn run<T>(
@@ -100,6 +118,10 @@ impl Redis {
         op: &str,
         f: impl Fn(&mut redis::Connection) -> redis::RedisResult<T>,
     ) -> Result<T> {
+        self.run_on(op, |c| f(&mut c.con))
+    }
+
+    fn run_on<T>(&self, op: &str, f: impl Fn(&mut Conn) -> redis::RedisResult<T>) -> Result<T> {
         self.pool.with(
             || self.connect(),
             |con| f(con).map_err(|e| self.error(op, e)),
@@ -144,8 +166,10 @@ impl Backend for Redis {
             .map(|t| self.key(Key::gen_(t)))
             .chain(entries.iter().map(|k| self.key(*k)))
             .collect();
-        let values: Vec<Option<Vec<u8>>> =
-            self.run("MGET", |con| redis::cmd("MGET").arg(&all).query(con))?;
+        let (values, instance): (Vec<Option<Vec<u8>>>, Arc<str>) = self.run_on("MGET", |c| {
+            let v = redis::cmd("MGET").arg(&all).query(&mut c.con)?;
+            Ok((v, c.instance.clone()))
+        })?;
         if values.len() != all.len() {
             return Err(Error::new(
                 ErrorKind::Backend,
@@ -164,9 +188,16 @@ impl Backend for Redis {
             .map(|v| v.as_deref().and_then(parse_gen))
             .collect();
         let entries = values
-            .map(|v| v.and_then(|b| codec::decode(Bytes::from(b))).map(Arc::new))
+            .map(|v| {
+                v.and_then(|b| codec::decode(Bytes::from(b)))
+                    .and_then(|(e, from)| super::same_instance(e, from.as_deref(), &instance))
+            })
             .collect();
-        Ok(Fetched { gens, entries })
+        Ok(Fetched {
+            gens,
+            entries,
+            instance: Some(instance),
+        })
     }
 
     fn init_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
@@ -234,17 +265,27 @@ impl Backend for Redis {
         }
     }
 
-    fn set(&self, key: Key<'_>, entry: Arc<Entry>, ttl: Option<Duration>) -> Result<()> {
+    fn set(
+        &self,
+        key: Key<'_>,
+        entry: Arc<Entry>,
+        ttl: Option<Duration>,
+        guard: Option<&str>,
+    ) -> Result<bool> {
         let k = self.key(key);
-        let bytes = codec::encode(&entry);
-        self.run("SET", |con| {
+        self.run_on("SET", |c| {
+            if guard.is_some_and(|g| g != &*c.instance) {
+                return Ok(false);
+            }
+            let bytes = codec::encode(&entry, Some(&c.instance));
             let mut cmd = redis::cmd("SET");
             cmd.arg(&k).arg(&bytes);
             if let Some(ttl) = ttl {
                 cmd.arg("PX")
                     .arg(ttl.as_millis().clamp(1, u128::from(u64::MAX)) as u64);
             }
-            cmd.query::<()>(con)
+            cmd.query::<()>(&mut c.con)?;
+            Ok(true)
         })
     }
 
