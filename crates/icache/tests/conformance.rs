@@ -135,7 +135,7 @@ fn key_of(tag: &str, name: &str) -> String {
 }
 
 /// One RESP command on a fresh connection; the first reply line.
-fn raw_redis(port: u16, args: &[&[u8]]) -> String {
+pub(crate) fn raw_redis(port: u16, args: &[&[u8]]) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
     s.set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
@@ -182,6 +182,8 @@ macro_rules! suite {
 
 #[path = "conformance/fragments.rs"]
 mod fragments;
+#[path = "conformance/reliability.rs"]
+mod reliability;
 
 suite!(object = crate::object_cases:
     incr_adds_one,
