@@ -276,4 +276,32 @@ mod tests {
             }
         }
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+                let _ = decode(Bytes::from(bytes));
+            }
+
+            #[test]
+            fn decode_never_panics_after_our_magic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+                let mut v = b"iC\x01".to_vec();
+                v.extend(bytes);
+                let _ = decode(Bytes::from(v));
+            }
+
+            #[test]
+            fn roundtrips(text in ".*", bin in any::<bool>(), version in any::<Option<u64>>(),
+                          deps in proptest::collection::vec(".{0,10}", 0..4), instance in any::<Option<String>>()) {
+                let payload = if bin { Payload::Bytes(Bytes::from(text.clone().into_bytes())) } else { Payload::Text(Arc::from(text.as_str())) };
+                let e = Entry { version, deps: deps.into_iter().map(Box::from).collect(), payload };
+                let got = decode(Bytes::from(encode(&e, instance.as_deref())));
+                prop_assert_eq!(got, Some((e, instance.map(Box::from))));
+            }
+        }
+    }
 }

@@ -599,3 +599,24 @@ impl ICache {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::fragment_name;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn fragment_names_are_unambiguous(
+            ia in proptest::collection::vec(".{0,5}", 0..3), ta in proptest::collection::vec(".{0,5}", 0..4),
+            ib in proptest::collection::vec(".{0,5}", 0..3), tb in proptest::collection::vec(".{0,5}", 0..4),
+        ) {
+            fn v(x: &[String]) -> Vec<&str> {
+                x.iter().map(String::as_str).collect()
+            }
+            let na = fragment_name(&v(&ia), &v(&ta));
+            let nb = fragment_name(&v(&ib), &v(&tb));
+            prop_assert_eq!(na == nb, ia == ib && ta == tb);
+        }
+    }
+}

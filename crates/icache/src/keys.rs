@@ -192,4 +192,41 @@ mod tests {
         assert!(validate_prefix("a:b").is_err());
         assert!(validate_prefix(&"p".repeat(65)).is_err());
     }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn space() -> impl Strategy<Value = Space> {
+            prop_oneof![
+                Just(Space::Gen),
+                Just(Space::Versioned),
+                Just(Space::Plain),
+                Just(Space::Fragment)
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn distinct_names_give_distinct_keys(a in ".{0,80}", b in ".{0,80}", sa in space(), sb in space()) {
+                let ka = encode("p", Key { space: sa, name: &a });
+                let kb = encode("p", Key { space: sb, name: &b });
+                prop_assert_eq!(ka == kb, a == b && sa == sb);
+            }
+
+            #[test]
+            fn every_key_fits_memcached(name in any::<String>(), prefix in "[a-z0-9_.-]{0,64}", sp in space()) {
+                let k = encode(&prefix, Key { space: sp, name: &name });
+                prop_assert!(k.len() <= 250);
+                prop_assert!(k.bytes().all(|b| b.is_ascii_graphic()));
+            }
+
+            #[test]
+            fn joined_parts_are_unambiguous(a in proptest::collection::vec(".{0,6}", 0..5), b in proptest::collection::vec(".{0,6}", 0..5)) {
+                let ja = join_parts(a.iter().map(String::as_str));
+                let jb = join_parts(b.iter().map(String::as_str));
+                prop_assert_eq!(ja == jb, a == b);
+            }
+        }
+    }
 }

@@ -249,7 +249,7 @@ impl<'a> Rewriter<'a> {
                 None => {
                     if b == b'\'' || b == b'"' {
                         quote = Some(b);
-                    } else if self.src[i..].starts_with(close) {
+                    } else if bytes[i..].starts_with(close.as_bytes()) {
                         return Some(i + close.len());
                     }
                 }
@@ -598,5 +598,66 @@ mod tests {
             }
         }
         assert!(rewrite("t", src).is_ok());
+    }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        /// Template-ish text: tags, quotes, braces and plain words.
+        fn templateish() -> impl Strategy<Value = String> {
+            proptest::collection::vec(
+                prop_oneof![
+                    Just("{% icache ".to_string()),
+                    Just("{% endicache %}".to_string()),
+                    Just("{% load icache %}".to_string()),
+                    Just("{% call icache(".to_string()),
+                    Just("{% endcall %}".to_string()),
+                    Just("{% raw %}".to_string()),
+                    Just("{% endraw %}".to_string()),
+                    Just("%}".to_string()),
+                    Just("{{ x }}".to_string()),
+                    Just("{#".to_string()),
+                    Just("#}".to_string()),
+                    Just("'".to_string()),
+                    Just("\"".to_string()),
+                    Just("-".to_string()),
+                    Just("\n".to_string()),
+                    "[a-z (),.|]{0,6}",
+                    ".{0,3}",
+                ],
+                0..16,
+            )
+            .prop_map(|parts| parts.concat())
+        }
+
+        proptest! {
+            #[test]
+            fn rewrite_never_panics(src in templateish()) {
+                let _ = rewrite("t.html", &src);
+            }
+
+            #[test]
+            fn rewrite_never_panics_on_any_string(src in any::<String>()) {
+                let _ = rewrite("t.html", &src);
+            }
+
+            /// Well-formed seed blocks always rewrite into a template MiniJinja
+            /// accepts, with the same lines.
+            #[test]
+            fn seed_blocks_rewrite_into_valid_templates(
+                tokens in proptest::collection::vec(prop_oneof!["'[a-z #|]{0,8}'", "[a-z]{1,5}(\\.[a-z]{1,3})?"], 0..4),
+                body in "[a-z <>&\n]{0,20}",
+                nested in any::<bool>(),
+            ) {
+                let inner = if nested { format!("{{% icache 'in' %}}{body}{{% endicache %}}") } else { body.clone() };
+                let src = format!("{{% load icache %}}\n{{% icache {} %}}{inner}{{% endicache %}}", tokens.join(" "));
+                let out = rewrite("t.html", &src).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(out.matches('\n').count(), src.matches('\n').count());
+                let mut env = Environment::new();
+                crate::minijinja::register(&mut env, crate::ICache::memory());
+                env.add_template_owned("t.html", out).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            }
+        }
     }
 }

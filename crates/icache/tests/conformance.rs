@@ -180,6 +180,8 @@ macro_rules! suite {
     };
 }
 
+#[path = "conformance/bad_input.rs"]
+mod bad_input;
 #[path = "conformance/fragments.rs"]
 mod fragments;
 #[path = "conformance/reliability.rs"]
