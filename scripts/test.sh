@@ -24,3 +24,9 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 cargo test --workspace --all-features "$@"
+
+# A short bounded fuzzing run keeps the cargo-fuzz targets building and
+# finding nothing (set ICACHE_SKIP_FUZZ=1 to skip it).
+if [ "${ICACHE_SKIP_FUZZ:-0}" != "1" ]; then
+  bash scripts/fuzz.sh "${ICACHE_FUZZ_SECONDS:-10}"
+fi

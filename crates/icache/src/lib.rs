@@ -100,6 +100,15 @@ pub use cache::ICache;
 pub use error::{Error, ErrorKind, Result};
 pub use stats::Stats;
 
+/// Entry points for the cargo-fuzz targets in `fuzz/`; not part of the API.
+#[doc(hidden)]
+pub mod __fuzz {
+    /// Decodes bytes as an entry read from a backend; `true` if they decode.
+    pub fn decode(bytes: &[u8]) -> bool {
+        crate::codec::decode(bytes::Bytes::copy_from_slice(bytes)).is_some()
+    }
+}
+
 // The README's examples are compiled and run as doctests, so they cannot rot.
 #[cfg(doctest)]
 #[doc = include_str!("../../../README.md")]

@@ -342,10 +342,16 @@ impl<'a> Rewriter<'a> {
                             &format!("unknown tag library {:?} in {{% load %}}", others.join(" ")),
                         ));
                     }
+                    let newlines = self.src[tag.start..tag.end].matches('\n').count();
                     self.edits.push(Edit {
                         start: tag.start,
                         end: tag.end,
-                        text: String::new(),
+                        // Lines are kept, so errors still point at the right one.
+                        text: if newlines == 0 {
+                            String::new()
+                        } else {
+                            format!("{{#{}#}}", "\n".repeat(newlines))
+                        },
                     });
                 }
                 "icache" => {
@@ -509,14 +515,32 @@ impl<'a> Rewriter<'a> {
         } else {
             ", "
         };
+        // The arguments keep their own newlines; any other newline the
+        // original tag had goes back in as whitespace inside the new tag.
+        let open_src = &self.src[self.edits[open.edit].start..self.edits[open.edit].end];
+        let missing = open_src.matches('\n').count()
+            - open
+                .args
+                .matches('\n')
+                .count()
+                .min(open_src.matches('\n').count());
         self.edits[open.edit].text = format!(
-            "{{%{} call icache({}{sep}{BLOCK_KW}={id}) {}%}}",
-            open.open_mark, open.args, open.close_mark
+            "{{%{} call icache({}{sep}{BLOCK_KW}={id}){} {}%}}",
+            open.open_mark,
+            open.args,
+            "\n".repeat(missing),
+            open.close_mark
         );
+        let close_lines = self.src[tag.start..tag.end].matches('\n').count();
         self.edits.push(Edit {
             start: tag.start,
             end: tag.end,
-            text: format!("{{%{} {end_word} {}%}}", tag.open_mark, tag.close_mark),
+            text: format!(
+                "{{%{} {end_word}{} {}%}}",
+                tag.open_mark,
+                "\n".repeat(close_lines),
+                tag.close_mark
+            ),
         });
     }
 
