@@ -72,6 +72,7 @@ impl ICache {
     /// | `redis://[user:password@]host[:port][/db]` | Redis (feature `redis`) |
     /// | `rediss://…` (`#insecure` to skip certificate checks) | Redis over TLS (feature `redis`) |
     /// | `memcached://host[:port]` | memcached (feature `memcached`) |
+    /// | `none://` | no cache: every block renders, nothing is stored |
     ///
     /// Options for every scheme: `prefix=` (keeps apps apart on a shared
     /// server; ASCII letters, digits, `-`, `_`, `.`), `timeout_ms=` (one answer,
@@ -98,6 +99,7 @@ impl ICache {
         let config = Config::parse(url)?;
         let backend: Box<dyn Backend> = match &config.target {
             Target::Memory { max_bytes } => Box::new(backend::memory::Memory::new(*max_bytes)?),
+            Target::Nothing => Box::new(backend::none::Nothing),
             #[cfg(feature = "redis")]
             Target::Redis { .. } => Box::new(backend::redis::Redis::new(&config)?),
             #[cfg(feature = "memcached")]
@@ -611,7 +613,7 @@ impl ICache {
         T: Send + 'static,
         F: FnOnce(&ICache) -> Result<T> + Send + 'static,
     {
-        if self.backend_name() == "memory" {
+        if matches!(self.backend_name(), "memory" | "none") {
             return f(self);
         }
         match tokio::runtime::Handle::try_current() {

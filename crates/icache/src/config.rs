@@ -24,6 +24,8 @@ pub(crate) enum Target {
     Memory {
         max_bytes: u64,
     },
+    /// `none://`: no caching at all.
+    Nothing,
     /// The URL handed to the redis crate (our own options removed).
     Redis {
         url: String,
@@ -151,6 +153,7 @@ impl Config {
                 }
                 Target::Memory { max_bytes }
             }
+            "none" => Target::Nothing,
             "redis" | "rediss" => {
                 if url.host_str().is_none_or(str::is_empty) {
                     return Err(Error::config(format!(
@@ -207,7 +210,7 @@ impl Config {
             }
             other => {
                 return Err(Error::config(format!(
-                    "unknown scheme {other:?} in {redacted}; expected memory://, redis://, rediss:// or memcached://"
+                    "unknown scheme {other:?} in {redacted}; expected memory://, redis://, rediss://, memcached:// or none://"
                 )));
             }
         };

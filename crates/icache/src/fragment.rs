@@ -309,7 +309,7 @@ impl ICache {
         T: Send + 'static,
         F: FnOnce(&ICache) -> T + Send + 'static,
     {
-        if self.backend_name() == "memory" {
+        if matches!(self.backend_name(), "memory" | "none") {
             return f(self);
         }
         match tokio::runtime::Handle::try_current() {

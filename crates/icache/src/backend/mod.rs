@@ -30,6 +30,7 @@ use crate::keys::Key;
 #[cfg(feature = "memcached")]
 pub(crate) mod memcached;
 pub(crate) mod memory;
+pub(crate) mod none;
 #[cfg(feature = "redis")]
 pub(crate) mod redis;
 

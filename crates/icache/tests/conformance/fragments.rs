@@ -590,3 +590,23 @@ fn fail_open_when_the_backend_is_down_or_hanging() {
         }
     }
 }
+
+/// `none://` turns caching off: every block renders, nothing breaks.
+#[test]
+fn none_backend_renders_every_time() {
+    let c = ICache::from_url("none://").expect("none://");
+    assert_eq!(c.backend_name(), "none");
+    let renders = AtomicUsize::new(0);
+    for _ in 0..3 {
+        let out = c
+            .fragment(&["movies"], || {
+                renders.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, ()>("x".to_string())
+            })
+            .expect("f");
+        assert_eq!(out, "x");
+    }
+    assert_eq!(renders.load(Ordering::SeqCst), 3);
+    c.incr("movies").expect("incr");
+    assert_eq!(c.get("k").expect("get"), None);
+}
