@@ -103,6 +103,10 @@ impl ICache {
             #[cfg(feature = "redis")]
             Target::Redis { .. } => Box::new(backend::redis::Redis::new(&config)?),
             #[cfg(feature = "memcached")]
+            Target::Memcached { servers } if servers.len() > 1 => {
+                Box::new(backend::memcached::pool::MemcachedPool::new(&config)?)
+            }
+            #[cfg(feature = "memcached")]
             Target::Memcached { .. } => Box::new(backend::memcached::Memcached::new(&config)?),
             #[allow(unreachable_patterns)]
             _ => {

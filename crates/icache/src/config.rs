@@ -32,8 +32,13 @@ pub(crate) enum Target {
         /// `?ca_file=`: PEM root certificate(s) to trust for `rediss://`.
         ca_file: Option<String>,
     },
+    /// One server, or a pool routed by rendezvous hashing.
     Memcached {
         servers: Vec<String>,
+    },
+    /// `redis+cluster://` seed nodes, as `redis://[user:pass@]host:port` URLs.
+    RedisCluster {
+        nodes: Vec<String>,
     },
 }
 
@@ -76,15 +81,83 @@ fn parse_ms(name: &str, value: &str, redacted: &str) -> Result<Duration> {
     }
 }
 
+/// Splits `scheme://[userinfo@]h1:p1,h2:p2/rest` into a URL with the first
+/// host only (for the `url` crate, which takes one host) and the list of
+/// `host:port` strings. URLs with a single host pass through untouched.
+fn split_hosts(input: &str, default_port: u16) -> Result<(String, Vec<String>)> {
+    let Some((scheme, rest)) = input.split_once("://") else {
+        return Ok((input.to_string(), Vec::new()));
+    };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (userinfo, hosts) = match authority.rfind('@') {
+        Some(at) => (&authority[..=at], &authority[at + 1..]),
+        None => ("", authority),
+    };
+    if !hosts.contains(',') {
+        return Ok((input.to_string(), Vec::new()));
+    }
+    let mut list = Vec::new();
+    for (i, h) in hosts.split(',').enumerate() {
+        let h = h.trim();
+        let (host, port) = if let Some(v6) = h.strip_prefix('[') {
+            match v6.split_once(']') {
+                Some((addr, p)) => (format!("[{addr}]"), p.strip_prefix(':')),
+                None => {
+                    return Err(Error::config(format!(
+                        "server {} of {scheme}:// has an unclosed '[': {h:?}",
+                        i + 1
+                    )));
+                }
+            }
+        } else {
+            match h.rsplit_once(':') {
+                Some((host, p)) => (host.to_string(), Some(p)),
+                None => (h.to_string(), None),
+            }
+        };
+        if host.is_empty() {
+            return Err(Error::config(format!(
+                "server {} of {scheme}:// has no host (in the list {hosts:?})",
+                i + 1
+            )));
+        }
+        let port = match port {
+            None | Some("") => default_port,
+            Some(p) => p.parse::<u16>().map_err(|_| {
+                Error::config(format!(
+                    "server {} of {scheme}:// has a bad port {p:?}; expected a number up to 65535",
+                    i + 1
+                ))
+            })?,
+        };
+        list.push(format!("{host}:{port}"));
+    }
+    let first = list.first().cloned().unwrap_or_default();
+    Ok((format!("{scheme}://{userinfo}{first}{tail}"), list))
+}
+
 impl Config {
     pub(crate) fn parse(input: &str) -> Result<Config> {
-        let url = Url::parse(input.trim()).map_err(|e| {
+        let input = input.trim();
+        let lower = input.to_ascii_lowercase();
+        let (input, hosts) = if lower.starts_with("memcached://") {
+            split_hosts(input, 11211)?
+        } else if lower.starts_with("redis+cluster://") || lower.starts_with("rediss+cluster://") {
+            split_hosts(input, 6379)?
+        } else {
+            (input.to_string(), Vec::new())
+        };
+        let url = Url::parse(&input).map_err(|e| {
             // The input may hold a password: never echo it back.
             Error::config(format!(
                 "cache URL does not parse ({e}); expected memory://, redis://, rediss:// or memcached://"
             ))
         })?;
-        let redacted = redact(&url);
+        let mut redacted = redact(&url);
+        if hosts.len() > 1 {
+            redacted = redacted.replacen(&hosts[0], &hosts.join(","), 1);
+        }
         let scheme = url.scheme().to_ascii_lowercase();
 
         let mut prefix = String::new();
@@ -127,7 +200,7 @@ impl Config {
                     }
                 }
                 "ca_file" if scheme == "rediss" => ca_file = Some(v.into_owned()),
-                "protocol" if scheme.starts_with("redis") => {
+                "protocol" if scheme == "redis" || scheme == "rediss" => {
                     passthrough.push((k.into_owned(), v.into_owned()))
                 }
                 other => {
@@ -204,8 +277,45 @@ impl Config {
                     )));
                 }
                 let port = url.port().unwrap_or(11211);
-                Target::Memcached {
-                    servers: vec![format!("{host}:{port}")],
+                let servers = if hosts.len() > 1 {
+                    hosts
+                } else {
+                    vec![format!("{host}:{port}")]
+                };
+                Target::Memcached { servers }
+            }
+            "redis+cluster" | "rediss+cluster" => {
+                if !matches!(url.path(), "" | "/" | "/0") {
+                    return Err(Error::config(format!(
+                        "a Redis Cluster has only database 0 (got {:?} in {redacted})",
+                        url.path()
+                    )));
+                }
+                let base = if scheme == "rediss+cluster" {
+                    "rediss"
+                } else {
+                    "redis"
+                };
+                let userinfo = match (url.username(), url.password()) {
+                    ("", None) => String::new(),
+                    (u, None) => format!("{u}@"),
+                    (u, Some(p)) => format!("{u}:{p}@"),
+                };
+                let hosts = if hosts.is_empty() {
+                    vec![format!(
+                        "{}:{}",
+                        url.host_str().unwrap_or_default(),
+                        url.port().unwrap_or(6379)
+                    )]
+                } else {
+                    hosts
+                };
+                let fragment = url.fragment().map(|f| format!("#{f}")).unwrap_or_default();
+                Target::RedisCluster {
+                    nodes: hosts
+                        .iter()
+                        .map(|h| format!("{base}://{userinfo}{h}{fragment}"))
+                        .collect(),
                 }
             }
             other => {
@@ -265,6 +375,34 @@ mod tests {
         );
         assert!(!format!("{c:?}").contains("secret"));
         assert!(c.redacted.contains("***"));
+    }
+
+    #[test]
+    fn several_servers() {
+        let c = Config::parse("memcached://a:1,b:2,[::1]:3,c?prefix=x").expect("parses");
+        assert!(
+            c.target
+                == Target::Memcached {
+                    servers: vec![
+                        "a:1".into(),
+                        "b:2".into(),
+                        "[::1]:3".into(),
+                        "c:11211".into()
+                    ]
+                }
+        );
+        assert_eq!(c.prefix, "x");
+        let c = Config::parse("redis+cluster://u:pw@h1:7000,h2:7001").expect("parses");
+        assert!(
+            c.target
+                == Target::RedisCluster {
+                    nodes: vec!["redis://u:pw@h1:7000".into(), "redis://u:pw@h2:7001".into()]
+                }
+        );
+        assert!(!format!("{c:?}").contains("pw"));
+        assert!(err("memcached://a:1,:2").contains("server 2"));
+        assert!(err("memcached://a:1,b:x").contains("bad port"));
+        assert!(err("redis+cluster://a:1,b:2/3").contains("database 0"));
     }
 
     #[test]

@@ -53,7 +53,14 @@ impl<C> Pool<C> {
         Ok(out)
     }
 
-    fn put(&self, conn: C) {
+    /// An idle connection, if there is one (for callers that drive several
+    /// connections at once; give it back with [`put`](Self::put)).
+    pub(crate) fn take(&self) -> Option<C> {
+        self.lock().pop()
+    }
+
+    /// Returns a connection that is known to be in a clean state.
+    pub(crate) fn put(&self, conn: C) {
         let mut idle = self.lock();
         if idle.len() < self.max_idle {
             idle.push(conn);

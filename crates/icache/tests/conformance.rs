@@ -22,12 +22,22 @@ pub(crate) enum Kind {
     Memory,
     Redis,
     Memcached,
+    /// Three memcached servers behind one `memcached://a,b,c` URL.
+    MemcachedPool,
+}
+
+impl Kind {
+    /// memcached semantics (whole-second TTLs, item size limits).
+    fn is_memcached(self) -> bool {
+        matches!(self, Kind::Memcached | Kind::MemcachedPool)
+    }
 }
 
 pub(crate) enum Server {
     None,
     Redis(RedisServer),
     Memcached(MemcachedServer),
+    MemcachedPool(Vec<MemcachedServer>),
 }
 
 pub(crate) struct Ctx {
@@ -42,6 +52,11 @@ impl Ctx {
             Kind::Memory => Server::None,
             Kind::Redis => Server::Redis(RedisServer::start()?),
             Kind::Memcached => Server::Memcached(MemcachedServer::start()?),
+            Kind::MemcachedPool => Server::MemcachedPool(vec![
+                MemcachedServer::start()?,
+                MemcachedServer::start()?,
+                MemcachedServer::start()?,
+            ]),
         };
         let mut ctx = Ctx {
             kind,
@@ -58,14 +73,27 @@ impl Ctx {
             Server::None => "memory://".into(),
             Server::Redis(s) => s.url(),
             Server::Memcached(s) => s.url(),
+            Server::MemcachedPool(v) => format!(
+                "memcached://{}",
+                v.iter()
+                    .map(|s| format!("127.0.0.1:{}", s.port()))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
         }
     }
 
+    /// The port of a single server (the first one of a pool).
     fn port(&self) -> u16 {
+        self.ports().first().copied().unwrap_or(0)
+    }
+
+    fn ports(&self) -> Vec<u16> {
         match &self.server {
-            Server::None => 0,
-            Server::Redis(s) => s.port(),
-            Server::Memcached(s) => s.port(),
+            Server::None => Vec::new(),
+            Server::Redis(s) => vec![s.port()],
+            Server::Memcached(s) => vec![s.port()],
+            Server::MemcachedPool(v) => v.iter().map(MemcachedServer::port).collect(),
         }
     }
 
@@ -96,13 +124,18 @@ impl Ctx {
                 raw_redis(self.port(), &[b"DEL", key_of("g", token).as_bytes()]),
                 ":1"
             ),
-            Kind::Memcached => assert_eq!(
-                raw_memcached(
-                    self.port(),
-                    format!("delete {}\r\n", key_of("g", token)).as_bytes()
-                ),
-                "DELETED"
-            ),
+            Kind::Memcached | Kind::MemcachedPool => {
+                // On a pool the key lives on one of the servers.
+                let deleted = self
+                    .ports()
+                    .into_iter()
+                    .filter(|&p| {
+                        raw_memcached(p, format!("delete {}\r\n", key_of("g", token)).as_bytes())
+                            == "DELETED"
+                    })
+                    .count();
+                assert_eq!(deleted, 1);
+            }
         }
     }
 
@@ -118,11 +151,14 @@ impl Ctx {
                 );
                 true
             }
-            Kind::Memcached => {
+            Kind::Memcached | Kind::MemcachedPool => {
                 let mut req = format!("set {key} 0 0 {}\r\n", bytes.len()).into_bytes();
                 req.extend_from_slice(bytes);
                 req.extend_from_slice(b"\r\n");
-                assert_eq!(raw_memcached(self.port(), &req), "STORED");
+                // Everywhere: whichever server the key routes to has it.
+                for p in self.ports() {
+                    assert_eq!(raw_memcached(p, &req), "STORED");
+                }
                 true
             }
         }
@@ -176,6 +212,7 @@ macro_rules! suite {
             mod memory { $( #[test] fn $case() { crate::run(crate::Kind::Memory, { use $cases as c; c::$case }) } )* }
             mod redis { $( #[test] fn $case() { crate::run(crate::Kind::Redis, { use $cases as c; c::$case }) } )* }
             mod memcached { $( #[test] fn $case() { crate::run(crate::Kind::Memcached, { use $cases as c; c::$case }) } )* }
+            mod memcached_pool { $( #[test] fn $case() { crate::run(crate::Kind::MemcachedPool, { use $cases as c; c::$case }) } )* }
         }
     };
 }
@@ -473,7 +510,7 @@ mod object_cases {
     pub fn plain_ttl_expires(ctx: &Ctx) {
         let c = &ctx.cache;
         // memcached counts whole seconds.
-        let ttl = if ctx.kind == Kind::Memcached {
+        let ttl = if ctx.kind.is_memcached() {
             Duration::from_secs(1)
         } else {
             Duration::from_millis(100)
@@ -606,7 +643,7 @@ mod object_cases {
                 100_000,
             ),
             // The harness allows 32 MB items.
-            Kind::Memcached => (ctx.cache.clone(), 40 << 20),
+            Kind::Memcached | Kind::MemcachedPool => (ctx.cache.clone(), 40 << 20),
             Kind::Redis => {
                 eprintln!("too large: Redis takes values up to 512 MB; nothing to check here");
                 return;
@@ -633,6 +670,7 @@ mod object_cases {
             Kind::Memory => "entries",
             Kind::Redis => "used_memory",
             Kind::Memcached => "curr_items",
+            Kind::MemcachedPool => "server2.curr_items",
         };
         assert!(stats.iter().any(|(k, _)| k == want), "{stats:?}");
         ctx.cache.ping().expect("ping");
@@ -643,6 +681,7 @@ mod object_cases {
             Kind::Memory => "memory://?bogus=1".to_string(),
             Kind::Redis => "redis://user:hunter2@127.0.0.1:1/0?timeout_ms=50".into(),
             Kind::Memcached => "memcached://user:hunter2@127.0.0.1:1".into(),
+            Kind::MemcachedPool => "memcached://user:hunter2@127.0.0.1:1,127.0.0.1:2".into(),
         };
         match ICache::from_url(&url) {
             Ok(c) => {
@@ -732,7 +771,7 @@ fn restarted_server_is_reconnected_and_nothing_old_matches() {
         match &mut ctx.server {
             Server::Redis(s) => s.restart(),
             Server::Memcached(s) => s.restart(),
-            Server::None => unreachable!(),
+            _ => unreachable!("a single server"),
         }
         // Pooled connections died with the server; the next call reconnects.
         let now = c.get_sum(&["movies"]).expect("get_sum after restart");

@@ -8,7 +8,7 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::Duration;
 
-use support::{MemcachedServer, Proxy, RedisServer, RedisTlsServer};
+use support::{MemcachedServer, Proxy, RedisCluster, RedisServer, RedisTlsServer};
 
 fn connect(port: u16) -> TcpStream {
     let stream = TcpStream::connect(("127.0.0.1", port))
@@ -289,4 +289,167 @@ fn proxy_forwards_counts_and_pauses() {
     );
     assert!(TcpStream::connect(("127.0.0.1", proxy_port)).is_err());
     drop((stream, hung));
+}
+
+/// Runs `redis-cli -p PORT ARGS...` (with `-c` to follow cluster redirections)
+/// and returns its trimmed stdout; panics if it fails.
+fn redis_cli(port: u16, follow: bool, args: &[&str]) -> String {
+    let mut command = Command::new("redis-cli");
+    if follow {
+        command.arg("-c");
+    }
+    let output = command
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("run redis-cli");
+    assert!(
+        output.status.success(),
+        "redis-cli -p {port} {args:?}: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+fn cluster_state(port: u16) -> String {
+    let info = redis_cli(port, false, &["CLUSTER", "INFO"]);
+    info.lines()
+        .find_map(|line| line.strip_prefix("cluster_state:"))
+        .unwrap_or_else(|| panic!("no cluster_state in {info:?}"))
+        .trim()
+        .to_owned()
+}
+
+fn dbsize(port: u16) -> u64 {
+    let answer = redis_cli(port, false, &["DBSIZE"]);
+    answer
+        .parse()
+        .unwrap_or_else(|_| panic!("DBSIZE answered {answer:?}"))
+}
+
+#[test]
+fn redis_cluster_start_kill_restart() {
+    let started = std::time::Instant::now();
+    let Some(mut cluster) = RedisCluster::start(3) else {
+        return;
+    };
+    let start_time = started.elapsed();
+    let ports = cluster.ports();
+    assert_eq!(ports.len(), 3);
+    assert_eq!(
+        cluster.url(),
+        format!(
+            "redis+cluster://127.0.0.1:{},127.0.0.1:{},127.0.0.1:{}",
+            ports[0], ports[1], ports[2]
+        )
+    );
+    for (i, port) in ports.iter().enumerate() {
+        assert_eq!(cluster.node_url(i), format!("redis://127.0.0.1:{port}"));
+        assert!(*port <= 55535, "bus port of {port} would be above 65535");
+        assert_eq!(cluster_state(*port), "ok");
+        let info = redis_cli(*port, false, &["CLUSTER", "INFO"]);
+        assert!(info.contains("cluster_slots_assigned:16384"), "{info}");
+        assert!(info.contains("cluster_known_nodes:3"), "{info}");
+        assert!(info.contains("cluster_size:3"), "{info}");
+    }
+
+    // Keys spread over the masters; redis-cli -c follows the redirections.
+    let keys: Vec<String> = (0..30).map(|i| format!("key-{i}")).collect();
+    for key in &keys {
+        assert_eq!(
+            redis_cli(ports[0], true, &["SET", key, &format!("v-{key}")]),
+            "OK"
+        );
+    }
+    for key in &keys {
+        assert_eq!(redis_cli(ports[2], true, &["GET", key]), format!("v-{key}"));
+    }
+    let sizes: Vec<u64> = ports.iter().map(|port| dbsize(*port)).collect();
+    assert_eq!(sizes.iter().sum::<u64>(), keys.len() as u64, "{sizes:?}");
+    assert!(sizes.iter().all(|size| *size > 0), "{sizes:?}");
+    // A plain connection to a node that does not own a key is redirected.
+    let mut moved = 0;
+    for key in &keys {
+        let mut stream = connect(ports[1]);
+        let request = format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
+        let answer = roundtrip(&mut stream, request.as_bytes(), b"\r\n");
+        if answer.starts_with(b"-MOVED ") {
+            moved += 1;
+        }
+    }
+    assert_eq!(moved, sizes[0] + sizes[2]);
+
+    // Node 1 killed: unreachable, and soon the others report the failure.
+    cluster.stop_node(1);
+    assert!(
+        TcpStream::connect(("127.0.0.1", ports[1])).is_err(),
+        "node 1 still listening after stop_node"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while cluster_state(ports[0]) != "fail" || cluster_state(ports[2]) != "fail" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cluster does not report the killed node as failed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Restarted: it keeps its slots, comes back empty, the cluster is ok.
+    let restarted = std::time::Instant::now();
+    cluster.restart_node(1);
+    let restart_time = restarted.elapsed();
+    assert_eq!(cluster.ports(), ports);
+    for port in &ports {
+        assert_eq!(cluster_state(*port), "ok");
+    }
+    assert_eq!(dbsize(ports[1]), 0);
+    assert_eq!(dbsize(ports[0]), sizes[0]);
+    assert_eq!(dbsize(ports[2]), sizes[2]);
+    let missing = keys
+        .iter()
+        .filter(|key| redis_cli(ports[0], true, &["GET", key]).is_empty())
+        .count();
+    assert_eq!(missing as u64, sizes[1]);
+    assert_eq!(
+        redis_cli(ports[0], true, &["SET", "after", "restart"]),
+        "OK"
+    );
+    assert_eq!(redis_cli(ports[1], true, &["GET", "after"]), "restart");
+
+    // Dropped: no node listens any more, on its port or its bus port.
+    drop(cluster);
+    for port in &ports {
+        assert!(TcpStream::connect(("127.0.0.1", *port)).is_err());
+        assert!(TcpStream::connect(("127.0.0.1", *port + 10000)).is_err());
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "cluster start took {start_time:?}, node restart {restart_time:?}"
+    );
+}
+
+#[test]
+fn redis_clusters_are_independent() {
+    let Some(a) = RedisCluster::start(3) else {
+        return;
+    };
+    let Some(b) = RedisCluster::start(4) else {
+        return;
+    };
+    let (ports_a, ports_b) = (a.ports(), b.ports());
+    assert_eq!(ports_b.len(), 4);
+    for port in &ports_a {
+        assert!(!ports_b.contains(port));
+    }
+    for port in ports_a.iter().chain(&ports_b) {
+        assert_eq!(cluster_state(*port), "ok");
+    }
+    let known = |port: u16| {
+        redis_cli(port, false, &["CLUSTER", "NODES"])
+            .lines()
+            .count()
+    };
+    assert_eq!(known(ports_a[0]), 3);
+    assert_eq!(known(ports_b[0]), 4);
 }

@@ -26,6 +26,8 @@ use crate::error::{Error, ErrorKind, Result, from_io};
 use crate::keys::{self, Key};
 use crate::pool::Pool;
 
+pub(crate) mod pool;
+
 /// Longest status line we accept from the server.
 const MAX_LINE: u64 = 8 * 1024;
 /// Largest value we accept from the server (memcached's own ceiling is 1 GiB).
@@ -170,14 +172,24 @@ impl Memcached {
             .first()
             .cloned()
             .ok_or_else(|| Error::config(format!("no server in {}", config.redacted)))?;
-        Ok(Memcached {
+        Ok(Memcached::for_server(server, config))
+    }
+
+    /// One server of a pool (or the only one).
+    pub(crate) fn for_server(server: String, config: &Config) -> Self {
+        Memcached {
+            redacted: if matches!(&config.target, Target::Memcached { servers } if servers.len() > 1)
+            {
+                format!("memcached://{server}")
+            } else {
+                config.redacted.clone()
+            },
             server,
             pool: Pool::new(config.pool_size),
             prefix: config.prefix.clone(),
             timeout: config.timeout,
             connect_timeout: config.connect_timeout,
-            redacted: config.redacted.clone(),
-        })
+        }
     }
 
     fn connect(&self) -> Result<Conn> {
@@ -257,9 +269,23 @@ impl Memcached {
         keys::encode(&self.prefix, k)
     }
 
+    /// `flush_all`: drops everything on this server (a pool does this to a
+    /// server that comes back after being marked down: what it holds is old).
+    fn flush_all(&self) -> Result<()> {
+        self.run("flush_all", |conn| {
+            conn.send(b"flush_all\r\n")?;
+            let line = conn.line()?;
+            if line == "OK" {
+                Ok(())
+            } else {
+                Err(server_error(line))
+            }
+        })
+    }
+
     /// `get` for many keys; values in the order of `keys`, and the instance
     /// that answered.
-    fn get_many(&self, keys: &[String]) -> Result<(Vec<Option<Vec<u8>>>, Option<Arc<str>>)> {
+    fn get_many(&self, keys: &[String]) -> Result<Values> {
         if keys.is_empty() {
             return Ok((Vec::new(), None));
         }
@@ -343,6 +369,9 @@ fn instance_of(conn: &mut Conn) -> Answer<Arc<str>> {
     }
     Ok(Arc::from(format!("{pid}@{}", time - uptime)))
 }
+
+/// Values in the order asked, and the server instance that answered.
+type Values = (Vec<Option<Vec<u8>>>, Option<Arc<str>>);
 
 /// One answer to `incr`.
 enum Incr {

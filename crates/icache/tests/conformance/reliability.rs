@@ -272,7 +272,7 @@ fn restart_scenario(ctx: &mut Ctx, snapshot: bool) {
         match server {
             Server::Redis(s) => s.stop(),
             Server::Memcached(s) => s.stop(),
-            Server::None => unreachable!(),
+            _ => unreachable!("a single server"),
         }
         thread::sleep(Duration::from_millis(300));
         // An invalidation during the outage is reported as an error.
@@ -283,7 +283,7 @@ fn restart_scenario(ctx: &mut Ctx, snapshot: bool) {
         match server {
             Server::Redis(s) => s.restart(),
             Server::Memcached(s) => s.restart(),
-            Server::None => unreachable!(),
+            _ => unreachable!("a single server"),
         }
         phase.down.store(false, Ordering::SeqCst);
         phase

@@ -10,6 +10,9 @@
 //!   temporary directory.
 //! * [`RedisTlsServer`]: a TLS-only `redis-server` with a freshly generated
 //!   self-signed CA and a server certificate for `127.0.0.1` / `localhost`.
+//! * [`RedisCluster`]: a Redis Cluster of N masters (no replicas), each a
+//!   `redis-server` in cluster mode (no persistence), created with
+//!   `redis-cli --cluster create`; single nodes can be killed and restarted.
 //! * [`MemcachedServer`]: a `memcached` that accepts values of several MB.
 //! * [`Proxy`]: a counting TCP proxy that can be paused to simulate a backend
 //!   that accepts connections but never answers.
@@ -18,17 +21,22 @@
 //! a fixed port, never another address). A port is found by binding
 //! `127.0.0.1:0`; as that port could be taken by someone else before the
 //! server binds it, a failed start is retried (up to 5 times) on a new port.
+//! A Redis Cluster node also needs its cluster bus port, `P + 10000`, so its
+//! port `P` is one where both are free (hence at most 55535).
 //! A server that cannot be started panics with the content of its log files.
 //!
 //! `stop()` kills a server with SIGKILL (a crash, not a clean shutdown) and
 //! `restart()` starts it again on the same port, with the same arguments and
-//! directory. Servers keep nothing on disk, so a restarted server is empty.
+//! directory (for a cluster node: `stop_node(i)` / `restart_node(i)`).
+//! Servers keep no data on disk, so a restarted server is empty; a cluster
+//! node keeps only its cluster configuration, so it keeps its slots.
 //! Dropping a server kills it and removes its temporary directory.
 //!
 //! # Missing binaries
 //!
 //! The `start*()` constructors return `None` when a required binary
-//! (`redis-server`, `memcached`, and `openssl` for TLS) is not on `PATH`:
+//! (`redis-server`, `memcached`, `openssl` for TLS, `redis-cli` for a
+//! cluster) is not on `PATH`:
 //!
 //! * when the environment variable `CI` is `true` (or `1`) they **panic**
 //!   instead, so a CI job without the servers fails rather than silently
@@ -139,6 +147,34 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// A port `P` of 127.0.0.1 such that both `P` and its Redis Cluster bus port
+/// `P + 10000` are free when this returns (so `P` is at most 55535).
+fn free_cluster_port() -> u16 {
+    const TRIES: usize = 1000;
+    for _ in 0..TRIES {
+        // Kept bound while the bus port is tried.
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .expect("bind 127.0.0.1:0 to find a free port");
+        let port = listener
+            .local_addr()
+            .expect("local address of a listener bound to 127.0.0.1:0")
+            .port();
+        let Some(bus_port) = port.checked_add(CLUSTER_BUS_PORT_OFFSET) else {
+            continue;
+        };
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, bus_port)).is_ok() {
+            return port;
+        }
+    }
+    let range = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .unwrap_or_else(|_| String::from("unknown"));
+    panic!(
+        "no port P of 127.0.0.1 with P and P + {CLUSTER_BUS_PORT_OFFSET} both free in {TRIES} \
+         tries (ephemeral port range: {}); Redis Cluster needs both",
+        range.trim()
+    );
+}
+
 fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
@@ -221,6 +257,9 @@ impl Drop for TempDir {
 enum Kind {
     Redis,
     RedisTls,
+    /// A `redis-server` node of a [`RedisCluster`] (cluster mode, its
+    /// `nodes-PORT.conf` in its directory, bus port = port + 10000).
+    RedisClusterNode,
     Memcached,
 }
 
@@ -257,6 +296,7 @@ impl ServerProcess {
         match self.kind {
             Kind::Redis => "redis-server",
             Kind::RedisTls => "redis-server (TLS)",
+            Kind::RedisClusterNode => "redis-server (cluster node)",
             Kind::Memcached => "memcached",
         }
     }
@@ -269,7 +309,9 @@ impl ServerProcess {
     /// Redis' own log file (`--logfile`), if the server has one.
     fn server_log(&self) -> Option<PathBuf> {
         match self.kind {
-            Kind::Redis | Kind::RedisTls => Some(self.dir.path().join("redis.log")),
+            Kind::Redis | Kind::RedisTls | Kind::RedisClusterNode => {
+                Some(self.dir.path().join("redis.log"))
+            }
             Kind::Memcached => None,
         }
     }
@@ -279,10 +321,8 @@ impl ServerProcess {
         let s = |v: &str| v.to_owned();
         let path = |p: PathBuf| p.to_string_lossy().into_owned();
         let mut args = match self.kind {
-            Kind::Redis | Kind::RedisTls => {
-                let mut args = if self.kind == Kind::Redis {
-                    vec![s("--port"), port.to_string()]
-                } else {
+            Kind::Redis | Kind::RedisTls | Kind::RedisClusterNode => {
+                let mut args = if self.kind == Kind::RedisTls {
                     vec![
                         s("--port"),
                         s("0"),
@@ -297,7 +337,21 @@ impl ServerProcess {
                         s("--tls-auth-clients"),
                         s("no"),
                     ]
+                } else {
+                    vec![s("--port"), port.to_string()]
                 };
+                if self.kind == Kind::RedisClusterNode {
+                    // The config file is named after the port: a node that
+                    // restarts on its port finds its slots and peers again.
+                    args.extend([
+                        s("--cluster-enabled"),
+                        s("yes"),
+                        s("--cluster-config-file"),
+                        path(dir.join(format!("nodes-{port}.conf"))),
+                        s("--cluster-node-timeout"),
+                        CLUSTER_NODE_TIMEOUT_MS.to_string(),
+                    ]);
+                }
                 args.extend([
                     s("--bind"),
                     s("127.0.0.1"),
@@ -469,7 +523,7 @@ impl ServerProcess {
         let stream = TcpStream::connect_timeout(&loopback(self.port), Duration::from_millis(250))
             .map_err(|e| format!("connect: {e}"))?;
         match self.kind {
-            Kind::Redis => request_line(stream, b"PING\r\n", b"+PONG"),
+            Kind::Redis | Kind::RedisClusterNode => request_line(stream, b"PING\r\n", b"+PONG"),
             // Cannot speak without TLS: the connect (and the log) is enough.
             Kind::RedisTls => Ok(()),
             Kind::Memcached => request_line(stream, b"version\r\n", b"VERSION"),
@@ -488,7 +542,11 @@ impl ServerProcess {
     fn start_fresh(&mut self) -> Result<(), StartError> {
         let mut failures = Vec::new();
         for _ in 0..START_ATTEMPTS {
-            match self.spawn_ready(free_port()) {
+            let port = match self.kind {
+                Kind::RedisClusterNode => free_cluster_port(),
+                _ => free_port(),
+            };
+            match self.spawn_ready(port) {
                 Ok(()) => return Ok(()),
                 Err(StartError::TlsUnsupported(m)) => return Err(StartError::TlsUnsupported(m)),
                 Err(StartError::Failed(m)) => failures.push(m),
@@ -838,6 +896,344 @@ fn run_openssl(dir: &Path, args: &[&str]) {
 }
 
 // ---------------------------------------------------------------------------
+// Redis Cluster
+// ---------------------------------------------------------------------------
+
+/// A cluster node's bus port is its client port plus this.
+const CLUSTER_BUS_PORT_OFFSET: u16 = 10000;
+/// `--cluster-node-timeout` of the nodes, in ms: about this long after a
+/// master is killed, the others flag it and the cluster reports `fail`.
+const CLUSTER_NODE_TIMEOUT_MS: u64 = 1000;
+/// How long `redis-cli --cluster create` may take.
+const CLUSTER_CREATE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a cluster may take until every node reports it healthy.
+const CLUSTER_OK_TIMEOUT: Duration = Duration::from_secs(20);
+/// The number of hash slots of a Redis Cluster.
+const CLUSTER_SLOTS: &str = "16384";
+
+/// A local Redis Cluster of masters without replicas, each a real
+/// `redis-server` in cluster mode on a free port `P` of 127.0.0.1 (with its
+/// cluster bus on `P + 10000`), without persistence, in its own temporary
+/// directory.
+///
+/// The hash slots are spread evenly over the masters by
+/// `redis-cli --cluster create`. [`RedisCluster::start`] returns once every
+/// node reports `cluster_state:ok` with all 16384 slots assigned and served
+/// and every node known.
+///
+/// [`RedisCluster::stop_node`] kills one node (SIGKILL): its slots are then
+/// served by nobody, and about [`CLUSTER_NODE_TIMEOUT_MS`] (1 s) later the
+/// other nodes report `cluster_state:fail`. [`RedisCluster::restart_node`]
+/// starts it again on the same port with its `nodes-PORT.conf`: it keeps
+/// its slots and rejoins, **empty** (no persistence). Dropping the cluster
+/// kills every node and removes the temporary directories.
+pub struct RedisCluster {
+    nodes: Vec<ServerProcess>,
+    redis_cli: PathBuf,
+    // Holds the output of `redis-cli --cluster create`; dropped after the
+    // nodes (fields drop in declaration order).
+    dir: TempDir,
+}
+
+impl RedisCluster {
+    /// Starts a cluster of `masters` masters (at least 3, which
+    /// `redis-cli --cluster create` requires) and waits until it is healthy.
+    /// `None` if `redis-server` or `redis-cli` is not installed (outside CI;
+    /// see the module docs).
+    pub fn start(masters: usize) -> Option<RedisCluster> {
+        assert!(
+            masters >= 3,
+            "RedisCluster::start({masters}): a Redis Cluster needs at least 3 masters \
+             (`redis-cli --cluster create` refuses fewer)"
+        );
+        if !require("redis-server") || !require("redis-cli") {
+            return None;
+        }
+        let program = find_on_path("redis-server")?;
+        let redis_cli = find_on_path("redis-cli")?;
+        let mut nodes = Vec::with_capacity(masters);
+        for _ in 0..masters {
+            let mut node = ServerProcess {
+                kind: Kind::RedisClusterNode,
+                program: program.clone(),
+                extra_args: Vec::new(),
+                port: 0,
+                child: None,
+                dir: TempDir::new("redis-cluster-node"),
+            };
+            // A node that has started binds its port and bus port, so the
+            // next node's free-port search cannot pick either.
+            if let Err(e) = node.start_fresh() {
+                panic!("{}", e.into_message());
+            }
+            nodes.push(node);
+        }
+        let mut cluster = RedisCluster {
+            nodes,
+            redis_cli,
+            dir: TempDir::new("redis-cluster"),
+        };
+        cluster.create();
+        cluster.wait_healthy("after `redis-cli --cluster create`");
+        Some(cluster)
+    }
+
+    /// The client ports of the nodes, node 0 first.
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|node| node.port).collect()
+    }
+
+    /// `redis+cluster://127.0.0.1:P0,127.0.0.1:P1,...` with every node.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .ports()
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        format!("redis+cluster://{}", hosts.join(","))
+    }
+
+    /// `redis://127.0.0.1:PORT` of node `i` (a plain connection to that node
+    /// only, which answers `-MOVED` for keys of other nodes).
+    pub fn node_url(&self, i: usize) -> String {
+        format!("redis://127.0.0.1:{}", self.node(i).port)
+    }
+
+    /// Kills node `i` (SIGKILL) and waits for it to exit.
+    pub fn stop_node(&mut self, i: usize) {
+        self.node_mut(i).stop();
+    }
+
+    /// Starts node `i` again (stopping it first if running) on the same port
+    /// with the same directory and `nodes-PORT.conf`, so that it keeps its
+    /// slots and rejoins; it comes back empty.
+    ///
+    /// When every node is then running, waits (up to 20 s) until every node
+    /// reports the cluster healthy again, as [`RedisCluster::start`] does.
+    /// While another node is still stopped the cluster cannot be healthy: it
+    /// then only waits until the node answers `PING`.
+    pub fn restart_node(&mut self, i: usize) {
+        self.node_mut(i).restart();
+        if self.nodes.iter().all(|node| node.child.is_some()) {
+            let port = self.nodes[i].port;
+            self.wait_healthy(&format!("after restarting node {i} (port {port})"));
+        }
+    }
+
+    fn node(&self, i: usize) -> &ServerProcess {
+        let count = self.nodes.len();
+        self.nodes
+            .get(i)
+            .unwrap_or_else(|| panic!("no node {i} in a cluster of {count} nodes"))
+    }
+
+    fn node_mut(&mut self, i: usize) -> &mut ServerProcess {
+        let count = self.nodes.len();
+        self.nodes
+            .get_mut(i)
+            .unwrap_or_else(|| panic!("no node {i} in a cluster of {count} nodes"))
+    }
+
+    /// Runs `redis-cli --cluster create` (bounded by
+    /// [`CLUSTER_CREATE_TIMEOUT`]); panics with its output and the node logs
+    /// on failure.
+    fn create(&self) {
+        let log = self.dir.path().join("cluster-create.log");
+        let output = fs::File::create(&log)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        let stderr = output
+            .try_clone()
+            .unwrap_or_else(|e| panic!("cannot clone handle of {}: {e}", log.display()));
+        let mut args = vec![String::from("--cluster"), String::from("create")];
+        args.extend(self.ports().iter().map(|port| format!("127.0.0.1:{port}")));
+        args.extend(["--cluster-replicas", "0", "--cluster-yes"].map(String::from));
+        let command_line = format!("{} {}", self.redis_cli.display(), args.join(" "));
+        let mut child = Command::new(&self.redis_cli)
+            .args(&args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(output))
+            .stderr(Stdio::from(stderr))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn `{command_line}`: {e}"));
+        let deadline = Instant::now() + CLUSTER_CREATE_TIMEOUT;
+        let failure = loop {
+            match child.try_wait() {
+                Ok(Some(status)) if status.success() => break None,
+                Ok(Some(status)) => break Some(format!("failed ({status})")),
+                Ok(None) if Instant::now() >= deadline => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break Some(format!(
+                        "did not finish within {CLUSTER_CREATE_TIMEOUT:?} (killed)"
+                    ));
+                }
+                Ok(None) => thread::sleep(Duration::from_millis(20)),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break Some(format!("cannot query its status: {e}"));
+                }
+            }
+        };
+        if let Some(failure) = failure {
+            panic!(
+                "{}",
+                self.report(&format!(
+                    "`{command_line}` {failure}\n--- its output ({}) ---\n{}",
+                    log.display(),
+                    log_excerpt(&log, 0)
+                ))
+            );
+        }
+    }
+
+    /// Waits (up to [`CLUSTER_OK_TIMEOUT`]) until every node reports the
+    /// cluster healthy (see [`cluster_info_healthy`]); panics with what each
+    /// node last said and the logs otherwise.
+    fn wait_healthy(&mut self, when: &str) {
+        let started = Instant::now();
+        let deadline = started + CLUSTER_OK_TIMEOUT;
+        let count = self.nodes.len();
+        let mut last = vec![String::from("<not asked yet>"); count];
+        loop {
+            let mut healthy = true;
+            for (i, node) in self.nodes.iter_mut().enumerate() {
+                if let Some(reason) = node.exited() {
+                    let port = node.port;
+                    panic!(
+                        "{}",
+                        self.report(&format!(
+                            "Redis Cluster node {i} (port {port}) died {when}: {reason}"
+                        ))
+                    );
+                }
+                match redis_query(node.port, &["CLUSTER", "INFO"]) {
+                    Ok(info) => {
+                        healthy &= cluster_info_healthy(&info, count);
+                        last[i] = info;
+                    }
+                    Err(e) => {
+                        healthy = false;
+                        last[i] = format!("<no answer: {e}>");
+                    }
+                }
+            }
+            if healthy {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let mut headline = format!(
+                    "Redis Cluster not healthy {when} within {CLUSTER_OK_TIMEOUT:?}: every \
+                     node must report cluster_state:ok, cluster_slots_assigned:{CLUSTER_SLOTS}, \
+                     cluster_slots_ok:{CLUSTER_SLOTS} and cluster_known_nodes:{count}"
+                );
+                for (i, info) in last.iter().enumerate() {
+                    headline.push_str(&format!(
+                        "\n--- CLUSTER INFO of node {i} (port {}) ---\n{}",
+                        self.nodes[i].port,
+                        info.trim_end()
+                    ));
+                }
+                panic!("{}", self.report(&headline));
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `headline` followed by each node's command line and logs.
+    fn report(&self, headline: &str) -> String {
+        let mut text = format!("{headline}\n");
+        for (i, node) in self.nodes.iter().enumerate() {
+            let running = if node.child.is_some() {
+                "running"
+            } else {
+                "stopped"
+            };
+            text.push_str(&format!(
+                "=== node {i} (port {}, {running}) ===\ncommand: {}\n--- stdout/stderr ({}) ---\n{}",
+                node.port,
+                node.command_line(node.port),
+                node.stdio_log().display(),
+                log_excerpt(&node.stdio_log(), 0),
+            ));
+            if let Some(log) = node.server_log() {
+                text.push_str(&format!(
+                    "--- log ({}) ---\n{}",
+                    log.display(),
+                    log_excerpt(&log, 0)
+                ));
+            }
+        }
+        text
+    }
+}
+
+/// Whether a `CLUSTER INFO` answer says the cluster is fully up: state ok,
+/// every slot assigned and served (none flagged failing), and all `nodes`
+/// nodes known.
+fn cluster_info_healthy(info: &str, nodes: usize) -> bool {
+    let field = |name: &str| {
+        info.lines().find_map(|line| {
+            line.strip_prefix(name)
+                .and_then(|rest| rest.strip_prefix(':'))
+                .map(str::trim)
+        })
+    };
+    field("cluster_state") == Some("ok")
+        && field("cluster_slots_assigned") == Some(CLUSTER_SLOTS)
+        && field("cluster_slots_ok") == Some(CLUSTER_SLOTS)
+        && field("cluster_known_nodes") == Some(nodes.to_string().as_str())
+}
+
+/// Sends one command (RESP) to `127.0.0.1:port` and returns the answer if
+/// it is a simple string, an integer or a bulk string; an error answer, a
+/// nil, an array or an I/O problem is an `Err` describing it.
+fn redis_query(port: u16, args: &[&str]) -> Result<String, String> {
+    let stream = TcpStream::connect_timeout(&loopback(port), Duration::from_millis(250))
+        .map_err(|e| format!("connect: {e}"))?;
+    let timeout = Some(Duration::from_secs(1));
+    stream
+        .set_read_timeout(timeout)
+        .map_err(|e| format!("set_read_timeout: {e}"))?;
+    stream
+        .set_write_timeout(timeout)
+        .map_err(|e| format!("set_write_timeout: {e}"))?;
+    let mut request = format!("*{}\r\n", args.len());
+    for arg in args {
+        request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+    }
+    (&stream)
+        .write_all(request.as_bytes())
+        .map_err(|e| format!("write: {e}"))?;
+    let mut reader = io::BufReader::new(&stream);
+    let mut line = String::new();
+    match io::BufRead::read_line(&mut reader, &mut line) {
+        Ok(0) => return Err(String::from("connection closed without an answer")),
+        Ok(_) => {}
+        Err(e) => return Err(format!("read: {e}")),
+    }
+    let line = line.trim_end_matches(['\r', '\n']);
+    let (kind, rest) = line.split_at_checked(1).unwrap_or((line, ""));
+    match kind {
+        "+" | ":" => Ok(rest.to_owned()),
+        "-" => Err(format!("error answer: {rest}")),
+        "$" => {
+            let len: usize = rest
+                .parse()
+                .map_err(|_| format!("nil or bad bulk length: {line:?}"))?;
+            let mut bulk = vec![0u8; len + 2];
+            reader
+                .read_exact(&mut bulk)
+                .map_err(|e| format!("read {len} bytes of bulk string: {e}"))?;
+            bulk.truncate(len);
+            Ok(String::from_utf8_lossy(&bulk).into_owned())
+        }
+        _ => Err(format!("unexpected answer {line:?}")),
+    }
+}
+
+// ---------------------------------------------------------------------------
 // memcached
 // ---------------------------------------------------------------------------
 
@@ -992,7 +1388,6 @@ impl Proxy {
         self.shared.bytes_up.load(Ordering::SeqCst)
     }
 
-    /// Bytes forwarded from the target to clients.
     /// Requests that followed an answer (or opened a connection): a client that
     /// writes a whole pipeline at once and then reads counts one round trip.
     pub fn round_trips(&self) -> u64 {
