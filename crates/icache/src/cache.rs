@@ -102,6 +102,10 @@ impl ICache {
             Target::Nothing => Box::new(backend::none::Nothing),
             #[cfg(feature = "redis")]
             Target::Redis { .. } => Box::new(backend::redis::Redis::new(&config)?),
+            #[cfg(feature = "redis")]
+            Target::RedisCluster { .. } => {
+                Box::new(backend::redis::cluster::RedisCluster::new(&config)?)
+            }
             #[cfg(feature = "memcached")]
             Target::Memcached { servers } if servers.len() > 1 => {
                 Box::new(backend::memcached::pool::MemcachedPool::new(&config)?)
@@ -111,7 +115,7 @@ impl ICache {
             #[allow(unreachable_patterns)]
             _ => {
                 let feature = match &config.target {
-                    Target::Redis { .. } => "redis",
+                    Target::Redis { .. } | Target::RedisCluster { .. } => "redis",
                     _ => "memcached",
                 };
                 return Err(Error::config(format!(

@@ -28,15 +28,36 @@ use crate::stats::Event;
 /// Token generations as read by one render: `(token, generation)`.
 type Reads = Vec<(Box<str>, u64)>;
 
+/// What one render learned from the blocks nested in it.
+#[derive(Default)]
+struct Nested {
+    reads: Reads,
+    /// A nested block could not read its generations (backend trouble): the
+    /// enclosing output depends on tokens nobody recorded, so it must not be
+    /// stored. Without this an outer block could be cached with no way to be
+    /// invalidated by its inner tokens.
+    unknown: bool,
+}
+
 thread_local! {
-    static FRAMES: RefCell<Vec<Reads>> = const { RefCell::new(Vec::new()) };
+    static FRAMES: RefCell<Vec<Nested>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Tells the enclosing render (if any) which generations this block depends on.
 fn report(reads: &[(Box<str>, u64)]) {
     FRAMES.with(|f| {
         if let Some(top) = f.borrow_mut().last_mut() {
-            top.extend(reads.iter().cloned());
+            top.reads.extend(reads.iter().cloned());
+        }
+    });
+}
+
+/// Tells the enclosing render (if any) that this block's dependencies are
+/// unknown, so the enclosing output must not be stored.
+fn report_unknown() {
+    FRAMES.with(|f| {
+        if let Some(top) = f.borrow_mut().last_mut() {
+            top.unknown = true;
         }
     });
 }
@@ -48,10 +69,10 @@ struct Frame {
 
 impl Frame {
     fn push() -> Frame {
-        FRAMES.with(|f| f.borrow_mut().push(Vec::new()));
+        FRAMES.with(|f| f.borrow_mut().push(Nested::default()));
         Frame { done: false }
     }
-    fn finish(mut self) -> Reads {
+    fn finish(mut self) -> Nested {
         self.done = true;
         FRAMES.with(|f| f.borrow_mut().pop()).unwrap_or_default()
     }
@@ -69,6 +90,18 @@ impl Drop for Frame {
 struct Rendered {
     html: String,
     reads: Reads,
+    /// Some nested dependency is unknown (see [`Nested::unknown`]).
+    unknown: bool,
+}
+
+impl Rendered {
+    /// Passes what this render depends on to the enclosing render.
+    fn report(&self) {
+        report(&self.reads);
+        if self.unknown {
+            report_unknown();
+        }
+    }
 }
 
 #[derive(Default)]
@@ -343,6 +376,7 @@ impl ICache {
                 return Ok(html.to_string());
             }
             Lookup::Down => {
+                report_unknown();
                 let started = Instant::now();
                 let out = render();
                 counters.rendered(started.elapsed());
@@ -361,7 +395,7 @@ impl ICache {
                     Ok(rendered) => {
                         let rendered = Arc::new(rendered);
                         guard.publish(Some(rendered.clone()));
-                        report(&rendered.reads);
+                        rendered.report();
                         Ok(rendered.html.clone())
                     }
                     Err(e) => {
@@ -424,16 +458,25 @@ impl ICache {
         let html = out?;
         // Nested tokens beyond our own, first read of each (the oldest).
         let mut deps: Reads = Vec::new();
-        for (t, g) in nested {
+        for (t, g) in nested.reads {
             if !tokens.contains(&&*t) && !deps.iter().any(|(d, _)| *d == t) {
                 deps.push((t, g));
             }
         }
         let version = own_version.wrapping_add(sum(&deps));
-        self.store_checked(name, tokens, version, &deps, html.clone(), instance);
+        if nested.unknown {
+            self.inner().counters.count(Event::Outdated);
+            tracing::debug!("icache: a nested block could not be checked; output not stored");
+        } else {
+            self.store_checked(name, tokens, version, &deps, html.clone(), instance);
+        }
         let mut reads = own;
         reads.extend(deps);
-        Ok(Rendered { html, reads })
+        Ok(Rendered {
+            html,
+            reads,
+            unknown: nested.unknown,
+        })
     }
 
     /// Stores `html` under `version` unless the generations moved on while it

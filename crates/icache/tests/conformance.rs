@@ -24,6 +24,8 @@ pub(crate) enum Kind {
     Memcached,
     /// Three memcached servers behind one `memcached://a,b,c` URL.
     MemcachedPool,
+    /// A Redis Cluster of three masters.
+    RedisCluster,
 }
 
 impl Kind {
@@ -38,6 +40,7 @@ pub(crate) enum Server {
     Redis(RedisServer),
     Memcached(MemcachedServer),
     MemcachedPool(Vec<MemcachedServer>),
+    RedisCluster(support::RedisCluster),
 }
 
 pub(crate) struct Ctx {
@@ -57,6 +60,7 @@ impl Ctx {
                 MemcachedServer::start()?,
                 MemcachedServer::start()?,
             ]),
+            Kind::RedisCluster => Server::RedisCluster(support::RedisCluster::start(3)?),
         };
         let mut ctx = Ctx {
             kind,
@@ -80,6 +84,7 @@ impl Ctx {
                     .collect::<Vec<_>>()
                     .join(",")
             ),
+            Server::RedisCluster(c) => c.url(),
         }
     }
 
@@ -94,6 +99,7 @@ impl Ctx {
             Server::Redis(s) => vec![s.port()],
             Server::Memcached(s) => vec![s.port()],
             Server::MemcachedPool(v) => v.iter().map(MemcachedServer::port).collect(),
+            Server::RedisCluster(c) => c.ports(),
         }
     }
 
@@ -120,10 +126,16 @@ impl Ctx {
             Kind::Memory => {
                 assert!(self.cache.forget_token(token).expect("forget"));
             }
-            Kind::Redis => assert_eq!(
-                raw_redis(self.port(), &[b"DEL", key_of("g", token).as_bytes()]),
-                ":1"
-            ),
+            Kind::Redis | Kind::RedisCluster => {
+                // On a cluster only the owner of the slot deletes; the others
+                // answer MOVED.
+                let deleted = self
+                    .ports()
+                    .into_iter()
+                    .filter(|&p| raw_redis(p, &[b"DEL", key_of("g", token).as_bytes()]) == ":1")
+                    .count();
+                assert_eq!(deleted, 1);
+            }
             Kind::Memcached | Kind::MemcachedPool => {
                 // On a pool the key lives on one of the servers.
                 let deleted = self
@@ -144,11 +156,13 @@ impl Ctx {
     fn write_foreign(&self, key: &str, bytes: &[u8]) -> bool {
         match self.kind {
             Kind::Memory => false,
-            Kind::Redis => {
-                assert_eq!(
-                    raw_redis(self.port(), &[b"SET", key.as_bytes(), bytes]),
-                    "+OK"
-                );
+            Kind::Redis | Kind::RedisCluster => {
+                let stored = self
+                    .ports()
+                    .into_iter()
+                    .filter(|&p| raw_redis(p, &[b"SET", key.as_bytes(), bytes]) == "+OK")
+                    .count();
+                assert_eq!(stored, 1);
                 true
             }
             Kind::Memcached | Kind::MemcachedPool => {
@@ -213,6 +227,7 @@ macro_rules! suite {
             mod redis { $( #[test] fn $case() { crate::run(crate::Kind::Redis, { use $cases as c; c::$case }) } )* }
             mod memcached { $( #[test] fn $case() { crate::run(crate::Kind::Memcached, { use $cases as c; c::$case }) } )* }
             mod memcached_pool { $( #[test] fn $case() { crate::run(crate::Kind::MemcachedPool, { use $cases as c; c::$case }) } )* }
+            mod redis_cluster { $( #[test] fn $case() { crate::run(crate::Kind::RedisCluster, { use $cases as c; c::$case }) } )* }
         }
     };
 }
@@ -644,7 +659,7 @@ mod object_cases {
             ),
             // The harness allows 32 MB items.
             Kind::Memcached | Kind::MemcachedPool => (ctx.cache.clone(), 40 << 20),
-            Kind::Redis => {
+            Kind::Redis | Kind::RedisCluster => {
                 eprintln!("too large: Redis takes values up to 512 MB; nothing to check here");
                 return;
             }
@@ -671,6 +686,7 @@ mod object_cases {
             Kind::Redis => "used_memory",
             Kind::Memcached => "curr_items",
             Kind::MemcachedPool => "server2.curr_items",
+            Kind::RedisCluster => "node2.used_memory",
         };
         assert!(stats.iter().any(|(k, _)| k == want), "{stats:?}");
         ctx.cache.ping().expect("ping");
@@ -682,6 +698,9 @@ mod object_cases {
             Kind::Redis => "redis://user:hunter2@127.0.0.1:1/0?timeout_ms=50".into(),
             Kind::Memcached => "memcached://user:hunter2@127.0.0.1:1".into(),
             Kind::MemcachedPool => "memcached://user:hunter2@127.0.0.1:1,127.0.0.1:2".into(),
+            Kind::RedisCluster => {
+                "redis+cluster://user:hunter2@127.0.0.1:1,127.0.0.1:2?timeout_ms=50".into()
+            }
         };
         match ICache::from_url(&url) {
             Ok(c) => {

@@ -23,6 +23,8 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::keys::{self, Key};
 use crate::pool::Pool;
 
+pub(crate) mod cluster;
+
 /// A connection and the server instance it talks to (`run_id`).
 struct Conn {
     con: redis::Connection,
@@ -51,12 +53,18 @@ impl Redis {
         let Target::Redis { url, ca_file } = &config.target else {
             return Err(Error::config("not a redis:// URL"));
         };
+        Redis::open(url, ca_file.as_deref(), config, config.redacted.clone())
+    }
+
+    /// A connection-pooled client of one server; `redacted` names it in
+    /// messages.
+    fn open(url: &str, ca_file: Option<&str>, config: &Config, redacted: String) -> Result<Self> {
         let bad = |e: redis::RedisError| {
             // redis-rs messages do not echo the URL, but be sure: ours only names
             // the redacted form.
             Error::config(format!(
                 "{}: {}",
-                config.redacted,
+                redacted,
                 e.detail().unwrap_or("invalid Redis URL")
             ))
         };
@@ -65,12 +73,12 @@ impl Redis {
                 let pem = std::fs::read(path).map_err(|e| {
                     Error::config(format!(
                         "ca_file={path:?} in {}: cannot read it",
-                        config.redacted
+                        redacted
                     ))
                     .with_source(e)
                 })?;
                 redis::Client::build_with_tls(
-                    url.as_str(),
+                    url,
                     redis::TlsCertificates {
                         client_tls: None,
                         root_cert: Some(pem),
@@ -78,7 +86,7 @@ impl Redis {
                 )
                 .map_err(bad)?
             }
-            None => redis::Client::open(url.as_str()).map_err(bad)?,
+            None => redis::Client::open(url).map_err(bad)?,
         };
         Ok(Redis {
             client,
@@ -86,7 +94,7 @@ impl Redis {
             prefix: config.prefix.clone(),
             timeout: config.timeout,
             connect_timeout: config.connect_timeout,
-            redacted: config.redacted.clone(),
+            redacted,
         })
     }
 
@@ -145,6 +153,17 @@ impl Redis {
 
     fn key(&self, k: Key<'_>) -> String {
         keys::encode(&self.prefix, k)
+    }
+
+    /// "host:port" of this server.
+    fn node_addr(&self) -> String {
+        let info = self.client.get_connection_info();
+        match info.addr() {
+            redis::ConnectionAddr::Tcp(h, p) | redis::ConnectionAddr::TcpTls { host: h, port: p, .. } => {
+                format!("{h}:{p}")
+            }
+            other => other.to_string(),
+        }
     }
 
     /// Overwrites foreign bytes under a generation key with a fresh value.

@@ -459,7 +459,7 @@ pub mod cases {
                 100_000,
             ),
             Kind::Memcached | Kind::MemcachedPool => (ctx.cache.clone(), 40 << 20),
-            Kind::Redis => return,
+            Kind::Redis | Kind::RedisCluster => return,
         };
         let big = "y".repeat(size);
         let out = c
@@ -609,4 +609,33 @@ fn none_backend_renders_every_time() {
     assert_eq!(renders.load(Ordering::SeqCst), 3);
     c.incr("movies").expect("incr");
     assert_eq!(c.get("k").expect("get"), None);
+}
+
+/// An outer block whose inner block could not reach its backend depends on
+/// tokens nobody recorded: it is served but must not be stored (found by the
+/// cluster checker: such an outer entry was never invalidated again).
+#[test]
+fn outer_block_is_not_stored_when_an_inner_block_failed_open() {
+    let outer = ICache::memory();
+    let down =
+        ICache::from_url("redis://127.0.0.1:1?timeout_ms=50&connect_timeout_ms=50").expect("open");
+    let renders = AtomicUsize::new(0);
+    let page = || {
+        outer
+            .fragment(&["page"], || {
+                renders.fetch_add(1, Ordering::SeqCst);
+                let inner = down.fragment(&["data"], || Ok::<_, ()>("inner".to_string()))?;
+                Ok::<_, ()>(format!("<main>{inner}</main>"))
+            })
+            .expect("page")
+    };
+    assert_eq!(page(), "<main>inner</main>");
+    assert_eq!(page(), "<main>inner</main>");
+    assert_eq!(
+        renders.load(Ordering::SeqCst),
+        2,
+        "the outer block was cached without its inner tokens"
+    );
+    assert_eq!(outer.stats().stores, 0);
+    assert!(down.stats().errors >= 2);
 }

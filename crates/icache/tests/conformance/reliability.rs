@@ -60,6 +60,27 @@ pub fn check(
     readers: usize,
     scenario: impl FnOnce(&Phase, &Db),
 ) -> Report {
+    check_with(
+        reads_cache,
+        writes_cache,
+        writers,
+        readers,
+        &["checker-data".to_string()],
+        scenario,
+    )
+}
+
+/// [`check`] with the data under several tokens: writers bump them all, and
+/// every reader's block names them all.
+pub fn check_with(
+    reads_cache: &ICache,
+    writes_cache: &ICache,
+    writers: usize,
+    readers: usize,
+    tokens: &[String],
+    scenario: impl FnOnce(&Phase, &Db),
+) -> Report {
+    let tokens: Arc<Vec<String>> = Arc::new(tokens.to_vec());
     let db = Arc::new(Db::default());
     let phase = Arc::new(Phase::default());
     let report = Arc::new(std::sync::Mutex::new(Report::default()));
@@ -71,7 +92,9 @@ pub fn check(
             writes_cache.clone(),
             report.clone(),
         );
+        let tokens = tokens.clone();
         threads.push(thread::spawn(move || {
+            let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
             let (mut writes, mut failed) = (0, 0);
             while !phase.stop.load(Ordering::SeqCst) {
                 if phase.pause.load(Ordering::SeqCst) {
@@ -81,7 +104,7 @@ pub fn check(
                 // Commit, then bump.
                 let v = db.data.fetch_add(1, Ordering::SeqCst) + 1;
                 writes += 1;
-                match cache.incr("checker-data") {
+                match cache.incr_many(&tokens) {
                     Ok(_) => {
                         db.completed.fetch_max(v, Ordering::SeqCst);
                     }
@@ -101,7 +124,11 @@ pub fn check(
             reads_cache.clone(),
             report.clone(),
         );
+        let tokens = tokens.clone();
         threads.push(thread::spawn(move || {
+            let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
+            let mut with_other = tokens.clone();
+            with_other.push("other");
             let mut mine = Report::default();
             while !phase.stop.load(Ordering::SeqCst) {
                 let floor = db.completed.load(Ordering::SeqCst);
@@ -111,10 +138,10 @@ pub fn check(
                 // Half the readers read through a nested block: the outer
                 // block names only "page", the inner one the data token.
                 let out = if i % 2 == 0 {
-                    cache.fragment(&["checker-data", "other"], render)
+                    cache.fragment(&with_other, render)
                 } else {
                     cache.fragment_named("page", &["page"], || {
-                        let inner = cache.fragment(&["checker-data"], render)?;
+                        let inner = cache.fragment(&tokens, render)?;
                         Ok::<_, ()>(inner)
                     })
                 }
@@ -276,7 +303,7 @@ fn restart_scenario(ctx: &mut Ctx, snapshot: bool) {
         }
         thread::sleep(Duration::from_millis(300));
         // An invalidation during the outage is reported as an error.
-        if writes.incr("checker-data").is_err() {
+        if writes.incr_many(&["checker-data"]).is_err() {
             phase.failed_in_outage.fetch_add(1, Ordering::SeqCst);
         }
         thread::sleep(Duration::from_millis(200));
@@ -476,4 +503,175 @@ fn multi_process_checker() {
         assert!(reads >= 100 && writes >= 20, "{url}: too little traffic");
         assert_eq!(stale, 0, "{url}: stale reads across processes");
     }
+}
+
+// ---- pools and clusters: one node goes away mid-run ------------------------
+
+/// A pool server stops answering (its data stays), is marked down, its keys
+/// move to the others and move on there; when it answers again it still holds
+/// its old generations and entries. None of that may be served.
+#[test]
+fn memcached_pool_server_comes_back_with_old_data() {
+    let (Some(a), Some(b), Some(c)) = (
+        MemcachedServer::start(),
+        MemcachedServer::start(),
+        MemcachedServer::start(),
+    ) else {
+        return;
+    };
+    let proxy = crate::support::Proxy::start(b.port());
+    let url = format!(
+        "memcached://127.0.0.1:{},127.0.0.1:{},127.0.0.1:{}?timeout_ms=100&connect_timeout_ms=100",
+        a.port(),
+        proxy.port(),
+        c.port()
+    );
+    let reads = ICache::from_url(&url).expect("pool");
+    let writes = ICache::from_url(&url).expect("pool");
+    // Tokens spread over the servers, so some live on the one that hangs.
+    let r = check_tokens(&reads, &writes, |phase, db| {
+        thread::sleep(Duration::from_millis(500));
+        phase.down.store(true, Ordering::SeqCst);
+        proxy.pause();
+        thread::sleep(Duration::from_millis(1500));
+        proxy.resume();
+        phase.down.store(false, Ordering::SeqCst);
+        phase
+            .recovered_at
+            .store(db.data.load(Ordering::SeqCst), Ordering::SeqCst);
+        thread::sleep(Duration::from_millis(2000));
+    });
+    assert_clean("memcached pool, a server hangs and comes back", &r);
+    let stats = reads.server_stats().expect("stats");
+    assert!(
+        stats.iter().any(|(k, v)| k == "servers_up" && v == "3"),
+        "{stats:?}"
+    );
+}
+
+#[test]
+fn memcached_pool_server_killed_mid_run() {
+    let Some(mut ctx) = Ctx::start(Kind::MemcachedPool) else {
+        return;
+    };
+    let url = format!("{}?timeout_ms=200&connect_timeout_ms=200", ctx.base());
+    let reads = ICache::from_url(&url).expect("pool");
+    let writes = ICache::from_url(&url).expect("pool");
+    let Server::MemcachedPool(servers) = &mut ctx.server else {
+        unreachable!()
+    };
+    let r = check_tokens(&reads, &writes, |phase, db| {
+        thread::sleep(Duration::from_millis(500));
+        phase.down.store(true, Ordering::SeqCst);
+        servers[1].stop();
+        thread::sleep(Duration::from_millis(1500));
+        servers[1].restart();
+        phase.down.store(false, Ordering::SeqCst);
+        phase
+            .recovered_at
+            .store(db.data.load(Ordering::SeqCst), Ordering::SeqCst);
+        thread::sleep(Duration::from_millis(1500));
+    });
+    assert_clean("memcached pool, a server killed and restarted", &r);
+}
+
+/// The checker with several data tokens (so they spread over a pool's or a
+/// cluster's nodes): every writer bumps all of them, every reader's block
+/// names all of them.
+fn check_tokens(reads: &ICache, writes: &ICache, scenario: impl FnOnce(&Phase, &Db)) -> Report {
+    let tokens: Vec<String> = (0..8).map(|i| format!("spread-{i}")).collect();
+    check_with(reads, writes, 2, 4, &tokens, scenario)
+}
+
+#[test]
+fn redis_cluster_node_killed_mid_run() {
+    let Some(mut ctx) = Ctx::start(Kind::RedisCluster) else {
+        return;
+    };
+    let url = format!("{}?timeout_ms=200&connect_timeout_ms=200", ctx.base());
+    let reads = ICache::from_url(&url).expect("cluster");
+    let writes = ICache::from_url(&url).expect("cluster");
+    let Server::RedisCluster(cluster) = &mut ctx.server else {
+        unreachable!()
+    };
+    let r = check_tokens(&reads, &writes, |phase, db| {
+        thread::sleep(Duration::from_millis(700));
+        phase.down.store(true, Ordering::SeqCst);
+        cluster.stop_node(1);
+        thread::sleep(Duration::from_millis(1500));
+        cluster.restart_node(1);
+        phase.down.store(false, Ordering::SeqCst);
+        phase
+            .recovered_at
+            .store(db.data.load(Ordering::SeqCst), Ordering::SeqCst);
+        thread::sleep(Duration::from_millis(1500));
+    });
+    assert_clean("redis cluster, a master killed and restarted", &r);
+    assert!(
+        r.reads_while_down > 0,
+        "pages rendered during the outage: {r:?}"
+    );
+}
+
+/// A hit on a cluster sends only `GET`s, one per key, to the nodes that own
+/// them (written to every node before any answer is read), and nothing else:
+/// no slot-map reload, no multi-key command, no script.
+#[test]
+fn redis_cluster_hit_is_gets_only() {
+    let Some(ctx) = Ctx::start(Kind::RedisCluster) else {
+        return;
+    };
+    let c = &ctx.cache;
+    let tokens: Vec<String> = (0..8).map(|i| format!("hit-{i}")).collect();
+    let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
+    let page = || {
+        c.fragment(&refs, || Ok::<_, ()>("page".to_string()))
+            .expect("f")
+    };
+    page();
+    page();
+    let stats = |port: u16| -> (u64, u64) {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+        use std::io::{Read, Write};
+        s.write_all(b"INFO commandstats\r\n").expect("write");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut text = String::new();
+        let mut buf = [0u8; 65536];
+        while !text.contains("\r\n\r\n") && !text.ends_with("\r\n") || text.len() < 10 {
+            let n = s.read(&mut buf).expect("read");
+            if n == 0 {
+                break;
+            }
+            text.push_str(&String::from_utf8_lossy(&buf[..n]));
+            if text.lines().count() > 3 && text.ends_with("\r\n") {
+                break;
+            }
+        }
+        let calls = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
+                .and_then(|r| r.split(',').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0u64)
+        };
+        (
+            calls("get"),
+            calls("mget") + calls("cluster") + calls("eval") + calls("evalsha") + calls("set"),
+        )
+    };
+    let ports = ctx.ports();
+    let before: Vec<(u64, u64)> = ports.iter().map(|&p| stats(p)).collect();
+    assert_eq!(page(), "page");
+    let after: Vec<(u64, u64)> = ports.iter().map(|&p| stats(p)).collect();
+    let gets: u64 = after.iter().zip(&before).map(|(a, b)| a.0 - b.0).sum();
+    let others: u64 = after.iter().zip(&before).map(|(a, b)| a.1 - b.1).sum();
+    let nodes = after.iter().zip(&before).filter(|(a, b)| a.0 > b.0).count();
+    assert_eq!(
+        gets,
+        tokens.len() as u64 + 1,
+        "one GET per token and one for the entry"
+    );
+    assert_eq!(others, 0, "nothing else");
+    assert!(nodes >= 2, "the keys spread over the nodes ({nodes})");
 }

@@ -183,8 +183,9 @@ impl MemcachedPool {
 
 impl Backend for MemcachedPool {
     fn fetch(&self, tokens: &[&str], entries: &[Key<'_>]) -> Result<Fetched> {
-        let guard = self.guard();
+        // After `live()`, which may bring a server back (a new epoch).
         let live = self.live();
+        let guard = self.guard();
         let first = &self.nodes[0].server;
         let all: Vec<String> = tokens
             .iter()

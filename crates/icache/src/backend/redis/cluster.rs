@@ -1,0 +1,452 @@
+//! Redis Cluster (`redis+cluster://host:port,host:port`).
+//!
+//! Routing is ours, on redis-rs's plain connections: the slot map comes from
+//! `CLUSTER SLOTS`, a key's slot is CRC16 (XMODEM) of the key modulo 16384,
+//! exactly Redis's rule for keys without a `{hash tag}` (ours never have
+//! braces: readable names exclude them and hashed names are hex). We do not
+//! use redis-rs's cluster client because a hit must fetch keys that live on
+//! several nodes in **one round trip of latency**: we write each node's
+//! pipeline of `GET`s first and only then read the answers, so the nodes
+//! work in parallel. Nothing here sends a multi-key command or a script:
+//! per-key `GET`s, and per-key `MULTI; SET NX; INCR; EXEC` (one slot each).
+//!
+//! A `MOVED`/`ASK` answer or a failed node makes the next operation reload
+//! the slot map (at most every 100 ms). An operation that fails is an error,
+//! so blocks render uncached (fail-open) while the cluster is not ok.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use url::Url;
+
+use super::{Conn, Redis};
+use crate::backend::{Backend, Fetched, parse_gen, same_instance};
+use crate::codec::{self, Entry};
+use crate::config::{Config, Target};
+use crate::error::{Error, ErrorKind, Result};
+use crate::keys::{self, Key};
+
+const SLOTS: usize = 16384;
+/// The slot map is reloaded at most this often.
+const REFRESH_EVERY: Duration = Duration::from_millis(100);
+
+/// The slot of a key without a hash tag.
+fn slot(key: &str) -> usize {
+    usize::from(crc16::State::<crc16::XMODEM>::calculate(key.as_bytes())) % SLOTS
+}
+
+struct Topology {
+    /// Node index for every slot (`usize::MAX`: not served).
+    slots: Vec<usize>,
+    nodes: Vec<Arc<Redis>>,
+}
+
+pub(crate) struct RedisCluster {
+    /// The first seed URL: user, password and scheme for every node.
+    template: Url,
+    seeds: Vec<String>,
+    config: Config,
+    topology: RwLock<Option<Arc<Topology>>>,
+    /// Clients by "host:port", kept across reloads of the slot map.
+    clients: Mutex<HashMap<String, Arc<Redis>>>,
+    stale: Mutex<Option<Instant>>,
+    /// Bumped whenever the slot map changes: a block is stored only if the
+    /// routing did not change since its version was read.
+    epoch: AtomicU64,
+    prefix: String,
+    redacted: String,
+}
+
+impl std::fmt::Debug for RedisCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisCluster")
+            .field("url", &self.redacted)
+            .finish()
+    }
+}
+
+impl RedisCluster {
+    pub(crate) fn new(config: &Config) -> Result<Self> {
+        let Target::RedisCluster { nodes } = &config.target else {
+            return Err(Error::config("not a redis+cluster:// URL"));
+        };
+        let first = nodes
+            .first()
+            .ok_or_else(|| Error::config(format!("no node in {}", config.redacted)))?;
+        let template = Url::parse(first)
+            .map_err(|e| Error::config(format!("{}: {e}", config.redacted)))?;
+        let seeds = nodes
+            .iter()
+            .filter_map(|n| Url::parse(n).ok())
+            .map(|u| format!("{}:{}", u.host_str().unwrap_or_default(), u.port().unwrap_or(6379)))
+            .collect();
+        Ok(RedisCluster {
+            template,
+            seeds,
+            config: config.clone(),
+            topology: RwLock::new(None),
+            clients: Mutex::new(HashMap::new()),
+            stale: Mutex::new(None),
+            epoch: AtomicU64::new(0),
+            prefix: config.prefix.clone(),
+            redacted: config.redacted.clone(),
+        })
+    }
+
+    fn client(&self, addr: &str) -> Result<Arc<Redis>> {
+        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = clients.get(addr) {
+            return Ok(c.clone());
+        }
+        let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "6379"));
+        let mut url = self.template.clone();
+        url.set_host(Some(host.trim_start_matches('[').trim_end_matches(']')))
+            .map_err(|e| Error::config(format!("node {addr} of {}: {e}", self.redacted)))?;
+        url.set_port(port.parse().ok())
+            .map_err(|()| Error::config(format!("node {addr} of {}: bad port", self.redacted)))?;
+        let redacted = format!("{} (node {addr})", self.redacted);
+        let node = Arc::new(Redis::open(url.as_str(), None, &self.config, redacted)?);
+        clients.insert(addr.to_string(), node.clone());
+        Ok(node)
+    }
+
+    /// The current slot map, loaded or reloaded when needed.
+    fn topology(&self) -> Result<Arc<Topology>> {
+        let want_refresh = {
+            let stale = self.stale.lock().unwrap_or_else(PoisonError::into_inner);
+            stale.is_some_and(|since| since.elapsed() >= REFRESH_EVERY)
+        };
+        if !want_refresh
+            && let Some(t) = &*self.topology.read().unwrap_or_else(PoisonError::into_inner)
+        {
+            return Ok(t.clone());
+        }
+        match self.refresh() {
+            Ok(t) => Ok(t),
+            // Keep using the old map if there is one: the failing node's slots
+            // fail, the others work.
+            Err(e) => match &*self.topology.read().unwrap_or_else(PoisonError::into_inner) {
+                Some(t) => {
+                    *self.stale.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+                    Ok(t.clone())
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    fn mark_stale(&self) {
+        let mut stale = self.stale.lock().unwrap_or_else(PoisonError::into_inner);
+        if stale.is_none() {
+            // Reload on the very next operation.
+            *stale = Some(Instant::now() - REFRESH_EVERY);
+        }
+    }
+
+    fn refresh(&self) -> Result<Arc<Topology>> {
+        let mut candidates: Vec<String> = Vec::new();
+        if let Some(t) = &*self.topology.read().unwrap_or_else(PoisonError::into_inner) {
+            candidates.extend(t.nodes.iter().map(|n| n.node_addr()));
+        }
+        for s in &self.seeds {
+            if !candidates.contains(s) {
+                candidates.push(s.clone());
+            }
+        }
+        let mut last = None;
+        for addr in candidates {
+            let node = self.client(&addr)?;
+            match node.run("CLUSTER SLOTS", |con| redis::cmd("CLUSTER").arg("SLOTS").query::<redis::Value>(con)) {
+                Ok(v) => match self.parse_slots(&v) {
+                    Ok(t) => {
+                        let t = Arc::new(t);
+                        let mut current = self.topology.write().unwrap_or_else(PoisonError::into_inner);
+                        let changed = current.as_ref().is_none_or(|c| c.slots != t.slots);
+                        if changed {
+                            self.epoch.fetch_add(1, Ordering::SeqCst);
+                        }
+                        *current = Some(t.clone());
+                        *self.stale.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                        return Ok(t);
+                    }
+                    Err(e) => last = Some(e),
+                },
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::new(ErrorKind::Unavailable, format!("{}: no node answers", self.redacted))))
+    }
+
+    fn parse_slots(&self, v: &redis::Value) -> Result<Topology> {
+        let bad = || Error::new(ErrorKind::Backend, format!("{}: unexpected CLUSTER SLOTS answer", self.redacted));
+        let redis::Value::Array(ranges) = v else { return Err(bad()) };
+        let mut slots = vec![usize::MAX; SLOTS];
+        let mut nodes: Vec<Arc<Redis>> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for r in ranges {
+            let redis::Value::Array(parts) = r else { return Err(bad()) };
+            let (Some(redis::Value::Int(start)), Some(redis::Value::Int(end)), Some(redis::Value::Array(master))) =
+                (parts.first(), parts.get(1), parts.get(2))
+            else {
+                return Err(bad());
+            };
+            let host = match master.first() {
+                Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                Some(redis::Value::SimpleString(s)) => s.clone(),
+                _ => return Err(bad()),
+            };
+            let Some(redis::Value::Int(port)) = master.get(1) else { return Err(bad()) };
+            // An empty host means "the address you reached me on".
+            let host = if host.is_empty() { self.template.host_str().unwrap_or("127.0.0.1").to_string() } else { host };
+            let addr = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+            let i = match index.get(&addr) {
+                Some(&i) => i,
+                None => {
+                    nodes.push(self.client(&addr)?);
+                    index.insert(addr, nodes.len() - 1);
+                    nodes.len() - 1
+                }
+            };
+            let (start, end) = (usize::try_from(*start).map_err(|_| bad())?, usize::try_from(*end).map_err(|_| bad())?);
+            if start > end || end >= SLOTS {
+                return Err(bad());
+            }
+            slots[start..=end].fill(i);
+        }
+        Ok(Topology { slots, nodes })
+    }
+
+    fn key(&self, k: Key<'_>) -> String {
+        keys::encode(&self.prefix, k)
+    }
+
+    fn node_for(&self, t: &Topology, key: &str) -> Result<usize> {
+        match t.slots[slot(key)] {
+            usize::MAX => {
+                self.mark_stale();
+                Err(Error::new(ErrorKind::Unavailable, format!("{}: slot {} is not served", self.redacted, slot(key))))
+            }
+            i => Ok(i),
+        }
+    }
+
+    /// Runs `f` on each node with the keys it owns; results in key order.
+    fn per_node<T: Clone + Default>(
+        &self,
+        keys: &[Key<'_>],
+        f: impl Fn(&Redis, &[Key<'_>]) -> Result<Vec<T>>,
+    ) -> Result<Vec<T>> {
+        let t = self.topology()?;
+        let encoded: Vec<String> = keys.iter().map(|k| self.key(*k)).collect();
+        let route: Vec<usize> = encoded.iter().map(|k| self.node_for(&t, k)).collect::<Result<_>>()?;
+        let mut out = vec![T::default(); keys.len()];
+        for (i, node) in t.nodes.iter().enumerate() {
+            let idx: Vec<usize> = (0..keys.len()).filter(|&j| route[j] == i).collect();
+            if idx.is_empty() {
+                continue;
+            }
+            let group: Vec<Key<'_>> = idx.iter().map(|&j| keys[j]).collect();
+            let got = f(node, &group).inspect_err(|_| self.mark_stale())?;
+            for (j, v) in idx.into_iter().zip(got) {
+                out[j] = v;
+            }
+        }
+        Ok(out)
+    }
+
+    fn guard(&self) -> Arc<str> {
+        Arc::from(format!("cluster-epoch:{}", self.epoch.load(Ordering::SeqCst)))
+    }
+
+    /// One parallel round of `GET`s; `None` if a node moved a slot (retry).
+    fn fetch_once(&self, all: &[String]) -> Result<Option<Vec<Option<(Vec<u8>, Arc<str>)>>>> {
+        let t = self.topology()?;
+        let route: Vec<usize> = all.iter().map(|k| self.node_for(&t, k)).collect::<Result<_>>()?;
+        let mut sent: Vec<(usize, Conn, Vec<usize>)> = Vec::new();
+        let mut failure = None;
+        for (i, node) in t.nodes.iter().enumerate() {
+            let idx: Vec<usize> = (0..all.len()).filter(|&j| route[j] == i).collect();
+            if idx.is_empty() {
+                continue;
+            }
+            let mut pipe = redis::pipe();
+            for &j in &idx {
+                pipe.cmd("GET").arg(&all[j]);
+            }
+            let conn = match node.pool.take() {
+                Some(c) => Ok(c),
+                None => node.connect(),
+            };
+            match conn.and_then(|mut c| {
+                c.con.send_packed_command(&pipe.get_packed_pipeline()).map_err(|e| node.error("GET", e))?;
+                Ok(c)
+            }) {
+                Ok(c) => sent.push((i, c, idx)),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        let mut out: Vec<Option<(Vec<u8>, Arc<str>)>> = vec![None; all.len()];
+        let mut moved = false;
+        for (i, mut conn, idx) in sent {
+            if failure.is_some() {
+                continue; // unread answers: the connection is dropped
+            }
+            let node = &t.nodes[i];
+            let mut ok = true;
+            for &j in &idx {
+                match conn.con.recv_response() {
+                    Ok(redis::Value::Nil) => {}
+                    Ok(redis::Value::BulkString(b)) => out[j] = Some((b, conn.instance.clone())),
+                    Ok(redis::Value::ServerError(e)) if matches!(e.code(), "MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN") => {
+                        moved |= e.code() != "CLUSTERDOWN";
+                        if e.code() == "CLUSTERDOWN" {
+                            failure = Some(Error::new(ErrorKind::Unavailable, format!("{}: the cluster is down", self.redacted)));
+                        }
+                    }
+                    Ok(other) => {
+                        failure = Some(Error::new(ErrorKind::Backend, format!("{}: unexpected answer {other:?}", self.redacted)));
+                        ok = false;
+                        break;
+                    }
+                    Err(e) => {
+                        failure = Some(node.error("GET", e));
+                        ok = false;
+                        break;
+                    }
+                }
+            }
+            if ok {
+                node.pool.put(conn);
+            }
+        }
+        if let Some(e) = failure {
+            self.mark_stale();
+            return Err(e);
+        }
+        if moved {
+            self.mark_stale();
+            return Ok(None);
+        }
+        Ok(Some(out))
+    }
+}
+
+impl Backend for RedisCluster {
+    fn fetch(&self, tokens: &[&str], entries: &[Key<'_>]) -> Result<Fetched> {
+        let all: Vec<String> = tokens
+            .iter()
+            .map(|t| self.key(Key::gen_(t)))
+            .chain(entries.iter().map(|k| self.key(*k)))
+            .collect();
+        let mut values = None;
+        for _ in 0..3 {
+            if let Some(v) = self.fetch_once(&all)? {
+                values = Some(v);
+                break;
+            }
+        }
+        let values = values.ok_or_else(|| {
+            Error::new(ErrorKind::Unavailable, format!("{}: slots kept moving", self.redacted))
+        })?;
+        // Taken after the slot map the values came through was loaded.
+        let guard = self.guard();
+        let mut values = values.into_iter();
+        let gens = values
+            .by_ref()
+            .take(tokens.len())
+            .map(|v| v.and_then(|(b, _)| parse_gen(&b)))
+            .collect();
+        let entries = values
+            .map(|v| {
+                v.and_then(|(b, inst)| {
+                    codec::decode(Bytes::from(b)).and_then(|(e, from)| same_instance(e, from.as_deref(), &inst))
+                })
+            })
+            .collect();
+        Ok(Fetched {
+            gens,
+            entries,
+            instance: Some(guard),
+        })
+    }
+
+    fn init_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
+        let pairs: Vec<(Key<'_>, u64)> = gens.iter().copied().zip(fresh.iter().copied()).collect();
+        self.per_node(gens, |node, group| {
+            let f: Vec<u64> = group.iter().map(|k| fresh_of(&pairs, k)).collect();
+            node.init_gens(group, &f)
+        })
+    }
+
+    fn incr_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
+        let pairs: Vec<(Key<'_>, u64)> = gens.iter().copied().zip(fresh.iter().copied()).collect();
+        self.per_node(gens, |node, group| {
+            let f: Vec<u64> = group.iter().map(|k| fresh_of(&pairs, k)).collect();
+            node.incr_gens(group, &f)
+        })
+    }
+
+    fn set(&self, key: Key<'_>, entry: Arc<Entry>, ttl: Option<Duration>, guard: Option<&str>) -> Result<bool> {
+        if guard.is_some_and(|g| *g != *self.guard()) {
+            return Ok(false);
+        }
+        let out = self.per_node(&[key], |node, group| Ok(vec![node.set(group[0], entry.clone(), ttl, None)?]))?;
+        Ok(out.first().copied().unwrap_or(false))
+    }
+
+    fn delete(&self, key: Key<'_>) -> Result<bool> {
+        let out = self.per_node(&[key], |node, group| Ok(vec![node.delete(group[0])?]))?;
+        Ok(out.first().copied().unwrap_or(false))
+    }
+
+    fn ping(&self) -> Result<()> {
+        let t = self.topology()?;
+        for node in &t.nodes {
+            node.ping().inspect_err(|_| self.mark_stale())?;
+        }
+        Ok(())
+    }
+
+    fn server_stats(&self) -> Result<Vec<(String, String)>> {
+        let t = self.topology()?;
+        let mut out = vec![("nodes".to_string(), t.nodes.len().to_string())];
+        for (i, node) in t.nodes.iter().enumerate() {
+            out.push((format!("node{i}"), node.node_addr()));
+            match node.server_stats() {
+                Ok(stats) => out.extend(stats.into_iter().map(|(k, v)| (format!("node{i}.{k}"), v))),
+                Err(e) => out.push((format!("node{i}.error"), e.to_string())),
+            }
+        }
+        Ok(out)
+    }
+
+    fn name(&self) -> &'static str {
+        "redis-cluster"
+    }
+}
+
+fn fresh_of(pairs: &[(Key<'_>, u64)], k: &Key<'_>) -> u64 {
+    pairs
+        .iter()
+        .find(|(g, _)| g.name == k.name && g.space == k.space)
+        .map_or(1, |(_, f)| *f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slot;
+
+    #[test]
+    fn slots_match_redis() {
+        // Values from `CLUSTER KEYSLOT`.
+        assert_eq!(slot("foo"), 12182);
+        assert_eq!(slot("bar"), 5061);
+        assert_eq!(slot("ic:g:movies"), slot("ic:g:movies"));
+    }
+}
