@@ -71,11 +71,8 @@ impl Redis {
         let client = match ca_file {
             Some(path) => {
                 let pem = std::fs::read(path).map_err(|e| {
-                    Error::config(format!(
-                        "ca_file={path:?} in {}: cannot read it",
-                        redacted
-                    ))
-                    .with_source(e)
+                    Error::config(format!("ca_file={path:?} in {}: cannot read it", redacted))
+                        .with_source(e)
                 })?;
                 redis::Client::build_with_tls(
                     url,
@@ -159,7 +156,10 @@ impl Redis {
     fn node_addr(&self) -> String {
         let info = self.client.get_connection_info();
         match info.addr() {
-            redis::ConnectionAddr::Tcp(h, p) | redis::ConnectionAddr::TcpTls { host: h, port: p, .. } => {
+            redis::ConnectionAddr::Tcp(h, p)
+            | redis::ConnectionAddr::TcpTls {
+                host: h, port: p, ..
+            } => {
                 format!("{h}:{p}")
             }
             other => other.to_string(),

@@ -30,6 +30,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::keys::{self, Key};
 
 const SLOTS: usize = 16384;
+
+/// A value found, with the instance of the node that answered.
+type Found = Option<(Vec<u8>, Arc<str>)>;
 /// The slot map is reloaded at most this often.
 const REFRESH_EVERY: Duration = Duration::from_millis(100);
 
@@ -76,12 +79,18 @@ impl RedisCluster {
         let first = nodes
             .first()
             .ok_or_else(|| Error::config(format!("no node in {}", config.redacted)))?;
-        let template = Url::parse(first)
-            .map_err(|e| Error::config(format!("{}: {e}", config.redacted)))?;
+        let template =
+            Url::parse(first).map_err(|e| Error::config(format!("{}: {e}", config.redacted)))?;
         let seeds = nodes
             .iter()
             .filter_map(|n| Url::parse(n).ok())
-            .map(|u| format!("{}:{}", u.host_str().unwrap_or_default(), u.port().unwrap_or(6379)))
+            .map(|u| {
+                format!(
+                    "{}:{}",
+                    u.host_str().unwrap_or_default(),
+                    u.port().unwrap_or(6379)
+                )
+            })
             .collect();
         Ok(RedisCluster {
             template,
@@ -130,7 +139,8 @@ impl RedisCluster {
             // fail, the others work.
             Err(e) => match &*self.topology.read().unwrap_or_else(PoisonError::into_inner) {
                 Some(t) => {
-                    *self.stale.lock().unwrap_or_else(PoisonError::into_inner) = Some(Instant::now());
+                    *self.stale.lock().unwrap_or_else(PoisonError::into_inner) =
+                        Some(Instant::now());
                     Ok(t.clone())
                 }
                 None => Err(e),
@@ -159,11 +169,18 @@ impl RedisCluster {
         let mut last = None;
         for addr in candidates {
             let node = self.client(&addr)?;
-            match node.run("CLUSTER SLOTS", |con| redis::cmd("CLUSTER").arg("SLOTS").query::<redis::Value>(con)) {
+            match node.run("CLUSTER SLOTS", |con| {
+                redis::cmd("CLUSTER")
+                    .arg("SLOTS")
+                    .query::<redis::Value>(con)
+            }) {
                 Ok(v) => match self.parse_slots(&v) {
                     Ok(t) => {
                         let t = Arc::new(t);
-                        let mut current = self.topology.write().unwrap_or_else(PoisonError::into_inner);
+                        let mut current = self
+                            .topology
+                            .write()
+                            .unwrap_or_else(PoisonError::into_inner);
                         let changed = current.as_ref().is_none_or(|c| c.slots != t.slots);
                         if changed {
                             self.epoch.fetch_add(1, Ordering::SeqCst);
@@ -177,19 +194,36 @@ impl RedisCluster {
                 Err(e) => last = Some(e),
             }
         }
-        Err(last.unwrap_or_else(|| Error::new(ErrorKind::Unavailable, format!("{}: no node answers", self.redacted))))
+        Err(last.unwrap_or_else(|| {
+            Error::new(
+                ErrorKind::Unavailable,
+                format!("{}: no node answers", self.redacted),
+            )
+        }))
     }
 
     fn parse_slots(&self, v: &redis::Value) -> Result<Topology> {
-        let bad = || Error::new(ErrorKind::Backend, format!("{}: unexpected CLUSTER SLOTS answer", self.redacted));
-        let redis::Value::Array(ranges) = v else { return Err(bad()) };
+        let bad = || {
+            Error::new(
+                ErrorKind::Backend,
+                format!("{}: unexpected CLUSTER SLOTS answer", self.redacted),
+            )
+        };
+        let redis::Value::Array(ranges) = v else {
+            return Err(bad());
+        };
         let mut slots = vec![usize::MAX; SLOTS];
         let mut nodes: Vec<Arc<Redis>> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
         for r in ranges {
-            let redis::Value::Array(parts) = r else { return Err(bad()) };
-            let (Some(redis::Value::Int(start)), Some(redis::Value::Int(end)), Some(redis::Value::Array(master))) =
-                (parts.first(), parts.get(1), parts.get(2))
+            let redis::Value::Array(parts) = r else {
+                return Err(bad());
+            };
+            let (
+                Some(redis::Value::Int(start)),
+                Some(redis::Value::Int(end)),
+                Some(redis::Value::Array(master)),
+            ) = (parts.first(), parts.get(1), parts.get(2))
             else {
                 return Err(bad());
             };
@@ -198,10 +232,20 @@ impl RedisCluster {
                 Some(redis::Value::SimpleString(s)) => s.clone(),
                 _ => return Err(bad()),
             };
-            let Some(redis::Value::Int(port)) = master.get(1) else { return Err(bad()) };
+            let Some(redis::Value::Int(port)) = master.get(1) else {
+                return Err(bad());
+            };
             // An empty host means "the address you reached me on".
-            let host = if host.is_empty() { self.template.host_str().unwrap_or("127.0.0.1").to_string() } else { host };
-            let addr = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+            let host = if host.is_empty() {
+                self.template.host_str().unwrap_or("127.0.0.1").to_string()
+            } else {
+                host
+            };
+            let addr = if host.contains(':') {
+                format!("[{host}]:{port}")
+            } else {
+                format!("{host}:{port}")
+            };
             let i = match index.get(&addr) {
                 Some(&i) => i,
                 None => {
@@ -210,7 +254,10 @@ impl RedisCluster {
                     nodes.len() - 1
                 }
             };
-            let (start, end) = (usize::try_from(*start).map_err(|_| bad())?, usize::try_from(*end).map_err(|_| bad())?);
+            let (start, end) = (
+                usize::try_from(*start).map_err(|_| bad())?,
+                usize::try_from(*end).map_err(|_| bad())?,
+            );
             if start > end || end >= SLOTS {
                 return Err(bad());
             }
@@ -227,7 +274,10 @@ impl RedisCluster {
         match t.slots[slot(key)] {
             usize::MAX => {
                 self.mark_stale();
-                Err(Error::new(ErrorKind::Unavailable, format!("{}: slot {} is not served", self.redacted, slot(key))))
+                Err(Error::new(
+                    ErrorKind::Unavailable,
+                    format!("{}: slot {} is not served", self.redacted, slot(key)),
+                ))
             }
             i => Ok(i),
         }
@@ -241,7 +291,10 @@ impl RedisCluster {
     ) -> Result<Vec<T>> {
         let t = self.topology()?;
         let encoded: Vec<String> = keys.iter().map(|k| self.key(*k)).collect();
-        let route: Vec<usize> = encoded.iter().map(|k| self.node_for(&t, k)).collect::<Result<_>>()?;
+        let route: Vec<usize> = encoded
+            .iter()
+            .map(|k| self.node_for(&t, k))
+            .collect::<Result<_>>()?;
         let mut out = vec![T::default(); keys.len()];
         for (i, node) in t.nodes.iter().enumerate() {
             let idx: Vec<usize> = (0..keys.len()).filter(|&j| route[j] == i).collect();
@@ -258,13 +311,19 @@ impl RedisCluster {
     }
 
     fn guard(&self) -> Arc<str> {
-        Arc::from(format!("cluster-epoch:{}", self.epoch.load(Ordering::SeqCst)))
+        Arc::from(format!(
+            "cluster-epoch:{}",
+            self.epoch.load(Ordering::SeqCst)
+        ))
     }
 
     /// One parallel round of `GET`s; `None` if a node moved a slot (retry).
-    fn fetch_once(&self, all: &[String]) -> Result<Option<Vec<Option<(Vec<u8>, Arc<str>)>>>> {
+    fn fetch_once(&self, all: &[String]) -> Result<Option<Vec<Found>>> {
         let t = self.topology()?;
-        let route: Vec<usize> = all.iter().map(|k| self.node_for(&t, k)).collect::<Result<_>>()?;
+        let route: Vec<usize> = all
+            .iter()
+            .map(|k| self.node_for(&t, k))
+            .collect::<Result<_>>()?;
         let mut sent: Vec<(usize, Conn, Vec<usize>)> = Vec::new();
         let mut failure = None;
         for (i, node) in t.nodes.iter().enumerate() {
@@ -281,7 +340,9 @@ impl RedisCluster {
                 None => node.connect(),
             };
             match conn.and_then(|mut c| {
-                c.con.send_packed_command(&pipe.get_packed_pipeline()).map_err(|e| node.error("GET", e))?;
+                c.con
+                    .send_packed_command(&pipe.get_packed_pipeline())
+                    .map_err(|e| node.error("GET", e))?;
                 Ok(c)
             }) {
                 Ok(c) => sent.push((i, c, idx)),
@@ -291,7 +352,7 @@ impl RedisCluster {
                 }
             }
         }
-        let mut out: Vec<Option<(Vec<u8>, Arc<str>)>> = vec![None; all.len()];
+        let mut out: Vec<Found> = vec![None; all.len()];
         let mut moved = false;
         for (i, mut conn, idx) in sent {
             if failure.is_some() {
@@ -303,14 +364,22 @@ impl RedisCluster {
                 match conn.con.recv_response() {
                     Ok(redis::Value::Nil) => {}
                     Ok(redis::Value::BulkString(b)) => out[j] = Some((b, conn.instance.clone())),
-                    Ok(redis::Value::ServerError(e)) if matches!(e.code(), "MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN") => {
+                    Ok(redis::Value::ServerError(e))
+                        if matches!(e.code(), "MOVED" | "ASK" | "TRYAGAIN" | "CLUSTERDOWN") =>
+                    {
                         moved |= e.code() != "CLUSTERDOWN";
                         if e.code() == "CLUSTERDOWN" {
-                            failure = Some(Error::new(ErrorKind::Unavailable, format!("{}: the cluster is down", self.redacted)));
+                            failure = Some(Error::new(
+                                ErrorKind::Unavailable,
+                                format!("{}: the cluster is down", self.redacted),
+                            ));
                         }
                     }
                     Ok(other) => {
-                        failure = Some(Error::new(ErrorKind::Backend, format!("{}: unexpected answer {other:?}", self.redacted)));
+                        failure = Some(Error::new(
+                            ErrorKind::Backend,
+                            format!("{}: unexpected answer {other:?}", self.redacted),
+                        ));
                         ok = false;
                         break;
                     }
@@ -352,7 +421,10 @@ impl Backend for RedisCluster {
             }
         }
         let values = values.ok_or_else(|| {
-            Error::new(ErrorKind::Unavailable, format!("{}: slots kept moving", self.redacted))
+            Error::new(
+                ErrorKind::Unavailable,
+                format!("{}: slots kept moving", self.redacted),
+            )
         })?;
         // Taken after the slot map the values came through was loaded.
         let guard = self.guard();
@@ -365,7 +437,8 @@ impl Backend for RedisCluster {
         let entries = values
             .map(|v| {
                 v.and_then(|(b, inst)| {
-                    codec::decode(Bytes::from(b)).and_then(|(e, from)| same_instance(e, from.as_deref(), &inst))
+                    codec::decode(Bytes::from(b))
+                        .and_then(|(e, from)| same_instance(e, from.as_deref(), &inst))
                 })
             })
             .collect();
@@ -392,11 +465,19 @@ impl Backend for RedisCluster {
         })
     }
 
-    fn set(&self, key: Key<'_>, entry: Arc<Entry>, ttl: Option<Duration>, guard: Option<&str>) -> Result<bool> {
+    fn set(
+        &self,
+        key: Key<'_>,
+        entry: Arc<Entry>,
+        ttl: Option<Duration>,
+        guard: Option<&str>,
+    ) -> Result<bool> {
         if guard.is_some_and(|g| *g != *self.guard()) {
             return Ok(false);
         }
-        let out = self.per_node(&[key], |node, group| Ok(vec![node.set(group[0], entry.clone(), ttl, None)?]))?;
+        let out = self.per_node(&[key], |node, group| {
+            Ok(vec![node.set(group[0], entry.clone(), ttl, None)?])
+        })?;
         Ok(out.first().copied().unwrap_or(false))
     }
 
@@ -419,7 +500,9 @@ impl Backend for RedisCluster {
         for (i, node) in t.nodes.iter().enumerate() {
             out.push((format!("node{i}"), node.node_addr()));
             match node.server_stats() {
-                Ok(stats) => out.extend(stats.into_iter().map(|(k, v)| (format!("node{i}.{k}"), v))),
+                Ok(stats) => {
+                    out.extend(stats.into_iter().map(|(k, v)| (format!("node{i}.{k}"), v)))
+                }
                 Err(e) => out.push((format!("node{i}.error"), e.to_string())),
             }
         }
