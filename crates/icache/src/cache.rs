@@ -72,6 +72,8 @@ impl ICache {
     /// | `redis://[user:password@]host[:port][/db]` | Redis (feature `redis`) |
     /// | `rediss://…` (`#insecure` to skip certificate checks) | Redis over TLS (feature `redis`) |
     /// | `memcached://host[:port]` | memcached (feature `memcached`) |
+    /// | `memcached://h1:p1,h2:p2,…` | a memcached pool (rendezvous hashing) |
+    /// | `redis+cluster://h1:p1,h2:p2,…` | Redis Cluster (feature `redis`) |
     /// | `none://` | no cache: every block renders, nothing is stored |
     ///
     /// Options for every scheme: `prefix=` (keeps apps apart on a shared
