@@ -111,6 +111,34 @@ pub(crate) fn same_instance(
     Some(Arc::new(entry))
 }
 
+/// Splits a multi-key operation over shards (servers of a pool, nodes of a
+/// cluster): `route[i]` is key `i`'s shard; `f` runs once per shard that has
+/// keys, with their indices, and the results are put back in key order.
+#[cfg(any(feature = "redis", feature = "memcached"))]
+pub(crate) fn by_shard<T: Clone + Default>(
+    route: &[usize],
+    shards: usize,
+    mut f: impl FnMut(usize, &[usize]) -> Result<Vec<T>>,
+) -> Result<Vec<T>> {
+    let mut out = vec![T::default(); route.len()];
+    for shard in 0..shards {
+        let idx: Vec<usize> = (0..route.len()).filter(|&j| route[j] == shard).collect();
+        if idx.is_empty() {
+            continue;
+        }
+        for (j, v) in idx.iter().zip(f(shard, &idx)?) {
+            out[*j] = v;
+        }
+    }
+    Ok(out)
+}
+
+/// The items at `idx`.
+#[cfg(any(feature = "redis", feature = "memcached"))]
+pub(crate) fn pick<T: Copy>(items: &[T], idx: &[usize]) -> Vec<T> {
+    idx.iter().map(|&i| items[i]).collect()
+}
+
 /// A fresh random generation, in `1..=2^62`: never 0, and with headroom so that
 /// +1 bumps never overflow a signed 64-bit Redis integer.
 pub(crate) fn fresh_generation() -> u64 {

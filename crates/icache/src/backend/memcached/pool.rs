@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::{Conn, Fail, Memcached, read_values};
-use crate::backend::{Backend, Fetched, parse_gen, same_instance};
+use crate::backend::{Backend, Fetched, by_shard, parse_gen, pick, same_instance};
 use crate::codec::{self, Entry};
 use crate::config::{Config, Target};
 use crate::error::{Error, ErrorKind, Result};
@@ -155,29 +155,19 @@ impl MemcachedPool {
         Arc::from(format!("pool-epoch:{}", self.epoch.load(Ordering::SeqCst)))
     }
 
-    /// Groups `keys` by server and runs `f` on each group, marking servers
-    /// that fail as down. Results come back in the order of `keys`.
+    /// Runs `f` on each server with its keys (and their indices in `keys`),
+    /// marking a server that fails as down; results in key order.
     fn per_server<T: Clone + Default>(
         &self,
         keys: &[Key<'_>],
-        f: impl Fn(&Memcached, &[Key<'_>]) -> Result<Vec<T>>,
+        f: impl Fn(&Memcached, &[Key<'_>], &[usize]) -> Result<Vec<T>>,
     ) -> Result<Vec<T>> {
         let live = self.live();
         let encoded: Vec<String> = keys.iter().map(|k| self.nodes[0].server.key(*k)).collect();
         let route = self.route(&encoded, &live)?;
-        let mut out = vec![T::default(); keys.len()];
-        for (i, node) in self.nodes.iter().enumerate() {
-            let idx: Vec<usize> = (0..keys.len()).filter(|&j| route[j] == i).collect();
-            if idx.is_empty() {
-                continue;
-            }
-            let group: Vec<Key<'_>> = idx.iter().map(|&j| keys[j]).collect();
-            let got = f(&node.server, &group).inspect_err(|e| self.mark_down(i, e))?;
-            for (j, v) in idx.into_iter().zip(got) {
-                out[j] = v;
-            }
-        }
-        Ok(out)
+        by_shard(&route, self.nodes.len(), |i, idx| {
+            f(&self.nodes[i].server, &pick(keys, idx), idx).inspect_err(|e| self.mark_down(i, e))
+        })
     }
 }
 
@@ -269,36 +259,14 @@ impl Backend for MemcachedPool {
     }
 
     fn init_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
-        let with_fresh: Vec<(Key<'_>, u64)> =
-            gens.iter().copied().zip(fresh.iter().copied()).collect();
-        self.per_server(gens, |server, group| {
-            let f: Vec<u64> = group
-                .iter()
-                .map(|k| {
-                    with_fresh
-                        .iter()
-                        .find(|(g, _)| g.name == k.name && g.space == k.space)
-                        .map_or(1, |(_, f)| *f)
-                })
-                .collect();
-            server.init_gens(group, &f)
+        self.per_server(gens, |server, group, idx| {
+            server.init_gens(group, &pick(fresh, idx))
         })
     }
 
     fn incr_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
-        let with_fresh: Vec<(Key<'_>, u64)> =
-            gens.iter().copied().zip(fresh.iter().copied()).collect();
-        self.per_server(gens, |server, group| {
-            let f: Vec<u64> = group
-                .iter()
-                .map(|k| {
-                    with_fresh
-                        .iter()
-                        .find(|(g, _)| g.name == k.name && g.space == k.space)
-                        .map_or(1, |(_, f)| *f)
-                })
-                .collect();
-            server.incr_gens(group, &f)
+        self.per_server(gens, |server, group, idx| {
+            server.incr_gens(group, &pick(fresh, idx))
         })
     }
 
@@ -312,14 +280,16 @@ impl Backend for MemcachedPool {
         if guard.is_some_and(|g| *g != *self.guard()) {
             return Ok(false);
         }
-        let out = self.per_server(&[key], |server, group| {
+        let out = self.per_server(&[key], |server, group, _| {
             Ok(vec![server.set(group[0], entry.clone(), ttl, None)?])
         })?;
         Ok(out.first().copied().unwrap_or(false))
     }
 
     fn delete(&self, key: Key<'_>) -> Result<bool> {
-        let out = self.per_server(&[key], |server, group| Ok(vec![server.delete(group[0])?]))?;
+        let out = self.per_server(&[key], |server, group, _| {
+            Ok(vec![server.delete(group[0])?])
+        })?;
         Ok(out.first().copied().unwrap_or(false))
     }
 

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use url::Url;
 
 use super::{Conn, Redis};
-use crate::backend::{Backend, Fetched, parse_gen, same_instance};
+use crate::backend::{Backend, Fetched, by_shard, parse_gen, pick, same_instance};
 use crate::codec::{self, Entry};
 use crate::config::{Config, Target};
 use crate::error::{Error, ErrorKind, Result};
@@ -283,31 +283,21 @@ impl RedisCluster {
         }
     }
 
-    /// Runs `f` on each node with the keys it owns; results in key order.
+    /// Runs `f` on each node with the keys it owns (and their indices in
+    /// `keys`); results in key order.
     fn per_node<T: Clone + Default>(
         &self,
         keys: &[Key<'_>],
-        f: impl Fn(&Redis, &[Key<'_>]) -> Result<Vec<T>>,
+        f: impl Fn(&Redis, &[Key<'_>], &[usize]) -> Result<Vec<T>>,
     ) -> Result<Vec<T>> {
         let t = self.topology()?;
-        let encoded: Vec<String> = keys.iter().map(|k| self.key(*k)).collect();
-        let route: Vec<usize> = encoded
+        let route: Vec<usize> = keys
             .iter()
-            .map(|k| self.node_for(&t, k))
+            .map(|k| self.node_for(&t, &self.key(*k)))
             .collect::<Result<_>>()?;
-        let mut out = vec![T::default(); keys.len()];
-        for (i, node) in t.nodes.iter().enumerate() {
-            let idx: Vec<usize> = (0..keys.len()).filter(|&j| route[j] == i).collect();
-            if idx.is_empty() {
-                continue;
-            }
-            let group: Vec<Key<'_>> = idx.iter().map(|&j| keys[j]).collect();
-            let got = f(node, &group).inspect_err(|_| self.mark_stale())?;
-            for (j, v) in idx.into_iter().zip(got) {
-                out[j] = v;
-            }
-        }
-        Ok(out)
+        by_shard(&route, t.nodes.len(), |i, idx| {
+            f(&t.nodes[i], &pick(keys, idx), idx).inspect_err(|_| self.mark_stale())
+        })
     }
 
     fn guard(&self) -> Arc<str> {
@@ -450,18 +440,14 @@ impl Backend for RedisCluster {
     }
 
     fn init_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
-        let pairs: Vec<(Key<'_>, u64)> = gens.iter().copied().zip(fresh.iter().copied()).collect();
-        self.per_node(gens, |node, group| {
-            let f: Vec<u64> = group.iter().map(|k| fresh_of(&pairs, k)).collect();
-            node.init_gens(group, &f)
+        self.per_node(gens, |node, group, idx| {
+            node.init_gens(group, &pick(fresh, idx))
         })
     }
 
     fn incr_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
-        let pairs: Vec<(Key<'_>, u64)> = gens.iter().copied().zip(fresh.iter().copied()).collect();
-        self.per_node(gens, |node, group| {
-            let f: Vec<u64> = group.iter().map(|k| fresh_of(&pairs, k)).collect();
-            node.incr_gens(group, &f)
+        self.per_node(gens, |node, group, idx| {
+            node.incr_gens(group, &pick(fresh, idx))
         })
     }
 
@@ -475,14 +461,14 @@ impl Backend for RedisCluster {
         if guard.is_some_and(|g| *g != *self.guard()) {
             return Ok(false);
         }
-        let out = self.per_node(&[key], |node, group| {
+        let out = self.per_node(&[key], |node, group, _| {
             Ok(vec![node.set(group[0], entry.clone(), ttl, None)?])
         })?;
         Ok(out.first().copied().unwrap_or(false))
     }
 
     fn delete(&self, key: Key<'_>) -> Result<bool> {
-        let out = self.per_node(&[key], |node, group| Ok(vec![node.delete(group[0])?]))?;
+        let out = self.per_node(&[key], |node, group, _| Ok(vec![node.delete(group[0])?]))?;
         Ok(out.first().copied().unwrap_or(false))
     }
 
@@ -512,13 +498,6 @@ impl Backend for RedisCluster {
     fn name(&self) -> &'static str {
         "redis-cluster"
     }
-}
-
-fn fresh_of(pairs: &[(Key<'_>, u64)], k: &Key<'_>) -> u64 {
-    pairs
-        .iter()
-        .find(|(g, _)| g.name == k.name && g.space == k.space)
-        .map_or(1, |(_, f)| *f)
 }
 
 #[cfg(test)]
