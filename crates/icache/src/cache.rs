@@ -170,7 +170,8 @@ impl ICache {
         })
     }
 
-    /// `"memory"`, `"redis"` or `"memcached"`.
+    /// `"memory"`, `"redis"`, `"redis-cluster"`, `"memcached"` (one server or
+    /// a pool) or `"none"`.
     pub fn backend_name(&self) -> &'static str {
         self.inner.backend.name()
     }
