@@ -6,6 +6,7 @@
 # chromium + chromium-driver for the browser test. The tests start their own
 # servers on free loopback ports; nothing is left running.
 set -euo pipefail
+# (pipefail: a failing `cargo test` fails the script even through `tee`.)
 cd "$(dirname "$0")/.."
 
 need=()
@@ -23,10 +24,16 @@ if [ ${#need[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-cargo test --workspace --all-features "$@"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --all-features "$@" 2>&1 | tee "$log"
 
 # A short bounded fuzzing run keeps the cargo-fuzz targets building and
 # finding nothing (set ICACHE_SKIP_FUZZ=1 to skip it).
 if [ "${ICACHE_SKIP_FUZZ:-0}" != "1" ]; then
   bash scripts/fuzz.sh "${ICACHE_FUZZ_SECONDS:-10}"
 fi
+
+# One closing line over every test binary (cargo prints one per binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
