@@ -83,8 +83,30 @@ fn template_source(name: &str) -> Option<&'static str> {
         "index.html" => include_str!("templates/index.html"),
         "user.html" => include_str!("templates/user.html"),
         "error.html" => include_str!("templates/error.html"),
+        PERSONAL_BLOCK => personal_block(include_str!("templates/user.html"))?.0,
+        PERSONAL_BODY => personal_block(include_str!("templates/user.html"))?.1,
         _ => return None,
     })
+}
+
+/// user.html's personal-rating block alone, `{% icache … %}` tags included.
+/// No route renders it: it is for [`AppState::render_personal_rating`].
+const PERSONAL_BLOCK: &str = "user.html#personal-rating";
+/// The same block's body without the `{% icache %}` tags: the block uncached.
+const PERSONAL_BODY: &str = "user.html#personal-rating-body";
+
+/// Splits user.html's `{% icache 'movies-personal-rating' … %}…{% endicache %}`
+/// into (the whole block, its body). Sliced from the page's own source, so a
+/// benchmark of the block always measures what the site serves.
+fn personal_block(source: &str) -> Option<(&str, &str)> {
+    const END: &str = "{% endicache %}";
+    let start = source.find("{% icache 'movies-personal-rating'")?;
+    let body_start = start + source[start..].find("%}")? + 2;
+    let body_end = body_start + source[body_start..].find(END)?;
+    Some((
+        &source[start..body_end + END.len()],
+        &source[body_start..body_end],
+    ))
 }
 
 fn sql_error(e: rusqlite::Error) -> minijinja::Error {
@@ -202,6 +224,33 @@ impl AppState {
     /// The cache handle.
     pub fn cache(&self) -> &ICache {
         &self.0.cache
+    }
+
+    /// Renders user `user`'s personal-rating block alone, exactly as in their
+    /// page: through the cache (`cached`: a hit once it is stored), or the
+    /// block's body without the cache (SQLite query and MiniJinja every time).
+    /// For `icache-bench`, which compares the two.
+    ///
+    /// The uncached form lacks the block's final newline (MiniJinja drops a
+    /// template's trailing newline); the content is otherwise identical.
+    ///
+    /// # Errors
+    ///
+    /// The template's error (a database failure inside the block).
+    pub fn render_personal_rating(
+        &self,
+        user: i64,
+        cached: bool,
+    ) -> Result<String, minijinja::Error> {
+        let name = if cached {
+            PERSONAL_BLOCK
+        } else {
+            PERSONAL_BODY
+        };
+        // The block reads only `user.id`, so the user row is not fetched: a
+        // hit costs the cache lookup and nothing else.
+        let ctx = context! { user => context! { id => user } };
+        self.0.env.get_template(name)?.render(ctx)
     }
 
     fn common(&self) -> Value {
@@ -406,5 +455,42 @@ impl IntoResponse for ErrorPage {
                 )
             });
         (err.status, Html(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_personal_rating_block_alone_is_the_pages_block() {
+        let (block, body) =
+            personal_block(include_str!("templates/user.html")).expect("user.html has the block");
+        assert!(block.starts_with("{% icache 'movies-personal-rating' 'movies' user.id %}"));
+        assert!(block.ends_with("{% endicache %}") && block.contains(body));
+        assert!(!body.contains("icache"), "{body}");
+
+        let dir = std::env::temp_dir().join(format!("icache-demo-block-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let state = open(&dir, ICache::memory()).expect("open");
+        let plain = state.render_personal_rating(7, false).expect("uncached");
+        let miss = state.render_personal_rating(7, true).expect("miss");
+        let hit = state.render_personal_rating(7, true).expect("hit");
+        assert_eq!(state.cache().stats().hits, 1);
+        assert_eq!(miss, hit);
+        assert_eq!(hit.trim_end(), plain.trim_end());
+        assert_eq!(
+            crate::testing::movie_order(&hit, "personal").len(),
+            state.db().personal_ratings(7).expect("db").len()
+        );
+        // The same list as the page shows.
+        let page = state
+            .render(
+                "user.html",
+                context! { user => Serde(state.db().user(7).expect("db").expect("user 7")) },
+            )
+            .expect("page");
+        assert!(page.contains(hit.trim_end()));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
