@@ -22,7 +22,7 @@ use std::time::Instant;
 use crate::cache::ICache;
 use crate::codec::{Entry, Payload};
 use crate::error::Error;
-use crate::keys::{Key, join_parts};
+use crate::keys::{Key, join_parts_into, push_decimal};
 use crate::stats::Event;
 
 /// Token generations as read by one render: `(token, generation)`.
@@ -210,10 +210,18 @@ enum Lookup {
 /// The entry name of a block: its identity and its tokens, length-prefixed so
 /// that no two different lists give the same name.
 pub(crate) fn fragment_name(identity: &[&str], tokens: &[&str]) -> String {
-    let mut name = identity.len().to_string();
+    let parts = identity.iter().chain(tokens);
+    let mut name = String::with_capacity(parts.clone().map(|p| p.len() + 8).sum::<usize>() + 4);
+    push_decimal(&mut name, identity.len());
     name.push('|');
-    name.push_str(&join_parts(identity.iter().chain(tokens).copied()));
+    join_parts_into(&mut name, parts.copied());
     name
+}
+
+/// Is a render collecting nested dependencies on this thread? (Only then
+/// does a hit need to report what it read.)
+fn in_frame() -> bool {
+    FRAMES.with(|f| !f.borrow().is_empty())
 }
 
 fn sum(reads: &[(Box<str>, u64)]) -> u64 {
@@ -366,8 +374,6 @@ impl ICache {
         render: impl FnOnce() -> Result<String, E>,
     ) -> Result<String, E> {
         let name = fragment_name(identity, tokens);
-        let _span =
-            tracing::trace_span!("icache.fragment", backend = self.backend_name()).entered();
         let counters = &self.inner().counters;
         let (own, own_version, instance) = match self.lookup(&name, tokens) {
             Lookup::Hit { html, reads } => {
@@ -450,6 +456,7 @@ impl ICache {
         instance: Option<Arc<str>>,
         render: impl FnOnce() -> Result<String, E>,
     ) -> Result<Rendered, E> {
+        let _span = tracing::debug_span!("icache.render", backend = self.backend_name()).entered();
         let frame = Frame::push();
         let started = Instant::now();
         let out = render();
@@ -539,56 +546,79 @@ impl ICache {
             self.backend_trouble(&e);
             return Lookup::Down;
         }
-        let hints = self.inner().dep_hints.get(name);
-        let mut all: Vec<&str> = tokens.to_vec();
-        if let Some(h) = &hints {
-            for d in h.iter() {
-                if !all.contains(&&**d) {
-                    all.push(d);
-                }
+        // The tokens, and the nested tokens this process last saw the entry
+        // with, so that a hit is one round trip. No copy when there are none.
+        let hints = if self.inner().dep_hints.is_empty() {
+            None
+        } else {
+            self.inner().dep_hints.get(name)
+        };
+        let with_hints: Vec<&str>;
+        let all: &[&str] = match &hints {
+            None => tokens,
+            Some(h) => {
+                let mut v = tokens.to_vec();
+                v.extend(h.iter().map(|d| &**d).filter(|d| !tokens.contains(d)));
+                with_hints = v;
+                &with_hints
             }
-        }
-        let fetched = match self.inner().backend.fetch(&all, &[Key::fragment(name)]) {
+        };
+        let fetched = match self.inner().backend.fetch(all, &[Key::fragment(name)]) {
             Ok(f) => f,
             Err(e) => {
                 self.backend_trouble(&e);
                 return Lookup::Down;
             }
         };
-        let mut gens = match self.complete_gens(&all, fetched.gens) {
-            Ok(g) => g,
-            Err(e) => {
-                self.backend_trouble(&e);
-                return Lookup::Down;
+        let mut gens = fetched.gens;
+        if gens.iter().any(Option::is_none) {
+            match self.complete_gens(all, gens) {
+                Ok(g) => gens = g.into_iter().map(Some).collect(),
+                Err(e) => {
+                    self.backend_trouble(&e);
+                    return Lookup::Down;
+                }
             }
+        }
+        let gen_at = |i: usize| gens.get(i).copied().flatten().unwrap_or_default();
+        let own_version = (0..tokens.len()).fold(0u64, |s, i| s.wrapping_add(gen_at(i)));
+        let own_reads = || -> Reads {
+            tokens
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (Box::from(*t), gen_at(i)))
+                .collect()
         };
-        let own: Reads = tokens
-            .iter()
-            .zip(&gens)
-            .map(|(t, g)| (Box::from(*t), *g))
-            .collect();
-        let own_version = sum(&own);
         let instance = fetched.instance;
         let Some(entry) = fetched.entries.into_iter().next().flatten() else {
             return Lookup::Miss {
-                own,
+                own: own_reads(),
                 own_version,
                 instance,
             };
         };
         // Generations of the entry's nested tokens: from this round trip when
         // the hint was right, otherwise one more.
-        let missing: Vec<&str> = entry
-            .deps
-            .iter()
-            .map(|d| &**d)
-            .filter(|d| !all.contains(d))
-            .collect();
+        let mut dep_gens: Vec<u64> = Vec::with_capacity(entry.deps.len());
+        let mut missing: Vec<&str> = Vec::new();
+        for d in &entry.deps {
+            match all.iter().position(|a| a == &&**d) {
+                Some(i) => dep_gens.push(gen_at(i)),
+                None => {
+                    missing.push(d);
+                    dep_gens.push(0);
+                }
+            }
+        }
         if !missing.is_empty() {
             match self.generations(&missing) {
                 Ok(g) => {
-                    all.extend(missing);
-                    gens.extend(g);
+                    let mut g = g.into_iter();
+                    for (d, slot) in entry.deps.iter().zip(dep_gens.iter_mut()) {
+                        if missing.contains(&&**d) {
+                            *slot = g.next().unwrap_or_default();
+                        }
+                    }
                 }
                 Err(e) => {
                     self.backend_trouble(&e);
@@ -596,27 +626,29 @@ impl ICache {
                 }
             }
         }
-        if hints.as_deref() != Some(&*entry.deps) && !entry.deps.is_empty() {
+        if !entry.deps.is_empty() && hints.as_deref() != Some(&*entry.deps) {
             self.inner()
                 .dep_hints
                 .insert(name.to_owned(), Arc::from(entry.deps.clone()));
         }
-        let mut reads = own.clone();
-        for d in &entry.deps {
-            if let Some(i) = all.iter().position(|a| a == &&**d) {
-                reads.push((d.clone(), gens[i]));
-            }
-        }
-        let current = own_version.wrapping_add(sum(&reads[own.len()..]));
+        let current = dep_gens.iter().fold(own_version, |s, g| s.wrapping_add(*g));
         match (&entry.payload, entry.version) {
             (Payload::Text(html), Some(v)) if v == current => Lookup::Hit {
                 html: html.clone(),
-                reads,
+                // What it read, for an enclosing render; nothing to build
+                // when there is none (the common case of a top-level block).
+                reads: if in_frame() {
+                    let mut reads = own_reads();
+                    reads.extend(entry.deps.iter().cloned().zip(dep_gens));
+                    reads
+                } else {
+                    Vec::new()
+                },
             },
             _ => {
                 self.inner().counters.count(Event::Mismatch);
                 Lookup::Miss {
-                    own,
+                    own: own_reads(),
                     own_version,
                     instance,
                 }

@@ -133,14 +133,37 @@ pub(crate) fn encode(prefix: &str, key: Key<'_>) -> String {
 
 /// Joins several parts into one name without ambiguity: each part is preceded
 /// by its length, so `["a#b"]` and `["a", "b"]` can never give the same name.
+#[cfg(test)]
 pub(crate) fn join_parts<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
     let mut out = String::new();
+    join_parts_into(&mut out, parts);
+    out
+}
+
+/// [`join_parts`] into an existing string (no allocation beyond its growth:
+/// this runs on every block lookup).
+pub(crate) fn join_parts_into<'a>(out: &mut String, parts: impl IntoIterator<Item = &'a str>) {
     for part in parts {
-        out.push_str(&part.len().to_string());
+        push_decimal(out, part.len());
         out.push(':');
         out.push_str(part);
     }
-    out
+}
+
+/// Appends `n` in decimal, without the formatting machinery (hot path).
+pub(crate) fn push_decimal(out: &mut String, mut n: usize) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    out.push_str(std::str::from_utf8(&digits[i..]).unwrap_or("0"));
 }
 
 #[cfg(test)]
@@ -176,6 +199,15 @@ mod tests {
     fn spaces_are_apart() {
         assert_ne!(encode("", Key::gen_("a")), encode("", Key::versioned("a")));
         assert_ne!(encode("", Key::plain("a")), encode("", Key::versioned("a")));
+    }
+
+    #[test]
+    fn decimals() {
+        for n in [0usize, 7, 10, 99, 12345, usize::MAX] {
+            let mut s = String::new();
+            push_decimal(&mut s, n);
+            assert_eq!(s, n.to_string());
+        }
     }
 
     #[test]
