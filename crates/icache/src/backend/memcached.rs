@@ -299,9 +299,8 @@ impl Memcached {
             conn.send(req.as_bytes())?;
             Ok((read_values(conn, keys.len())?, conn.instance.clone()))
         })?;
-        let found: std::collections::HashMap<String, Vec<u8>> = found.into_iter().collect();
         Ok((
-            keys.iter().map(|k| found.get(k).cloned()).collect(),
+            in_key_order(keys, found.into_iter().collect()),
             Some(instance),
         ))
     }
@@ -368,6 +367,31 @@ fn instance_of(conn: &mut Conn) -> Answer<Arc<str>> {
         }
     }
     Ok(Arc::from(format!("{pid}@{}", time - uptime)))
+}
+
+/// The values found, in the order of `keys`. A key asked twice gets a copy;
+/// every other value moves (entries can be large: no needless copy).
+fn in_key_order<V: Clone>(
+    keys: &[String],
+    mut found: std::collections::HashMap<String, V>,
+) -> Vec<Option<V>> {
+    let mut left: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    for k in keys {
+        *left.entry(k.as_str()).or_default() += 1;
+    }
+    keys.iter()
+        .map(|k| {
+            let n = left.get_mut(k.as_str()).map(|n| {
+                *n -= 1;
+                *n
+            });
+            if n == Some(0) {
+                found.remove(k)
+            } else {
+                found.get(k).cloned()
+            }
+        })
+        .collect()
 }
 
 /// Values in the order asked, and the server instance that answered.

@@ -237,17 +237,17 @@ impl Backend for MemcachedPool {
             self.mark_down(i, &e);
             return Err(e);
         }
-        let mut values = all.iter().map(|k| found.get(k));
+        let mut values = super::in_key_order(&all, found).into_iter();
         let gens = values
             .by_ref()
             .take(tokens.len())
-            .map(|v| v.and_then(|(b, _)| parse_gen(b)))
+            .map(|v| v.and_then(|(b, _)| parse_gen(&b)))
             .collect();
         let entries = values
             .map(|v| {
                 v.and_then(|(b, inst)| {
-                    codec::decode(Bytes::copy_from_slice(b))
-                        .and_then(|(e, from)| same_instance(e, from.as_deref(), inst))
+                    codec::decode(Bytes::from(b))
+                        .and_then(|(e, from)| same_instance(e, from.as_deref(), &inst))
                 })
             })
             .collect();
