@@ -551,17 +551,17 @@ pub(crate) fn hit_vs_bare(servers: &Servers<'_>, settings: &Settings) -> Section
             "**2. {what}** ({measured} measured, {goal} wanted). The {gets} lookups take \
              {lookups}; adding the copy of the {size} value into the `String` a hit \
              returns makes {copied}, {share:.0}% of the hit's {hit}. The rest is what a \
-             hit does besides its lookups, by our reading of the hit path: it builds \
-             the fragment's name as a new string (a length prefix formatted per part), \
-             looks that name up once more among the nested-token hints, allocates the \
-             token list, the fetched generations and entries, and the list of reads it \
-             reports to enclosing blocks (every token name boxed, twice), and bumps \
-             its own and the `metrics` counters: about twenty small allocations and \
-             frees for a {n}-token hit. What would close it (changes in \
-             `crates/icache`): return the stored `Arc<str>` instead of a copy, build \
-             the name in a reused buffer, keep the short lists on the stack and borrow \
-             token names instead of boxing them; a hit would then cost little more \
-             than its lookups.",
+             hit does besides its lookups (measured with callgrind on the hit path): \
+             it builds the block's name (its identity and its {n} tokens, length \
+             prefixed) as a new string and hashes it for the entry's lookup, \
+             allocates the vectors of fetched generations and entries that every \
+             backend returns, checks the stored version against the sum, clones two \
+             `Arc`s, and bumps its own and the `metrics` counters: a handful of small \
+             allocations and frees, and the generic backend interface. What would \
+             close it (changes in `crates/icache`): return the stored `Arc<str>` \
+             instead of a copy, cache the block's name per call site, and give the \
+             memory backend a lookup that fills caller-owned buffers; a hit would \
+             then cost little more than its lookups.",
             what = targets[0].what,
             measured = report::ratio(targets[0].measured),
             goal = targets[0].goal_text(),
