@@ -190,6 +190,21 @@ impl Flight {
     }
 }
 
+/// A block's output: the stored text (a hit) or a fresh render.
+pub(crate) enum Html {
+    Cached(Arc<str>),
+    Rendered(String),
+}
+
+impl Html {
+    pub(crate) fn into_string(self) -> String {
+        match self {
+            Html::Cached(s) => s.to_string(),
+            Html::Rendered(s) => s,
+        }
+    }
+}
+
 /// The result of looking a fragment up.
 enum Lookup {
     Hit {
@@ -373,20 +388,32 @@ impl ICache {
         tokens: &[&str],
         render: impl FnOnce() -> Result<String, E>,
     ) -> Result<String, E> {
+        self.block_html(identity, tokens, render)
+            .map(Html::into_string)
+    }
+
+    /// [`block`](Self::block), handing out the stored text itself on a hit
+    /// (no copy), for callers that can use it as it is.
+    pub(crate) fn block_html<E>(
+        &self,
+        identity: &[&str],
+        tokens: &[&str],
+        render: impl FnOnce() -> Result<String, E>,
+    ) -> Result<Html, E> {
         let name = fragment_name(identity, tokens);
         let counters = &self.inner().counters;
         let (own, own_version, instance) = match self.lookup(&name, tokens) {
             Lookup::Hit { html, reads } => {
                 counters.count(Event::Hit);
                 report(&reads);
-                return Ok(html.to_string());
+                return Ok(Html::Cached(html));
             }
             Lookup::Down => {
                 report_unknown();
                 let started = Instant::now();
                 let out = render();
                 counters.rendered(started.elapsed());
-                return out;
+                return out.map(Html::Rendered);
             }
             Lookup::Miss {
                 own,
@@ -402,7 +429,7 @@ impl ICache {
                         let rendered = Arc::new(rendered);
                         guard.publish(Some(rendered.clone()));
                         rendered.report();
-                        Ok(rendered.html.clone())
+                        Ok(Html::Rendered(rendered.html.clone()))
                     }
                     Err(e) => {
                         guard.publish(None);
@@ -415,14 +442,14 @@ impl ICache {
                     && self.still_current(tokens, &rendered.reads)
                 {
                     counters.count(Event::Shared);
-                    report(&rendered.reads);
-                    return Ok(rendered.html.clone());
+                    rendered.report();
+                    return Ok(Html::Rendered(rendered.html.clone()));
                 }
                 // The leader failed, or a nested token moved since it rendered.
                 let rendered =
                     self.render_and_store(&name, tokens, own, own_version, instance, render)?;
-                report(&rendered.reads);
-                Ok(rendered.html)
+                rendered.report();
+                Ok(Html::Rendered(rendered.html))
             }
         }
     }

@@ -55,8 +55,54 @@
 use minijinja::value::{Kwargs, Rest, Value};
 use minijinja::{Environment, Error, ErrorKind, State};
 
+use std::sync::Arc;
+
 use crate::ICache;
+use crate::fragment::Html;
 use crate::keys::sha256_hex;
+
+/// Template values made from stored fragments of the memory backend, by the
+/// address of the stored text. A hit then costs no copy before the output:
+/// MiniJinja can only make a safe string from a `String`, so without this a
+/// hit would copy the HTML twice (into a `String`, then into the value). The
+/// stored `Arc` is kept alongside, so its address is not reused while the
+/// value is cached. Bounded by bytes; entries evicted here are just remade.
+struct SafeValues {
+    values: quick_cache::sync::Cache<usize, (Arc<str>, Value), ByLen>,
+}
+
+#[derive(Clone)]
+struct ByLen;
+
+impl quick_cache::Weighter<usize, (Arc<str>, Value)> for ByLen {
+    fn weight(&self, _: &usize, v: &(Arc<str>, Value)) -> u64 {
+        // The stored text is shared with the cache; the value is a copy.
+        v.0.len() as u64 + 64
+    }
+}
+
+/// What the reused template values may hold.
+const SAFE_VALUES_BYTES: u64 = 16 * 1024 * 1024;
+
+impl SafeValues {
+    fn new() -> Arc<Self> {
+        Arc::new(SafeValues {
+            values: quick_cache::sync::Cache::with_weighter(1024, SAFE_VALUES_BYTES, ByLen),
+        })
+    }
+
+    fn value(&self, text: Arc<str>) -> Value {
+        let at = Arc::as_ptr(&text) as *const u8 as usize;
+        if let Some((kept, value)) = self.values.get(&at)
+            && Arc::ptr_eq(&kept, &text)
+        {
+            return value;
+        }
+        let value = Value::from_safe_string(text.to_string());
+        self.values.insert(at, (text, value.clone()));
+        value
+    }
+}
 
 /// The keyword the rewrite injects to identify a block.
 const BLOCK_KW: &str = "__icache_block";
@@ -67,6 +113,7 @@ const BLOCK_KW: &str = "__icache_block";
 /// Arguments become tokens as strings (`42` → `"42"`, strings as they are,
 /// `none`/undefined → `""`). Keyword `name=` identifies a hand-written block.
 pub fn register(env: &mut Environment<'_>, cache: ICache) {
+    let shared = SafeValues::new();
     env.add_function(
         "icache",
         move |state: &mut State, args: Rest<Value>, kwargs: Kwargs| -> Result<Value, Error> {
@@ -90,13 +137,19 @@ pub fn register(env: &mut Environment<'_>, cache: ICache) {
                 block.as_deref().unwrap_or(""),
                 name.as_deref().unwrap_or(""),
             ];
-            let html = cache.block(&identity, &tokens, || {
+            let html = cache.block_html(&identity, &tokens, || {
                 caller.call(state, &[]).map(|v| match v.as_str() {
                     Some(s) => s.to_owned(),
                     None => v.to_string(),
                 })
             })?;
-            Ok(Value::from_safe_string(html))
+            Ok(match html {
+                Html::Rendered(s) => Value::from_safe_string(s),
+                // The memory backend hands out the same stored text on every
+                // hit: reuse the template value made from it the first time.
+                Html::Cached(s) if cache.backend_name() == "memory" => shared.value(s),
+                Html::Cached(s) => Value::from_safe_string(s.to_string()),
+            })
         },
     );
 }
