@@ -10,6 +10,8 @@ use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use icache_demo::db::Seq;
+
 /// How long to measure.
 #[derive(Debug, Clone, Copy)]
 pub struct Plan {
@@ -59,12 +61,12 @@ pub fn interleaved(plan: &Plan, cases: &mut [Case<'_>]) -> Vec<f64> {
         .collect();
     let mut samples: Vec<Vec<f64>> = vec![Vec::with_capacity(plan.batches); cases.len()];
     let mut order: Vec<usize> = (0..cases.len()).collect();
-    let mut rng = SplitMix(0x1cac_4e00_be9c_0001);
+    let mut rng = Seq(0x1cac_4e00_be9c_0001);
     for _ in 0..plan.batches.max(1) {
         // A new order every round: which case runs right after which changes
         // too (on a VM, a round trip right after a CPU-bound batch can cost
         // more than one after another round trip).
-        rng.shuffle(&mut order);
+        shuffle(&mut rng, &mut order);
         for &i in &order {
             let (case, n) = (&mut cases[i], iters[i]);
             let started = Instant::now();
@@ -166,23 +168,10 @@ fn one_round(length: Duration, threads: usize, op: &(dyn Fn() + Sync)) -> f64 {
     total.into_inner() as f64 / started.elapsed().as_secs_f64()
 }
 
-/// splitmix64: a tiny deterministic generator for the batch order.
-struct SplitMix(u64);
-
-impl SplitMix {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Fisher-Yates.
-    fn shuffle(&mut self, v: &mut [usize]) {
-        for i in (1..v.len()).rev() {
-            let j = (self.next() % (i as u64 + 1)) as usize;
-            v.swap(i, j);
-        }
+/// Fisher-Yates, with the demo's deterministic generator (splitmix64).
+fn shuffle(rng: &mut Seq, v: &mut [usize]) {
+    for i in (1..v.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        v.swap(i, j);
     }
 }

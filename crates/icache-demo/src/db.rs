@@ -52,19 +52,21 @@ pub struct Top {
 }
 
 /// splitmix64: a tiny deterministic generator, so every fresh database holds
-/// the same movies, users and ratings.
-struct Seq(u64);
+/// the same movies, users and ratings (the benchmark tool uses it too).
+pub struct Seq(pub u64);
 
 impl Seq {
-    fn next(&mut self) -> u64 {
+    /// The next number.
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
         z ^ (z >> 31)
     }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
+    /// A number below `n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
     }
 }
 
