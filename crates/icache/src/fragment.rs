@@ -41,6 +41,10 @@ struct Nested {
 
 thread_local! {
     static FRAMES: RefCell<Vec<Nested>> = const { RefCell::new(Vec::new()) };
+    /// The renders this thread leads: a block that renders itself again
+    /// (a recursive macro, blocks nested in each other) must not wait for
+    /// its own render.
+    static LEADING: RefCell<Vec<(String, u64)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Tells the enclosing render (if any) which generations this block depends on.
@@ -299,8 +303,11 @@ impl ICache {
     /// The async form of [`fragment`](Self::fragment), for a body that awaits.
     ///
     /// The lookup and the store run off the executor (or inline on the memory
-    /// backend). Nested fragments are not recorded across `.await` points, and
-    /// concurrent misses are not merged: each renders.
+    /// backend). Concurrent misses are not merged: each renders. Blocks
+    /// rendered *inside* the async body are not recorded as its dependencies
+    /// (the body may move between threads at every `.await`), so do not nest
+    /// cached blocks inside a `fragment_async` body: give the outer block all
+    /// the tokens its content depends on.
     ///
     /// # Example
     ///
@@ -422,9 +429,26 @@ impl ICache {
             } => (own, own_version, instance),
         };
         counters.count(Event::Miss);
-        match self.inner().flights.join((name.clone(), own_version)) {
+        let key = (name.clone(), own_version);
+        if LEADING.with(|l| l.borrow().contains(&key)) {
+            // This thread is already rendering this very block further up:
+            // render this inner copy on its own (no flight, no deadlock).
+            let rendered =
+                self.render_and_store(&name, tokens, own, own_version, instance, render)?;
+            rendered.report();
+            return Ok(Html::Rendered(rendered.html));
+        }
+        match self.inner().flights.join(key.clone()) {
             Role::Leader(guard) => {
-                match self.render_and_store(&name, tokens, own, own_version, instance, render) {
+                LEADING.with(|l| l.borrow_mut().push(key.clone()));
+                let out = self.render_and_store(&name, tokens, own, own_version, instance, render);
+                LEADING.with(|l| {
+                    let mut l = l.borrow_mut();
+                    if let Some(i) = l.iter().rposition(|k| *k == key) {
+                        l.remove(i);
+                    }
+                });
+                match out {
                     Ok(rendered) => {
                         let rendered = Arc::new(rendered);
                         guard.publish(Some(rendered.clone()));

@@ -244,7 +244,8 @@ impl Backend for Memory {
                 ),
             ));
         }
-        let expires = ttl.map(|t| Instant::now() + t);
+        // A TTL too long to represent is as good as none.
+        let expires = ttl.and_then(|t| Instant::now().checked_add(t));
         self.store
             .insert(MemKey::from(key), Item::Entry { entry, expires });
         Ok(true)

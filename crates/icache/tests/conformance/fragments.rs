@@ -639,3 +639,33 @@ fn outer_block_is_not_stored_when_an_inner_block_failed_open() {
     assert_eq!(outer.stats().stores, 0);
     assert!(down.stats().errors >= 2);
 }
+
+/// A block that renders itself again (a recursive macro) must not wait for
+/// its own render: it used to deadlock on its own single-flight.
+#[test]
+fn a_block_nested_in_itself_does_not_deadlock() {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let c = ICache::memory();
+        let out = c
+            .fragment_named("tree", &["cats"], || {
+                let inner =
+                    c.fragment_named("tree", &["cats"], || Ok::<_, ()>("leaf".to_string()))?;
+                Ok::<_, ()>(format!("<ul>{inner}</ul>"))
+            })
+            .expect("renders");
+        let _ = tx.send(out);
+    });
+    let out = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a block nested in itself deadlocked");
+    assert_eq!(out, "<ul>leaf</ul>");
+}
+
+/// A TTL too long to represent is "no expiry", never a panic.
+#[test]
+fn huge_ttl_is_no_expiry() {
+    let c = ICache::memory();
+    c.set("k", "v", Some(Duration::MAX)).expect("set");
+    assert_eq!(c.get("k").expect("get").as_deref(), Some("v"));
+}
