@@ -34,19 +34,25 @@ fn page(cache: &ICache, user: u32, movies: &[(&str, u8)]) -> icache::Result<(Str
     Ok((html, false))
 }
 
+/// One request for user 42's page, timed.
+fn request(cache: &ICache, round: u32, movies: &[(&str, u8)]) -> icache::Result<()> {
+    let t = Instant::now();
+    let (html, hit) = page(cache, 42, movies)?;
+    println!(
+        "request {round}: {} in {:?}: {html}",
+        if hit { "hit " } else { "miss" },
+        t.elapsed()
+    );
+    Ok(())
+}
+
 fn main() -> icache::Result<()> {
     let cache = ICache::from_env()?;
     println!("icache on {} ({})", cache.backend_name(), cache.url());
     let mut movies = vec![("Alien", 4), ("Brazil", 5), ("Cube", 2)];
 
     for round in 1..=3 {
-        let t = Instant::now();
-        let (html, hit) = page(&cache, 42, &movies)?;
-        println!(
-            "request {round}: {} in {:?}: {html}",
-            if hit { "hit " } else { "miss" },
-            t.elapsed()
-        );
+        request(&cache, round, &movies)?;
     }
 
     // A writer changes the data, commits, then bumps the token.
@@ -55,13 +61,7 @@ fn main() -> icache::Result<()> {
     println!("-- rated Cube 5★ and bumped 'movies' --");
 
     for round in 4..=5 {
-        let t = Instant::now();
-        let (html, hit) = page(&cache, 42, &movies)?;
-        println!(
-            "request {round}: {} in {:?}: {html}",
-            if hit { "hit " } else { "miss" },
-            t.elapsed()
-        );
+        request(&cache, round, &movies)?;
     }
     Ok(())
 }

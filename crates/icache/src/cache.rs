@@ -624,18 +624,36 @@ impl ICache {
         T: Send + 'static,
         F: FnOnce(&ICache) -> Result<T> + Send + 'static,
     {
-        if matches!(self.backend_name(), "memory" | "none") {
+        self.off_executor_infallible(f).await
+    }
+
+    /// Runs `f` where it cannot block an async executor: inline for the
+    /// in-process backends (they never block) or outside a tokio runtime,
+    /// else on tokio's blocking pool. A panic in `f` resumes in the caller,
+    /// as it would in a sync call.
+    pub(crate) async fn off_executor_infallible<T, F>(&self, f: F) -> T
+    where
+        T: Send + 'static,
+        F: FnOnce(&ICache) -> T + Send + 'static,
+    {
+        if self.is_in_process() {
             return f(self);
         }
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
                 let this = self.clone();
-                handle.spawn_blocking(move || f(&this)).await.map_err(|e| {
-                    Error::new(crate::ErrorKind::Backend, format!("cache task failed: {e}"))
-                })?
+                match handle.spawn_blocking(move || f(&this)).await {
+                    Ok(v) => v,
+                    Err(e) => std::panic::resume_unwind(e.into_panic()),
+                }
             }
             Err(_) => f(self),
         }
+    }
+
+    /// The memory and `none://` backends: no I/O, nothing ever blocks.
+    pub(crate) fn is_in_process(&self) -> bool {
+        matches!(self.backend_name(), "memory" | "none")
     }
 
     /// Async [`incr`](Self::incr).

@@ -367,26 +367,6 @@ impl ICache {
         Ok(html)
     }
 
-    async fn off_executor_infallible<T, F>(&self, f: F) -> T
-    where
-        T: Send + 'static,
-        F: FnOnce(&ICache) -> T + Send + 'static,
-    {
-        if matches!(self.backend_name(), "memory" | "none") {
-            return f(self);
-        }
-        match tokio::runtime::Handle::try_current() {
-            Ok(handle) => {
-                let this = self.clone();
-                match handle.spawn_blocking(move || f(&this)).await {
-                    Ok(v) => v,
-                    Err(e) => std::panic::resume_unwind(e.into_panic()),
-                }
-            }
-            Err(_) => f(self),
-        }
-    }
-
     /// The engine of every cached block: `identity` tells blocks apart,
     /// `tokens` are its arguments (key and version).
     pub(crate) fn block<E>(

@@ -147,7 +147,7 @@ pub fn register(env: &mut Environment<'_>, cache: ICache) {
                 Html::Rendered(s) => Value::from_safe_string(s),
                 // The memory backend hands out the same stored text on every
                 // hit: reuse the template value made from it the first time.
-                Html::Cached(s) if cache.backend_name() == "memory" => shared.value(s),
+                Html::Cached(s) if cache.is_in_process() => shared.value(s),
                 Html::Cached(s) => Value::from_safe_string(s.to_string()),
             })
         },

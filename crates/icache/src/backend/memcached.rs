@@ -17,8 +17,6 @@ use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::Bytes;
-
 use super::{Backend, Fetched, parse_gen};
 use crate::codec::{self, Entry};
 use crate::config::{Config, Target};
@@ -412,24 +410,12 @@ impl Backend for Memcached {
             .chain(entries.iter().map(|k| self.key(*k)))
             .collect();
         let (values, instance) = self.get_many(&all)?;
-        let mut values = values.into_iter();
-        let gens = values
-            .by_ref()
-            .take(tokens.len())
-            .map(|v| v.as_deref().and_then(parse_gen))
-            .collect();
         let here = instance.clone().unwrap_or_else(|| Arc::from(""));
-        let entries = values
-            .map(|v| {
-                v.and_then(|b| codec::decode(Bytes::from(b)))
-                    .and_then(|(e, from)| super::same_instance(e, from.as_deref(), &here))
-            })
+        let tagged = values
+            .into_iter()
+            .map(|v| v.map(|b| (b, here.clone())))
             .collect();
-        Ok(Fetched {
-            gens,
-            entries,
-            instance,
-        })
+        Ok(super::assemble(tagged, tokens.len(), instance))
     }
 
     fn init_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {

@@ -111,6 +111,87 @@ pub(crate) fn same_instance(
     Some(Arc::new(entry))
 }
 
+/// Turns the raw values of one fetch (generations first, then entries, each
+/// with the server instance that answered) into a [`Fetched`]: generations
+/// parsed, entries decoded and kept only where they may be served.
+#[cfg(any(feature = "redis", feature = "memcached"))]
+pub(crate) fn assemble(
+    values: Vec<Option<(Vec<u8>, Arc<str>)>>,
+    tokens: usize,
+    instance: Option<Arc<str>>,
+) -> Fetched {
+    let mut values = values.into_iter();
+    let gens = values
+        .by_ref()
+        .take(tokens)
+        .map(|v| v.and_then(|(b, _)| parse_gen(&b)))
+        .collect();
+    let entries = values
+        .map(|v| {
+            v.and_then(|(b, from_instance)| {
+                crate::codec::decode(bytes::Bytes::from(b)).and_then(|(e, stored_by)| {
+                    same_instance(e, stored_by.as_deref(), &from_instance)
+                })
+            })
+        })
+        .collect();
+    Fetched {
+        gens,
+        entries,
+        instance,
+    }
+}
+
+/// A backend spread over several servers (a memcached pool, a Redis
+/// Cluster): it routes keys to shards, and everything but the parallel fetch
+/// is the single-server operation run on each shard's keys.
+#[cfg(any(feature = "redis", feature = "memcached"))]
+pub(crate) trait Sharded {
+    /// The single-server backend of one shard.
+    type Shard: Backend;
+
+    /// Runs `f` on each shard with its keys (and their indices in `keys`);
+    /// results in key order.
+    fn per_shard<T: Clone + Default>(
+        &self,
+        keys: &[Key<'_>],
+        f: impl Fn(&Self::Shard, &[Key<'_>], &[usize]) -> Result<Vec<T>>,
+    ) -> Result<Vec<T>>;
+
+    /// Changes whenever the routing changes: a block is stored only if it did
+    /// not change since its version was read.
+    fn guard(&self) -> Arc<str>;
+
+    fn sharded_init_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
+        self.per_shard(gens, |s, group, idx| s.init_gens(group, &pick(fresh, idx)))
+    }
+
+    fn sharded_incr_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
+        self.per_shard(gens, |s, group, idx| s.incr_gens(group, &pick(fresh, idx)))
+    }
+
+    fn sharded_set(
+        &self,
+        key: Key<'_>,
+        entry: Arc<Entry>,
+        ttl: Option<Duration>,
+        guard: Option<&str>,
+    ) -> Result<bool> {
+        if guard.is_some_and(|g| *g != *self.guard()) {
+            return Ok(false);
+        }
+        let out = self.per_shard(&[key], |s, group, _| {
+            Ok(vec![s.set(group[0], entry.clone(), ttl, None)?])
+        })?;
+        Ok(out.first().copied().unwrap_or(false))
+    }
+
+    fn sharded_delete(&self, key: Key<'_>) -> Result<bool> {
+        let out = self.per_shard(&[key], |s, group, _| Ok(vec![s.delete(group[0])?]))?;
+        Ok(out.first().copied().unwrap_or(false))
+    }
+}
+
 /// Splits a multi-key operation over shards (servers of a pool, nodes of a
 /// cluster): `route[i]` is key `i`'s shard; `f` runs once per shard that has
 /// keys, with their indices, and the results are put back in key order.

@@ -14,8 +14,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-
 use super::{Backend, Fetched, parse_gen};
 use crate::codec::{self, Entry};
 use crate::config::{Config, Target};
@@ -200,23 +198,11 @@ impl Backend for Redis {
                 ),
             ));
         }
-        let mut values = values.into_iter();
-        let gens = values
-            .by_ref()
-            .take(tokens.len())
-            .map(|v| v.as_deref().and_then(parse_gen))
+        let tagged = values
+            .into_iter()
+            .map(|v| v.map(|b| (b, instance.clone())))
             .collect();
-        let entries = values
-            .map(|v| {
-                v.and_then(|b| codec::decode(Bytes::from(b)))
-                    .and_then(|(e, from)| super::same_instance(e, from.as_deref(), &instance))
-            })
-            .collect();
-        Ok(Fetched {
-            gens,
-            entries,
-            instance: Some(instance),
-        })
+        Ok(super::assemble(tagged, tokens.len(), Some(instance)))
     }
 
     fn init_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {

@@ -21,11 +21,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-
 use super::{Conn, Fail, Memcached, read_values};
-use crate::backend::{Backend, Fetched, by_shard, parse_gen, pick, same_instance};
-use crate::codec::{self, Entry};
+use crate::backend::{Backend, Fetched, Sharded, assemble, by_shard, pick};
+use crate::codec::Entry;
 use crate::config::{Config, Target};
 use crate::error::{Error, ErrorKind, Result};
 use crate::keys::Key;
@@ -150,14 +148,13 @@ impl MemcachedPool {
             })
             .collect()
     }
+}
 
-    fn guard(&self) -> Arc<str> {
-        Arc::from(format!("pool-epoch:{}", self.epoch.load(Ordering::SeqCst)))
-    }
+impl Sharded for MemcachedPool {
+    type Shard = Memcached;
 
-    /// Runs `f` on each server with its keys (and their indices in `keys`),
-    /// marking a server that fails as down; results in key order.
-    fn per_server<T: Clone + Default>(
+    /// Marks a server that fails as down.
+    fn per_shard<T: Clone + Default>(
         &self,
         keys: &[Key<'_>],
         f: impl Fn(&Memcached, &[Key<'_>], &[usize]) -> Result<Vec<T>>,
@@ -168,6 +165,10 @@ impl MemcachedPool {
         by_shard(&route, self.nodes.len(), |i, idx| {
             f(&self.nodes[i].server, &pick(keys, idx), idx).inspect_err(|e| self.mark_down(i, e))
         })
+    }
+
+    fn guard(&self) -> Arc<str> {
+        Arc::from(format!("pool-epoch:{}", self.epoch.load(Ordering::SeqCst)))
     }
 }
 
@@ -237,37 +238,19 @@ impl Backend for MemcachedPool {
             self.mark_down(i, &e);
             return Err(e);
         }
-        let mut values = super::in_key_order(&all, found).into_iter();
-        let gens = values
-            .by_ref()
-            .take(tokens.len())
-            .map(|v| v.and_then(|(b, _)| parse_gen(&b)))
-            .collect();
-        let entries = values
-            .map(|v| {
-                v.and_then(|(b, inst)| {
-                    codec::decode(Bytes::from(b))
-                        .and_then(|(e, from)| same_instance(e, from.as_deref(), &inst))
-                })
-            })
-            .collect();
-        Ok(Fetched {
-            gens,
-            entries,
-            instance: Some(guard),
-        })
+        Ok(assemble(
+            super::in_key_order(&all, found),
+            tokens.len(),
+            Some(guard),
+        ))
     }
 
     fn init_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
-        self.per_server(gens, |server, group, idx| {
-            server.init_gens(group, &pick(fresh, idx))
-        })
+        self.sharded_init_gens(gens, fresh)
     }
 
     fn incr_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
-        self.per_server(gens, |server, group, idx| {
-            server.incr_gens(group, &pick(fresh, idx))
-        })
+        self.sharded_incr_gens(gens, fresh)
     }
 
     fn set(
@@ -277,20 +260,11 @@ impl Backend for MemcachedPool {
         ttl: Option<Duration>,
         guard: Option<&str>,
     ) -> Result<bool> {
-        if guard.is_some_and(|g| *g != *self.guard()) {
-            return Ok(false);
-        }
-        let out = self.per_server(&[key], |server, group, _| {
-            Ok(vec![server.set(group[0], entry.clone(), ttl, None)?])
-        })?;
-        Ok(out.first().copied().unwrap_or(false))
+        self.sharded_set(key, entry, ttl, guard)
     }
 
     fn delete(&self, key: Key<'_>) -> Result<bool> {
-        let out = self.per_server(&[key], |server, group, _| {
-            Ok(vec![server.delete(group[0])?])
-        })?;
-        Ok(out.first().copied().unwrap_or(false))
+        self.sharded_delete(key)
     }
 
     fn ping(&self) -> Result<()> {

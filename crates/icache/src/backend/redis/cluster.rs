@@ -19,12 +19,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use url::Url;
 
 use super::{Conn, Redis};
-use crate::backend::{Backend, Fetched, by_shard, parse_gen, pick, same_instance};
-use crate::codec::{self, Entry};
+use crate::backend::{Backend, Fetched, Sharded, assemble, by_shard, pick};
+use crate::codec::Entry;
 use crate::config::{Config, Target};
 use crate::error::{Error, ErrorKind, Result};
 use crate::keys::{self, Key};
@@ -285,7 +284,7 @@ impl RedisCluster {
 
     /// Runs `f` on each node with the keys it owns (and their indices in
     /// `keys`); results in key order.
-    fn per_node<T: Clone + Default>(
+    fn per_node_impl<T: Clone + Default>(
         &self,
         keys: &[Key<'_>],
         f: impl Fn(&Redis, &[Key<'_>], &[usize]) -> Result<Vec<T>>,
@@ -298,13 +297,6 @@ impl RedisCluster {
         by_shard(&route, t.nodes.len(), |i, idx| {
             f(&t.nodes[i], &pick(keys, idx), idx).inspect_err(|_| self.mark_stale())
         })
-    }
-
-    fn guard(&self) -> Arc<str> {
-        Arc::from(format!(
-            "cluster-epoch:{}",
-            self.epoch.load(Ordering::SeqCst)
-        ))
     }
 
     /// One parallel round of `GET`s; `None` if a node moved a slot (retry).
@@ -396,6 +388,25 @@ impl RedisCluster {
     }
 }
 
+impl Sharded for RedisCluster {
+    type Shard = Redis;
+
+    fn per_shard<T: Clone + Default>(
+        &self,
+        keys: &[Key<'_>],
+        f: impl Fn(&Redis, &[Key<'_>], &[usize]) -> Result<Vec<T>>,
+    ) -> Result<Vec<T>> {
+        self.per_node_impl(keys, f)
+    }
+
+    fn guard(&self) -> Arc<str> {
+        Arc::from(format!(
+            "cluster-epoch:{}",
+            self.epoch.load(Ordering::SeqCst)
+        ))
+    }
+}
+
 impl Backend for RedisCluster {
     fn fetch(&self, tokens: &[&str], entries: &[Key<'_>]) -> Result<Fetched> {
         let all: Vec<String> = tokens
@@ -418,37 +429,15 @@ impl Backend for RedisCluster {
         })?;
         // Taken after the slot map the values came through was loaded.
         let guard = self.guard();
-        let mut values = values.into_iter();
-        let gens = values
-            .by_ref()
-            .take(tokens.len())
-            .map(|v| v.and_then(|(b, _)| parse_gen(&b)))
-            .collect();
-        let entries = values
-            .map(|v| {
-                v.and_then(|(b, inst)| {
-                    codec::decode(Bytes::from(b))
-                        .and_then(|(e, from)| same_instance(e, from.as_deref(), &inst))
-                })
-            })
-            .collect();
-        Ok(Fetched {
-            gens,
-            entries,
-            instance: Some(guard),
-        })
+        Ok(assemble(values, tokens.len(), Some(guard)))
     }
 
     fn init_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
-        self.per_node(gens, |node, group, idx| {
-            node.init_gens(group, &pick(fresh, idx))
-        })
+        self.sharded_init_gens(gens, fresh)
     }
 
     fn incr_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
-        self.per_node(gens, |node, group, idx| {
-            node.incr_gens(group, &pick(fresh, idx))
-        })
+        self.sharded_incr_gens(gens, fresh)
     }
 
     fn set(
@@ -458,18 +447,11 @@ impl Backend for RedisCluster {
         ttl: Option<Duration>,
         guard: Option<&str>,
     ) -> Result<bool> {
-        if guard.is_some_and(|g| *g != *self.guard()) {
-            return Ok(false);
-        }
-        let out = self.per_node(&[key], |node, group, _| {
-            Ok(vec![node.set(group[0], entry.clone(), ttl, None)?])
-        })?;
-        Ok(out.first().copied().unwrap_or(false))
+        self.sharded_set(key, entry, ttl, guard)
     }
 
     fn delete(&self, key: Key<'_>) -> Result<bool> {
-        let out = self.per_node(&[key], |node, group, _| Ok(vec![node.delete(group[0])?]))?;
-        Ok(out.first().copied().unwrap_or(false))
+        self.sharded_delete(key)
     }
 
     fn ping(&self) -> Result<()> {
