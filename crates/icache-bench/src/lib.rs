@@ -25,13 +25,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
-#[path = "../../icache/tests/support/mod.rs"]
-#[allow(
-    missing_docs,
-    clippy::unwrap_used,
-    reason = "the shared test harness, compiled as it is"
-)]
-mod support;
+use icache_test_support as support;
 
 mod load;
 mod memory;

@@ -2,8 +2,7 @@
 //! `memcached` processes (skipped, loudly, when they are not installed; they
 //! fail instead when `CI=true`).
 
-#[path = "../../icache/tests/support/mod.rs"]
-mod support;
+use icache_test_support as support;
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};

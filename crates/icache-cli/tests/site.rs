@@ -1,8 +1,7 @@
 //! The movies site on Redis and on memcached, invalidated from the command
 //! line: `icache bump movies` from a shell makes the next page render afresh.
 
-#[path = "../../icache/tests/support/mod.rs"]
-mod support;
+use icache_test_support as support;
 
 use std::process::Command;
 

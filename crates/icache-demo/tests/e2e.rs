@@ -2,8 +2,7 @@
 //! and memcached started by the test harness), fetched, rated and fetched
 //! again over HTTP.
 
-#[path = "../../icache/tests/support/mod.rs"]
-mod support;
+use icache_test_support as support;
 
 use icache::ICache;
 use icache_demo::testing::{Site, movie_order, stat};

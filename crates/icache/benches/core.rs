@@ -12,8 +12,7 @@
 //!
 //! The servers are started by the test harness on free loopback ports.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use icache_test_support as support;
 
 use std::hint::black_box;
 use std::sync::Arc;

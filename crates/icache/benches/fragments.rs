@@ -5,8 +5,7 @@
 //! `render/uncached` renders the list; `hit/<backend>` renders the same
 //! template with the list inside `{% icache %}`, served from the cache.
 
-#[path = "../tests/support/mod.rs"]
-mod support;
+use icache_test_support as support;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use icache::ICache;

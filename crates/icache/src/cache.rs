@@ -18,8 +18,114 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-/// How many fragments' nested-token lists are remembered per process.
-const DEP_HINTS: usize = 10_000;
+/// Bumps that failed (the backend was down or hung), to be replayed.
+///
+/// Every failed bump is remembered, whatever else failed. A replay copies the
+/// list and applies it **without holding the lock across I/O**, one replay at
+/// a time (others fail fast meanwhile, and the backend's circuit breaker
+/// rate-limits the attempts); it removes only what was remembered before it
+/// started, so a bump that failed during the replay is replayed again later.
+#[derive(Default)]
+pub(crate) struct Pending {
+    list: Mutex<PendingList>,
+    /// Something is pending: one atomic load on the read path when not.
+    has: AtomicBool,
+    /// A replay is in flight.
+    replaying: AtomicBool,
+}
+
+#[derive(Default)]
+struct PendingList {
+    /// Counts `remember` calls.
+    seq: u64,
+    /// Each token, with the `seq` of its latest failed bump.
+    tokens: Vec<(String, u64)>,
+}
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PendingList> {
+        self.list
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn remember(&self, tokens: &[&str]) {
+        let mut list = self.lock();
+        list.seq += 1;
+        let seq = list.seq;
+        for t in tokens {
+            match list.tokens.iter_mut().find(|(p, _)| p == t) {
+                Some(entry) => entry.1 = seq,
+                None => list.tokens.push(((*t).to_owned(), seq)),
+            }
+        }
+        self.has.store(true, Ordering::Release);
+        tracing::warn!(
+            tokens = list.tokens.len(),
+            "icache: bump failed; it will be replayed, and blocks render uncached until it is"
+        );
+    }
+
+    /// Applies the pending bumps with `apply`; `Ok` when none is left.
+    pub(crate) fn replay(&self, apply: impl FnOnce(&[&str]) -> Result<()>) -> Result<()> {
+        if !self.has.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if self.replaying.swap(true, Ordering::AcqRel) {
+            return Err(Error::new(
+                crate::ErrorKind::Unavailable,
+                "bumps that failed earlier are being replayed by another thread; \
+                 rendering uncached until they are",
+            ));
+        }
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _done = Done(&self.replaying);
+        let (seq, tokens) = {
+            let list = self.lock();
+            if list.tokens.is_empty() {
+                self.has.store(false, Ordering::Release);
+                return Ok(());
+            }
+            let tokens: Vec<String> = list.tokens.iter().map(|(t, _)| t.clone()).collect();
+            (list.seq, tokens)
+        };
+        let names: Vec<&str> = tokens.iter().map(String::as_str).collect();
+        apply(&names)?;
+        let mut list = self.lock();
+        list.tokens.retain(|(_, s)| *s > seq);
+        if list.tokens.is_empty() {
+            self.has.store(false, Ordering::Release);
+        }
+        tracing::info!(
+            tokens = names.len(),
+            "icache: replayed bumps that had failed"
+        );
+        Ok(())
+    }
+}
+
+/// Bytes of nested-token lists remembered per process (names and tokens):
+/// bounded by size, not count, since one list can hold thousands of tokens.
+const DEP_HINTS_BYTES: u64 = 4 << 20;
+
+/// Weighs a dependency hint by the bytes it holds.
+#[derive(Clone, Copy)]
+pub(crate) struct HintBytes;
+
+impl quick_cache::Weighter<String, Arc<[Box<str>]>> for HintBytes {
+    fn weight(&self, name: &String, deps: &Arc<[Box<str>]>) -> u64 {
+        let deps: usize = deps.iter().map(|d| d.len() + 16).sum();
+        (name.len() + deps + 64) as u64
+    }
+}
+
+/// Fragment name -> the nested tokens its entry was last seen with.
+pub(crate) type DepHints = quick_cache::sync::Cache<String, Arc<[Box<str>]>, HintBytes>;
 
 /// A handle to a timeout-less cache. Cheap to clone; all clones share one
 /// backend (and its connections).
@@ -37,11 +143,10 @@ pub(crate) struct Inner {
     pub(crate) flights: Flights,
     /// Fragment name -> the nested tokens its entry was last seen with, so a
     /// hit can fetch their generations in the same round trip as the entry.
-    pub(crate) dep_hints: quick_cache::sync::Cache<String, Arc<[Box<str>]>>,
+    pub(crate) dep_hints: DepHints,
     /// Tokens whose bump failed (backend down): replayed before this handle
     /// reads any generation again, so it never serves what they invalidated.
-    pub(crate) pending: Mutex<Vec<String>>,
-    pub(crate) has_pending: AtomicBool,
+    pub(crate) pending: Pending,
     /// Milliseconds (since `started`) of the last fail-open warning.
     pub(crate) last_warning: AtomicU64,
     pub(crate) started: Instant,
@@ -133,9 +238,8 @@ impl ICache {
                 config,
                 counters,
                 flights: Flights::default(),
-                dep_hints: quick_cache::sync::Cache::new(DEP_HINTS),
-                pending: Mutex::new(Vec::new()),
-                has_pending: AtomicBool::new(false),
+                dep_hints: DepHints::with_weighter(10_000, DEP_HINTS_BYTES, HintBytes),
+                pending: Pending::default(),
                 last_warning: AtomicU64::new(0),
                 started: Instant::now(),
             }),
@@ -153,10 +257,24 @@ impl ICache {
     /// cache.incr("movies")?;
     /// # Ok::<(), icache::Error>(())
     /// ```
+    ///
+    /// The fallback is logged once per process as a warning: `memory://` is
+    /// per process, so a deployment of several processes that forgot
+    /// `ICACHE_URL` would have each process invalidate only its own cache.
     pub fn from_env() -> Result<ICache> {
         match std::env::var("ICACHE_URL") {
             Ok(url) if !url.trim().is_empty() => ICache::from_url(&url),
-            _ => ICache::from_url("memory://"),
+            _ => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    tracing::warn!(
+                        "icache: ICACHE_URL is not set; using the in-process cache (memory://), \
+                         which other processes do not see: set ICACHE_URL=redis://… or \
+                         memcached://… when several processes serve the same data"
+                    );
+                });
+                ICache::from_url("memory://")
+            }
         }
     }
 
@@ -276,61 +394,34 @@ impl ICache {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
-        self.replay_pending()?;
+        // Bumps commute: this one need not wait for older failed ones, and a
+        // failure here is remembered whatever else failed before.
         let keys: Vec<Key<'_>> = tokens.iter().map(|t| Key::gen_(t)).collect();
         let fresh = backend::fresh_generations(keys.len());
-        self.inner
-            .backend
-            .incr_gens(&keys, &fresh)
-            .inspect_err(|e| {
+        match self.inner.backend.incr_gens(&keys, &fresh) {
+            Ok(gens) => {
+                // The backend answers: a good moment to replay older failures.
+                let _ = self.replay_pending();
+                Ok(gens)
+            }
+            Err(e) => {
                 if !e.is_config() {
-                    self.remember(tokens);
+                    self.inner.pending.remember(tokens);
                 }
-            })
-    }
-
-    fn remember(&self, tokens: &[&str]) {
-        let mut pending = self
-            .inner
-            .pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for t in tokens {
-            if !pending.iter().any(|p| p == t) {
-                pending.push((*t).to_owned());
+                Err(e)
             }
         }
-        self.inner.has_pending.store(true, Ordering::Release);
-        tracing::warn!(
-            tokens = pending.len(),
-            "icache: bump failed; it will be replayed before the next read"
-        );
     }
 
     /// Replays bumps that failed earlier. Cheap when there are none (one
-    /// atomic load); an error means they still cannot be applied.
+    /// atomic load); an error means they still cannot be applied (and the
+    /// caller must not trust what the backend says about generations).
     pub(crate) fn replay_pending(&self) -> Result<()> {
-        if !self.inner.has_pending.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        let mut pending = self
-            .inner
-            .pending
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if pending.is_empty() {
-            return Ok(());
-        }
-        let keys: Vec<Key<'_>> = pending.iter().map(|t| Key::gen_(t)).collect();
-        let fresh = backend::fresh_generations(keys.len());
-        self.inner.backend.incr_gens(&keys, &fresh)?;
-        tracing::info!(
-            tokens = pending.len(),
-            "icache: replayed bumps that had failed"
-        );
-        pending.clear();
-        self.inner.has_pending.store(false, Ordering::Release);
-        Ok(())
+        self.inner.pending.replay(|tokens| {
+            let keys: Vec<Key<'_>> = tokens.iter().map(|t| Key::gen_(t)).collect();
+            let fresh = backend::fresh_generations(keys.len());
+            self.inner.backend.incr_gens(&keys, &fresh).map(drop)
+        })
     }
 
     /// Drops a token's generation, as an eviction or a server restart would.
@@ -442,8 +533,8 @@ impl ICache {
     /// assert_eq!(cache.get_versioned("movies#42", version)?.as_deref(), Some("<ul>…</ul>"));
     /// # Ok::<(), icache::Error>(())
     /// ```
-    pub fn set_versioned(&self, key: &str, value: impl Into<Arc<str>>, version: u64) -> Result<()> {
-        self.store_versioned(key, Payload::Text(value.into()), version)
+    pub fn set_versioned(&self, key: &str, value: impl AsRef<str>, version: u64) -> Result<()> {
+        self.store_versioned(key, Payload::Text(Arc::from(value.as_ref())), version)
     }
 
     /// [`set_versioned`](Self::set_versioned) for bytes.
@@ -524,8 +615,8 @@ impl ICache {
     /// assert_eq!(cache.get("greeting")?, None);
     /// # Ok::<(), icache::Error>(())
     /// ```
-    pub fn set(&self, key: &str, value: impl Into<Arc<str>>, ttl: Option<Duration>) -> Result<()> {
-        self.store_plain(key, Payload::Text(value.into()), ttl)
+    pub fn set(&self, key: &str, value: impl AsRef<str>, ttl: Option<Duration>) -> Result<()> {
+        self.store_plain(key, Payload::Text(Arc::from(value.as_ref())), ttl)
     }
 
     /// [`set`](Self::set) for bytes.
@@ -691,10 +782,10 @@ impl ICache {
     pub async fn set_versioned_async(
         &self,
         key: &str,
-        value: impl Into<Arc<str>>,
+        value: impl AsRef<str>,
         version: u64,
     ) -> Result<()> {
-        let (key, value) = (key.to_owned(), value.into());
+        let (key, value) = (key.to_owned(), Arc::<str>::from(value.as_ref()));
         self.off_executor(move |c| c.set_versioned(&key, value, version))
             .await
     }
@@ -710,10 +801,10 @@ impl ICache {
     pub async fn set_async(
         &self,
         key: &str,
-        value: impl Into<Arc<str>>,
+        value: impl AsRef<str>,
         ttl: Option<Duration>,
     ) -> Result<()> {
-        let (key, value) = (key.to_owned(), value.into());
+        let (key, value) = (key.to_owned(), Arc::<str>::from(value.as_ref()));
         self.off_executor(move |c| c.set(&key, value, ttl)).await
     }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use url::Url;
 
 use crate::error::{Error, Result};
-use crate::keys::validate_prefix;
+use crate::keys::key_prefix;
 
 /// Default bound of the memory backend.
 pub(crate) const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
@@ -63,11 +63,42 @@ impl fmt::Debug for Config {
     }
 }
 
+/// Query options whose values may be shown in messages. Any other value
+/// (an unknown option may well be `password=…`) is shown as `***`.
+const HARMLESS: &[&str] = &[
+    "prefix",
+    "timeout_ms",
+    "connect_timeout_ms",
+    "pool_size",
+    "max_bytes",
+    "ca_file",
+    "protocol",
+];
+
+/// The URL for messages, `Debug` and `url()`: the password and the value of
+/// every query option not known to be harmless replaced by `***`.
 pub(crate) fn redact(url: &Url) -> String {
     let mut u = url.clone();
     if u.password().is_some() {
         // Cannot fail for URLs that already have a password.
         let _ = u.set_password(Some("***"));
+    }
+    if u.query().is_some() {
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if HARMLESS.contains(&&*k) {
+                    v.into_owned()
+                } else {
+                    "***".to_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        u.set_query(None);
+        if !pairs.is_empty() {
+            u.query_pairs_mut().extend_pairs(pairs);
+        }
     }
     u.to_string()
 }
@@ -170,11 +201,7 @@ impl Config {
 
         for (k, v) in url.query_pairs() {
             match &*k {
-                "prefix" => {
-                    validate_prefix(&v)
-                        .map_err(|m| Error::config(format!("{m} (in {redacted})")))?;
-                    prefix = v.into_owned();
-                }
+                "prefix" => prefix = key_prefix(&v),
                 "timeout_ms" => timeout = parse_ms("timeout_ms", &v, &redacted)?,
                 "connect_timeout_ms" => {
                     connect_timeout = parse_ms("connect_timeout_ms", &v, &redacted)?
@@ -409,7 +436,18 @@ mod tests {
     fn bad_urls_name_the_bad_part() {
         assert!(err("nope://x").contains("\"nope\""));
         assert!(err("redis://h/abc").contains("\"abc\""));
-        assert!(err("redis://h?prefix=a b").contains("prefix"));
+        assert_eq!(
+            Config::parse("redis://h?prefix=a b")
+                .expect("any prefix")
+                .prefix,
+            crate::keys::key_prefix("a b")
+        );
+        assert_eq!(
+            Config::parse("redis://h?prefix=myapp:prod")
+                .expect("colons")
+                .prefix,
+            "myapp:prod"
+        );
         assert!(err("redis://h?timeout_ms=0").contains("timeout_ms"));
         assert!(err("redis://h?colour=red").contains("colour"));
         assert!(err("memory://?max_bytes=x").contains("max_bytes"));
@@ -425,5 +463,12 @@ mod tests {
         assert!(err("not a url").contains("does not parse"));
         assert!(!err("redis://u:hunter2@h?x=1").contains("hunter2"));
         assert!(!err("redis://u:hunter2@h/abc").contains("hunter2"));
+        // Secrets in the query string: never echoed.
+        let e = err("redis://h:6379/0?password=hunter2");
+        assert!(e.contains("password") && !e.contains("hunter2"), "{e}");
+        let e = err("redis://h:6379/0?prefix=shop&token=hunter2&timeout_ms=x");
+        assert!(!e.contains("hunter2"), "{e}");
+        let e = err("memcached://a:1,b:2?auth=hunter2");
+        assert!(!e.contains("hunter2"), "{e}");
     }
 }

@@ -39,6 +39,8 @@ pub struct Error {
     kind: ErrorKind,
     message: String,
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    /// Refused without asking the server: its circuit breaker is open.
+    circuit_open: bool,
 }
 
 /// `Result<T, icache::Error>`.
@@ -50,7 +52,16 @@ impl Error {
             kind,
             message: message.into(),
             source: None,
+            circuit_open: false,
         }
+    }
+
+    /// An [`Unavailable`](ErrorKind::Unavailable) error returned at once,
+    /// without asking the server, because it failed recently.
+    pub(crate) fn circuit_open(message: impl Into<String>) -> Self {
+        let mut e = Error::new(ErrorKind::Unavailable, message);
+        e.circuit_open = true;
+        e
     }
 
     pub(crate) fn with_source(
@@ -93,6 +104,26 @@ impl Error {
     /// The backend answered with an error or something unexpected.
     pub fn is_backend(&self) -> bool {
         self.kind == ErrorKind::Backend
+    }
+
+    /// `true` if the call failed fast, without reaching the server, because
+    /// the server failed recently and its back-off period is not over (a
+    /// circuit breaker). Always [`is_unavailable`](Self::is_unavailable) too.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # #[cfg(feature = "redis")] {
+    /// // Nothing listens on port 1: the first call fails, the next ones
+    /// // fail fast for a back-off period.
+    /// let cache = icache::ICache::from_url("redis://127.0.0.1:1?timeout_ms=50")?;
+    /// assert!(!cache.ping().unwrap_err().is_circuit_open());
+    /// assert!(cache.ping().unwrap_err().is_circuit_open());
+    /// # }
+    /// # Ok::<(), icache::Error>(())
+    /// ```
+    pub fn is_circuit_open(&self) -> bool {
+        self.circuit_open
     }
 
     /// Unavailable or timed out: the failures that fail-open code treats as

@@ -14,10 +14,12 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::collections::HashSet;
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
-use std::time::Instant;
+use std::thread::{self, ThreadId};
+use std::time::{Duration, Instant};
 
 use crate::cache::ICache;
 use crate::codec::{Entry, Payload};
@@ -41,11 +43,14 @@ struct Nested {
 
 thread_local! {
     static FRAMES: RefCell<Vec<Nested>> = const { RefCell::new(Vec::new()) };
-    /// The renders this thread leads: a block that renders itself again
-    /// (a recursive macro, blocks nested in each other) must not wait for
-    /// its own render.
-    static LEADING: RefCell<Vec<(String, u64)>> = const { RefCell::new(Vec::new()) };
 }
+
+/// The longest a reader waits for another thread's render of the same block
+/// before it renders the block itself. Only a pathological render takes this
+/// long; the bound makes sure no wait is unbounded even when the leader is
+/// blocked on something the waiting thread holds (a database lock, say),
+/// which no cycle check inside icache can see.
+const FOLLOWER_WAIT: Duration = Duration::from_secs(10);
 
 /// Tells the enclosing render (if any) which generations this block depends on.
 fn report(reads: &[(Box<str>, u64)]) {
@@ -108,28 +113,47 @@ impl Rendered {
     }
 }
 
-#[derive(Default)]
 struct Flight {
+    /// The thread rendering.
+    leader: ThreadId,
     /// `None` while rendering; `Some(None)` if the leader failed.
     outcome: Mutex<Option<Option<Arc<Rendered>>>>,
     done: Condvar,
 }
 
-/// In-flight renders, by fragment name and version.
+/// A flight's key: the fragment's name, its version, and the server
+/// instance the version was read from (a snapshot restored mid-render gives
+/// another instance: its readers must not take this render).
+type FlightKey = (String, u64, Option<Arc<str>>);
+
+/// In-flight renders, by fragment name and version, and who waits for which.
 #[derive(Default)]
 pub(crate) struct Flights {
-    map: Mutex<HashMap<(String, u64), Arc<Flight>>>,
+    map: Mutex<FlightMap>,
+}
+
+#[derive(Default)]
+struct FlightMap {
+    flights: HashMap<FlightKey, Arc<Flight>>,
+    /// The flight each waiting thread waits for. Each thread waits for at
+    /// most one, so following "leader of the flight I wait for" from any
+    /// thread is a path; `join` never adds an edge that would close a cycle,
+    /// so the path always ends.
+    waiting: HashMap<ThreadId, Arc<Flight>>,
 }
 
 enum Role<'a> {
     Leader(LeaderGuard<'a>),
-    Follower(Arc<Flight>),
+    Follower(Waiter<'a>),
+    /// Waiting would deadlock: this thread (perhaps through others waiting
+    /// on each other) is the one rendering that flight. Render alone.
+    Alone,
 }
 
 /// Ends a flight: publishes the outcome (failure if dropped without one).
 struct LeaderGuard<'a> {
     flights: &'a Flights,
-    key: (String, u64),
+    key: FlightKey,
     flight: Arc<Flight>,
     published: bool,
 }
@@ -140,11 +164,7 @@ impl LeaderGuard<'_> {
     }
     fn end(&mut self, outcome: Option<Arc<Rendered>>) {
         self.published = true;
-        self.flights
-            .map
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.key);
+        self.flights.lock().flights.remove(&self.key);
         *self
             .flight
             .outcome
@@ -162,35 +182,88 @@ impl Drop for LeaderGuard<'_> {
     }
 }
 
-impl Flights {
-    fn join(&self, key: (String, u64)) -> Role<'_> {
-        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(f) = map.get(&key) {
-            return Role::Follower(f.clone());
+/// A thread waiting for a flight; its edge in the wait graph goes on drop.
+struct Waiter<'a> {
+    flights: &'a Flights,
+    flight: Arc<Flight>,
+}
+
+impl Waiter<'_> {
+    /// The leader's outcome, or `None` if it failed or took longer than
+    /// `limit`.
+    fn wait(&self, limit: Duration) -> Option<Arc<Rendered>> {
+        let deadline = Instant::now() + limit;
+        let mut outcome = self
+            .flight
+            .outcome
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        loop {
+            if let Some(o) = &*outcome {
+                return o.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::warn!(
+                    "icache: gave up waiting for another thread's render of the same block after {limit:?}; rendering it here"
+                );
+                return None;
+            }
+            outcome = self
+                .flight
+                .done
+                .wait_timeout(outcome, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
-        let flight = Arc::new(Flight::default());
-        map.insert(key.clone(), flight.clone());
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        self.flights.lock().waiting.remove(&thread::current().id());
+    }
+}
+
+impl Flights {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FlightMap> {
+        self.map.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn join(&self, key: FlightKey) -> Role<'_> {
+        let me = thread::current().id();
+        let mut map = self.lock();
+        if let Some(flight) = map.flights.get(&key).cloned() {
+            // Would this thread end up waiting for itself? Follow the chain
+            // of leaders and what they wait for.
+            let mut leader = flight.leader;
+            loop {
+                if leader == me {
+                    return Role::Alone;
+                }
+                match map.waiting.get(&leader) {
+                    Some(next) => leader = next.leader,
+                    None => break,
+                }
+            }
+            map.waiting.insert(me, flight.clone());
+            return Role::Follower(Waiter {
+                flights: self,
+                flight,
+            });
+        }
+        let flight = Arc::new(Flight {
+            leader: me,
+            outcome: Mutex::new(None),
+            done: Condvar::new(),
+        });
+        map.flights.insert(key.clone(), flight.clone());
         Role::Leader(LeaderGuard {
             flights: self,
             key,
             flight,
             published: false,
         })
-    }
-}
-
-impl Flight {
-    fn wait(&self) -> Option<Arc<Rendered>> {
-        let mut outcome = self.outcome.lock().unwrap_or_else(PoisonError::into_inner);
-        loop {
-            if let Some(o) = &*outcome {
-                return o.clone();
-            }
-            outcome = self
-                .done
-                .wait(outcome)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
     }
 }
 
@@ -241,6 +314,29 @@ pub(crate) fn fragment_name(identity: &[&str], tokens: &[&str]) -> String {
 /// does a hit need to report what it read.)
 fn in_frame() -> bool {
     FRAMES.with(|f| !f.borrow().is_empty())
+}
+
+/// Membership in a block's own tokens: a scan for the usual handful, a hash
+/// set when there are many (nested blocks can bring thousands).
+enum TokenSet<'a> {
+    Few(&'a [&'a str]),
+    Many(HashSet<&'a str>),
+}
+
+impl<'a> TokenSet<'a> {
+    fn new(tokens: &'a [&'a str]) -> Self {
+        if tokens.len() <= 16 {
+            TokenSet::Few(tokens)
+        } else {
+            TokenSet::Many(tokens.iter().copied().collect())
+        }
+    }
+    fn contains(&self, t: &str) -> bool {
+        match self {
+            TokenSet::Few(v) => v.contains(&t),
+            TokenSet::Many(s) => s.contains(t),
+        }
+    }
 }
 
 fn sum(reads: &[(Box<str>, u64)]) -> u64 {
@@ -409,26 +505,22 @@ impl ICache {
             } => (own, own_version, instance),
         };
         counters.count(Event::Miss);
-        let key = (name.clone(), own_version);
-        if LEADING.with(|l| l.borrow().contains(&key)) {
-            // This thread is already rendering this very block further up:
-            // render this inner copy on its own (no flight, no deadlock).
+        if !self.inner().backend.stores() {
+            // Caching is off (`none://`): generations never move, so a
+            // shared render could be one that began before a commit whose
+            // bump this reader already saw. Every reader renders.
             let rendered =
                 self.render_and_store(&name, tokens, own, own_version, instance, render)?;
             rendered.report();
             return Ok(Html::Rendered(rendered.html));
         }
-        match self.inner().flights.join(key.clone()) {
+        match self
+            .inner()
+            .flights
+            .join((name.clone(), own_version, instance.clone()))
+        {
             Role::Leader(guard) => {
-                LEADING.with(|l| l.borrow_mut().push(key.clone()));
-                let out = self.render_and_store(&name, tokens, own, own_version, instance, render);
-                LEADING.with(|l| {
-                    let mut l = l.borrow_mut();
-                    if let Some(i) = l.iter().rposition(|k| *k == key) {
-                        l.remove(i);
-                    }
-                });
-                match out {
+                match self.render_and_store(&name, tokens, own, own_version, instance, render) {
                     Ok(rendered) => {
                         let rendered = Arc::new(rendered);
                         guard.publish(Some(rendered.clone()));
@@ -441,15 +533,31 @@ impl ICache {
                     }
                 }
             }
-            Role::Follower(flight) => {
-                if let Some(rendered) = flight.wait()
+            Role::Follower(waiter) => {
+                let outcome = waiter.wait(FOLLOWER_WAIT);
+                drop(waiter);
+                // Take the leader's output only if everything it depends on
+                // is known (an inner block that failed open leaves tokens
+                // nobody recorded: this reader may have begun after a bump of
+                // one of them) and no nested token moved since.
+                if let Some(rendered) = outcome
+                    && !rendered.unknown
                     && self.still_current(tokens, &rendered.reads)
                 {
                     counters.count(Event::Shared);
                     rendered.report();
                     return Ok(Html::Rendered(rendered.html.clone()));
                 }
-                // The leader failed, or a nested token moved since it rendered.
+                let rendered =
+                    self.render_and_store(&name, tokens, own, own_version, instance, render)?;
+                rendered.report();
+                Ok(Html::Rendered(rendered.html))
+            }
+            Role::Alone => {
+                // This thread is already rendering this very block further up
+                // (a recursive macro), or threads rendering blocks nested in
+                // each other crosswise would wait on each other: render on
+                // its own (no flight, no deadlock).
                 let rendered =
                     self.render_and_store(&name, tokens, own, own_version, instance, render)?;
                 rendered.report();
@@ -461,10 +569,8 @@ impl ICache {
     /// A follower takes the leader's output only if the nested tokens the
     /// leader read (which this thread did not read itself) have not moved.
     fn still_current(&self, tokens: &[&str], reads: &[(Box<str>, u64)]) -> bool {
-        let deps: Vec<&(Box<str>, u64)> = reads
-            .iter()
-            .filter(|(t, _)| !tokens.contains(&&**t))
-            .collect();
+        let own = TokenSet::new(tokens);
+        let deps: Vec<&(Box<str>, u64)> = reads.iter().filter(|(t, _)| !own.contains(t)).collect();
         if deps.is_empty() {
             return true;
         }
@@ -495,9 +601,12 @@ impl ICache {
         self.inner().counters.rendered(started.elapsed());
         let html = out?;
         // Nested tokens beyond our own, first read of each (the oldest).
+        // Sets, not scans: a page may nest thousands of blocks.
+        let mine = TokenSet::new(tokens);
+        let mut seen: HashSet<Box<str>> = HashSet::new();
         let mut deps: Reads = Vec::new();
         for (t, g) in nested.reads {
-            if !tokens.contains(&&*t) && !deps.iter().any(|(d, _)| *d == t) {
+            if !mine.contains(&t) && seen.insert(t.clone()) {
                 deps.push((t, g));
             }
         }
@@ -588,8 +697,9 @@ impl ICache {
         let all: &[&str] = match &hints {
             None => tokens,
             Some(h) => {
+                let own = TokenSet::new(tokens);
                 let mut v = tokens.to_vec();
-                v.extend(h.iter().map(|d| &**d).filter(|d| !tokens.contains(d)));
+                v.extend(h.iter().map(|d| &**d).filter(|d| !own.contains(d)));
                 with_hints = v;
                 &with_hints
             }
@@ -632,11 +742,20 @@ impl ICache {
         // the hint was right, otherwise one more.
         let mut dep_gens: Vec<u64> = Vec::with_capacity(entry.deps.len());
         let mut missing: Vec<&str> = Vec::new();
+        let mut missing_at: Vec<usize> = Vec::new();
+        // An index, not a scan per nested token, when there are many.
+        let index: Option<HashMap<&str, usize>> =
+            (all.len() > 16).then(|| all.iter().enumerate().rev().map(|(i, a)| (*a, i)).collect());
         for d in &entry.deps {
-            match all.iter().position(|a| a == &&**d) {
+            let found = match &index {
+                Some(index) => index.get(&**d).copied(),
+                None => all.iter().position(|a| a == &&**d),
+            };
+            match found {
                 Some(i) => dep_gens.push(gen_at(i)),
                 None => {
                     missing.push(d);
+                    missing_at.push(dep_gens.len());
                     dep_gens.push(0);
                 }
             }
@@ -644,11 +763,8 @@ impl ICache {
         if !missing.is_empty() {
             match self.generations(&missing) {
                 Ok(g) => {
-                    let mut g = g.into_iter();
-                    for (d, slot) in entry.deps.iter().zip(dep_gens.iter_mut()) {
-                        if missing.contains(&&**d) {
-                            *slot = g.next().unwrap_or_default();
-                        }
+                    for (at, g) in missing_at.into_iter().zip(g) {
+                        dep_gens[at] = g;
                     }
                 }
                 Err(e) => {

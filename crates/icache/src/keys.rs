@@ -75,28 +75,30 @@ fn is_readable(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'#'))
+        // The marker that ends the prefix never appears after it, so a key
+        // splits one way only (see `encode`).
+        && !name.starts_with("ic:")
+        && !name.contains(":ic:")
 }
 
-/// Longest accepted `?prefix=`.
+/// Longest `?prefix=` used verbatim in keys; longer ones are hashed.
 pub(crate) const PREFIX_MAX: usize = 64;
 
-/// Checks a `?prefix=` value; it goes into keys verbatim, so it must be plain.
-pub(crate) fn validate_prefix(prefix: &str) -> Result<(), String> {
-    if prefix.len() > PREFIX_MAX {
-        return Err(format!(
-            "prefix is {} bytes long; at most {PREFIX_MAX} are allowed",
-            prefix.len()
-        ));
+/// The form of a `?prefix=` that goes into keys. Any prefix is accepted:
+/// one of at most 64 printable ASCII bytes (colons included: `myapp:prod`
+/// is the Redis convention) is used verbatim, so `SCAN MATCH myapp:prod*`
+/// finds every key; anything else (spaces, control bytes, non-ASCII, longer)
+/// is replaced by `~` and its SHA-256, which no verbatim prefix can equal
+/// (a verbatim prefix never starts with `~`).
+pub(crate) fn key_prefix(prefix: &str) -> String {
+    let verbatim = prefix.len() <= PREFIX_MAX
+        && !prefix.starts_with('~')
+        && prefix.bytes().all(|b| b.is_ascii_graphic());
+    if verbatim {
+        prefix.to_owned()
+    } else {
+        format!("~{}", sha256_hex(prefix.as_bytes()))
     }
-    if let Some(c) = prefix
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
-    {
-        return Err(format!(
-            "prefix {prefix:?} contains {c:?}; use only ASCII letters, digits, '-', '_' and '.'"
-        ));
-    }
-    Ok(())
 }
 
 /// Hex SHA-256 of `bytes`.
@@ -110,7 +112,14 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     out
 }
 
-/// The key as remote backends store it: `[prefix:]ic:<tag>:<name or hash>`.
+/// The key as remote backends store it: `[prefix:]ic:<tag>:<name or hash>`,
+/// `prefix` being a [`key_prefix`].
+///
+/// No two (prefix, space, name) give the same key, though prefixes and
+/// readable names may both hold colons: the tag is one letter, and neither a
+/// readable name nor a hash contains `:ic:` or starts with `ic:`, so the
+/// *last* `:ic:` of a key is the one that ends its prefix (`myapp:prod` +
+/// `k` is `myapp:prod:ic:g:k`, `myapp` + `prod:k` is `myapp:ic:g:prod:k`).
 pub(crate) fn encode(prefix: &str, key: Key<'_>) -> String {
     let (plain_tag, hashed_tag) = key.space.tags();
     let mut out = String::with_capacity(prefix.len() + 6 + 64);
@@ -218,11 +227,24 @@ mod tests {
     }
 
     #[test]
-    fn prefixes_are_checked() {
-        assert!(validate_prefix("shop-1.eu_west").is_ok());
-        assert!(validate_prefix("a b").expect_err("space").contains("' '"));
-        assert!(validate_prefix("a:b").is_err());
-        assert!(validate_prefix(&"p".repeat(65)).is_err());
+    fn any_prefix_is_accepted_and_kept_apart() {
+        assert_eq!(key_prefix("shop-1.eu_west"), "shop-1.eu_west");
+        assert_eq!(key_prefix("myapp:prod"), "myapp:prod");
+        for odd in ["a b", "é", "~x", &"p".repeat(65), "a\nb"] {
+            let p = key_prefix(odd);
+            assert!(p.starts_with('~') && p.len() == 65, "{p}");
+        }
+        // The example: a colon in the prefix or in the key.
+        let a = encode(&key_prefix("myapp:prod"), Key::gen_("k"));
+        let b = encode(&key_prefix("myapp"), Key::gen_("prod:k"));
+        assert_eq!(a, "myapp:prod:ic:g:k");
+        assert_ne!(a, b);
+        // A prefix that imitates our marker cannot meet a shorter prefix's
+        // readable name that does too.
+        let c = encode(&key_prefix("a:ic:g:x"), Key::gen_("k"));
+        let d = encode(&key_prefix("a"), Key::gen_("x:ic:g:k"));
+        assert_ne!(c, d);
+        assert!(c.starts_with("a:ic:g:x:"));
     }
 
     mod props {
@@ -247,10 +269,21 @@ mod tests {
             }
 
             #[test]
-            fn every_key_fits_memcached(name in any::<String>(), prefix in "[a-z0-9_.-]{0,64}", sp in space()) {
-                let k = encode(&prefix, Key { space: sp, name: &name });
+            fn every_key_fits_memcached(name in any::<String>(), prefix in any::<String>(), sp in space()) {
+                let k = encode(&key_prefix(&prefix), Key { space: sp, name: &name });
                 prop_assert!(k.len() <= 250);
                 prop_assert!(k.bytes().all(|b| b.is_ascii_graphic()));
+            }
+
+            #[test]
+            fn prefixes_and_names_never_meet(
+                pa in "[a-z:ic~ ]{0,12}", pb in "[a-z:ic~ ]{0,12}",
+                na in "[a-z:ic]{0,12}", nb in "[a-z:ic]{0,12}",
+                sa in space(), sb in space(),
+            ) {
+                let ka = encode(&key_prefix(&pa), Key { space: sa, name: &na });
+                let kb = encode(&key_prefix(&pb), Key { space: sb, name: &nb });
+                prop_assert_eq!(ka == kb, pa == pb && na == nb && sa == sb);
             }
 
             #[test]

@@ -1,18 +1,134 @@
-//! A tiny pool of blocking connections, shared by the network backends.
+//! A tiny pool of blocking connections to one server, shared by the network
+//! backends, with a circuit breaker.
 //!
 //! Written here rather than taken from r2d2: we need only "reuse an idle
 //! connection or open one, and drop it when anything went wrong", and r2d2
 //! adds a reaper thread, health checks that cost a round trip per checkout
 //! (the memcache crate's pool does that and hangs behind an unresponsive
 //! server), and its own time-out semantics on top of ours.
+//!
+//! ## The circuit breaker
+//!
+//! A server that hangs costs every call a full time-out; a page with two
+//! lookups would pay two. So after a call fails for a transient reason
+//! (time-out, refused, reset) the pool fails every call **at once** for a
+//! back-off period (250 ms, doubling up to 4 s while the server stays bad),
+//! then lets **one** call through as a probe while the others keep failing
+//! fast; the probe's success closes the breaker. Fail-open callers render
+//! uncached at uncached speed meanwhile, and a failed bump is remembered and
+//! replayed by the probe that finds the server back (see `ICache`).
+//! The cost on the hot path, when closed, is one atomic load.
+//!
+//! Written here rather than taken from a crate (failsafe, recloser): those
+//! wrap futures or closures with their own error types and policies, while
+//! this is three atomics at the one place every call to a server passes.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
+
+/// First back-off after a failure.
+const BACKOFF_MIN: Duration = Duration::from_millis(250);
+/// Longest back-off while a server keeps failing.
+const BACKOFF_MAX: Duration = Duration::from_secs(4);
+
+/// Fails calls fast while a server is known bad; one probe at a time.
+#[derive(Debug)]
+struct Breaker {
+    /// Base of the millisecond clock below.
+    born: Instant,
+    /// Milliseconds since `born` until which calls fail fast; 0: closed.
+    open_until: AtomicU64,
+    /// The current back-off, in milliseconds (0: none yet).
+    backoff: AtomicU64,
+    /// A probe is in flight.
+    probing: AtomicBool,
+}
+
+/// What the breaker says about one call.
+enum Gate {
+    /// Closed: go ahead.
+    Pass,
+    /// Open, and this call is the one probe.
+    Probe,
+}
+
+impl Breaker {
+    fn new() -> Self {
+        Breaker {
+            born: Instant::now(),
+            open_until: AtomicU64::new(0),
+            backoff: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis())
+            .unwrap_or(u64::MAX - 1)
+            .max(1)
+    }
+
+    fn check(&self, server: &str) -> Result<Gate> {
+        let until = self.open_until.load(Ordering::Acquire);
+        if until == 0 {
+            return Ok(Gate::Pass);
+        }
+        let now = self.now_ms();
+        if now >= until
+            && self
+                .probing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            return Ok(Gate::Probe);
+        }
+        let wait = until.saturating_sub(now);
+        Err(Error::circuit_open(format!(
+            "{server}: failed recently; calls fail fast for {wait} ms more, then one probe tries again"
+        )))
+    }
+
+    /// The server answered (perhaps with an error of its own): close.
+    fn succeeded(&self, gate: &Gate) {
+        if matches!(gate, Gate::Probe) || self.open_until.load(Ordering::Relaxed) != 0 {
+            self.open_until.store(0, Ordering::Release);
+            self.backoff.store(0, Ordering::Relaxed);
+            self.probing.store(false, Ordering::Release);
+        }
+    }
+
+    /// The server did not answer: open (again) for a longer back-off.
+    fn failed(&self) {
+        let min = BACKOFF_MIN.as_millis() as u64;
+        let max = BACKOFF_MAX.as_millis() as u64;
+        let backoff = match self.backoff.load(Ordering::Relaxed) {
+            0 => min,
+            b => b.saturating_mul(2).min(max),
+        };
+        self.backoff.store(backoff, Ordering::Relaxed);
+        self.open_until
+            .store(self.now_ms().saturating_add(backoff), Ordering::Release);
+        self.probing.store(false, Ordering::Release);
+    }
+
+    fn record<T>(&self, gate: &Gate, out: &Result<T>) {
+        match out {
+            Err(e) if e.is_circuit_open() => {}
+            Err(e) if e.is_transient() => self.failed(),
+            _ => self.succeeded(gate),
+        }
+    }
+}
 
 pub(crate) struct Pool<C> {
     idle: Mutex<Vec<C>>,
     max_idle: usize,
+    breaker: Breaker,
+    /// Names the server in fail-fast errors (a redacted URL).
+    name: String,
 }
 
 impl<C> Pool<C> {
@@ -20,7 +136,29 @@ impl<C> Pool<C> {
         Pool {
             idle: Mutex::new(Vec::with_capacity(max_idle)),
             max_idle,
+            breaker: Breaker::new(),
+            name: "the cache server".to_owned(),
         }
+    }
+
+    /// Names the server in fail-fast errors (never with a password).
+    #[must_use]
+    pub(crate) fn named(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Lets a call through the circuit breaker, or fails it at once while the
+    /// breaker is open (but for one probe). For callers that drive
+    /// connections themselves (parallel fetches); [`with`](Self::with) does
+    /// this itself. Hand the outcome to [`record`](Self::record).
+    pub(crate) fn admit(&self) -> Result<Admitted> {
+        self.breaker.check(&self.name).map(Admitted)
+    }
+
+    /// Records how an admitted call went.
+    pub(crate) fn record<T>(&self, admitted: Admitted, out: &Result<T>) {
+        self.breaker.record(&admitted.0, out);
     }
 
     /// Runs `f` on an idle connection, or on a new one from `connect`. The
@@ -31,7 +169,20 @@ impl<C> Pool<C> {
     /// if it fails as unavailable, the pool is emptied and `f` runs once more on
     /// a new connection. Every operation we run is safe to repeat (a repeated
     /// bump is just one more bump).
+    ///
+    /// Goes through the circuit breaker (see the module docs).
     pub(crate) fn with<T>(
+        &self,
+        connect: impl Fn() -> Result<C>,
+        f: impl Fn(&mut C) -> Result<T>,
+    ) -> Result<T> {
+        let admitted = self.admit()?;
+        let out = self.with_unguarded(connect, f);
+        self.record(admitted, &out);
+        out
+    }
+
+    fn with_unguarded<T>(
         &self,
         connect: impl Fn() -> Result<C>,
         f: impl Fn(&mut C) -> Result<T>,
@@ -79,3 +230,6 @@ impl<C> Pool<C> {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
+
+/// A call the breaker let through; hand it back to [`Pool::record`].
+pub(crate) struct Admitted(Gate);

@@ -3,7 +3,8 @@
 //! Metric names (labels: `backend` only; never keys or arguments):
 //! `icache_hits_total`, `icache_misses_total`, `icache_mismatches_total`,
 //! `icache_errors_total`, `icache_stores_total`, `icache_outdated_total`,
-//! `icache_too_large_total`, `icache_evictions_total` (memory backend),
+//! `icache_too_large_total`, `icache_shared_renders_total`,
+//! `icache_evictions_total` (memory backend),
 //! and the histogram `icache_render_seconds`. Install your recorder before
 //! opening the cache: handles are taken once, when the cache is opened.
 

@@ -6,7 +6,7 @@
 //! `#[test]` per case and backend, named `memory::case`, `redis::case`,
 //! `memcached::case`.
 
-mod support;
+use icache_test_support as support;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -236,6 +236,10 @@ macro_rules! suite {
 mod bad_input;
 #[path = "conformance/fragments.rs"]
 mod fragments;
+#[path = "conformance/hardening.rs"]
+mod hardening;
+#[path = "conformance/memcached_faults.rs"]
+mod memcached_faults;
 #[path = "conformance/reliability.rs"]
 mod reliability;
 

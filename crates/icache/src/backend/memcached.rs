@@ -182,8 +182,8 @@ impl Memcached {
             } else {
                 config.redacted.clone()
             },
+            pool: Pool::new(config.pool_size).named(format!("memcached://{server}")),
             server,
-            pool: Pool::new(config.pool_size),
             prefix: config.prefix.clone(),
             timeout: config.timeout,
             connect_timeout: config.connect_timeout,

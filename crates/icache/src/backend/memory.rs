@@ -90,14 +90,24 @@ impl Weighter<MemKey, Item> for ByBytes {
     }
 }
 
-/// Counts evictions, for stats.
-#[derive(Debug, Clone, Default)]
-struct CountEvictions(Arc<AtomicU64>);
+/// Counts evictions, for stats and the `icache_evictions_total` metric.
+#[derive(Debug, Clone)]
+struct CountEvictions(Arc<AtomicU64>, metrics::Counter);
+
+impl Default for CountEvictions {
+    fn default() -> Self {
+        CountEvictions(
+            Arc::default(),
+            metrics::counter!("icache_evictions_total", "backend" => "memory"),
+        )
+    }
+}
 
 impl Lifecycle<MemKey, Item> for CountEvictions {
     type RequestState = ();
     fn on_evict(&self, _state: &mut Self::RequestState, _key: MemKey, _val: Item) {
         self.0.fetch_add(1, Ordering::Relaxed);
+        self.1.increment(1);
     }
 }
 

@@ -90,6 +90,13 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug + 'static {
     /// store's size), as name/value pairs, for operators.
     fn server_stats(&self) -> Result<Vec<(String, String)>>;
 
+    /// Does this backend store anything? `false` for `none://`, whose
+    /// generations never move: a render there is never shared with another
+    /// reader (it could predate a commit that reader's bump followed).
+    fn stores(&self) -> bool {
+        true
+    }
+
     /// Entries evicted to stay within a bound, where the backend knows.
     fn evictions(&self) -> u64 {
         0

@@ -50,4 +50,8 @@ impl Backend for Nothing {
     fn name(&self) -> &'static str {
         "none"
     }
+
+    fn stores(&self) -> bool {
+        false
+    }
 }

@@ -66,6 +66,9 @@ impl Redis {
                 e.detail().unwrap_or("invalid Redis URL")
             ))
         };
+        if ca_file.is_some() || url.starts_with("rediss:") {
+            ensure_crypto_provider();
+        }
         let client = match ca_file {
             Some(path) => {
                 let pem = std::fs::read(path).map_err(|e| {
@@ -85,7 +88,7 @@ impl Redis {
         };
         Ok(Redis {
             client,
-            pool: Pool::new(config.pool_size),
+            pool: Pool::new(config.pool_size).named(redacted.clone()),
             prefix: config.prefix.clone(),
             timeout: config.timeout,
             connect_timeout: config.connect_timeout,
@@ -157,9 +160,7 @@ impl Redis {
             redis::ConnectionAddr::Tcp(h, p)
             | redis::ConnectionAddr::TcpTls {
                 host: h, port: p, ..
-            } => {
-                format!("{h}:{p}")
-            }
+            } => cluster::join_host_port(h, *p),
             other => other.to_string(),
         }
     }
@@ -170,6 +171,20 @@ impl Redis {
             redis::cmd("SET").arg(key).arg(fresh).query::<()>(con)
         })?;
         Ok(fresh)
+    }
+}
+
+/// Makes sure rustls has a process-wide crypto provider before a TLS client
+/// is built. redis-rs builds its rustls config with the process default, and
+/// rustls picks one by itself only when exactly one provider is compiled in:
+/// we enable `ring`, so an application that also enables `aws-lc-rs` (through
+/// any other crate) has two, none chosen, and would panic on the first
+/// `rediss://` connection. An application that installed a provider keeps it;
+/// otherwise ring is installed, and losing a race to another installer is
+/// fine (a provider is set either way).
+fn ensure_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
     }
 }
 
@@ -330,5 +345,26 @@ impl Backend for Redis {
             .filter(|(k, _)| WANTED.contains(k) || k.starts_with("db"))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// With no provider installed beforehand, opening a `rediss://` cache
+    /// installs one, and a failed connection is an error, not a panic.
+    #[test]
+    fn rediss_installs_a_crypto_provider_and_fails_cleanly() {
+        // A port nobody listens on: bound, then released.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free loopback port");
+        let cache = crate::ICache::from_url(&format!(
+            "rediss://127.0.0.1:{port}/?connect_timeout_ms=500"
+        ))
+        .expect("opens without connecting");
+        assert!(rustls::crypto::CryptoProvider::get_default().is_some());
+        let err = cache.ping().expect_err("nothing listens there");
+        assert!(err.is_unavailable() || err.is_timeout(), "{err}");
     }
 }

@@ -35,6 +35,43 @@ type Found = Option<(Vec<u8>, Arc<str>)>;
 /// The slot map is reloaded at most this often.
 const REFRESH_EVERY: Duration = Duration::from_millis(100);
 
+/// `host:port`, with an IPv6 host in brackets (`[::1]:7000`): the one form
+/// of a node's address, so the same node reached from a seed, from
+/// `CLUSTER SLOTS` or from redis-rs's connection info is one client, and
+/// [`split_host_port`] can read it back (a bare `::1:7000` is ambiguous).
+pub(super) fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Host and port of an address made by [`join_host_port`], the port 6379 if
+/// missing. An IPv6 host keeps its brackets, the form `Url::set_host` takes.
+/// `None` for what that function never makes: an unclosed bracket, a bad
+/// port, an IPv6 address without brackets.
+fn split_host_port(addr: &str) -> Option<(&str, u16)> {
+    let (host, port) = if addr.starts_with('[') {
+        let close = addr.find(']')?;
+        let (host, rest) = addr.split_at(close + 1);
+        (host, rest.strip_prefix(':'))
+    } else {
+        match addr.rsplit_once(':') {
+            Some((host, _)) if host.contains(':') => return None,
+            Some((host, port)) => (host, Some(port)),
+            None => (addr, None),
+        }
+    };
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None if host.len() == addr.len() => 6379,
+        // Text after `]` that is not `:port`.
+        None => return None,
+    };
+    (!host.is_empty()).then_some((host, port))
+}
+
 /// The slot of a key without a hash tag.
 fn slot(key: &str) -> usize {
     usize::from(crc16::State::<crc16::XMODEM>::calculate(key.as_bytes())) % SLOTS
@@ -83,13 +120,7 @@ impl RedisCluster {
         let seeds = nodes
             .iter()
             .filter_map(|n| Url::parse(n).ok())
-            .map(|u| {
-                format!(
-                    "{}:{}",
-                    u.host_str().unwrap_or_default(),
-                    u.port().unwrap_or(6379)
-                )
-            })
+            .map(|u| join_host_port(u.host_str().unwrap_or_default(), u.port().unwrap_or(6379)))
             .collect();
         Ok(RedisCluster {
             template,
@@ -109,12 +140,12 @@ impl RedisCluster {
         if let Some(c) = clients.get(addr) {
             return Ok(c.clone());
         }
-        let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "6379"));
+        let bad = |what: &str| Error::config(format!("node {addr} of {}: {what}", self.redacted));
+        let (host, port) = split_host_port(addr).ok_or_else(|| bad("not host:port"))?;
         let mut url = self.template.clone();
-        url.set_host(Some(host.trim_start_matches('[').trim_end_matches(']')))
-            .map_err(|e| Error::config(format!("node {addr} of {}: {e}", self.redacted)))?;
-        url.set_port(port.parse().ok())
-            .map_err(|()| Error::config(format!("node {addr} of {}: bad port", self.redacted)))?;
+        // An IPv6 host goes in with its brackets: that is how a URL holds one.
+        url.set_host(Some(host)).map_err(|e| bad(&e.to_string()))?;
+        url.set_port(Some(port)).map_err(|()| bad("bad port"))?;
         let redacted = format!("{} (node {addr})", self.redacted);
         let node = Arc::new(Redis::open(url.as_str(), None, &self.config, redacted)?);
         clients.insert(addr.to_string(), node.clone());
@@ -234,17 +265,14 @@ impl RedisCluster {
             let Some(redis::Value::Int(port)) = master.get(1) else {
                 return Err(bad());
             };
+            let port = u16::try_from(*port).map_err(|_| bad())?;
             // An empty host means "the address you reached me on".
             let host = if host.is_empty() {
                 self.template.host_str().unwrap_or("127.0.0.1").to_string()
             } else {
                 host
             };
-            let addr = if host.contains(':') {
-                format!("[{host}]:{port}")
-            } else {
-                format!("{host}:{port}")
-            };
+            let addr = join_host_port(&host, port);
             let i = match index.get(&addr) {
                 Some(&i) => i,
                 None => {
@@ -484,7 +512,8 @@ impl Backend for RedisCluster {
 
 #[cfg(test)]
 mod tests {
-    use super::slot;
+    use super::{RedisCluster, join_host_port, slot, split_host_port};
+    use crate::config::Config;
 
     #[test]
     fn slots_match_redis() {
@@ -492,5 +521,71 @@ mod tests {
         assert_eq!(slot("foo"), 12182);
         assert_eq!(slot("bar"), 5061);
         assert_eq!(slot("ic:g:movies"), slot("ic:g:movies"));
+    }
+
+    #[test]
+    fn addresses_round_trip() {
+        for (host, port, addr) in [
+            ("127.0.0.1", 7000, "127.0.0.1:7000"),
+            ("redis-1.example", 6379, "redis-1.example:6379"),
+            ("::1", 7000, "[::1]:7000"),
+            ("[::1]", 7000, "[::1]:7000"),
+            ("fe80::1:2", 1, "[fe80::1:2]:1"),
+        ] {
+            assert_eq!(join_host_port(host, port), addr);
+            let bracketed = if host.contains(':') && !host.starts_with('[') {
+                format!("[{host}]")
+            } else {
+                host.to_string()
+            };
+            assert_eq!(split_host_port(addr), Some((&*bracketed, port)), "{addr}");
+        }
+        assert_eq!(split_host_port("[::1]"), Some(("[::1]", 6379)));
+        assert_eq!(split_host_port("cache"), Some(("cache", 6379)));
+        for bad in [
+            "::1:7000",
+            "[::1",
+            "[::1]7000",
+            "[::1]:",
+            "h:",
+            "h:99999",
+            ":7000",
+            "",
+        ] {
+            assert_eq!(split_host_port(bad), None, "{bad:?}");
+        }
+    }
+
+    /// IPv6 seeds keep their brackets through the node's client: the address
+    /// redis-rs reports for it is the one it was made from.
+    #[test]
+    fn ipv6_nodes_keep_their_address() {
+        let config =
+            Config::parse("redis+cluster://[::1]:7000,[::1]:7001,127.0.0.1:7002").expect("parses");
+        let cluster = RedisCluster::new(&config).expect("no connection yet");
+        assert_eq!(
+            cluster.seeds,
+            ["[::1]:7000", "[::1]:7001", "127.0.0.1:7002"]
+        );
+        for seed in &cluster.seeds {
+            let node = cluster.client(seed).expect("a client, not connected");
+            assert_eq!(&node.node_addr(), seed);
+            assert!(std::sync::Arc::ptr_eq(
+                &node,
+                &cluster.client(&node.node_addr()).expect("same")
+            ));
+        }
+        // CLUSTER SLOTS names IPv6 nodes without brackets.
+        let answer = redis::Value::Array(vec![redis::Value::Array(vec![
+            redis::Value::Int(0),
+            redis::Value::Int(16383),
+            redis::Value::Array(vec![
+                redis::Value::BulkString(b"::1".to_vec()),
+                redis::Value::Int(7001),
+            ]),
+        ])]);
+        let topology = cluster.parse_slots(&answer).expect("parses");
+        assert_eq!(topology.nodes.len(), 1);
+        assert_eq!(topology.nodes[0].node_addr(), "[::1]:7001");
     }
 }

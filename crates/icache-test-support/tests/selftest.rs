@@ -1,7 +1,7 @@
-//! Tests of the test-support harness itself (`tests/support/mod.rs`): real
+//! Tests of the test-support harness itself: real
 //! servers start, stop and restart, and the proxy forwards, counts and pauses.
 
-mod support;
+use icache_test_support as support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;

@@ -1,8 +1,8 @@
 //! Test support: real `redis-server` / `memcached` processes and a small TCP
 //! proxy, for integration tests and benches.
 //!
-//! Use it from an integration test with `mod support;`, or from a bench with
-//! `#[path = "../tests/support/mod.rs"] mod support;`.
+//! An unpublished crate: integration tests, benches, the benchmark report and
+//! the chaos run depend on it (`use icache_test_support as support;`).
 //!
 //! # What it gives you
 //!
@@ -14,8 +14,9 @@
 //!   `redis-server` in cluster mode (no persistence), created with
 //!   `redis-cli --cluster create`; single nodes can be killed and restarted.
 //! * [`MemcachedServer`]: a `memcached` that accepts values of several MB.
-//! * [`Proxy`]: a counting TCP proxy that can be paused to simulate a backend
-//!   that accepts connections but never answers.
+//! * [`Proxy`]: a counting TCP proxy that injects faults on its path
+//!   ([`Fault`]): refuse connections, hang (accept, never answer), or freeze
+//!   (requests reach the server, answers never come back).
 //!
 //! Every server and the proxy listen on a free port of `127.0.0.1` only (never
 //! a fixed port, never another address). A port is found by binding
@@ -1303,10 +1304,47 @@ impl MemcachedServer {
 /// How often proxy threads look at the shutdown and pause flags.
 const PROXY_POLL: Duration = Duration::from_millis(10);
 
+/// A fault a [`Proxy`] injects on its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// Forward everything (no fault).
+    Pass,
+    /// Cut every open connection and close new ones at once: a server that
+    /// is gone (the client sees a reset or an end of stream).
+    Refuse,
+    /// Accept connections but forward nothing in either direction (data
+    /// already read is held back): a server that hangs.
+    Hang,
+    /// Forward requests to the server but hold its answers back: the server
+    /// acts (a bump is applied) while the client hears nothing.
+    Freeze,
+}
+
+impl Fault {
+    fn code(self) -> u8 {
+        match self {
+            Fault::Pass => 0,
+            Fault::Refuse => 1,
+            Fault::Hang => 2,
+            Fault::Freeze => 3,
+        }
+    }
+    fn from_code(c: u8) -> Fault {
+        match c {
+            1 => Fault::Refuse,
+            2 => Fault::Hang,
+            3 => Fault::Freeze,
+            _ => Fault::Pass,
+        }
+    }
+}
+
 struct ProxyShared {
     target_port: u16,
     shutdown: AtomicBool,
-    paused: AtomicBool,
+    fault: std::sync::atomic::AtomicU8,
+    /// Bumped by every `set_fault(Refuse)`: connections opened before it are cut.
+    cut: AtomicU64,
     bytes_up: AtomicU64,
     bytes_down: AtomicU64,
     round_trips: AtomicU64,
@@ -1319,24 +1357,32 @@ impl ProxyShared {
         self.shutdown.load(Ordering::SeqCst)
     }
 
-    /// Waits while paused; `false` if the proxy is shutting down.
-    fn wait_while_paused(&self) -> bool {
-        while self.paused.load(Ordering::SeqCst) {
-            if self.stopping() {
+    fn fault(&self) -> Fault {
+        Fault::from_code(self.fault.load(Ordering::SeqCst))
+    }
+
+    /// Waits while this direction is held back; `false` if the proxy is
+    /// shutting down or the connection (opened at cut count `born`) is cut.
+    fn wait_for_path(&self, upstream: bool, born: u64) -> bool {
+        loop {
+            if self.stopping() || self.cut.load(Ordering::SeqCst) != born {
                 return false;
             }
-            thread::sleep(PROXY_POLL);
+            match self.fault() {
+                Fault::Pass => return true,
+                Fault::Freeze if upstream => return true,
+                Fault::Refuse => return false,
+                Fault::Hang | Fault::Freeze => thread::sleep(PROXY_POLL),
+            }
         }
-        !self.stopping()
     }
 }
 
 /// A counting TCP proxy on a free port of 127.0.0.1, forwarding every
-/// connection to `127.0.0.1:target_port`.
+/// connection to `127.0.0.1:target_port`, with faults injected on demand
+/// ([`set_fault`](Proxy::set_fault)).
 ///
-/// While paused it still accepts connections but reads and forwards nothing
-/// in either direction (data already read is held back), which looks like a
-/// hanging backend. Its threads stop when it is dropped.
+/// Its threads stop when it is dropped.
 pub struct Proxy {
     port: u16,
     shared: Arc<ProxyShared>,
@@ -1358,7 +1404,8 @@ impl Proxy {
         let shared = Arc::new(ProxyShared {
             target_port,
             shutdown: AtomicBool::new(false),
-            paused: AtomicBool::new(false),
+            fault: std::sync::atomic::AtomicU8::new(0),
+            cut: AtomicU64::new(0),
             bytes_up: AtomicU64::new(0),
             bytes_down: AtomicU64::new(0),
             round_trips: AtomicU64::new(0),
@@ -1380,6 +1427,16 @@ impl Proxy {
     /// The port the proxy listens on.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// `redis://127.0.0.1:PORT` through this proxy.
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `memcached://127.0.0.1:PORT` through this proxy.
+    pub fn memcached_url(&self) -> String {
+        format!("memcached://127.0.0.1:{}", self.port)
     }
 
     /// Bytes forwarded from clients to the target (counted as forwarding
@@ -1404,14 +1461,28 @@ impl Proxy {
         self.shared.connections.load(Ordering::SeqCst)
     }
 
-    /// Stops forwarding (connections are still accepted).
-    pub fn pause(&self) {
-        self.shared.paused.store(true, Ordering::SeqCst);
+    /// Injects `fault` from now on ([`Fault::Pass`] ends it). `Refuse` also
+    /// cuts the connections that are open.
+    pub fn set_fault(&self, fault: Fault) {
+        if fault == Fault::Refuse {
+            self.shared.cut.fetch_add(1, Ordering::SeqCst);
+        }
+        self.shared.fault.store(fault.code(), Ordering::SeqCst);
     }
 
-    /// Forwards again, including what was held back while paused.
+    /// The fault injected now.
+    pub fn fault(&self) -> Fault {
+        self.shared.fault()
+    }
+
+    /// Stops forwarding (connections are still accepted): [`Fault::Hang`].
+    pub fn pause(&self) {
+        self.set_fault(Fault::Hang);
+    }
+
+    /// Forwards again, including what was held back: [`Fault::Pass`].
     pub fn resume(&self) {
-        self.shared.paused.store(false, Ordering::SeqCst);
+        self.set_fault(Fault::Pass);
     }
 }
 
@@ -1440,6 +1511,10 @@ fn proxy_accept_loop(listener: &TcpListener, shared: &Arc<ProxyShared>) {
         match listener.accept() {
             Ok((client, _)) => {
                 shared.connections.fetch_add(1, Ordering::SeqCst);
+                if shared.fault() == Fault::Refuse {
+                    let _ = client.shutdown(Shutdown::Both);
+                    continue;
+                }
                 proxy_connection(client, shared);
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1478,6 +1553,7 @@ fn proxy_connection(client: TcpStream, shared: &Arc<ProxyShared>) {
         .unwrap_or_else(PoisonError::into_inner);
     // true while the client's next bytes start a new round trip.
     let turn = Arc::new(AtomicBool::new(true));
+    let born = shared.cut.load(Ordering::SeqCst);
     for ((from, to), upstream) in [(up, true), (down, false)] {
         let pump_shared = Arc::clone(shared);
         let turn = Arc::clone(&turn);
@@ -1486,7 +1562,7 @@ fn proxy_connection(client: TcpStream, shared: &Arc<ProxyShared>) {
                 "proxy-pump-{}",
                 if upstream { "up" } else { "down" }
             ))
-            .spawn(move || proxy_pump(from, to, upstream, &pump_shared, &turn));
+            .spawn(move || proxy_pump(from, to, upstream, born, &pump_shared, &turn));
         match spawned {
             Ok(handle) => workers.push(handle),
             Err(_) => {
@@ -1503,6 +1579,7 @@ fn proxy_pump(
     mut from: TcpStream,
     mut to: TcpStream,
     upstream: bool,
+    born: u64,
     shared: &ProxyShared,
     turn: &AtomicBool,
 ) {
@@ -1513,7 +1590,7 @@ fn proxy_pump(
     };
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        if !shared.wait_while_paused() {
+        if !shared.wait_for_path(upstream, born) {
             break;
         }
         match from.read(&mut buf) {
@@ -1523,7 +1600,7 @@ fn proxy_pump(
                 return;
             }
             Ok(n) => {
-                if !shared.wait_while_paused() {
+                if !shared.wait_for_path(upstream, born) {
                     break;
                 }
                 // Counted before the write: whatever a peer has received is
@@ -1536,7 +1613,7 @@ fn proxy_pump(
                 } else {
                     turn.store(true, Ordering::SeqCst);
                 }
-                if !proxy_write_all(&mut to, &buf[..n], shared) {
+                if !proxy_write_all(&mut to, &buf[..n], upstream, born, shared) {
                     break;
                 }
             }
@@ -1556,9 +1633,15 @@ fn proxy_pump(
 
 /// Writes all of `data`, holding it back while paused; `false` on error or
 /// shutdown.
-fn proxy_write_all(to: &mut TcpStream, mut data: &[u8], shared: &ProxyShared) -> bool {
+fn proxy_write_all(
+    to: &mut TcpStream,
+    mut data: &[u8],
+    upstream: bool,
+    born: u64,
+    shared: &ProxyShared,
+) -> bool {
     while !data.is_empty() {
-        if !shared.wait_while_paused() {
+        if !shared.wait_for_path(upstream, born) {
             return false;
         }
         match to.write(data) {

@@ -1,0 +1,196 @@
+//! MiniJinja integration (feature `minijinja`): the `icache` call-block function
+//! and the seed's own `{% icache %}` syntax.
+//!
+//! ```
+//! # fn main() -> Result<(), minijinja::Error> {
+//! let cache = icache::ICache::memory();
+//! let mut env = minijinja::Environment::new();
+//! icache::minijinja::register(&mut env, cache.clone());
+//!
+//! // The seed's syntax, accepted verbatim through a source rewrite:
+//! const SOURCE: &str = "{% load icache %}\
+//! {% icache 'movies-personal-rating' 'movies' user.id %}<ul>{{ user.name }}</ul>{% endicache %}";
+//! env.add_template_owned("inline.html", icache::minijinja::rewrite("inline.html", SOURCE)?)?;
+//!
+//! // The call-block form, no rewrite needed:
+//! env.add_template("call.html",
+//!     "{% call icache('movies', user.id, name='list') %}<ol>{{ user.name }}</ol>{% endcall %}")?;
+//!
+//! let ctx = minijinja::context! { user => minijinja::context! { id => 42, name => "Ann & Bob" } };
+//! let page = env.get_template("inline.html")?.render(&ctx)?;
+//! assert_eq!(page, "<ul>Ann &amp; Bob</ul>");
+//! // Rendered again: served from the cache, byte for byte the same.
+//! assert_eq!(env.get_template("inline.html")?.render(&ctx)?, page);
+//! assert_eq!(cache.stats().hits, 1);
+//! assert_eq!(env.get_template("call.html")?.render(&ctx)?, "<ol>Ann &amp; Bob</ol>");
+//! # Ok(()) }
+//! ```
+//!
+//! For templates loaded from files, wrap the loader so every template is
+//! rewritten: `env.set_loader(icache::minijinja::loader(minijinja::path_loader("templates")))`.
+//!
+//! # Block identity
+//!
+//! Every argument is a token (part of the key and of the version). Besides its
+//! arguments, an entry's key holds the template's name and the auto-escape
+//! mode, and:
+//!
+//! * for `{% icache %}` blocks (and `{% call icache(…) %}` blocks in templates
+//!   that went through [`rewrite()`] or [`loader`]): the block's line, column and a
+//!   digest of its source, injected by the rewrite. Two blocks never share an
+//!   entry, and editing a block's body invalidates its entries;
+//! * for call blocks added without the rewrite: the `name=` argument if given.
+//!   Two such blocks in one template with the same arguments and no `name=`
+//!   share an entry, so give each a `name=`.
+//!
+//! # Nested blocks, escaping, errors
+//!
+//! A block inside another adds its tokens to the outer one: bumping an inner
+//! token invalidates the outer block too. The cached body is the already
+//! escaped output and is returned as a safe string: output is byte for byte
+//! what the block renders without the cache. An error inside a block is the
+//! template's error and nothing is cached; backend trouble is never an error
+//! (the block renders uncached).
+
+use minijinja::value::{Kwargs, Rest, Value};
+use minijinja::{Environment, Error, ErrorKind, State};
+
+use std::sync::Arc;
+
+use crate::ICache;
+use crate::fragment::Html;
+
+mod rewrite;
+pub use rewrite::rewrite;
+
+/// Template values made from stored fragments of the memory backend, by the
+/// address of the stored text. A hit then costs no copy before the output:
+/// MiniJinja can only make a safe string from a `String`, so without this a
+/// hit would copy the HTML twice (into a `String`, then into the value). The
+/// stored `Arc` is kept alongside, so its address is not reused while the
+/// value is cached. Bounded by bytes; entries evicted here are just remade.
+struct SafeValues {
+    values: quick_cache::sync::Cache<usize, (Arc<str>, Value), ByLen>,
+}
+
+#[derive(Clone)]
+struct ByLen;
+
+impl quick_cache::Weighter<usize, (Arc<str>, Value)> for ByLen {
+    fn weight(&self, _: &usize, v: &(Arc<str>, Value)) -> u64 {
+        // The stored text is shared with the cache; the value is a copy.
+        v.0.len() as u64 + 64
+    }
+}
+
+/// What the reused template values may hold.
+const SAFE_VALUES_BYTES: u64 = 16 * 1024 * 1024;
+
+impl SafeValues {
+    fn new() -> Arc<Self> {
+        Arc::new(SafeValues {
+            values: quick_cache::sync::Cache::with_weighter(1024, SAFE_VALUES_BYTES, ByLen),
+        })
+    }
+
+    fn value(&self, text: Arc<str>) -> Value {
+        let at = Arc::as_ptr(&text) as *const u8 as usize;
+        if let Some((kept, value)) = self.values.get(&at)
+            && Arc::ptr_eq(&kept, &text)
+        {
+            return value;
+        }
+        let value = Value::from_safe_string(text.to_string());
+        self.values.insert(at, (text, value.clone()));
+        value
+    }
+}
+
+/// The keyword the rewrite injects to identify a block.
+const BLOCK_KW: &str = "__icache_block";
+
+/// Registers the `icache` function, used as a call block:
+/// `{% call icache('movies', user.id) %}…{% endcall %}`.
+///
+/// Arguments become tokens as strings (`42` → `"42"`, strings as they are,
+/// `none`/undefined → `""`). Keyword `name=` identifies a hand-written block.
+pub fn register(env: &mut Environment<'_>, cache: ICache) {
+    let shared = SafeValues::new();
+    env.add_function(
+        "icache",
+        move |state: &mut State, args: Rest<Value>, kwargs: Kwargs| -> Result<Value, Error> {
+            let caller: Value = kwargs.get("caller").map_err(|_| {
+                Error::new(
+                    ErrorKind::InvalidOperation,
+                    "icache() must be used as a call block: {% call icache('token') %}…{% endcall %}",
+                )
+            })?;
+            let name: Option<String> = kwargs.get("name")?;
+            let block: Option<String> = kwargs.get(BLOCK_KW)?;
+            kwargs.assert_all_used()?;
+            let tokens: Vec<String> = args.iter().map(token_string).collect();
+            let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
+            let escape = format!("{:?}", state.auto_escape());
+            let template = state.name().to_owned();
+            let identity = [
+                "minijinja",
+                &template,
+                &escape,
+                block.as_deref().unwrap_or(""),
+                name.as_deref().unwrap_or(""),
+            ];
+            let html = cache.block_html(&identity, &tokens, || {
+                caller.call(state, &[]).map(|v| match v.as_str() {
+                    Some(s) => s.to_owned(),
+                    None => v.to_string(),
+                })
+            })?;
+            Ok(match html {
+                Html::Rendered(s) => Value::from_safe_string(s),
+                // The memory backend hands out the same stored text on every
+                // hit: reuse the template value made from it the first time.
+                Html::Cached(s) if cache.is_in_process() => shared.value(s),
+                Html::Cached(s) => Value::from_safe_string(s.to_string()),
+            })
+        },
+    );
+}
+
+fn token_string(v: &Value) -> String {
+    if v.is_undefined() || v.is_none() {
+        String::new()
+    } else if let Some(s) = v.as_str() {
+        s.to_owned()
+    } else {
+        v.to_string()
+    }
+}
+
+/// Wraps a loader so that every template it loads is passed through
+/// [`rewrite()`]: the seed's `{% icache %}` syntax works in template files.
+///
+/// ```
+/// # fn main() -> Result<(), minijinja::Error> {
+/// let mut env = minijinja::Environment::new();
+/// icache::minijinja::register(&mut env, icache::ICache::memory());
+/// env.set_loader(icache::minijinja::loader(|name: &str| {
+///     Ok((name == "page.html").then(|| "{% icache 'movies' %}hi{% endicache %}".to_string()))
+/// }));
+/// assert_eq!(env.get_template("page.html")?.render(())?, "hi");
+/// # Ok(()) }
+/// ```
+pub fn loader<F, R>(
+    inner: F,
+) -> impl Fn(&str) -> Result<Option<String>, Error> + Send + Sync + 'static
+where
+    F: Fn(&str) -> Result<Option<R>, Error> + Send + Sync + 'static,
+    R: Into<minijinja::TemplateSource>,
+{
+    move |name| match inner(name)? {
+        Some(source) => {
+            let source: minijinja::TemplateSource = source.into();
+            rewrite(name, source.source()).map(Some)
+        }
+        None => Ok(None),
+    }
+}

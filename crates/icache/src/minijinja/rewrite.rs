@@ -1,0 +1,877 @@
+//! The source rewrite that turns the seed's `{% load icache %}` /
+//! `{% icache … %}…{% endicache %}` syntax into MiniJinja call blocks.
+//!
+//! MiniJinja has no custom tags, so the seed's syntax cannot be parsed by it;
+//! instead the template's text is edited before MiniJinja sees it. To edit
+//! only real tags, the scan below follows MiniJinja's own lexer (default
+//! delimiters): `{% raw %}` sections, `{# comments #}` and string literals
+//! inside `{{ … }}` and `{% … %}` are skipped exactly as MiniJinja skips
+//! them, so text that merely looks like a tag is never touched.
+
+use std::fmt::Write as _;
+
+use minijinja::{Error, ErrorKind};
+
+use super::BLOCK_KW;
+use crate::keys::sha256_hex;
+
+/// Rewrites the seed's syntax into MiniJinja call blocks:
+///
+/// ```text
+/// {% load icache %}                                   → (removed)
+/// {% icache 'movies' user.id %}…{% endicache %}       → {% call icache('movies', (user.id), __icache_block="…") %}…{% endcall %}
+/// ```
+///
+/// Quoted bits are literal tokens, unquoted bits are expressions whose values
+/// (as strings) become tokens, as in the seed. Each block gets its identity
+/// (template, line, column, digest of its source); hand-written
+/// `{% call icache(…) %}` blocks get one too. Lines are kept, so template
+/// errors point at the right line. `{% raw %}` sections, comments and string
+/// literals are left alone. Templates are read with MiniJinja's default
+/// delimiters (`{% %}`, `{{ }}`, `{# #}`).
+///
+/// # Errors
+///
+/// A syntax error naming the template and line for an unclosed
+/// `{% icache %}`, a stray `{% endicache %}`, an unterminated quoted token or
+/// an unterminated tag. Never panics, whatever the input.
+///
+/// ```
+/// let err = icache::minijinja::rewrite("page.html", "\n{% icache 'a %}x{% endicache %}").unwrap_err();
+/// assert!(err.to_string().contains("page.html line 2"), "{err}");
+/// ```
+pub fn rewrite(name: &str, source: &str) -> Result<String, Error> {
+    Rewriter::new(name, source).run()
+}
+
+/// One `{% … %}` tag found in the source (never a `raw`/`endraw` one).
+struct Tag<'a> {
+    /// Byte range of the whole tag, `{%` to `%}`.
+    start: usize,
+    end: usize,
+    /// `{%-` / `{%+` and `-%}` / `+%}` markers, kept as they were.
+    open_mark: &'a str,
+    close_mark: &'a str,
+    /// The text between the markers, trimmed.
+    body: &'a str,
+}
+
+/// Why a scan stopped: where the construct began, and what is wrong.
+type ScanError = (usize, &'static str);
+
+/// Walks a template's tags the way MiniJinja's lexer does, skipping
+/// everything that is not a tag: text, `{{ … }}`, `{# … #}` and whole
+/// `{% raw %}…{% endraw %}` sections.
+struct Scanner<'a> {
+    src: &'a str,
+    pos: usize,
+}
+
+/// A whitespace-control marker (`-` or `+`) at `i`, as MiniJinja reads one
+/// right after `{%`, `{{` or `{#`.
+fn ws_mark(bytes: &[u8], i: usize) -> usize {
+    usize::from(matches!(bytes.get(i), Some(b'-' | b'+')))
+}
+
+/// If `s` starts with `[-+]? ws* word ws* [-+]? %}` (the `skip_ws_control`
+/// flag allows the leading marker), the length of that prefix: MiniJinja's
+/// test for `raw` and `endraw` tags, which are recognised by their text alone.
+fn basic_tag(s: &str, word: &str, skip_ws_control: bool) -> Option<usize> {
+    let mut rest = s;
+    if skip_ws_control {
+        rest = rest.strip_prefix(['-', '+']).unwrap_or(rest);
+    }
+    rest = rest.trim_start_matches(|c: char| c.is_ascii_whitespace());
+    rest = rest.strip_prefix(word)?;
+    rest = rest.trim_start_matches(|c: char| c.is_ascii_whitespace());
+    rest = rest.strip_prefix(['-', '+']).unwrap_or(rest);
+    rest.starts_with("%}").then(|| s.len() - rest.len() + 2)
+}
+
+impl<'a> Scanner<'a> {
+    /// Finds the end of a `{{ … }}` or `{% … %}` whose inside starts at
+    /// `from`: the first `close` (or `-close`, `+close`) outside string
+    /// literals and outside brackets, as MiniJinja's lexer ends them.
+    /// Returns where the end marker (with its `-`/`+`) starts and ends.
+    fn construct_end(&self, from: usize, close: &str) -> Option<(usize, usize)> {
+        let bytes = self.src.as_bytes();
+        let close = close.as_bytes();
+        let mut depth: isize = 0;
+        let mut i = from;
+        while let Some(&b) = bytes.get(i) {
+            match b {
+                b'\'' | b'"' => {
+                    // A string literal: a backslash escapes the next byte
+                    // (always ASCII for the escapes that matter: `\'`, `\"`,
+                    // `\\`), the same quote ends it.
+                    i += 1;
+                    loop {
+                        match bytes.get(i) {
+                            None => return None,
+                            Some(b'\\') => i += 2,
+                            Some(&c) if c == b => break,
+                            Some(_) => i += 1,
+                        }
+                    }
+                }
+                _ if depth == 0 && bytes[i..].starts_with(close) => {
+                    return Some((i, i + close.len()));
+                }
+                b'-' | b'+' if depth == 0 && bytes[i + 1..].starts_with(close) => {
+                    return Some((i, i + 1 + close.len()));
+                }
+                b'(' | b'[' | b'{' => depth += 1,
+                b')' | b']' | b'}' => depth -= 1,
+                _ => {}
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// The next tag other than `raw`/`endraw`, or `None` at the end.
+    fn next_tag(&mut self) -> Result<Option<Tag<'a>>, ScanError> {
+        let src: &'a str = self.src;
+        let bytes = src.as_bytes();
+        loop {
+            let Some(off) = src[self.pos..].find('{') else {
+                self.pos = src.len();
+                return Ok(None);
+            };
+            let at = self.pos + off;
+            match bytes.get(at + 1) {
+                Some(b'#') => {
+                    // MiniJinja ends a comment at the first `#}`, whatever
+                    // is inside.
+                    let end = src[at + 2..]
+                        .find("#}")
+                        .ok_or((at, "unterminated comment: no '#}' before the end"))?;
+                    self.pos = at + 2 + end + 2;
+                }
+                Some(b'{') => {
+                    let from = at + 2 + ws_mark(bytes, at + 2);
+                    let (_, end) = self
+                        .construct_end(from, "}}")
+                        .ok_or((at, "unterminated expression: no '}}' before the end"))?;
+                    self.pos = end;
+                }
+                Some(b'%') => {
+                    let mark = ws_mark(bytes, at + 2);
+                    let from = at + 2 + mark;
+                    if let Some(len) = basic_tag(&src[from..], "raw", false) {
+                        self.pos = self.skip_raw(at, from + len)?;
+                        continue;
+                    }
+                    let (close_at, end) = self
+                        .construct_end(from, "%}")
+                        .ok_or((at, "unterminated tag: no '%}' before the end"))?;
+                    self.pos = end;
+                    let close_mark = &src[close_at..end - 2];
+                    return Ok(Some(Tag {
+                        start: at,
+                        end,
+                        open_mark: &src[at + 2..from],
+                        close_mark,
+                        body: src[from..close_at].trim(),
+                    }));
+                }
+                _ => self.pos = at + 1,
+            }
+        }
+    }
+
+    /// Skips a raw section whose content starts at `from`; returns the end
+    /// of its `{% endraw %}`. As in MiniJinja, the content is not lexed at
+    /// all: the first `{%` that reads as `endraw` ends it.
+    fn skip_raw(&self, at: usize, from: usize) -> Result<usize, ScanError> {
+        let mut p = from;
+        while let Some(off) = self.src[p..].find("{%") {
+            let inner = p + off + 2;
+            if let Some(len) = basic_tag(&self.src[inner..], "endraw", true) {
+                return Ok(inner + len);
+            }
+            p = inner;
+        }
+        Err((at, "unclosed {% raw %}: no {% endraw %} before the end"))
+    }
+}
+
+/// `s` as a MiniJinja string literal. MiniJinja knows `\\`, `\"`, `\n`… and
+/// `\uXXXX` (not Rust's `\u{…}`): quotes and backslashes are escaped, control
+/// characters (newlines included, so the template keeps its line count)
+/// become `\uXXXX`, and everything else, non-ASCII included, is written as is.
+fn string_literal(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            // Control characters are all below U+00A0: four hex digits suffice.
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// What to put in place of a byte range of the source.
+struct Edit {
+    start: usize,
+    end: usize,
+    text: String,
+}
+
+struct OpenBlock {
+    /// Edit index of the opening tag (its text is completed at the close).
+    edit: usize,
+    body_start: usize,
+    line: usize,
+    col: usize,
+    /// `{% icache %}` (true) or a hand-written `{% call icache(…) %}`.
+    seed_form: bool,
+    args: String,
+    open_mark: String,
+    close_mark: String,
+}
+
+struct Rewriter<'a> {
+    name: &'a str,
+    src: &'a str,
+    edits: Vec<Edit>,
+}
+
+fn syntax(name: &str, line: usize, msg: &str) -> Error {
+    Error::new(ErrorKind::SyntaxError, format!("{name} line {line}: {msg}"))
+}
+
+impl<'a> Rewriter<'a> {
+    fn new(name: &'a str, src: &'a str) -> Self {
+        Rewriter {
+            name,
+            src,
+            edits: Vec::new(),
+        }
+    }
+
+    fn line_col(&self, pos: usize) -> (usize, usize) {
+        let before = &self.src.as_bytes()[..pos.min(self.src.len())];
+        let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+        let col = before.iter().rev().take_while(|&&b| b != b'\n').count() + 1;
+        (line, col)
+    }
+
+    fn err(&self, pos: usize, msg: &str) -> Error {
+        syntax(self.name, self.line_col(pos).0, msg)
+    }
+
+    fn run(mut self) -> Result<String, Error> {
+        let mut stack: Vec<OpenBlock> = Vec::new();
+        // Every open `call` (ours or not), so `endcall` closes the right one:
+        // `Some(index into stack)` for ours.
+        let mut calls: Vec<Option<usize>> = Vec::new();
+        let mut scanner = Scanner {
+            src: self.src,
+            pos: 0,
+        };
+        loop {
+            let tag = match scanner.next_tag() {
+                Ok(Some(tag)) => tag,
+                Ok(None) => break,
+                Err((at, msg)) => return Err(self.err(at, msg)),
+            };
+            let at = tag.start;
+            let (word, args) = match tag.body.find(|c: char| c.is_whitespace() || c == '(') {
+                Some(i) => (&tag.body[..i], tag.body[i..].trim()),
+                None => (tag.body, ""),
+            };
+            match word {
+                "load" if args.split_whitespace().any(|a| a == "icache") => {
+                    let others: Vec<&str> =
+                        args.split_whitespace().filter(|a| *a != "icache").collect();
+                    if !others.is_empty() {
+                        return Err(self.err(
+                            at,
+                            &format!("unknown tag library {:?} in {{% load %}}", others.join(" ")),
+                        ));
+                    }
+                    let newlines = self.src[tag.start..tag.end].matches('\n').count();
+                    self.edits.push(Edit {
+                        start: tag.start,
+                        end: tag.end,
+                        // Lines are kept, so errors still point at the right one.
+                        text: if newlines == 0 {
+                            String::new()
+                        } else {
+                            format!("{{#{}#}}", "\n".repeat(newlines))
+                        },
+                    });
+                }
+                "icache" => {
+                    let args = self.seed_args(args, at)?;
+                    self.open(&mut stack, &tag, args, true);
+                }
+                "endicache" => {
+                    let Some(open) = stack.pop() else {
+                        return Err(self.err(at, "{% endicache %} without an open {% icache %}"));
+                    };
+                    if !open.seed_form {
+                        return Err(self.err(
+                            at,
+                            "{% endicache %} closes a {% call icache %}: use {% endcall %}",
+                        ));
+                    }
+                    if calls.last().is_some_and(Option::is_none) {
+                        return Err(self.err(at, "{% endicache %} before the {% endcall %} of a call block opened inside it"));
+                    }
+                    self.close(open, &tag, "endcall");
+                }
+                "call" => {
+                    let call = tag.body["call".len()..].trim_start();
+                    if let Some(inner) = call.strip_prefix("icache(") {
+                        let inner = inner.trim_end();
+                        let Some(args) = inner.strip_suffix(')') else {
+                            return Err(self.err(at, "cannot read the arguments of call icache(…)"));
+                        };
+                        calls.push(Some(stack.len()));
+                        self.open(&mut stack, &tag, args.trim().to_string(), false);
+                    } else {
+                        calls.push(None);
+                    }
+                }
+                "endcall" => {
+                    if let Some(Some(_)) = calls.pop() {
+                        let Some(open) = stack.pop() else {
+                            return Err(self.err(at, "unbalanced {% endcall %}"));
+                        };
+                        if open.seed_form {
+                            return Err(self.err(
+                                at,
+                                "{% endcall %} closes an {% icache %}: use {% endicache %}",
+                            ));
+                        }
+                        self.close(open, &tag, "endcall");
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(open) = stack.first() {
+            let what = if open.seed_form {
+                "{% icache %}"
+            } else {
+                "{% call icache %}"
+            };
+            return Err(syntax(
+                self.name,
+                open.line,
+                &format!("unclosed {what}: no matching end tag before the end of the template"),
+            ));
+        }
+        Ok(self.apply())
+    }
+
+    /// Splits `{% icache %}` arguments: quoted literals and expressions.
+    fn seed_args(&self, args: &str, at: usize) -> Result<String, Error> {
+        let mut out: Vec<String> = Vec::new();
+        let bytes = args.as_bytes();
+        let mut i = 0;
+        while i < bytes.len() {
+            let b = bytes[i];
+            if b.is_ascii_whitespace() {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            if b == b'\'' || b == b'"' {
+                i += 1;
+                loop {
+                    match bytes.get(i) {
+                        None => {
+                            return Err(self.err(
+                                at,
+                                &format!("unterminated quoted token {}", &args[start..]),
+                            ));
+                        }
+                        Some(b'\\') => i += 2,
+                        Some(&c) if c == b => {
+                            i += 1;
+                            break;
+                        }
+                        Some(_) => i += 1,
+                    }
+                }
+                out.push(args[start..i.min(args.len())].to_string());
+            } else {
+                // An expression: up to whitespace outside brackets and quotes.
+                let mut depth = 0i32;
+                let mut quote: Option<u8> = None;
+                while i < bytes.len() {
+                    let c = bytes[i];
+                    match quote {
+                        Some(q) => {
+                            if c == b'\\' {
+                                i += 1;
+                            } else if c == q {
+                                quote = None;
+                            }
+                        }
+                        None => match c {
+                            b'\'' | b'"' => quote = Some(c),
+                            b'(' | b'[' | b'{' => depth += 1,
+                            b')' | b']' | b'}' => depth -= 1,
+                            c if c.is_ascii_whitespace() && depth <= 0 => break,
+                            _ => {}
+                        },
+                    }
+                    i += 1;
+                }
+                if quote.is_some() {
+                    return Err(self.err(
+                        at,
+                        &format!("unterminated quoted token in {}", &args[start..]),
+                    ));
+                }
+                out.push(format!("({})", &args[start..i.min(args.len())]));
+            }
+        }
+        Ok(out.join(", "))
+    }
+
+    fn open(&mut self, stack: &mut Vec<OpenBlock>, tag: &Tag<'_>, args: String, seed_form: bool) {
+        let (line, col) = self.line_col(tag.start);
+        self.edits.push(Edit {
+            start: tag.start,
+            end: tag.end,
+            text: String::new(),
+        });
+        stack.push(OpenBlock {
+            edit: self.edits.len() - 1,
+            body_start: tag.end,
+            line,
+            col,
+            seed_form,
+            args,
+            open_mark: tag.open_mark.to_string(),
+            close_mark: tag.close_mark.to_string(),
+        });
+    }
+
+    fn close(&mut self, open: OpenBlock, tag: &Tag<'_>, end_word: &str) {
+        let body = &self.src[open.body_start..tag.start];
+        let digest = sha256_hex(body.as_bytes());
+        let id = format!("{}:{}:{}:{}", self.name, open.line, open.col, &digest[..16]);
+        // The template name is anyone's text (non-ASCII, quotes, newlines):
+        // escaped for MiniJinja, it cannot break the tag or add lines.
+        let id = string_literal(&id);
+        let sep = if open.args.trim().is_empty() {
+            ""
+        } else {
+            ", "
+        };
+        // The arguments keep their own newlines; any other newline the
+        // original tag had goes back in as whitespace inside the new tag.
+        let open_src = &self.src[self.edits[open.edit].start..self.edits[open.edit].end];
+        let missing = open_src
+            .matches('\n')
+            .count()
+            .saturating_sub(open.args.matches('\n').count());
+        self.edits[open.edit].text = format!(
+            "{{%{} call icache({}{sep}{BLOCK_KW}={id}){} {}%}}",
+            open.open_mark,
+            open.args,
+            "\n".repeat(missing),
+            open.close_mark
+        );
+        let close_lines = self.src[tag.start..tag.end].matches('\n').count();
+        self.edits.push(Edit {
+            start: tag.start,
+            end: tag.end,
+            text: format!(
+                "{{%{} {end_word}{} {}%}}",
+                tag.open_mark,
+                "\n".repeat(close_lines),
+                tag.close_mark
+            ),
+        });
+    }
+
+    fn apply(mut self) -> String {
+        self.edits.sort_by_key(|e| e.start);
+        let mut out = String::with_capacity(self.src.len() + 64 * self.edits.len());
+        let mut pos = 0;
+        for e in &self.edits {
+            out.push_str(&self.src[pos..e.start]);
+            out.push_str(&e.text);
+            pos = e.end;
+        }
+        out.push_str(&self.src[pos..]);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ICache;
+    use minijinja::Environment;
+
+    fn rw(src: &str) -> String {
+        rewrite("t.html", src).expect("rewrites")
+    }
+
+    /// An environment with the `icache` function on a fresh memory cache.
+    fn env_with_cache() -> (Environment<'static>, ICache) {
+        let cache = ICache::memory();
+        let mut env = Environment::new();
+        super::super::register(&mut env, cache.clone());
+        (env, cache)
+    }
+
+    #[test]
+    fn seed_syntax_becomes_a_call_block() {
+        let out = rw(
+            "{% load icache %}{% icache 'movies-personal-rating' 'movies' user.id %}X{% endicache %}",
+        );
+        assert!(out.starts_with("{% call icache('movies-personal-rating', 'movies', (user.id), __icache_block=\"t.html:1:18:"), "{out}");
+        assert!(out.ends_with("X{% endcall %}"), "{out}");
+    }
+
+    #[test]
+    fn whitespace_control_and_lines_are_kept() {
+        let src = "a\n{%- icache x -%}\nb\n{%- endicache -%}\nc";
+        let out = rw(src);
+        assert!(out.contains("{%- call icache((x), "), "{out}");
+        assert!(out.contains("-%}\nb\n{%- endcall -%}"), "{out}");
+        assert_eq!(out.matches('\n').count(), src.matches('\n').count());
+    }
+
+    #[test]
+    fn raw_and_comments_are_left_alone() {
+        let src = "{% raw %}{% icache 'a' %}{% endraw %}{# {% endicache %} #}";
+        assert_eq!(rw(src), src);
+    }
+
+    /// Text that only looks like a tag (inside raw sections, comments and
+    /// string literals) is neither rewritten nor a reason to reject the
+    /// template, and the real block after it is still cached.
+    #[test]
+    fn tag_lookalikes_before_a_block_are_skipped() {
+        for before in [
+            // Unbalanced `{%`, a stray tag and a lone quote inside raw.
+            "{% raw %}{%}{% icache %}\"{% endraw %}",
+            "{% raw %}{% \"{% endraw %}",
+            "{% raw %}{%}'{% endraw %}",
+            "{%- raw -%} {% endicache %} {%- endraw -%}",
+            "{%raw%}{% endraw x %}{#{%endraw%}",
+            "{# {% icache 'a' %} \" ' #}",
+            "{#- {% endicache %} -#}",
+            "{{ \"{% icache 'a' %}\" }}",
+            "{{ '%}{% endicache %}' }}",
+            "{{ \"\\\"%}\" }}",
+            "{{ {'a': '}}'}['a'] }}",
+            "{{ {'a': 1}}}",
+            // `}}` closes the maps, not the expression: the tag is in a string.
+            "{{ {'a': {'b': 1}} ~ \"{% endicache %}\" }}",
+            "{% set s = \"{% endicache %}%}\" %}{{ s }}",
+            "{% set d = {'k': '%}'} %}{{ d.k }}",
+            "{% if ('%}' ~ \"{#\") %}yes{% endif %}",
+        ] {
+            let src = format!("{before}{{% icache 'x' %}}<b>{{{{ n }}}}</b>{{% endicache %}}");
+            let out = rewrite("t.txt", &src).unwrap_or_else(|e| panic!("{src:?}: {e}"));
+            assert!(out.starts_with(before), "{src:?} became {out:?}");
+            assert!(
+                out.contains("{% call icache('x', __icache_block="),
+                "{out:?}"
+            );
+
+            let (mut env, cache) = env_with_cache();
+            env.add_template_owned("t.txt", out)
+                .unwrap_or_else(|e| panic!("{src:?}: {e}"));
+            // What MiniJinja itself makes of the text before the block (both
+            // names without auto-escaping).
+            let mut plain = Environment::new();
+            plain.add_template("before", before).expect("valid");
+            let expected = format!(
+                "{}<b>1</b>",
+                plain
+                    .get_template("before")
+                    .and_then(|t| t.render(()))
+                    .expect("renders")
+            );
+            let render = |n: i32| -> String {
+                env.get_template("t.txt")
+                    .and_then(|t| t.render(minijinja::context! { n }))
+                    .unwrap_or_else(|e| panic!("{src:?}: {e}"))
+            };
+            assert_eq!(render(1), expected, "{src:?}");
+            // Cached: a different `n` still shows the stored block.
+            assert_eq!(render(2), expected, "{src:?}");
+            assert_eq!(cache.stats().hits, 1, "{src:?}");
+        }
+        // The exact text of the report renders verbatim.
+        let (mut env, _) = env_with_cache();
+        env.add_template_owned(
+            "r.txt",
+            rw("{% raw %}{%}{% icache %}\"{% endraw %}{% icache 'x' %}y{% endicache %}"),
+        )
+        .expect("valid");
+        let page = env.get_template("r.txt").and_then(|t| t.render(()));
+        assert_eq!(page.expect("renders"), "{%}{% icache %}\"y");
+    }
+
+    /// Template names are anyone's text: whatever they hold, the rewritten
+    /// template loads, renders, and is served from the cache the second time.
+    #[test]
+    fn any_template_name_works() {
+        const SRC: &str =
+            "{% load icache %}{% icache 'films' n %}<p>{{ n }}</p>{% endicache %}\n{{ n }}";
+        let names = [
+            "films/été.html",
+            "映画/一覧.html",
+            "emoji 🎬.html",
+            "it's \"quoted\".html",
+            "back\\slash\\u{e9}.html",
+            "new\nline\r\n.html",
+            "tab\t\0nul\u{7f}\u{85}.html",
+            "tag %} {% endcall %} {# #}.html",
+            "",
+        ];
+        for name in names {
+            // Through `rewrite`…
+            let (mut env, cache) = env_with_cache();
+            let out = rewrite(name, SRC).unwrap_or_else(|e| panic!("{name:?}: {e}"));
+            assert_eq!(out.matches('\n').count(), SRC.matches('\n').count());
+            env.add_template_owned(name.to_string(), out)
+                .unwrap_or_else(|e| panic!("{name:?}: {e}"));
+            let render = |env: &Environment<'_>, n: i32| {
+                env.get_template(name)
+                    .and_then(|t| t.render(minijinja::context! { n }))
+                    .unwrap_or_else(|e| panic!("{name:?}: {e}"))
+            };
+            assert_eq!(render(&env, 1), "<p>1</p>\n1", "{name:?}");
+            assert_eq!(render(&env, 1), "<p>1</p>\n1", "{name:?}");
+            assert_eq!(cache.stats().hits, 1, "{name:?}");
+
+            // …and through `loader`.
+            let (mut env, cache) = env_with_cache();
+            let wanted = name.to_string();
+            env.set_loader(super::super::loader(move |n: &str| {
+                Ok((n == wanted).then(|| SRC.to_string()))
+            }));
+            assert_eq!(render(&env, 2), "<p>2</p>\n2", "{name:?}");
+            assert_eq!(render(&env, 2), "<p>2</p>\n2", "{name:?}");
+            assert_eq!(cache.stats().hits, 1, "{name:?}");
+        }
+    }
+
+    #[test]
+    fn names_become_minijinja_string_literals() {
+        for s in [
+            "",
+            "plain",
+            "été",
+            "a\"b",
+            "a\\b",
+            "a\nb\r\t\0\u{1b}\u{9f}",
+            "🎬'",
+        ] {
+            let lit = string_literal(s);
+            assert!(!lit.contains('\n') && !lit.contains('\r'), "{lit}");
+            let env = Environment::new();
+            let back = env
+                .compile_expression(&lit)
+                .and_then(|e| e.eval(()))
+                .unwrap_or_else(|e| panic!("{s:?} as {lit}: {e}"));
+            assert_eq!(back.as_str(), Some(s), "{lit}");
+        }
+    }
+
+    #[test]
+    fn errors_name_template_and_line() {
+        for (src, needle) in [
+            (
+                "x\n\n{% icache 'a' %}",
+                "t.html line 3: unclosed {% icache %}",
+            ),
+            (
+                "\n{% endicache %}",
+                "t.html line 2: {% endicache %} without",
+            ),
+            (
+                "{% icache 'a %}{% endicache %}",
+                "t.html line 1: unterminated",
+            ),
+            ("{% icache 'a' ", "t.html line 1: unterminated tag"),
+            ("{% call icache('a') %}{% endicache %}", "use {% endcall %}"),
+            ("a\n{% raw %}{% endraw", "t.html line 2: unclosed {% raw %}"),
+            ("\n\n{# x", "t.html line 3: unterminated comment"),
+            ("{{ '}}' ", "t.html line 1: unterminated expression"),
+        ] {
+            let e = rewrite("t.html", src).expect_err(src).to_string();
+            assert!(e.contains(needle), "{src:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn never_panics_on_prefixes_of_tricky_input() {
+        let src = "{% load icache %}{%- icache 'a\\'b' \"c\" f(x, 'y z')|e -%}é{{ '%}' }}{# c #}{% call icache('q') %}{% endcall %}{% endicache %}{% raw %}{% endraw %}";
+        for end in 0..=src.len() {
+            if src.is_char_boundary(end) {
+                let _ = rewrite("t", &src[..end]);
+            }
+        }
+        assert!(rewrite("t", src).is_ok());
+    }
+
+    mod props {
+        use super::super::*;
+        use super::env_with_cache;
+        use minijinja::Environment;
+        use proptest::prelude::*;
+
+        /// Template-ish text: tags, quotes, braces and plain words.
+        fn templateish() -> impl Strategy<Value = String> {
+            proptest::collection::vec(
+                prop_oneof![
+                    Just("{% icache ".to_string()),
+                    Just("{% endicache %}".to_string()),
+                    Just("{% load icache %}".to_string()),
+                    Just("{% call icache(".to_string()),
+                    Just("{% endcall %}".to_string()),
+                    Just("{% raw %}".to_string()),
+                    Just("{% endraw %}".to_string()),
+                    Just("%}".to_string()),
+                    Just("{{ x }}".to_string()),
+                    Just("{#".to_string()),
+                    Just("#}".to_string()),
+                    Just("'".to_string()),
+                    Just("\"".to_string()),
+                    Just("-".to_string()),
+                    Just("\n".to_string()),
+                    "[a-z (),.|]{0,6}",
+                    ".{0,3}",
+                ],
+                0..16,
+            )
+            .prop_map(|parts| parts.concat())
+        }
+
+        /// Text made of the bits that look like template syntax.
+        fn lookalike() -> impl Strategy<Value = String> {
+            proptest::collection::vec(
+                prop_oneof![
+                    Just("{%"),
+                    Just("%}"),
+                    Just("{{"),
+                    Just("}}"),
+                    Just("{#"),
+                    Just("#}"),
+                    Just("{% icache 'a' %}"),
+                    Just("{% endicache %}"),
+                    Just("{% call icache('b') %}"),
+                    Just("{% endcall %}"),
+                    Just("{% raw %}"),
+                    Just("'"),
+                    Just("\""),
+                    Just("\\"),
+                    Just("-"),
+                    Just("("),
+                    Just(")"),
+                    Just("\n"),
+                    Just(" "),
+                    Just("é"),
+                    Just("x"),
+                ],
+                0..12,
+            )
+            .prop_map(|parts| parts.concat())
+        }
+
+        /// One construct MiniJinja never reads as a tag, holding lookalike
+        /// text: a raw section, a comment, or a string literal in an
+        /// expression or a tag.
+        fn inert() -> impl Strategy<Value = String> {
+            (lookalike(), 0..5u8).prop_filter_map("would end early", |(text, kind)| {
+                let quoted = |q: char| {
+                    let escaped = text.replace('\\', "\\\\").replace(q, &format!("\\{q}"));
+                    format!("{q}{escaped}{q}")
+                };
+                match kind {
+                    0 => (!text.contains("endraw") && !text.contains("{%"))
+                        .then(|| format!("{{% raw %}}{text}{{% endraw %}}")),
+                    1 => (!text.contains("#}")).then(|| format!("{{#{text}#}}")),
+                    2 => Some(format!("{{{{ {} }}}}", quoted('"'))),
+                    3 => Some(format!("{{{{ {} }}}}", quoted('\''))),
+                    _ => Some(format!("{{% set s = {} %}}", quoted('"'))),
+                }
+            })
+        }
+
+        fn inert_text() -> impl Strategy<Value = String> {
+            proptest::collection::vec(inert(), 0..4).prop_map(|parts| parts.concat())
+        }
+
+        proptest! {
+            #[test]
+            fn rewrite_never_panics(src in templateish()) {
+                let _ = rewrite("t.html", &src);
+            }
+
+            #[test]
+            fn rewrite_never_panics_on_any_string(src in any::<String>()) {
+                let _ = rewrite("t.html", &src);
+            }
+
+            /// Well-formed seed blocks always rewrite into a template MiniJinja
+            /// accepts, with the same lines.
+            #[test]
+            fn seed_blocks_rewrite_into_valid_templates(
+                tokens in proptest::collection::vec(prop_oneof!["'[a-z #|]{0,8}'", "[a-z]{1,5}(\\.[a-z]{1,3})?"], 0..4),
+                body in "[a-z <>&\n]{0,20}",
+                nested in any::<bool>(),
+            ) {
+                let inner = if nested { format!("{{% icache 'in' %}}{body}{{% endicache %}}") } else { body.clone() };
+                let src = format!("{{% load icache %}}\n{{% icache {} %}}{inner}{{% endicache %}}", tokens.join(" "));
+                let out = rewrite("t.html", &src).map_err(|e| TestCaseError::fail(e.to_string()))?;
+                prop_assert_eq!(out.matches('\n').count(), src.matches('\n').count());
+                let mut env = Environment::new();
+                crate::minijinja::register(&mut env, crate::ICache::memory());
+                env.add_template_owned("t.html", out).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            }
+
+            /// Raw sections, comments and string literals are copied as they
+            /// are, whatever tag-like text they hold.
+            #[test]
+            fn inert_text_is_left_alone(src in inert_text()) {
+                prop_assert_eq!(rewrite("t.html", &src).map_err(|e| TestCaseError::fail(e.to_string()))?, src);
+            }
+
+            /// A block among inert text renders exactly as the same template
+            /// without the `{% icache %}` tags, first rendered and then cached.
+            #[test]
+            fn blocks_among_inert_text_render_as_without_the_cache(
+                before in inert_text(),
+                inside in inert_text(),
+                after in inert_text(),
+            ) {
+                let src = format!("{before}{{% icache 'x' %}}{inside}{{% endicache %}}{after}");
+                let fail = |e: Error| TestCaseError::fail(format!("{src:?}: {e}"));
+                let out = rewrite("t.txt", &src).map_err(fail)?;
+                let (mut env, cache) = env_with_cache();
+                env.add_template_owned("t.txt", out).map_err(fail)?;
+                let mut plain = Environment::new();
+                plain.add_template_owned("plain", format!("{before}{inside}{after}")).map_err(fail)?;
+                let expected = plain.get_template("plain").and_then(|t| t.render(())).map_err(fail)?;
+                for _ in 0..2 {
+                    let page = env.get_template("t.txt").and_then(|t| t.render(())).map_err(fail)?;
+                    prop_assert_eq!(&page, &expected);
+                }
+                prop_assert_eq!(cache.stats().hits, 1);
+            }
+        }
+    }
+}
