@@ -948,12 +948,26 @@ pub(crate) fn pages(servers: &Servers<'_>, settings: &Settings) -> Section {
         ("icache on, memory", "memory"),
         ("icache on, redis", "redis"),
         ("icache on, memcached", "memcached"),
+        ("redis hung (accepts, never answers)", "hung"),
         ("icache off (`none://`)", "off"),
     ];
     let mut results = Vec::new();
     for (label, backend) in cases {
         progress(&format!("4/5 … {label}"));
-        let cache = servers.open(backend);
+        // A Redis that accepts connections and never answers: the path to
+        // it goes through a proxy that holds everything back. With the
+        // default 100 ms time-out, the circuit breaker should make pages
+        // render at uncached speed.
+        let hung = (backend == "hung").then(|| {
+            let proxy = Proxy::start(servers.port("redis"));
+            proxy.set_fault(crate::support::Fault::Hang);
+            proxy
+        });
+        let cache = match &hung {
+            Some(proxy) => ICache::from_url(&format!("redis://127.0.0.1:{}", proxy.port()))
+                .unwrap_or_else(|e| panic!("{label}: {e}")),
+            None => servers.open(backend),
+        };
         let site = Site::start(cache.clone());
         // Every user's page once: checks the pages and fills the cache.
         let mut client = load::Client::new(site.port);
@@ -980,8 +994,8 @@ pub(crate) fn pages(servers: &Servers<'_>, settings: &Settings) -> Section {
         )
         .unwrap_or_else(|e| panic!("{label}: load test: {e}"));
         let after = cache.stats();
-        if backend == "off" {
-            assert_eq!(after.hits, 0, "none:// served a hit");
+        if backend == "off" || backend == "hung" {
+            assert_eq!(after.hits, 0, "{label}: served a hit");
         } else {
             assert!(
                 after.misses == before.misses && after.errors == before.errors,
@@ -995,7 +1009,29 @@ pub(crate) fn pages(servers: &Servers<'_>, settings: &Settings) -> Section {
     let off = results
         .last()
         .map(|(_, l)| l.clone())
-        .unwrap_or_else(|| unreachable!("four cases were run"));
+        .unwrap_or_else(|| unreachable!("five cases were run"));
+    let hung = results
+        .iter()
+        .find(|(label, _)| label.starts_with("redis hung"))
+        .map(|(_, l)| l.clone())
+        .unwrap_or_else(|| unreachable!("the hung case was run"));
+    let targets = vec![Target {
+        section: 4,
+        what: "redis hung: p50 page latency ÷ `none://`'s".to_owned(),
+        goal: Goal::AtMost(1.2),
+        measured: hung.p50_us as f64 / off.p50_us.max(1) as f64,
+    }];
+    let missed_notes = if targets[0].met() {
+        Vec::new()
+    } else {
+        vec![format!(
+            "- **redis hung, p50 ÷ `none://`** ({}): every request should fail \
+             fast while the circuit breaker is open; a probe pays one 100 ms \
+             time-out every back-off period (up to 4 s). A miss here means \
+             probes or time-outs reached the median request.",
+            report::ratio(targets[0].measured)
+        )]
+    };
 
     let mut md = format!(
         "## 4. Page level\n\n\
@@ -1005,7 +1041,9 @@ pub(crate) fn pages(servers: &Servers<'_>, settings: &Settings) -> Section {
          `GET /users/1` … `/users/{users}` in turn, {warm} ms of warm-up then \
          {secs} s measured. Every page was fetched once before, so with icache \
          on each request is a hit (checked: no miss, no error during the run); \
-         `none://` renders every block. The generator, the site and the server \
+         `none://` renders every block; \"redis hung\" is Redis behind a proxy \
+         that accepts connections and never answers (default 100 ms time-out), \
+         where every block renders uncached. The generator, the site and the server \
          share this machine's CPUs, so the rates are lower than on separate \
          machines; the on/off ratio is the point.\n\n",
         clients = settings.page_clients,
@@ -1032,10 +1070,13 @@ pub(crate) fn pages(servers: &Servers<'_>, settings: &Settings) -> Section {
         ]);
     }
     md.push_str(&table.finish());
+    for t in &targets {
+        md.push_str(&t.line());
+    }
     Section {
         markdown: md,
-        targets: Vec::new(),
-        missed_notes: Vec::new(),
+        targets,
+        missed_notes,
     }
 }
 

@@ -178,6 +178,7 @@ fn check_report(report: &str) {
         "icache on, memory",
         "icache on, redis",
         "icache on, memcached",
+        "redis hung (accepts, never answers)",
         "icache off (`none://`)",
     ] {
         check_row(report, label, 5, false);
@@ -190,7 +191,7 @@ fn check_report(report: &str) {
     // Every target, once in the summary and once in its section, each with
     // a plain verdict and the measured ratio.
     let targets: Vec<&str> = report.lines().filter(|l| l.contains("target: ")).collect();
-    assert_eq!(targets.len(), 16, "expected 8 targets twice: {targets:#?}");
+    assert_eq!(targets.len(), 18, "expected 9 targets twice: {targets:#?}");
     for line in &targets {
         let measured = line
             .split_once(" — met (measured ")

@@ -182,12 +182,22 @@ impl ICache {
     /// | `none://` | no cache: every block renders, nothing is stored |
     ///
     /// Options for every scheme: `prefix=` (keeps apps apart on a shared
-    /// server; ASCII letters, digits, `-`, `_`, `.`), `timeout_ms=` (one answer,
+    /// server; any string: up to 64 printable ASCII bytes, colons included, are
+    /// kept verbatim at the start of every key, anything else is hashed),
+    /// `timeout_ms=` (one answer,
     /// default 100), `connect_timeout_ms=` (default 100), `pool_size=` (idle
     /// connections kept, default 8).
     ///
     /// Network backends connect lazily: opening never blocks, and a server that
-    /// is down shows up as an error of the first operation.
+    /// is down shows up as an error of the first operation. After a failure
+    /// (time-out, refused), calls to that server fail at once for a back-off
+    /// period (250 ms, doubling up to 4 s) while one probe at a time checks
+    /// whether it is back ([`Error::is_circuit_open`]): a hung cache costs a
+    /// page one time-out per back-off period, not one per lookup.
+    ///
+    /// Values of query options are never shown in errors, logs, [`url`](Self::url)
+    /// or `Debug` unless the option is known to be harmless (`prefix`,
+    /// `timeout_ms`, …): an unknown option could be a secret.
     ///
     /// # Errors
     ///

@@ -873,5 +873,40 @@ mod tests {
                 prop_assert_eq!(cache.stats().hits, 1);
             }
         }
+
+        proptest! {
+            // Most random texts are not templates and pass trivially: about
+            // one in five is, so run more cases than the default.
+            #![proptest_config(ProptestConfig::with_cases(1024))]
+
+            /// Where MiniJinja sees no `icache` tag, the rewrite sees none and
+            /// changes nothing: its scan ends tags, expressions, comments and
+            /// raw sections where MiniJinja's lexer does.
+            #[test]
+            fn templates_without_blocks_are_left_alone(
+                parts in proptest::collection::vec(
+                    prop_oneof![
+                        Just("{%"), Just("%}"), Just("{{"), Just("}}"), Just("{#"), Just("#}"),
+                        Just("{% raw %}"), Just("{%- raw +%}"), Just("{% endraw %}"),
+                        Just("{%endraw-%}"), Just("{% if x %}"), Just("{% endif %}"),
+                        Just("{% set a = "), Just("{{ x "), Just("'"), Just("\""), Just("\\"),
+                        Just("("), Just(")"), Just("{"), Just("}"), Just("["), Just("]"),
+                        Just("-"), Just("+"), Just("~"), Just(" "), Just("\n"), Just("x"),
+                        Just("icache"),
+                    ],
+                    0..14,
+                ),
+            ) {
+                let src = parts.concat();
+                let mut env = Environment::new();
+                // Only templates MiniJinja accepts (so `icache` is a plain
+                // word, a variable or a string: never a tag, which MiniJinja
+                // would reject as unknown).
+                if env.add_template("t", &src).is_err() {
+                    return Ok(());
+                }
+                prop_assert_eq!(rewrite("t", &src).map_err(|e| TestCaseError::fail(e.to_string()))?, src);
+            }
+        }
     }
 }
