@@ -100,13 +100,17 @@ impl Breaker {
         }
     }
 
-    /// The server did not answer: open (again) for a longer back-off.
-    fn failed(&self) {
+    /// The server did not answer: open, for a longer back-off when the one
+    /// probe failed. Calls admitted while the breaker was closed that fail
+    /// together (one incident seen by several threads) open it once, at the
+    /// shortest back-off.
+    fn failed(&self, gate: &Gate) {
         let min = BACKOFF_MIN.as_millis() as u64;
         let max = BACKOFF_MAX.as_millis() as u64;
-        let backoff = match self.backoff.load(Ordering::Relaxed) {
-            0 => min,
-            b => b.saturating_mul(2).min(max),
+        let backoff = match (gate, self.backoff.load(Ordering::Relaxed)) {
+            (Gate::Probe, b) if b > 0 => b.saturating_mul(2).min(max),
+            (Gate::Pass, b) if b > 0 && self.open_until.load(Ordering::Acquire) != 0 => return,
+            _ => min,
         };
         self.backoff.store(backoff, Ordering::Relaxed);
         self.open_until
@@ -117,7 +121,7 @@ impl Breaker {
     fn record<T>(&self, gate: &Gate, out: &Result<T>) {
         match out {
             Err(e) if e.is_circuit_open() => {}
-            Err(e) if e.is_transient() => self.failed(),
+            Err(e) if e.is_transient() => self.failed(gate),
             _ => self.succeeded(gate),
         }
     }

@@ -137,17 +137,28 @@ impl Ctx {
                 assert_eq!(deleted, 1);
             }
             Kind::Memcached | Kind::MemcachedPool => {
-                // On a pool the key lives on one of the servers.
+                // On a pool the key lives on one of the servers, with that
+                // server's epoch appended.
                 let deleted = self
                     .ports()
                     .into_iter()
                     .filter(|&p| {
-                        raw_memcached(p, format!("delete {}\r\n", key_of("g", token)).as_bytes())
-                            == "DELETED"
+                        let key = self.memcached_key(p, &key_of("g", token));
+                        raw_memcached(p, format!("delete {key}\r\n").as_bytes()) == "DELETED"
                     })
                     .count();
                 assert_eq!(deleted, 1);
             }
+        }
+    }
+
+    /// The form an unprefixed key has on the memcached server at `port`: on
+    /// a pool, with that server's epoch appended.
+    fn memcached_key(&self, port: u16, key: &str) -> String {
+        if self.kind == Kind::MemcachedPool {
+            memcached_faults::pool_key(port, key)
+        } else {
+            key.to_owned()
         }
     }
 
@@ -166,11 +177,12 @@ impl Ctx {
                 true
             }
             Kind::Memcached | Kind::MemcachedPool => {
-                let mut req = format!("set {key} 0 0 {}\r\n", bytes.len()).into_bytes();
-                req.extend_from_slice(bytes);
-                req.extend_from_slice(b"\r\n");
                 // Everywhere: whichever server the key routes to has it.
                 for p in self.ports() {
+                    let key = self.memcached_key(p, key);
+                    let mut req = format!("set {key} 0 0 {}\r\n", bytes.len()).into_bytes();
+                    req.extend_from_slice(bytes);
+                    req.extend_from_slice(b"\r\n");
                     assert_eq!(raw_memcached(p, &req), "STORED");
                 }
                 true

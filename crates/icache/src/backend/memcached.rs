@@ -1,18 +1,45 @@
 //! memcached (`memcached://host:port`), through a small client of our own for
-//! the classic ASCII protocol.
+//! the classic ASCII protocol. A pool of servers (`memcached://h1,h2,h3`) is
+//! built on it in [`pool`].
 //!
 //! Why our own: no Rust memcached client is mature. The `memcache` crate routes
 //! keys by std's `DefaultHasher`, which is not stable across Rust releases (a
 //! bump could land on another server than the one readers ask), its pool checks
 //! every connection with a round trip, and it was seen blocking for over a
 //! minute behind a server that accepts connections and never answers. We need
-//! six commands (`get` with many keys, `set`, `add`, `incr`, `delete`,
-//! `version`), each with a hard time-out, and nothing else.
+//! a handful of commands (`get` with many keys, `set`, `add`, `incr`,
+//! `delete`, `version`, `stats`), each with a hard time-out, and nothing else.
+//! This client never sends `flush_all`: a memcached server is usually shared
+//! with other apps and prefixes, and only their own keys are ours to drop.
 //!
 //! Every request of one operation is written at once and the answers read
 //! back in order (pipelining), so a multi-key operation is one round trip.
+//!
+//! ## A server is not trusted
+//!
+//! What a server (or anything that answers on its port) sends back can cost
+//! us only what we asked for: a `get` accepts at most one `VALUE` per key it
+//! asked for, only under keys it asked for, and a value is read as its bytes
+//! arrive, never allocated at its announced length first (a server announcing
+//! 1 GiB and then stalling costs a time-out, not a gigabyte). Numbers in
+//! answers are parsed and combined with checked arithmetic.
+//!
+//! ## Expiry times
+//!
+//! memcached takes a relative expiry up to 30 days and reads anything larger
+//! as an absolute Unix time, a signed 32-bit number. A command line it
+//! rejects is answered with `CLIENT_ERROR` *without* the data block being
+//! consumed, so the value's bytes would run as commands: [`exptime`] never
+//! produces such a line (a time beyond 2038 becomes "no expiry").
+//!
+//! ## Checked requests (pools)
+//!
+//! A pool appends a `get` of a few keys (its per-server epochs) to a request
+//! and compares what they hold with what it built the request's keys from
+//! ([`Check`]); a difference comes back as [`Checked::Moved`], in the same
+//! round trip. A lone server uses no check.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, IoSlice, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,8 +57,48 @@ pub(crate) mod pool;
 const MAX_LINE: u64 = 8 * 1024;
 /// Largest value we accept from the server (memcached's own ceiling is 1 GiB).
 const MAX_VALUE: usize = 1 << 30;
+/// What is allocated for a value before its bytes arrive; the buffer grows
+/// with what is actually received.
+const VALUE_START: usize = 64 * 1024;
+/// Most `STAT` lines we read (memcached sends about 90): a server that streams
+/// lines forever must not keep us reading forever.
+const MAX_STATS: usize = 4096;
 /// memcached reads an expiry above 30 days as an absolute Unix time.
 const RELATIVE_TTL_MAX: u64 = 30 * 24 * 3600;
+/// memcached parses an expiry as a signed 32-bit number; above this it
+/// rejects the command line (and then runs the data block as commands).
+const EXPTIME_MAX: u64 = i32::MAX as u64;
+
+/// The expiry field for a `set` with `ttl`, at Unix time `now`: 0 (never)
+/// without a TTL; whole seconds, rounded up, up to 30 days; beyond that the
+/// absolute time `now + ttl`, or 0 when that does not fit memcached's signed
+/// 32-bit field (past January 2038: keeping the value longer than asked is
+/// allowed, dropping it early or sending a line memcached rejects is not).
+fn exptime(ttl: Option<Duration>, now: u64) -> u64 {
+    let Some(ttl) = ttl else {
+        return 0;
+    };
+    let secs = ttl
+        .as_secs()
+        .saturating_add(u64::from(ttl.subsec_nanos() > 0));
+    if secs <= RELATIVE_TTL_MAX {
+        // 0 would mean "never"; the caller drops zero TTLs before this.
+        return secs.max(1);
+    }
+    match now.checked_add(secs) {
+        // `now` is 0 only with a clock before 1970: an absolute time from it
+        // would lie in the past (expired at once).
+        Some(at) if at <= EXPTIME_MAX && now > 0 => at,
+        _ => 0,
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
 
 struct Conn {
     stream: BufReader<TcpStream>,
@@ -40,8 +107,27 @@ struct Conn {
 }
 
 impl Conn {
-    fn send(&mut self, request: &[u8]) -> std::io::Result<()> {
-        self.stream.get_mut().write_all(request)
+    /// Writes the parts of one request with as few system calls as the
+    /// kernel allows, without first copying them together (a value can be
+    /// hundreds of KB).
+    fn send(&mut self, parts: &[&[u8]]) -> std::io::Result<()> {
+        let stream = self.stream.get_mut();
+        let mut slices: Vec<IoSlice<'_>> = parts.iter().map(|p| IoSlice::new(p)).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            match stream.write_vectored(rest) {
+                Ok(0) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::WriteZero,
+                        "connection closed while writing",
+                    ));
+                }
+                Ok(n) => IoSlice::advance_slices(&mut rest, n),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
 
     /// One line without its `\r\n`.
@@ -64,9 +150,22 @@ impl Conn {
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "line is not UTF-8"))
     }
 
-    fn exact(&mut self, n: usize) -> std::io::Result<Vec<u8>> {
-        let mut buf = vec![0; n];
-        self.stream.read_exact(&mut buf)?;
+    /// A data block of `len` bytes and its `\r\n`. The buffer grows with the
+    /// bytes received: the announced length is only a bound.
+    fn value(&mut self, len: usize) -> Answer<Vec<u8>> {
+        let mut buf = Vec::with_capacity(len.min(VALUE_START));
+        let want = len as u64 + 2;
+        let got = (&mut self.stream).take(want).read_to_end(&mut buf)?;
+        if got as u64 != want {
+            return Err(Fail::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed inside a value",
+            )));
+        }
+        if !buf.ends_with(b"\r\n") {
+            return Err(protocol("value not followed by CRLF"));
+        }
+        buf.truncate(len);
         Ok(buf)
     }
 }
@@ -114,27 +213,124 @@ fn truncate(s: &str) -> &str {
     }
 }
 
-/// Reads the answer to one `get`: the values found, by key.
-fn read_values(conn: &mut Conn, want: usize) -> Answer<Vec<(String, Vec<u8>)>> {
-    let mut out = Vec::with_capacity(want);
+/// Keys a pool reads back at the end of a request, and the values they must
+/// still hold for the request's answers to count. Empty for a lone server.
+#[derive(Clone, Copy, Default)]
+struct Check<'a> {
+    keys: &'a [String],
+    expect: &'a [u64],
+}
+
+impl Check<'_> {
+    /// `get <keys>\r\n`, or nothing.
+    fn request(&self) -> Vec<u8> {
+        if self.keys.is_empty() {
+            return Vec::new();
+        }
+        get_request(self.keys).into_bytes()
+    }
+
+    /// Reads the values of the checked keys (after the request's own
+    /// answers): `None` if they hold what was expected, else what they hold
+    /// (`None` each where missing or not a number).
+    fn read(&self, conn: &mut Conn) -> Answer<Option<Vec<Option<u64>>>> {
+        if self.keys.is_empty() {
+            return Ok(None);
+        }
+        let now: Vec<Option<u64>> = read_values(conn, self.keys)?
+            .into_iter()
+            .map(|v| v.as_deref().and_then(parse_gen))
+            .collect();
+        let same = now.len() == self.expect.len()
+            && now.iter().zip(self.expect).all(|(n, e)| *n == Some(*e));
+        Ok((!same).then_some(now))
+    }
+}
+
+/// The outcome of a checked request.
+enum Checked<T> {
+    /// The checked keys held what was expected: the answers count.
+    Done(T),
+    /// A checked key holds something else now (the values found, `None`
+    /// where missing): the answers were about keys no longer in use.
+    Moved(Vec<Option<u64>>),
+}
+
+/// Unwraps a checked step, or returns its `Moved` from the enclosing function.
+macro_rules! step {
+    ($e:expr) => {
+        match $e? {
+            Checked::Done(v) => v,
+            Checked::Moved(now) => return Ok(Checked::Moved(now)),
+        }
+    };
+}
+
+/// The answer to an unchecked request (a lone server never sees `Moved`).
+fn unchecked<T>(c: Checked<T>) -> Result<T> {
+    match c {
+        Checked::Done(v) => Ok(v),
+        Checked::Moved(_) => Err(Error::new(
+            ErrorKind::Backend,
+            "memcached: a request without checks reported a moved key",
+        )),
+    }
+}
+
+/// `get k1 k2 …\r\n`.
+fn get_request<K: AsRef<str>>(keys: &[K]) -> String {
+    let mut req =
+        String::with_capacity(5 + keys.iter().map(|k| k.as_ref().len() + 1).sum::<usize>());
+    req.push_str("get");
+    for k in keys {
+        req.push(' ');
+        req.push_str(k.as_ref());
+    }
+    req.push_str("\r\n");
+    req
+}
+
+/// Reads the answer to one `get` of `keys`: the values, in the order of
+/// `keys` (moved out of the socket's buffer, never copied).
+///
+/// A server may answer only what was asked: at most one `VALUE` per key
+/// asked (a key asked twice may come twice), and none for a key not asked.
+/// Anything else is a protocol error, before anything is allocated for it.
+fn read_values<K: AsRef<str>>(conn: &mut Conn, keys: &[K]) -> Answer<Vec<Option<Vec<u8>>>> {
+    let mut out: Vec<Option<Vec<u8>>> = (0..keys.len()).map(|_| None).collect();
+    // memcached answers in the order asked (skipping misses): searching from
+    // just after the last hit finds each key at once.
+    let mut cursor = 0;
     loop {
         let line = conn.line()?;
         if line == "END" {
             return Ok(out);
         }
         let mut parts = line.split(' ');
-        match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some("VALUE"), Some(key), Some(_flags), Some(len)) => {
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
+            (Some("VALUE"), Some(key), Some(_flags), Some(len), None) => {
+                let n = keys.len();
+                let slot = (cursor..n)
+                    .chain(0..cursor)
+                    .find(|&i| out[i].is_none() && keys[i].as_ref() == key)
+                    .ok_or_else(|| {
+                        Fail::Server(format!(
+                            "answered a value not asked for (or twice): {:?}",
+                            truncate(&line)
+                        ))
+                    })?;
                 let len: usize = len.parse().map_err(|_| protocol(&line))?;
                 if len > MAX_VALUE {
                     return Err(protocol(&line));
                 }
-                let mut data = conn.exact(len + 2)?;
-                if !data.ends_with(b"\r\n") {
-                    return Err(protocol("value not followed by CRLF"));
-                }
-                data.truncate(len);
-                out.push((key.to_owned(), data));
+                out[slot] = Some(conn.value(len)?);
+                cursor = slot + 1;
             }
             _ => return Err(server_error(line)),
         }
@@ -154,9 +350,15 @@ fn server_error(line: String) -> Fail {
     }
 }
 
-fn storage(cmd: &str, key: &str, exptime: u64, data: &[u8]) -> Vec<u8> {
-    let mut req = format!("{cmd} {key} 0 {exptime} {}\r\n", data.len()).into_bytes();
-    req.extend_from_slice(data);
+/// The command line of a storage command (the data block follows it).
+fn storage_line(cmd: &str, key: &str, exptime: u64, len: usize) -> String {
+    format!("{cmd} {key} 0 {exptime} {len}\r\n")
+}
+
+/// A whole storage command for a small value (a generation).
+fn storage(cmd: &str, key: &str, value: &[u8]) -> Vec<u8> {
+    let mut req = storage_line(cmd, key, 0, value.len()).into_bytes();
+    req.extend_from_slice(value);
     req.extend_from_slice(b"\r\n");
     req
 }
@@ -232,6 +434,29 @@ impl Memcached {
         )
     }
 
+    /// One pipelined exchange: `parts` (one or more commands), then the
+    /// check's `get`; `read` reads the commands' answers, then the checked
+    /// values are compared.
+    fn exchange<T>(
+        &self,
+        op: &str,
+        parts: &[&[u8]],
+        check: Check<'_>,
+        read: impl Fn(&mut Conn) -> Answer<T>,
+    ) -> Result<Checked<T>> {
+        let check_req = check.request();
+        let mut all: Vec<&[u8]> = parts.to_vec();
+        all.push(&check_req);
+        self.run(op, |conn| {
+            conn.send(&all)?;
+            let out = read(conn)?;
+            Ok(match check.read(conn)? {
+                None => Checked::Done(out),
+                Some(now) => Checked::Moved(now),
+            })
+        })
+    }
+
     fn fail(&self, op: &str, fail: Fail) -> Error {
         match fail {
             Fail::Io(e)
@@ -267,53 +492,35 @@ impl Memcached {
         keys::encode(&self.prefix, k)
     }
 
-    /// `flush_all`: drops everything on this server (a pool does this to a
-    /// server that comes back after being marked down: what it holds is old).
-    fn flush_all(&self) -> Result<()> {
-        self.run("flush_all", |conn| {
-            conn.send(b"flush_all\r\n")?;
-            let line = conn.line()?;
-            if line == "OK" {
-                Ok(())
+    /// `get` for many keys: the values in the order of `keys`, and the
+    /// instance that answered.
+    fn get_keys(&self, keys: &[String], check: Check<'_>) -> Result<Checked<Values>> {
+        // A `get` without keys is an error to memcached: send none.
+        let req = if keys.is_empty() {
+            String::new()
+        } else {
+            get_request(keys)
+        };
+        self.exchange("get", &[req.as_bytes()], check, |conn| {
+            let values = if keys.is_empty() {
+                Vec::new()
             } else {
-                Err(server_error(line))
-            }
+                read_values(conn, keys)?
+            };
+            Ok((values, conn.instance.clone()))
         })
     }
 
-    /// `get` for many keys; values in the order of `keys`, and the instance
-    /// that answered.
-    fn get_many(&self, keys: &[String]) -> Result<Values> {
+    /// Plain `set` of counters (replacing foreign bytes).
+    fn set_counters(&self, keys: &[&str], values: &[u64], check: Check<'_>) -> Result<Checked<()>> {
         if keys.is_empty() {
-            return Ok((Vec::new(), None));
-        }
-        let mut req = String::from("get");
-        for k in keys {
-            req.push(' ');
-            req.push_str(k);
-        }
-        req.push_str("\r\n");
-        let (found, instance) = self.run("get", |conn| {
-            conn.send(req.as_bytes())?;
-            Ok((read_values(conn, keys.len())?, conn.instance.clone()))
-        })?;
-        Ok((
-            in_key_order(keys, found.into_iter().collect()),
-            Some(instance),
-        ))
-    }
-
-    /// Plain `set` of a generation (replacing foreign bytes).
-    fn set_gens(&self, keys: &[&String], values: &[u64]) -> Result<()> {
-        if keys.is_empty() {
-            return Ok(());
+            return Ok(Checked::Done(()));
         }
         let mut req = Vec::new();
         for (k, v) in keys.iter().zip(values) {
-            req.extend(storage("set", k, 0, v.to_string().as_bytes()));
+            req.extend(storage("set", k, v.to_string().as_bytes()));
         }
-        self.run("set", |conn| {
-            conn.send(&req)?;
+        self.exchange("set", &[&req], check, |conn| {
             for _ in keys {
                 let line = conn.line()?;
                 if line != "STORED" {
@@ -325,13 +532,17 @@ impl Memcached {
     }
 
     /// `add` each key with its fresh value; `true` where it was stored.
-    fn add_gens(&self, keys: &[&String], fresh: &[u64]) -> Result<Vec<bool>> {
+    fn add_counters(
+        &self,
+        keys: &[&str],
+        fresh: &[u64],
+        check: Check<'_>,
+    ) -> Result<Checked<Vec<bool>>> {
         let mut req = Vec::new();
         for (k, f) in keys.iter().zip(fresh) {
-            req.extend(storage("add", k, 0, f.to_string().as_bytes()));
+            req.extend(storage("add", k, f.to_string().as_bytes()));
         }
-        self.run("add", |conn| {
-            conn.send(&req)?;
+        self.exchange("add", &[&req], check, |conn| {
             keys.iter()
                 .map(|_| match conn.line()?.as_str() {
                     "STORED" => Ok(true),
@@ -341,87 +552,45 @@ impl Memcached {
                 .collect()
         })
     }
-}
 
-/// The server instance behind a fresh connection: its pid and start time.
-fn instance_of(conn: &mut Conn) -> Answer<Arc<str>> {
-    conn.send(b"stats\r\n")?;
-    let (mut pid, mut time, mut uptime) = (0i64, 0i64, 0i64);
-    loop {
-        let line = conn.line()?;
-        if line == "END" {
-            break;
+    /// `incr` each key by one.
+    fn incr_once(&self, keys: &[&str], check: Check<'_>) -> Result<Checked<Vec<Incr>>> {
+        let mut req = String::new();
+        for k in keys {
+            req.push_str("incr ");
+            req.push_str(k);
+            req.push_str(" 1\r\n");
         }
-        let mut parts = line.split(' ');
-        if parts.next() != Some("STAT") {
-            return Err(server_error(line));
-        }
-        let (name, value) = (parts.next(), parts.next().and_then(|v| v.parse().ok()));
-        match (name, value) {
-            (Some("pid"), Some(v)) => pid = v,
-            (Some("time"), Some(v)) => time = v,
-            (Some("uptime"), Some(v)) => uptime = v,
-            _ => {}
-        }
-    }
-    Ok(Arc::from(format!("{pid}@{}", time - uptime)))
-}
-
-/// The values found, in the order of `keys`. A key asked twice gets a copy;
-/// every other value moves (entries can be large: no needless copy).
-fn in_key_order<V: Clone>(
-    keys: &[String],
-    mut found: std::collections::HashMap<String, V>,
-) -> Vec<Option<V>> {
-    let mut left: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    for k in keys {
-        *left.entry(k.as_str()).or_default() += 1;
-    }
-    keys.iter()
-        .map(|k| {
-            let n = left.get_mut(k.as_str()).map(|n| {
-                *n -= 1;
-                *n
-            });
-            if n == Some(0) {
-                found.remove(k)
-            } else {
-                found.get(k).cloned()
-            }
+        self.exchange("incr", &[req.as_bytes()], check, |conn| {
+            keys.iter()
+                .map(|_| {
+                    let line = conn.line()?;
+                    if line == "NOT_FOUND" {
+                        Ok(Incr::NotFound)
+                    } else if line.starts_with("CLIENT_ERROR") {
+                        Ok(Incr::NotANumber)
+                    } else {
+                        line.trim_end()
+                            .parse()
+                            .map(Incr::Value)
+                            .map_err(|_| server_error(line))
+                    }
+                })
+                .collect()
         })
-        .collect()
-}
-
-/// Values in the order asked, and the server instance that answered.
-type Values = (Vec<Option<Vec<u8>>>, Option<Arc<str>>);
-
-/// One answer to `incr`.
-enum Incr {
-    Value(u64),
-    NotFound,
-    NotANumber,
-}
-
-impl Backend for Memcached {
-    fn fetch(&self, tokens: &[&str], entries: &[Key<'_>]) -> Result<Fetched> {
-        let all: Vec<String> = tokens
-            .iter()
-            .map(|t| self.key(Key::gen_(t)))
-            .chain(entries.iter().map(|k| self.key(*k)))
-            .collect();
-        let (values, instance) = self.get_many(&all)?;
-        let here = instance.clone().unwrap_or_else(|| Arc::from(""));
-        let tagged = values
-            .into_iter()
-            .map(|v| v.map(|b| (b, here.clone())))
-            .collect();
-        Ok(super::assemble(tagged, tokens.len(), instance))
     }
 
-    fn init_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
-        let keys: Vec<String> = gens.iter().map(|k| self.key(*k)).collect();
-        let refs: Vec<&String> = keys.iter().collect();
-        let added = self.add_gens(&refs, fresh)?;
+    /// For each counter key: if it is missing (or not a number), store
+    /// `fresh[i]` unless another client got there first; the values now
+    /// stored. Each step is checked.
+    fn init_counters(
+        &self,
+        keys: &[String],
+        fresh: &[u64],
+        check: Check<'_>,
+    ) -> Result<Checked<Vec<u64>>> {
+        let refs: Vec<&str> = keys.iter().map(String::as_str).collect();
+        let added = step!(self.add_counters(&refs, fresh, check));
         let mut out: Vec<Option<u64>> = added
             .iter()
             .zip(fresh)
@@ -432,7 +601,7 @@ impl Backend for Memcached {
         let taken: Vec<usize> = (0..keys.len()).filter(|&i| out[i].is_none()).collect();
         if !taken.is_empty() {
             let ks: Vec<String> = taken.iter().map(|&i| keys[i].clone()).collect();
-            let (now, _) = self.get_many(&ks)?;
+            let (now, _) = step!(self.get_keys(&ks, check));
             let mut foreign = Vec::new();
             for (&i, v) in taken.iter().zip(now) {
                 match v.as_deref().and_then(parse_gen) {
@@ -440,18 +609,26 @@ impl Backend for Memcached {
                     None => foreign.push(i),
                 }
             }
-            let fk: Vec<&String> = foreign.iter().map(|&i| &keys[i]).collect();
+            let fk: Vec<&str> = foreign.iter().map(|&i| refs[i]).collect();
             let fv: Vec<u64> = foreign.iter().map(|&i| fresh[i]).collect();
-            self.set_gens(&fk, &fv)?;
+            step!(self.set_counters(&fk, &fv, check));
             for (&i, v) in foreign.iter().zip(fv) {
                 out[i] = Some(v);
             }
         }
-        Ok(out.into_iter().map(|g| g.unwrap_or_default()).collect())
+        Ok(Checked::Done(
+            out.into_iter().map(Option::unwrap_or_default).collect(),
+        ))
     }
 
-    fn incr_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
-        let keys: Vec<String> = gens.iter().map(|k| self.key(*k)).collect();
+    /// Adds one to each counter key; a missing (or foreign) one becomes
+    /// `fresh[i]`. Each step is checked.
+    fn incr_counters(
+        &self,
+        keys: &[String],
+        fresh: &[u64],
+        check: Check<'_>,
+    ) -> Result<Checked<Vec<u64>>> {
         let mut out: Vec<Option<u64>> = vec![None; keys.len()];
         let mut pending: Vec<usize> = (0..keys.len()).collect();
         // Three passes at most: incr; add where missing; incr where another
@@ -460,31 +637,8 @@ impl Backend for Memcached {
             if pending.is_empty() {
                 break;
             }
-            let mut req = String::new();
-            for &i in &pending {
-                req.push_str("incr ");
-                req.push_str(&keys[i]);
-                req.push_str(" 1\r\n");
-            }
-            let answers = self.run("incr", |conn| {
-                conn.send(req.as_bytes())?;
-                pending
-                    .iter()
-                    .map(|_| {
-                        let line = conn.line()?;
-                        if line == "NOT_FOUND" {
-                            Ok(Incr::NotFound)
-                        } else if line.starts_with("CLIENT_ERROR") {
-                            Ok(Incr::NotANumber)
-                        } else {
-                            line.trim_end()
-                                .parse()
-                                .map(Incr::Value)
-                                .map_err(|_| server_error(line))
-                        }
-                    })
-                    .collect::<Answer<Vec<Incr>>>()
-            })?;
+            let pk: Vec<&str> = pending.iter().map(|&i| keys[i].as_str()).collect();
+            let answers = step!(self.incr_once(&pk, check));
             let mut missing = Vec::new();
             let mut foreign = Vec::new();
             for (&i, a) in pending.iter().zip(answers) {
@@ -497,17 +651,18 @@ impl Backend for Memcached {
                     Incr::NotANumber => foreign.push(i),
                 }
             }
-            let fk: Vec<&String> = foreign.iter().map(|&i| &keys[i]).collect();
+            let fk: Vec<&str> = foreign.iter().map(|&i| keys[i].as_str()).collect();
             let fv: Vec<u64> = foreign.iter().map(|&i| fresh[i]).collect();
-            self.set_gens(&fk, &fv)?;
+            step!(self.set_counters(&fk, &fv, check));
             for (&i, v) in foreign.iter().zip(fv) {
                 out[i] = Some(v);
             }
             pending.clear();
             if !missing.is_empty() {
-                let mk: Vec<&String> = missing.iter().map(|&i| &keys[i]).collect();
+                let mk: Vec<&str> = missing.iter().map(|&i| keys[i].as_str()).collect();
                 let mv: Vec<u64> = missing.iter().map(|&i| fresh[i]).collect();
-                for (&i, stored) in missing.iter().zip(self.add_gens(&mk, &mv)?) {
+                let added = step!(self.add_counters(&mk, &mv, check));
+                for (&i, stored) in missing.iter().zip(added) {
                     if stored {
                         out[i] = Some(fresh[i]);
                     } else {
@@ -525,7 +680,129 @@ impl Backend for Memcached {
                 ),
             ));
         }
-        Ok(out.into_iter().map(|g| g.unwrap_or_default()).collect())
+        Ok(Checked::Done(
+            out.into_iter().map(Option::unwrap_or_default).collect(),
+        ))
+    }
+
+    /// Stores an entry under `key`. With a `guard`, only on that server
+    /// instance (`false` otherwise).
+    fn set_entry(
+        &self,
+        key: &str,
+        entry: &Entry,
+        exptime: u64,
+        guard: Option<&str>,
+        check: Check<'_>,
+    ) -> Result<Checked<bool>> {
+        let check_req = check.request();
+        self.run("set", |conn| {
+            if guard.is_some_and(|g| g != &*conn.instance) {
+                return Ok(Checked::Done(false));
+            }
+            let data = codec::encode(entry, Some(&conn.instance));
+            let head = storage_line("set", key, exptime, data.len());
+            // The value is written from where it lies, not copied into a
+            // request buffer first.
+            conn.send(&[head.as_bytes(), &data, b"\r\n", &check_req])?;
+            let line = conn.line()?;
+            if line != "STORED" {
+                // The connection is dropped after an error: what is left
+                // unread on it does not matter.
+                return Err(server_error(line));
+            }
+            Ok(match check.read(conn)? {
+                None => Checked::Done(true),
+                Some(now) => Checked::Moved(now),
+            })
+        })
+    }
+
+    fn delete_key(&self, key: &str, check: Check<'_>) -> Result<Checked<bool>> {
+        let req = format!("delete {key}\r\n");
+        self.exchange("delete", &[req.as_bytes()], check, |conn| {
+            let line = conn.line()?;
+            match line.as_str() {
+                "DELETED" => Ok(true),
+                "NOT_FOUND" => Ok(false),
+                _ => Err(server_error(line)),
+            }
+        })
+    }
+}
+
+/// The server instance behind a fresh connection: its pid and start time.
+fn instance_of(conn: &mut Conn) -> Answer<Arc<str>> {
+    conn.send(&[b"stats\r\n"])?;
+    let (mut pid, mut time, mut uptime) = (0i64, 0i64, 0i64);
+    for _ in 0..MAX_STATS {
+        let line = conn.line()?;
+        if line == "END" {
+            return instance_id(pid, time, uptime)
+                .map(Arc::from)
+                .ok_or_else(|| {
+                    Fail::Server(format!(
+                        "stats: time {time} and uptime {uptime} give no start time"
+                    ))
+                });
+        }
+        let mut parts = line.split(' ');
+        if parts.next() != Some("STAT") {
+            return Err(server_error(line));
+        }
+        let (name, value) = (parts.next(), parts.next().and_then(|v| v.parse().ok()));
+        match (name, value) {
+            (Some("pid"), Some(v)) => pid = v,
+            (Some("time"), Some(v)) => time = v,
+            (Some("uptime"), Some(v)) => uptime = v,
+            _ => {}
+        }
+    }
+    Err(Fail::Server(format!("stats: more than {MAX_STATS} lines")))
+}
+
+/// `pid@start`, the start time being `time - uptime` (server-provided
+/// numbers: `None` if the subtraction overflows).
+fn instance_id(pid: i64, time: i64, uptime: i64) -> Option<String> {
+    Some(format!("{pid}@{}", time.checked_sub(uptime)?))
+}
+
+/// Values in the order asked, and the server instance that answered.
+type Values = (Vec<Option<Vec<u8>>>, Arc<str>);
+
+/// One answer to `incr`.
+enum Incr {
+    Value(u64),
+    NotFound,
+    NotANumber,
+}
+
+impl Backend for Memcached {
+    fn fetch(&self, tokens: &[&str], entries: &[Key<'_>]) -> Result<Fetched> {
+        let all: Vec<String> = tokens
+            .iter()
+            .map(|t| self.key(Key::gen_(t)))
+            .chain(entries.iter().map(|k| self.key(*k)))
+            .collect();
+        if all.is_empty() {
+            return Ok(super::assemble(Vec::new(), 0, None));
+        }
+        let (values, here) = unchecked(self.get_keys(&all, Check::default())?)?;
+        let tagged = values
+            .into_iter()
+            .map(|v| v.map(|b| (b, here.clone())))
+            .collect();
+        Ok(super::assemble(tagged, tokens.len(), Some(here)))
+    }
+
+    fn init_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
+        let keys: Vec<String> = gens.iter().map(|k| self.key(*k)).collect();
+        unchecked(self.init_counters(&keys, fresh, Check::default())?)
+    }
+
+    fn incr_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
+        let keys: Vec<String> = gens.iter().map(|k| self.key(*k)).collect();
+        unchecked(self.incr_counters(&keys, fresh, Check::default())?)
     }
 
     fn set(
@@ -536,57 +813,17 @@ impl Backend for Memcached {
         guard: Option<&str>,
     ) -> Result<bool> {
         let k = self.key(key);
-        let exptime = match ttl {
-            None => 0,
-            Some(t) => {
-                let secs = t.as_secs() + u64::from(t.subsec_nanos() > 0);
-                if secs <= RELATIVE_TTL_MAX {
-                    secs.max(1)
-                } else {
-                    let now = SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or_default();
-                    now.saturating_add(secs)
-                }
-            }
-        };
-        self.run("set", |conn| {
-            if guard.is_some_and(|g| g != &*conn.instance) {
-                return Ok(false);
-            }
-            let req = storage(
-                "set",
-                &k,
-                exptime,
-                &codec::encode(&entry, Some(&conn.instance)),
-            );
-            conn.send(&req)?;
-            let line = conn.line()?;
-            if line == "STORED" {
-                Ok(true)
-            } else {
-                Err(server_error(line))
-            }
-        })
+        let exptime = exptime(ttl, unix_now());
+        unchecked(self.set_entry(&k, &entry, exptime, guard, Check::default())?)
     }
 
     fn delete(&self, key: Key<'_>) -> Result<bool> {
-        let req = format!("delete {}\r\n", self.key(key));
-        self.run("delete", |conn| {
-            conn.send(req.as_bytes())?;
-            let line = conn.line()?;
-            match line.as_str() {
-                "DELETED" => Ok(true),
-                "NOT_FOUND" => Ok(false),
-                _ => Err(server_error(line)),
-            }
-        })
+        unchecked(self.delete_key(&self.key(key), Check::default())?)
     }
 
     fn ping(&self) -> Result<()> {
         self.run("version", |conn| {
-            conn.send(b"version\r\n")?;
+            conn.send(&[b"version\r\n"])?;
             let line = conn.line()?;
             if line.starts_with("VERSION") {
                 Ok(())
@@ -602,9 +839,9 @@ impl Backend for Memcached {
 
     fn server_stats(&self) -> Result<Vec<(String, String)>> {
         self.run("stats", |conn| {
-            conn.send(b"stats\r\n")?;
+            conn.send(&[b"stats\r\n"])?;
             let mut out = Vec::new();
-            loop {
+            for _ in 0..MAX_STATS {
                 let line = conn.line()?;
                 if line == "END" {
                     return Ok(out);
@@ -614,6 +851,67 @@ impl Backend for Memcached {
                     None => return Err(server_error(line)),
                 }
             }
+            Err(Fail::Server(format!("stats: more than {MAX_STATS} lines")))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000;
+
+    #[test]
+    fn short_ttls_are_relative_whole_seconds() {
+        assert_eq!(exptime(None, NOW), 0);
+        assert_eq!(exptime(Some(Duration::from_millis(1)), NOW), 1);
+        assert_eq!(exptime(Some(Duration::from_millis(1500)), NOW), 2);
+        assert_eq!(exptime(Some(Duration::from_secs(60)), NOW), 60);
+        assert_eq!(
+            exptime(Some(Duration::from_secs(RELATIVE_TTL_MAX)), NOW),
+            RELATIVE_TTL_MAX
+        );
+    }
+
+    #[test]
+    fn long_ttls_are_absolute_or_never() {
+        let day = 24 * 3600;
+        assert_eq!(
+            exptime(Some(Duration::from_secs(RELATIVE_TTL_MAX + 1)), NOW),
+            NOW + RELATIVE_TTL_MAX + 1
+        );
+        // Past 2038 the field cannot hold it: no expiry, never a bad line.
+        for ttl in [
+            Duration::from_secs(20 * 365 * day),
+            Duration::from_secs(u64::MAX),
+            Duration::MAX,
+            Duration::new(u64::MAX, 1),
+        ] {
+            assert_eq!(exptime(Some(ttl), NOW), 0, "{ttl:?}");
+        }
+        // Just inside and just outside the signed 32-bit field.
+        let fits = EXPTIME_MAX - NOW;
+        assert_eq!(exptime(Some(Duration::from_secs(fits)), NOW), EXPTIME_MAX);
+        assert_eq!(exptime(Some(Duration::from_secs(fits + 1)), NOW), 0);
+        // A clock before 1970 cannot place an absolute time: no expiry.
+        assert_eq!(
+            exptime(Some(Duration::from_secs(RELATIVE_TTL_MAX + 1)), 0),
+            0
+        );
+        assert_eq!(exptime(Some(Duration::from_secs(60)), 0), 60);
+        // Sub-second parts round up, even at the top.
+        assert_eq!(exptime(Some(Duration::new(fits - 1, 1)), NOW), EXPTIME_MAX);
+    }
+
+    #[test]
+    fn instance_ids_never_overflow() {
+        assert_eq!(instance_id(7, 100, 40).as_deref(), Some("7@60"));
+        assert_eq!(instance_id(7, i64::MIN, 1), None);
+        assert_eq!(instance_id(7, i64::MAX, -1), None);
+        assert_eq!(
+            instance_id(7, -1, i64::MAX).as_deref(),
+            Some("7@-9223372036854775808")
+        );
     }
 }
