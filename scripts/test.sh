@@ -26,6 +26,17 @@ fi
 
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
+
+# No compiler warning in a user's build, whatever features they pick: each
+# feature alone, none, and all together.
+for features in "" minijinja redis memcached "redis,memcached,minijinja"; do
+  out="$(cargo check -q -p icache --no-default-features --features "$features" --message-format short 2>&1 || true)"
+  if printf '%s\n' "$out" | grep -E '(warning|error)' >/dev/null; then
+    printf '%s\n' "$out" >&2
+    echo "scripts/test.sh: icache with features [$features] does not build cleanly" >&2
+    exit 1
+  fi
+done
 cargo test --workspace --all-features "$@" 2>&1 | tee "$log"
 
 # A short bounded fuzzing run keeps the cargo-fuzz targets building and

@@ -85,6 +85,7 @@ impl Entry {
     }
 }
 
+#[cfg(any(feature = "redis", feature = "memcached", test))]
 pub(crate) fn encode(entry: &Entry, instance: Option<&str>) -> Vec<u8> {
     let payload = entry.payload.as_bytes();
     let mut out = Vec::with_capacity(
@@ -123,6 +124,7 @@ pub(crate) fn encode(entry: &Entry, instance: Option<&str>) -> Vec<u8> {
     out
 }
 
+#[cfg(any(feature = "redis", feature = "memcached", test))]
 fn len_u32(n: usize) -> u32 {
     // Token names and counts beyond 4 GiB are not representable in any backend we
     // support; saturating keeps encode total, and decode then rejects the entry.

@@ -56,6 +56,7 @@ impl Error {
         }
     }
 
+    #[cfg(any(feature = "redis", feature = "memcached"))]
     /// An [`Unavailable`](ErrorKind::Unavailable) error returned at once,
     /// without asking the server, because it failed recently.
     pub(crate) fn circuit_open(message: impl Into<String>) -> Self {
@@ -64,6 +65,7 @@ impl Error {
         e
     }
 
+    #[cfg(any(feature = "redis", feature = "memcached"))]
     pub(crate) fn with_source(
         mut self,
         source: impl std::error::Error + Send + Sync + 'static,
@@ -162,6 +164,7 @@ impl std::error::Error for Error {
     }
 }
 
+#[cfg(feature = "memcached")]
 /// Maps an I/O error from a socket to our kinds.
 pub(crate) fn from_io(context: &str, err: std::io::Error) -> Error {
     use std::io::ErrorKind as Io;

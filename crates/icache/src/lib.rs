@@ -95,6 +95,7 @@ mod fragment;
 mod keys;
 #[cfg(feature = "minijinja")]
 pub mod minijinja;
+#[cfg(any(feature = "redis", feature = "memcached"))]
 mod pool;
 mod stats;
 

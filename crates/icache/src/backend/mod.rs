@@ -152,7 +152,7 @@ pub(crate) fn assemble(
 /// A backend spread over several servers (a memcached pool, a Redis
 /// Cluster): it routes keys to shards, and everything but the parallel fetch
 /// is the single-server operation run on each shard's keys.
-#[cfg(any(feature = "redis", feature = "memcached"))]
+#[cfg(feature = "redis")]
 pub(crate) trait Sharded {
     /// The single-server backend of one shard.
     type Shard: Backend;
@@ -202,7 +202,7 @@ pub(crate) trait Sharded {
 /// Splits a multi-key operation over shards (servers of a pool, nodes of a
 /// cluster): `route[i]` is key `i`'s shard; `f` runs once per shard that has
 /// keys, with their indices, and the results are put back in key order.
-#[cfg(any(feature = "redis", feature = "memcached"))]
+#[cfg(feature = "redis")]
 pub(crate) fn by_shard<T: Clone + Default>(
     route: &[usize],
     shards: usize,
