@@ -23,7 +23,7 @@ pub(crate) enum Space {
 }
 
 impl Space {
-#[cfg(any(feature = "redis", feature = "memcached", test))]
+    #[cfg(any(feature = "redis", feature = "memcached", test))]
     fn tags(self) -> (char, char) {
         match self {
             Space::Gen => ('g', 'G'),
