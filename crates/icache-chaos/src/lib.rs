@@ -52,6 +52,8 @@ pub struct Options {
     pub tail_seconds: f64,
     /// Only these fault kinds (by report name), to investigate one.
     pub faults: Option<Vec<String>>,
+    /// Extra URL options for the clients (`failover=off`, …).
+    pub url_options: String,
 }
 
 impl Default for Options {
@@ -68,6 +70,7 @@ impl Default for Options {
             hung_ms: 3000,
             tail_seconds: 2.0,
             faults: None,
+            url_options: String::new(),
         }
     }
 }
@@ -76,7 +79,7 @@ const USAGE: &str = "\
 usage: icache-chaos [--backend all|memory,redis,memcached,redis-cluster,memcached-pool]
                     [--seconds N] [--seed N] [--processes N] [--writers N] [--readers N]
                     [--items N] [--timeout-ms N] [--hung-ms N] [--tail-seconds N]
-                    [--faults KIND,...]
+                    [--faults KIND,...] [--url-options K=V&...]
 
 Fault kinds: proxy_refuse, proxy_hang, proxy_freeze, node_leave_return,
 kill9_restart_empty, kill9_restart_old_snapshot, client_pause, evict_keys,
@@ -131,6 +134,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
             "--readers" => o.readers = value(args, i)?,
             "--items" => o.items = value(args, i)?,
             "--timeout-ms" => o.timeout_ms = value(args, i)?,
+            "--url-options" => o.url_options = value(args, i)?,
             "--hung-ms" => o.hung_ms = value(args, i)?,
             "--tail-seconds" => o.tail_seconds = value(args, i)?,
             "--faults" => {
@@ -252,6 +256,9 @@ fn replay_command(o: &Options, backend: Backend) -> String {
     }
     if let Some(faults) = &o.faults {
         cmd.push_str(&format!(" --faults {}", faults.join(",")));
+    }
+    if !o.url_options.is_empty() {
+        cmd.push_str(&format!(" --url-options '{}'", o.url_options));
     }
     if o.tail_seconds != d.tail_seconds {
         cmd.push_str(&format!(" --tail-seconds {}", o.tail_seconds));
@@ -455,7 +462,11 @@ fn run_backend(o: &Options, backend: Backend) -> (Tally, Vec<String>) {
             );
         }
     };
-    let url = topology.url(o.timeout_ms);
+    let mut url = topology.url(o.timeout_ms);
+    if !o.url_options.is_empty() {
+        url.push('&');
+        url.push_str(&o.url_options);
+    }
     // The clock of the fault log and of the children's findings.
     let origin = Instant::now();
     let origin_ms = unix_ms();

@@ -140,23 +140,31 @@ fn redis_cluster() {
     chaos("redis-cluster");
 }
 
-/// A memcached pool under faults, with every client in one process: the
-/// scope in which a pool keeps the promise (all its clients agree on which
-/// servers are up).
+/// A memcached pool shared by three processes with `failover=off`: keys
+/// never move, so no two processes can read or bump a token in different
+/// places, and a down server's blocks render uncached until it answers.
 #[test]
 fn memcached_pool() {
+    chaos_with("memcached-pool", &["--url-options", "failover=off"]);
+}
+
+/// A memcached pool with the default `failover=move` (a down server's keys
+/// go to the others), every client in one process: the scope in which
+/// moving keys keeps the promise (all clients agree on which servers are up).
+#[test]
+fn memcached_pool_failover_move_one_process() {
     chaos_with("memcached-pool", &["--processes", "1"]);
 }
 
-/// A memcached pool shared by three processes: **fails today** (stale reads
-/// within a second or two of a server leaving or returning), because each
-/// process decides on its own that a server is down and moves its keys, so
-/// one process can bump a token where another does not read it. Known limit
-/// (RELIABILITY.md, "memcached pools move a down server's keys"); the fix is
-/// to stop moving keys (render a down server's blocks uncached). Replay with
+/// `failover=move` shared by three processes: **fails** (stale reads within
+/// a second or two of a server leaving or returning), because each process
+/// decides on its own that a server is down and moves its keys, so one
+/// process can bump a token where another does not read it. The documented
+/// limit of `failover=move` (RELIABILITY.md); use `failover=off` when
+/// several processes share a pool. Replay with
 /// `cargo run --release -p icache-chaos -- --backend memcached-pool --seconds 120 --seed 552286703`.
 #[test]
-#[ignore = "known limit: a pool shared by several processes can serve stale reads while they disagree on which servers are up"]
-fn memcached_pool_three_processes() {
+#[ignore = "known limit of failover=move: processes that disagree on which servers are up can serve stale reads"]
+fn memcached_pool_failover_move_three_processes() {
     chaos("memcached-pool");
 }

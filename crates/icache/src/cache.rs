@@ -224,7 +224,7 @@ impl ICache {
                 Box::new(backend::redis::cluster::RedisCluster::new(&config)?)
             }
             #[cfg(feature = "memcached")]
-            Target::Memcached { servers } if servers.len() > 1 => {
+            Target::Memcached { servers, .. } if servers.len() > 1 => {
                 Box::new(backend::memcached::pool::MemcachedPool::new(&config)?)
             }
             #[cfg(feature = "memcached")]

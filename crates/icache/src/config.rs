@@ -35,6 +35,9 @@ pub(crate) enum Target {
     /// One server, or a pool routed by rendezvous hashing.
     Memcached {
         servers: Vec<String>,
+        /// `?failover=`: does a pool move a down server's keys to the others
+        /// (`move`, the default) or keep them where they are (`off`)?
+        failover: bool,
     },
     /// `redis+cluster://` seed nodes, as `redis://[user:pass@]host:port` URLs.
     RedisCluster {
@@ -73,6 +76,7 @@ const HARMLESS: &[&str] = &[
     "max_bytes",
     "ca_file",
     "protocol",
+    "failover",
 ];
 
 /// The URL for messages, `Debug` and `url()`: the password and the value of
@@ -198,6 +202,7 @@ impl Config {
         let mut max_bytes = DEFAULT_MAX_BYTES;
         let mut passthrough: Vec<(String, String)> = Vec::new();
         let mut ca_file = None;
+        let mut failover = None;
 
         for (k, v) in url.query_pairs() {
             match &*k {
@@ -227,6 +232,17 @@ impl Config {
                     }
                 }
                 "ca_file" if scheme == "rediss" => ca_file = Some(v.into_owned()),
+                "failover" if scheme == "memcached" => {
+                    failover = Some(match &*v {
+                        "move" => true,
+                        "off" => false,
+                        _ => {
+                            return Err(Error::config(format!(
+                                "option failover={v:?} in {redacted}: expected move or off"
+                            )));
+                        }
+                    })
+                }
                 "protocol" if scheme == "redis" || scheme == "rediss" => {
                     passthrough.push((k.into_owned(), v.into_owned()))
                 }
@@ -309,7 +325,15 @@ impl Config {
                 } else {
                     vec![format!("{host}:{port}")]
                 };
-                Target::Memcached { servers }
+                if failover.is_some() && servers.len() < 2 {
+                    return Err(Error::config(format!(
+                        "option failover= in {redacted} is for a pool of several servers (memcached://h1,h2,…)"
+                    )));
+                }
+                Target::Memcached {
+                    servers,
+                    failover: failover.unwrap_or(true),
+                }
             }
             "redis+cluster" | "rediss+cluster" => {
                 if !matches!(url.path(), "" | "/" | "/0") {
@@ -415,7 +439,8 @@ mod tests {
                         "b:2".into(),
                         "[::1]:3".into(),
                         "c:11211".into()
-                    ]
+                    ],
+                    failover: true,
                 }
         );
         assert_eq!(c.prefix, "x");
@@ -429,6 +454,16 @@ mod tests {
         assert!(!format!("{c:?}").contains("pw"));
         assert!(err("memcached://a:1,:2").contains("server 2"));
         assert!(err("memcached://a:1,b:x").contains("bad port"));
+        let off = Config::parse("memcached://a:1,b:2?failover=off").expect("parses");
+        assert!(matches!(
+            off.target,
+            Target::Memcached {
+                failover: false,
+                ..
+            }
+        ));
+        assert!(err("memcached://a:1,b:2?failover=maybe").contains("failover"));
+        assert!(err("memcached://a:1?failover=off").contains("pool"));
         assert!(err("redis+cluster://a:1,b:2/3").contains("database 0"));
     }
 

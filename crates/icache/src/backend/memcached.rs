@@ -365,7 +365,7 @@ fn storage(cmd: &str, key: &str, value: &[u8]) -> Vec<u8> {
 
 impl Memcached {
     pub(crate) fn new(config: &Config) -> Result<Self> {
-        let Target::Memcached { servers } = &config.target else {
+        let Target::Memcached { servers, .. } = &config.target else {
             return Err(Error::config("not a memcached:// URL"));
         };
         let server = servers
@@ -378,7 +378,7 @@ impl Memcached {
     /// One server of a pool (or the only one).
     pub(crate) fn for_server(server: String, config: &Config) -> Self {
         Memcached {
-            redacted: if matches!(&config.target, Target::Memcached { servers } if servers.len() > 1)
+            redacted: if matches!(&config.target, Target::Memcached { servers, .. } if servers.len() > 1)
             {
                 format!("memcached://{server}")
             } else {

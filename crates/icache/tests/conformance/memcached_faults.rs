@@ -776,3 +776,63 @@ fn pool_keys_are_readable_for_operators() {
         .collect();
     assert_eq!(found.len(), 1, "on exactly one server");
 }
+
+/// `failover=off`: a server that stops answering is never taken out, so its
+/// keys never move: its tokens fail (and their blocks render uncached) until
+/// it answers again, a bump of one of them fails and is replayed, and no
+/// other server ever holds them. Two clients can never read one token in
+/// two places.
+#[test]
+fn with_failover_off_keys_never_move() {
+    let Some(p) = Pool3::start(&[]) else {
+        return;
+    };
+    let s = p.port(0);
+    let cache = p.open("failover=off");
+    let token = name_on(
+        s,
+        |i| format!("tok{i}"),
+        |n| format!("ic:g:{n}"),
+        |n| {
+            cache.get_sum(&[n]).expect("get_sum");
+        },
+    );
+    assert_eq!(
+        cache
+            .fragment(&[&token], || Ok::<_, ()>("v1".to_owned()))
+            .expect("render"),
+        "v1"
+    );
+    p.proxies[0].set_fault(Fault::Refuse);
+    // Many failures: still not taken out, and nothing is read elsewhere.
+    for _ in 0..10 {
+        assert!(cache.get_sum(&[&token]).is_err(), "read elsewhere");
+        thread::sleep(Duration::from_millis(60));
+    }
+    assert_eq!(servers_up(&cache), 3, "failover=off never takes a server out");
+    assert!(cache.incr(&token).is_err(), "the bump cannot reach its server");
+    assert_eq!(
+        cache
+            .fragment(&[&token], || Ok::<_, ()>("uncached".to_owned()))
+            .expect("render"),
+        "uncached"
+    );
+    for other in [p.port(1), p.port(2)] {
+        assert!(
+            !keys_on(other).iter().any(|k| k.contains(&format!("ic:g:{token}"))),
+            "the token moved to another server"
+        );
+    }
+    // Back: the failed bump is replayed, and the old fragment is not served.
+    p.proxies[0].set_fault(Fault::Pass);
+    eventually("the server answers again", Duration::from_secs(10), || {
+        cache.get_sum(&[&token]).is_ok()
+    });
+    assert_eq!(
+        cache
+            .fragment(&[&token], || Ok::<_, ()>("v2".to_owned()))
+            .expect("render"),
+        "v2",
+        "the fragment from before the failed bump came back"
+    );
+}

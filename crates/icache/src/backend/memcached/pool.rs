@@ -53,7 +53,12 @@
 //! What epochs cannot fix is clients that disagree about which servers are
 //! up (one marked a server down, another still uses it): while they disagree
 //! they may read a token in two places. Each client's own view heals within
-//! a second of the server's return.
+//! a second of the server's return, but the chaos run (`icache-chaos`, three
+//! processes) finds stale reads in those windows. Hence `?failover=off`:
+//! servers are never marked down, keys never move, and a down server's
+//! blocks render uncached (its bumps fail and are replayed) until it answers
+//! again, exactly as with a single server. Every process then reads each
+//! token in one place; the chaos run is clean.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -122,6 +127,10 @@ pub(crate) struct MemcachedPool {
     /// Bumped whenever a server goes down or comes back: a block is stored
     /// only if the routing did not change since its version was read.
     routing: AtomicU64,
+    /// `?failover=move` (the default): a server is marked down after three
+    /// failed calls in a row and its keys go to the others. `off`: keys
+    /// never move; a down server's blocks render uncached until it answers.
+    failover: bool,
     redacted: String,
 }
 
@@ -185,7 +194,7 @@ type Read = Checked<Vec<Option<Vec<u8>>>>;
 
 impl MemcachedPool {
     pub(crate) fn new(config: &Config) -> Result<Self> {
-        let Target::Memcached { servers } = &config.target else {
+        let Target::Memcached { servers, failover } = &config.target else {
             return Err(Error::config("not a memcached:// URL"));
         };
         if servers.is_empty() {
@@ -212,6 +221,7 @@ impl MemcachedPool {
                 .map(|s| keys::encode(&config.prefix, Key::gen_(&format!("{DETOUR_NAME}{s}"))))
                 .collect(),
             routing: AtomicU64::new(0),
+            failover: *failover,
             redacted: config.redacted.clone(),
         })
     }
@@ -339,7 +349,7 @@ impl MemcachedPool {
     /// "the server did not answer" counts: a refusal by the circuit breaker
     /// never reached the server, and an error answer is an answer.
     fn failed(&self, i: usize, e: &Error) {
-        if !e.is_transient() || e.is_circuit_open() {
+        if !self.failover || !e.is_transient() || e.is_circuit_open() {
             return;
         }
         let node = &self.nodes[i];
