@@ -172,6 +172,43 @@ fn split_hosts(input: &str, default_port: u16) -> Result<(String, Vec<String>)> 
     Ok((format!("{scheme}://{userinfo}{first}{tail}"), list))
 }
 
+/// The schemes we know.
+const SCHEMES: &[&str] = &[
+    "memory",
+    "none",
+    "redis",
+    "rediss",
+    "memcached",
+    "redis+cluster",
+    "rediss+cluster",
+];
+
+/// The known scheme a mistyped one most likely meant (`memcache` →
+/// `memcached`, `redis-cluster` → `redis+cluster`): within two edits.
+fn closest_scheme(typed: &str) -> Option<&'static str> {
+    fn distance(a: &str, b: &str) -> usize {
+        // Levenshtein over bytes, one row at a time: the inputs are short.
+        let b = b.as_bytes();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.bytes().enumerate() {
+            let mut prev = row[0];
+            row[0] = i + 1;
+            for (j, &cb) in b.iter().enumerate() {
+                let cur = row[j + 1];
+                row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+                prev = cur;
+            }
+        }
+        row[b.len()]
+    }
+    SCHEMES
+        .iter()
+        .map(|s| (distance(typed, s), *s))
+        .filter(|(d, _)| *d <= 2)
+        .min()
+        .map(|(_, s)| s)
+}
+
 impl Config {
     pub(crate) fn parse(input: &str) -> Result<Config> {
         let input = input.trim();
@@ -370,8 +407,11 @@ impl Config {
                 }
             }
             other => {
+                let hint = closest_scheme(other)
+                    .map(|s| format!(" (did you mean {s}://?)"))
+                    .unwrap_or_default();
                 return Err(Error::config(format!(
-                    "unknown scheme {other:?} in {redacted}; expected memory://, redis://, rediss://, memcached:// or none://"
+                    "unknown scheme {other:?} in {redacted}{hint}; expected memory://, redis://, rediss://, memcached://, redis+cluster:// or none://"
                 )));
             }
         };
@@ -470,6 +510,10 @@ mod tests {
     #[test]
     fn bad_urls_name_the_bad_part() {
         assert!(err("nope://x").contains("\"nope\""));
+        assert!(err("memcache://h:11211").contains("did you mean memcached://"));
+        assert!(err("redis-cluster://h:1").contains("did you mean redis+cluster://"));
+        assert!(err("reddis://h").contains("did you mean redis://"));
+        assert!(!err("postgres://h").contains("did you mean"));
         assert!(err("redis://h/abc").contains("\"abc\""));
         assert_eq!(
             Config::parse("redis://h?prefix=a b")

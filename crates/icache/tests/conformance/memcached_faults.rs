@@ -809,8 +809,15 @@ fn with_failover_off_keys_never_move() {
         assert!(cache.get_sum(&[&token]).is_err(), "read elsewhere");
         thread::sleep(Duration::from_millis(60));
     }
-    assert_eq!(servers_up(&cache), 3, "failover=off never takes a server out");
-    assert!(cache.incr(&token).is_err(), "the bump cannot reach its server");
+    assert_eq!(
+        servers_up(&cache),
+        3,
+        "failover=off never takes a server out"
+    );
+    assert!(
+        cache.incr(&token).is_err(),
+        "the bump cannot reach its server"
+    );
     assert_eq!(
         cache
             .fragment(&[&token], || Ok::<_, ()>("uncached".to_owned()))
@@ -819,7 +826,9 @@ fn with_failover_off_keys_never_move() {
     );
     for other in [p.port(1), p.port(2)] {
         assert!(
-            !keys_on(other).iter().any(|k| k.contains(&format!("ic:g:{token}"))),
+            !keys_on(other)
+                .iter()
+                .any(|k| k.contains(&format!("ic:g:{token}"))),
             "the token moved to another server"
         );
     }
