@@ -13,10 +13,9 @@ use crate::config::{Config, Target};
 use crate::error::{Error, Result};
 use crate::fragment::Flights;
 use crate::keys::Key;
-use crate::stats::{Counters, Stats};
+use crate::stats::{Counters, Every, Stats};
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Instant;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Bumps that failed (the backend was down or hung), to be replayed.
 ///
@@ -147,9 +146,10 @@ pub(crate) struct Inner {
     /// Tokens whose bump failed (backend down): replayed before this handle
     /// reads any generation again, so it never serves what they invalidated.
     pub(crate) pending: Pending,
-    /// Milliseconds (since `started`) of the last fail-open warning.
-    pub(crate) last_warning: AtomicU64,
-    pub(crate) started: Instant,
+    /// Fail-open warnings, at most every 10 s.
+    pub(crate) trouble_log: Every,
+    /// "Too large" warnings, at most every 10 s.
+    pub(crate) too_large_log: Every,
 }
 
 impl fmt::Debug for ICache {
@@ -250,8 +250,8 @@ impl ICache {
                 flights: Flights::default(),
                 dep_hints: DepHints::with_weighter(10_000, DEP_HINTS_BYTES, HintBytes),
                 pending: Pending::default(),
-                last_warning: AtomicU64::new(0),
-                started: Instant::now(),
+                trouble_log: Every::new(),
+                too_large_log: Every::new(),
             }),
         })
     }

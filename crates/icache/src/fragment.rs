@@ -16,7 +16,6 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::collections::HashSet;
 use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
@@ -308,6 +307,33 @@ pub(crate) fn fragment_name(identity: &[&str], tokens: &[&str]) -> String {
     name.push('|');
     join_parts_into(&mut name, parts.copied());
     name
+}
+
+/// A fragment name ([`fragment_name`]) as people read it, for log lines:
+/// `template.html:3:5 [movies, 7]`, at most about 200 characters.
+fn readable_name(name: &str) -> String {
+    let parse = || -> Option<(Vec<&str>, Vec<&str>)> {
+        let (count, mut rest) = name.split_once('|')?;
+        let count: usize = count.parse().ok()?;
+        let mut parts = Vec::new();
+        while !rest.is_empty() {
+            let (len, tail) = rest.split_once(':')?;
+            let len: usize = len.parse().ok()?;
+            parts.push(tail.get(..len)?);
+            rest = tail.get(len..)?;
+        }
+        let tokens = parts.split_off(count.min(parts.len()));
+        Some((parts, tokens))
+    };
+    let mut out = match parse() {
+        Some((identity, tokens)) => format!("{} [{}]", identity.join(" "), tokens.join(", ")),
+        None => name.to_owned(),
+    };
+    if let Some((cut, _)) = out.char_indices().nth(200) {
+        out.truncate(cut);
+        out.push('…');
+    }
+    out
 }
 
 /// Is a render collecting nested dependencies on this thread? (Only then
@@ -638,6 +664,7 @@ impl ICache {
         instance: Option<Arc<str>>,
     ) {
         let counters = &self.inner().counters;
+        let html_len = html.len();
         let mut all: Vec<&str> = tokens.to_vec();
         all.extend(deps.iter().map(|(t, _)| &**t));
         let now = match self.generations(&all) {
@@ -675,7 +702,14 @@ impl ICache {
             }
             Err(e) if e.is_too_large() => {
                 counters.count(Event::TooLarge);
-                tracing::warn!(error = %e, "icache: fragment too large for the backend; served uncached");
+                if self.inner().too_large_log.due() {
+                    tracing::warn!(
+                        block = %readable_name(name),
+                        bytes = html_len,
+                        error = %e,
+                        "icache: a block's output is too large for the backend; it is served uncached (this warning at most every 10 s)"
+                    );
+                }
             }
             Err(e) => self.backend_trouble(&e),
         }
@@ -807,14 +841,7 @@ impl ICache {
     pub(crate) fn backend_trouble(&self, e: &Error) {
         let inner = self.inner();
         inner.counters.count(Event::Error);
-        let now = u64::try_from(inner.started.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let last = inner.last_warning.load(Ordering::Relaxed);
-        if (last == 0 || now.saturating_sub(last) >= 10_000)
-            && inner
-                .last_warning
-                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
-                .is_ok()
-        {
+        if inner.trouble_log.due() {
             tracing::warn!(backend = self.backend_name(), error = %e, "icache: cache backend trouble; rendering uncached");
         } else {
             tracing::debug!(error = %e, "icache: cache backend trouble");
@@ -824,7 +851,21 @@ impl ICache {
 
 #[cfg(test)]
 mod tests {
-    use super::fragment_name;
+    use super::{fragment_name, readable_name};
+
+    #[test]
+    fn names_read_back_for_logs() {
+        let name = fragment_name(&["named", "list"], &["movies", "7"]);
+        assert_eq!(readable_name(&name), "named list [movies, 7]");
+        assert_eq!(readable_name("not a name"), "not a name");
+        assert!(
+            readable_name(&fragment_name(&["x"], &[&"y".repeat(1000)]))
+                .chars()
+                .count()
+                <= 201
+        );
+    }
+
     use proptest::prelude::*;
 
     proptest! {

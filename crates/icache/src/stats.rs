@@ -151,3 +151,36 @@ impl Counters {
         }
     }
 }
+
+/// Lets a log line through at most once per period (10 s), so a cache that
+/// is down or a block that is always too large warns, without flooding.
+#[derive(Debug)]
+pub(crate) struct Every {
+    born: std::time::Instant,
+    /// Milliseconds since `born` of the last line let through; 0: none yet.
+    last: AtomicU64,
+}
+
+impl Every {
+    const PERIOD_MS: u64 = 10_000;
+
+    pub(crate) fn new() -> Self {
+        Every {
+            born: std::time::Instant::now(),
+            last: AtomicU64::new(0),
+        }
+    }
+
+    /// `true` for the first call of each period (one caller wins a race).
+    pub(crate) fn due(&self) -> bool {
+        let now = u64::try_from(self.born.elapsed().as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let last = self.last.load(Ordering::Relaxed);
+        (last == 0 || now.saturating_sub(last) >= Self::PERIOD_MS)
+            && self
+                .last
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}

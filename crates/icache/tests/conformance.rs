@@ -248,6 +248,8 @@ macro_rules! suite {
 mod bad_input;
 #[path = "conformance/fragments.rs"]
 mod fragments;
+#[path = "conformance/guidance.rs"]
+mod guidance;
 #[path = "conformance/hardening.rs"]
 mod hardening;
 #[path = "conformance/memcached_faults.rs"]

@@ -144,6 +144,13 @@ impl Redis {
         };
         let what = match kind {
             ErrorKind::Timeout => format!("no answer within {:?}", self.timeout),
+            // Something answered, but not in RESP: an HTTP port, a
+            // memcached, a TLS server reached without `rediss://`…
+            _ if e.kind() == redis::ErrorKind::Parse => format!(
+                "the server at {} did not answer like Redis (is it a Redis server, \
+                 and is the scheme right: redis:// or rediss://?) ({e})",
+                self.node_addr()
+            ),
             _ => e.to_string(),
         };
         Error::new(kind, format!("redis {op} on {}: {what}", self.redacted))
