@@ -47,6 +47,14 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Checked once at startup: a cache that does not answer is said here
+    // (the site still runs, rendering uncached), not only in later warnings.
+    if let Err(e) = cache.ping_async().await {
+        tracing::warn!(
+            "the cache at {} does not answer: {e}; pages render uncached until it does",
+            cache.url()
+        );
+    }
     let started = std::time::Instant::now();
     let state = match icache_demo::open(&args.data_dir, cache.clone()) {
         Ok(s) => s,

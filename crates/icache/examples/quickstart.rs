@@ -49,6 +49,11 @@ fn request(cache: &ICache, round: u32, movies: &[(&str, u8)]) -> icache::Result<
 fn main() -> icache::Result<()> {
     let cache = ICache::from_env()?;
     println!("icache on {} ({})", cache.backend_name(), cache.url());
+    // Check the cache once at startup: a wrong URL or a server that is down
+    // is said here, not found later in a log of fail-open warnings.
+    if let Err(e) = cache.ping() {
+        eprintln!("warning: the cache does not answer ({e}); pages will render uncached");
+    }
     let mut movies = vec![("Alien", 4), ("Brazil", 5), ("Cube", 2)];
 
     for round in 1..=3 {
