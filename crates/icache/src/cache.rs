@@ -3,128 +3,18 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use crate::backend::{self, Backend};
 use crate::codec::{Entry, Payload};
 use crate::config::{Config, Target};
+use crate::core::Core;
 use crate::error::{Error, Result};
-use crate::fragment::Flights;
+use crate::fragment::{Blocks, Html, Lookup, Output, fragment_name};
 use crate::keys::Key;
-use crate::stats::{Counters, Every, Stats};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-/// Bumps that failed (the backend was down or hung), to be replayed.
-///
-/// Every failed bump is remembered, whatever else failed. A replay copies the
-/// list and applies it **without holding the lock across I/O**, one replay at
-/// a time (others fail fast meanwhile, and the backend's circuit breaker
-/// rate-limits the attempts); it removes only what was remembered before it
-/// started, so a bump that failed during the replay is replayed again later.
-#[derive(Default)]
-pub(crate) struct Pending {
-    list: Mutex<PendingList>,
-    /// Something is pending: one atomic load on the read path when not.
-    has: AtomicBool,
-    /// A replay is in flight.
-    replaying: AtomicBool,
-}
-
-#[derive(Default)]
-struct PendingList {
-    /// Counts `remember` calls.
-    seq: u64,
-    /// Each token, with the `seq` of its latest failed bump.
-    tokens: Vec<(String, u64)>,
-}
-
-impl Pending {
-    fn lock(&self) -> std::sync::MutexGuard<'_, PendingList> {
-        self.list
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    pub(crate) fn remember(&self, tokens: &[&str]) {
-        let mut list = self.lock();
-        list.seq += 1;
-        let seq = list.seq;
-        for t in tokens {
-            match list.tokens.iter_mut().find(|(p, _)| p == t) {
-                Some(entry) => entry.1 = seq,
-                None => list.tokens.push(((*t).to_owned(), seq)),
-            }
-        }
-        self.has.store(true, Ordering::Release);
-        tracing::warn!(
-            tokens = list.tokens.len(),
-            "icache: bump failed; it will be replayed, and blocks render uncached until it is"
-        );
-    }
-
-    /// Applies the pending bumps with `apply`; `Ok` when none is left.
-    pub(crate) fn replay(&self, apply: impl FnOnce(&[&str]) -> Result<()>) -> Result<()> {
-        if !self.has.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        if self.replaying.swap(true, Ordering::AcqRel) {
-            return Err(Error::new(
-                crate::ErrorKind::Unavailable,
-                "bumps that failed earlier are being replayed by another thread; \
-                 rendering uncached until they are",
-            ));
-        }
-        struct Done<'a>(&'a AtomicBool);
-        impl Drop for Done<'_> {
-            fn drop(&mut self) {
-                self.0.store(false, Ordering::Release);
-            }
-        }
-        let _done = Done(&self.replaying);
-        let (seq, tokens) = {
-            let list = self.lock();
-            if list.tokens.is_empty() {
-                self.has.store(false, Ordering::Release);
-                return Ok(());
-            }
-            let tokens: Vec<String> = list.tokens.iter().map(|(t, _)| t.clone()).collect();
-            (list.seq, tokens)
-        };
-        let names: Vec<&str> = tokens.iter().map(String::as_str).collect();
-        apply(&names)?;
-        let mut list = self.lock();
-        list.tokens.retain(|(_, s)| *s > seq);
-        if list.tokens.is_empty() {
-            self.has.store(false, Ordering::Release);
-        }
-        tracing::info!(
-            tokens = names.len(),
-            "icache: replayed bumps that had failed"
-        );
-        Ok(())
-    }
-}
-
-/// Bytes of nested-token lists remembered per process (names and tokens):
-/// bounded by size, not count, since one list can hold thousands of tokens.
-const DEP_HINTS_BYTES: u64 = 4 << 20;
-
-/// Weighs a dependency hint by the bytes it holds.
-#[derive(Clone, Copy)]
-pub(crate) struct HintBytes;
-
-impl quick_cache::Weighter<String, Arc<[Box<str>]>> for HintBytes {
-    fn weight(&self, name: &String, deps: &Arc<[Box<str>]>) -> u64 {
-        let deps: usize = deps.iter().map(|d| d.len() + 16).sum();
-        (name.len() + deps + 64) as u64
-    }
-}
-
-/// Fragment name -> the nested tokens its entry was last seen with.
-pub(crate) type DepHints = quick_cache::sync::Cache<String, Arc<[Box<str>]>, HintBytes>;
+use crate::stats::{Event, Stats};
 
 /// A handle to a timeout-less cache. Cheap to clone; all clones share one
 /// backend (and its connections).
@@ -135,28 +25,16 @@ pub struct ICache {
     inner: Arc<Inner>,
 }
 
-pub(crate) struct Inner {
-    pub(crate) backend: Box<dyn Backend>,
-    pub(crate) config: Config,
-    pub(crate) counters: Counters,
-    pub(crate) flights: Flights,
-    /// Fragment name -> the nested tokens its entry was last seen with, so a
-    /// hit can fetch their generations in the same round trip as the entry.
-    pub(crate) dep_hints: DepHints,
-    /// Tokens whose bump failed (backend down): replayed before this handle
-    /// reads any generation again, so it never serves what they invalidated.
-    pub(crate) pending: Pending,
-    /// Fail-open warnings, at most every 10 s.
-    pub(crate) trouble_log: Every,
-    /// "Too large" warnings, at most every 10 s.
-    pub(crate) too_large_log: Every,
+struct Inner {
+    core: Core,
+    blocks: Blocks,
 }
 
 impl fmt::Debug for ICache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ICache")
-            .field("backend", &self.inner.backend.name())
-            .field("url", &self.inner.config.redacted)
+            .field("backend", &self.inner.core.backend.name())
+            .field("url", &self.inner.core.config.redacted)
             .finish()
     }
 }
@@ -241,17 +119,10 @@ impl ICache {
                 )));
             }
         };
-        let counters = Counters::new(backend.name());
         Ok(ICache {
             inner: Arc::new(Inner {
-                backend,
-                config,
-                counters,
-                flights: Flights::default(),
-                dep_hints: DepHints::with_weighter(10_000, DEP_HINTS_BYTES, HintBytes),
-                pending: Pending::default(),
-                trouble_log: Every::new(),
-                too_large_log: Every::new(),
+                core: Core::new(backend, config),
+                blocks: Blocks::default(),
             }),
         })
     }
@@ -301,17 +172,17 @@ impl ICache {
     /// `"memory"`, `"redis"`, `"redis-cluster"`, `"memcached"` (one server or
     /// a pool) or `"none"`.
     pub fn backend_name(&self) -> &'static str {
-        self.inner.backend.name()
+        self.inner.core.backend.name()
     }
 
     /// The URL this cache was opened with, password replaced by `***`.
     pub fn url(&self) -> &str {
-        &self.inner.config.redacted
+        &self.inner.core.config.redacted
     }
 
     /// The configured time-out for one backend answer.
     pub fn timeout(&self) -> Duration {
-        self.inner.config.timeout
+        self.inner.core.config.timeout
     }
 
     /// The backend's own counters as name/value pairs: Redis `INFO` (memory,
@@ -327,16 +198,12 @@ impl ICache {
     /// # Ok::<(), icache::Error>(())
     /// ```
     pub fn server_stats(&self) -> Result<Vec<(String, String)>> {
-        self.inner.backend.server_stats()
+        self.inner.core.backend.server_stats()
     }
 
     /// One round trip to the backend: `Ok` if it answers.
     pub fn ping(&self) -> Result<()> {
-        self.inner.backend.ping()
-    }
-
-    pub(crate) fn inner(&self) -> &Inner {
-        &self.inner
+        self.inner.core.backend.ping()
     }
 
     /// A snapshot of this cache's counters (shared by all clones of the handle).
@@ -352,7 +219,10 @@ impl ICache {
     /// # Ok::<(), std::convert::Infallible>(())
     /// ```
     pub fn stats(&self) -> Stats {
-        self.inner.counters.snapshot(self.inner.backend.evictions())
+        self.inner
+            .core
+            .counters
+            .snapshot(self.inner.core.backend.evictions())
     }
 
     // ---- generations -------------------------------------------------------
@@ -404,34 +274,7 @@ impl ICache {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
-        // Bumps commute: this one need not wait for older failed ones, and a
-        // failure here is remembered whatever else failed before.
-        let keys: Vec<Key<'_>> = tokens.iter().map(|t| Key::gen_(t)).collect();
-        let fresh = backend::fresh_generations(keys.len());
-        match self.inner.backend.incr_gens(&keys, &fresh) {
-            Ok(gens) => {
-                // The backend answers: a good moment to replay older failures.
-                let _ = self.replay_pending();
-                Ok(gens)
-            }
-            Err(e) => {
-                if !e.is_config() {
-                    self.inner.pending.remember(tokens);
-                }
-                Err(e)
-            }
-        }
-    }
-
-    /// Replays bumps that failed earlier. Cheap when there are none (one
-    /// atomic load); an error means they still cannot be applied (and the
-    /// caller must not trust what the backend says about generations).
-    pub(crate) fn replay_pending(&self) -> Result<()> {
-        self.inner.pending.replay(|tokens| {
-            let keys: Vec<Key<'_>> = tokens.iter().map(|t| Key::gen_(t)).collect();
-            let fresh = backend::fresh_generations(keys.len());
-            self.inner.backend.incr_gens(&keys, &fresh).map(drop)
-        })
+        self.inner.core.incr_many(tokens)
     }
 
     /// Drops a token's generation, as an eviction or a server restart would.
@@ -451,36 +294,13 @@ impl ICache {
     /// # Ok::<(), icache::Error>(())
     /// ```
     pub fn forget_token(&self, token: &str) -> Result<bool> {
-        self.inner.backend.delete(Key::gen_(token))
+        self.inner.core.backend.delete(Key::gen_(token))
     }
 
     /// The current generation of each token, in order (missing ones are
     /// initialised to fresh random values). One round trip when all exist.
     pub fn generations(&self, tokens: &[&str]) -> Result<Vec<u64>> {
-        self.replay_pending()?;
-        let fetched = self.inner.backend.fetch(tokens, &[])?;
-        self.complete_gens(tokens, fetched.gens)
-    }
-
-    /// Fills in missing generations (initialising them atomically in the
-    /// backend) and returns them all.
-    pub(crate) fn complete_gens(
-        &self,
-        tokens: &[&str],
-        gens: Vec<Option<u64>>,
-    ) -> Result<Vec<u64>> {
-        if gens.iter().all(Option::is_some) {
-            return Ok(gens.into_iter().flatten().collect());
-        }
-        let missing: Vec<usize> = (0..gens.len()).filter(|&i| gens[i].is_none()).collect();
-        let missing_keys: Vec<Key<'_>> = missing.iter().map(|&i| Key::gen_(tokens[i])).collect();
-        let fresh = backend::fresh_generations(missing.len());
-        let got = self.inner.backend.init_gens(&missing_keys, &fresh)?;
-        let mut out: Vec<u64> = gens.into_iter().map(|g| g.unwrap_or(0)).collect();
-        for (i, g) in missing.into_iter().zip(got) {
-            out[i] = g;
-        }
-        Ok(out)
+        self.inner.core.generations(tokens)
     }
 
     /// The version of a set of tokens: the wrapping sum of their generations.
@@ -505,8 +325,8 @@ impl ICache {
         if tokens.is_empty() {
             return Ok(0);
         }
-        self.replay_pending()?;
-        let gens = self.inner.backend.fetch(tokens, &[])?.gens;
+        self.inner.core.replay_pending()?;
+        let gens = self.inner.core.backend.fetch(tokens, &[])?.gens;
         // Hot path: every generation was there; no second pass, no allocation.
         let mut sum = 0u64;
         for g in &gens {
@@ -514,6 +334,8 @@ impl ICache {
                 Some(g) => sum = sum.wrapping_add(*g),
                 None => {
                     return Ok(self
+                        .inner
+                        .core
                         .complete_gens(tokens, gens)?
                         .into_iter()
                         .fold(0, u64::wrapping_add));
@@ -559,6 +381,7 @@ impl ICache {
 
     fn store_versioned(&self, key: &str, payload: Payload, version: u64) -> Result<()> {
         self.inner
+            .core
             .backend
             .set(
                 Key::versioned(key),
@@ -601,10 +424,12 @@ impl ICache {
     }
 
     fn load_versioned(&self, key: &str, version: u64) -> Result<Option<Payload>> {
-        Ok(match self.inner.backend.get_entry(Key::versioned(key))? {
-            Some(entry) if entry.version == Some(version) => Some(entry.payload.clone()),
-            _ => None,
-        })
+        Ok(
+            match self.inner.core.backend.get_entry(Key::versioned(key))? {
+                Some(entry) if entry.version == Some(version) => Some(entry.payload.clone()),
+                _ => None,
+            },
+        )
     }
 
     // ---- plain caching -----------------------------------------------------
@@ -642,10 +467,11 @@ impl ICache {
     fn store_plain(&self, key: &str, payload: Payload, ttl: Option<Duration>) -> Result<()> {
         if ttl.is_some_and(|t| t.is_zero()) {
             // Expires at once: store nothing, and drop what was there.
-            self.inner.backend.delete(Key::plain(key))?;
+            self.inner.core.backend.delete(Key::plain(key))?;
             return Ok(());
         }
         self.inner
+            .core
             .backend
             .set(Key::plain(key), Arc::new(Entry::plain(payload)), ttl, None)
             .map(drop)
@@ -696,7 +522,7 @@ impl ICache {
             return Ok(Vec::new());
         }
         let keys: Vec<Key<'_>> = keys.iter().map(|k| Key::plain(k)).collect();
-        let fetched = self.inner.backend.fetch(&[], &keys)?;
+        let fetched = self.inner.core.backend.fetch(&[], &keys)?;
         Ok(fetched
             .entries
             .into_iter()
@@ -709,7 +535,161 @@ impl ICache {
 
     /// Removes a plain value; `true` if one was there.
     pub fn delete(&self, key: &str) -> Result<bool> {
-        self.inner.backend.delete(Key::plain(key))
+        self.inner.core.backend.delete(Key::plain(key))
+    }
+}
+
+/// Cached blocks: the seed's `{% icache %}` for any renderer. The engine is
+/// [`Blocks`] (`fragment.rs`); these are its public doors.
+impl ICache {
+    /// Caches the output of `render` until a token in `tokens` is bumped: the
+    /// seed's `{% icache token… %}` block, for any renderer (Askama, Maud,
+    /// hand-written HTML).
+    ///
+    /// Every token is part of the entry's key and of its version. The version
+    /// is read before `render` runs; on a hit `render` is not called at all.
+    /// On a miss it runs once per process for all the threads that miss the
+    /// same fragment at once, and its output is stored only if no token moved
+    /// while it ran. Fragments rendered inside `render` (nested blocks, on the
+    /// same thread) add their tokens to this one's.
+    ///
+    /// Backend trouble never becomes an error here: the body is rendered
+    /// uncached (fail-open), a warning is logged at most every 10 s, and
+    /// [`Stats::errors`](crate::Stats::errors) counts it. The closure's own
+    /// error comes back unchanged and nothing is stored.
+    ///
+    /// Two calls with the same tokens share one entry: use
+    /// [`fragment_named`](Self::fragment_named) to tell different blocks apart.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # fn render_list(db: &str) -> Result<String, std::fmt::Error> { Ok(format!("<ul>{db}</ul>")) }
+    /// # let db = "movies";
+    /// let cache = icache::ICache::memory();
+    /// let user_id = 42.to_string();
+    /// let html = cache.fragment(&["movies-personal-rating", "movies", &user_id], || render_list(&db))?;
+    /// assert_eq!(html, "<ul>movies</ul>");
+    /// // Hit: the closure is not called.
+    /// let again = cache.fragment(&["movies-personal-rating", "movies", &user_id], || -> Result<String, std::fmt::Error> { unreachable!() })?;
+    /// assert_eq!(again, html);
+    /// # Ok::<(), std::fmt::Error>(())
+    /// ```
+    pub fn fragment<E>(
+        &self,
+        tokens: &[&str],
+        render: impl FnOnce() -> Result<String, E>,
+    ) -> Result<String, E> {
+        self.block(&["fragment"], tokens, render)
+    }
+
+    /// [`fragment`](Self::fragment) for a block with its own identity: blocks
+    /// with different names never share an entry, whatever their tokens.
+    pub fn fragment_named<E>(
+        &self,
+        name: &str,
+        tokens: &[&str],
+        render: impl FnOnce() -> Result<String, E>,
+    ) -> Result<String, E> {
+        self.block(&["named", name], tokens, render)
+    }
+
+    /// The async form of [`fragment`](Self::fragment), for a body that awaits.
+    ///
+    /// The lookup and the store run off the executor (or inline on the memory
+    /// backend). Concurrent misses are not merged: each renders. Blocks
+    /// rendered *inside* the async body are not recorded as its dependencies
+    /// (the body may move between threads at every `.await`), so do not nest
+    /// cached blocks inside a `fragment_async` body: give the outer block all
+    /// the tokens its content depends on.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), std::fmt::Error> {
+    /// # async fn render_list_async() -> Result<String, std::fmt::Error> { Ok("<ul/>".into()) }
+    /// let cache = icache::ICache::memory();
+    /// let user_id = "42".to_string();
+    /// let html = cache
+    ///     .fragment_async(&["movies-personal-rating", "movies", &user_id], || async { render_list_async().await })
+    ///     .await?;
+    /// assert_eq!(html, "<ul/>");
+    /// # Ok(()) }
+    /// ```
+    pub async fn fragment_async<E, F, Fut>(&self, tokens: &[&str], render: F) -> Result<String, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<String, E>>,
+    {
+        let name = fragment_name(&["fragment"], tokens);
+        let owned: Vec<String> = tokens.iter().map(|t| (*t).to_owned()).collect();
+        let lookup = {
+            let (name, owned) = (name.clone(), owned.clone());
+            self.off_executor_infallible(move |c| {
+                let tokens: Vec<&str> = owned.iter().map(String::as_str).collect();
+                c.inner.blocks.lookup(&c.inner.core, &name, &tokens)
+            })
+            .await
+        };
+        let (own_version, store) = match lookup {
+            Lookup::Hit { html, .. } => {
+                self.inner.core.counters.count(Event::Hit);
+                return Ok(html.to_string());
+            }
+            Lookup::Miss(miss) => {
+                self.inner.core.counters.count(Event::Miss);
+                (miss.own_version, Some(miss.instance))
+            }
+            Lookup::Down => (0, None),
+        };
+        let started = Instant::now();
+        let html = render().await?;
+        self.inner.core.counters.rendered(started.elapsed());
+        if let Some(instance) = store {
+            let html = html.clone();
+            self.off_executor_infallible(move |c| {
+                let tokens: Vec<&str> = owned.iter().map(String::as_str).collect();
+                c.inner.blocks.store_checked(
+                    &c.inner.core,
+                    &name,
+                    &tokens,
+                    Output {
+                        version: own_version,
+                        deps: &[],
+                        html,
+                        instance,
+                    },
+                );
+            })
+            .await;
+        }
+        Ok(html)
+    }
+
+    /// The engine of every cached block: `identity` tells blocks apart,
+    /// `tokens` are its arguments (key and version).
+    pub(crate) fn block<E>(
+        &self,
+        identity: &[&str],
+        tokens: &[&str],
+        render: impl FnOnce() -> Result<String, E>,
+    ) -> Result<String, E> {
+        self.block_html(identity, tokens, render)
+            .map(Html::into_string)
+    }
+
+    /// [`block`](Self::block), handing out the stored text itself on a hit
+    /// (no copy), for callers that can use it as it is.
+    pub(crate) fn block_html<E>(
+        &self,
+        identity: &[&str],
+        tokens: &[&str],
+        render: impl FnOnce() -> Result<String, E>,
+    ) -> Result<Html, E> {
+        self.inner
+            .blocks
+            .block_html(&self.inner.core, identity, tokens, render)
     }
 }
 
@@ -754,7 +734,7 @@ impl ICache {
 
     /// The memory and `none://` backends: no I/O, nothing ever blocks.
     pub(crate) fn is_in_process(&self) -> bool {
-        matches!(self.backend_name(), "memory" | "none")
+        self.inner.core.is_in_process()
     }
 
     /// Async [`incr`](Self::incr).

@@ -1,5 +1,7 @@
-//! Cached fragments: `fragment`, `fragment_named`, `fragment_async`, and the
-//! engine behind template blocks.
+//! The block engine ([`Blocks`]) behind `fragment`, `fragment_named`,
+//! `fragment_async` (in `cache.rs`) and the template integrations. It owns its
+//! state (renders in flight, nested-token hints) and works on the shared
+//! [`Core`]; it does not know `ICache`.
 //!
 //! A lookup fetches the tokens' generations **and** the entry in one round
 //! trip (plus the generations of nested tokens the entry was last seen with,
@@ -15,14 +17,12 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::collections::HashSet;
-use std::future::Future;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
-use crate::cache::ICache;
 use crate::codec::{Entry, Payload};
-use crate::error::Error;
+use crate::core::Core;
 use crate::keys::{Key, join_parts_into, push_decimal};
 use crate::stats::Event;
 
@@ -266,6 +266,24 @@ impl Flights {
     }
 }
 
+/// Bytes of nested-token lists remembered per process (names and tokens):
+/// bounded by size, not count, since one list can hold thousands of tokens.
+const DEP_HINTS_BYTES: u64 = 4 << 20;
+
+/// Weighs a dependency hint by the bytes it holds.
+#[derive(Clone, Copy)]
+pub(crate) struct HintBytes;
+
+impl quick_cache::Weighter<String, Arc<[Box<str>]>> for HintBytes {
+    fn weight(&self, name: &String, deps: &Arc<[Box<str>]>) -> u64 {
+        let deps: usize = deps.iter().map(|d| d.len() + 16).sum();
+        (name.len() + deps + 64) as u64
+    }
+}
+
+/// Fragment name -> the nested tokens its entry was last seen with.
+pub(crate) type DepHints = quick_cache::sync::Cache<String, Arc<[Box<str>]>, HintBytes>;
+
 /// A block's output: the stored text (a hit) or a fresh render.
 pub(crate) enum Html {
     Cached(Arc<str>),
@@ -282,20 +300,34 @@ impl Html {
 }
 
 /// The result of looking a fragment up.
-enum Lookup {
+pub(crate) enum Lookup {
     Hit {
         html: Arc<str>,
         reads: Reads,
     },
-    Miss {
-        own: Reads,
-        own_version: u64,
-        /// The server instance the version was read from: the output is
-        /// stored only there.
-        instance: Option<Arc<str>>,
-    },
+    Miss(Miss),
     /// The backend failed: render uncached.
     Down,
+}
+
+/// A render to store: its version (own tokens and nested ones), the nested
+/// tokens it depends on, the output, and the instance to store it on.
+pub(crate) struct Output<'a> {
+    pub(crate) version: u64,
+    pub(crate) deps: &'a [(Box<str>, u64)],
+    pub(crate) html: String,
+    pub(crate) instance: Option<Arc<str>>,
+}
+
+/// What a miss read before rendering.
+pub(crate) struct Miss {
+    /// The block's own tokens and their generations.
+    own: Reads,
+    /// Their sum: the version the output is stored under (plus nested ones).
+    pub(crate) own_version: u64,
+    /// The server instance the version was read from: the output is stored
+    /// only there.
+    pub(crate) instance: Option<Arc<str>>,
 }
 
 /// The entry name of a block: its identity and its tokens, length-prefixed so
@@ -369,149 +401,35 @@ fn sum(reads: &[(Box<str>, u64)]) -> u64 {
     reads.iter().fold(0u64, |s, (_, g)| s.wrapping_add(*g))
 }
 
-impl ICache {
-    /// Caches the output of `render` until a token in `tokens` is bumped: the
-    /// seed's `{% icache token… %}` block, for any renderer (Askama, Maud,
-    /// hand-written HTML).
-    ///
-    /// Every token is part of the entry's key and of its version. The version
-    /// is read before `render` runs; on a hit `render` is not called at all.
-    /// On a miss it runs once per process for all the threads that miss the
-    /// same fragment at once, and its output is stored only if no token moved
-    /// while it ran. Fragments rendered inside `render` (nested blocks, on the
-    /// same thread) add their tokens to this one's.
-    ///
-    /// Backend trouble never becomes an error here: the body is rendered
-    /// uncached (fail-open), a warning is logged at most every 10 s, and
-    /// [`Stats::errors`](crate::Stats::errors) counts it. The closure's own
-    /// error comes back unchanged and nothing is stored.
-    ///
-    /// Two calls with the same tokens share one entry: use
-    /// [`fragment_named`](Self::fragment_named) to tell different blocks apart.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// # fn render_list(db: &str) -> Result<String, std::fmt::Error> { Ok(format!("<ul>{db}</ul>")) }
-    /// # let db = "movies";
-    /// let cache = icache::ICache::memory();
-    /// let user_id = 42.to_string();
-    /// let html = cache.fragment(&["movies-personal-rating", "movies", &user_id], || render_list(&db))?;
-    /// assert_eq!(html, "<ul>movies</ul>");
-    /// // Hit: the closure is not called.
-    /// let again = cache.fragment(&["movies-personal-rating", "movies", &user_id], || -> Result<String, std::fmt::Error> { unreachable!() })?;
-    /// assert_eq!(again, html);
-    /// # Ok::<(), std::fmt::Error>(())
-    /// ```
-    pub fn fragment<E>(
-        &self,
-        tokens: &[&str],
-        render: impl FnOnce() -> Result<String, E>,
-    ) -> Result<String, E> {
-        self.block(&["fragment"], tokens, render)
-    }
+/// The block engine's own state: renders in flight and the nested tokens
+/// each block was last seen with.
+pub(crate) struct Blocks {
+    flights: Flights,
+    dep_hints: DepHints,
+}
 
-    /// [`fragment`](Self::fragment) for a block with its own identity: blocks
-    /// with different names never share an entry, whatever their tokens.
-    pub fn fragment_named<E>(
-        &self,
-        name: &str,
-        tokens: &[&str],
-        render: impl FnOnce() -> Result<String, E>,
-    ) -> Result<String, E> {
-        self.block(&["named", name], tokens, render)
-    }
-
-    /// The async form of [`fragment`](Self::fragment), for a body that awaits.
-    ///
-    /// The lookup and the store run off the executor (or inline on the memory
-    /// backend). Concurrent misses are not merged: each renders. Blocks
-    /// rendered *inside* the async body are not recorded as its dependencies
-    /// (the body may move between threads at every `.await`), so do not nest
-    /// cached blocks inside a `fragment_async` body: give the outer block all
-    /// the tokens its content depends on.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// # #[tokio::main(flavor = "current_thread")]
-    /// # async fn main() -> Result<(), std::fmt::Error> {
-    /// # async fn render_list_async() -> Result<String, std::fmt::Error> { Ok("<ul/>".into()) }
-    /// let cache = icache::ICache::memory();
-    /// let user_id = "42".to_string();
-    /// let html = cache
-    ///     .fragment_async(&["movies-personal-rating", "movies", &user_id], || async { render_list_async().await })
-    ///     .await?;
-    /// assert_eq!(html, "<ul/>");
-    /// # Ok(()) }
-    /// ```
-    pub async fn fragment_async<E, F, Fut>(&self, tokens: &[&str], render: F) -> Result<String, E>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<String, E>>,
-    {
-        let name = fragment_name(&["fragment"], tokens);
-        let owned: Vec<String> = tokens.iter().map(|t| (*t).to_owned()).collect();
-        let lookup = {
-            let (name, owned) = (name.clone(), owned.clone());
-            self.off_executor_infallible(move |c| {
-                let tokens: Vec<&str> = owned.iter().map(String::as_str).collect();
-                c.lookup(&name, &tokens)
-            })
-            .await
-        };
-        let (own_version, store) = match lookup {
-            Lookup::Hit { html, .. } => {
-                self.inner().counters.count(Event::Hit);
-                return Ok(html.to_string());
-            }
-            Lookup::Miss {
-                own_version,
-                instance,
-                ..
-            } => {
-                self.inner().counters.count(Event::Miss);
-                (own_version, Some(instance))
-            }
-            Lookup::Down => (0, None),
-        };
-        let started = Instant::now();
-        let html = render().await?;
-        self.inner().counters.rendered(started.elapsed());
-        if let Some(instance) = store {
-            let html = html.clone();
-            self.off_executor_infallible(move |c| {
-                let tokens: Vec<&str> = owned.iter().map(String::as_str).collect();
-                c.store_checked(&name, &tokens, own_version, &[], html, instance);
-            })
-            .await;
+impl Default for Blocks {
+    fn default() -> Self {
+        Blocks {
+            flights: Flights::default(),
+            dep_hints: DepHints::with_weighter(10_000, DEP_HINTS_BYTES, HintBytes),
         }
-        Ok(html)
     }
+}
 
-    /// The engine of every cached block: `identity` tells blocks apart,
-    /// `tokens` are its arguments (key and version).
-    pub(crate) fn block<E>(
-        &self,
-        identity: &[&str],
-        tokens: &[&str],
-        render: impl FnOnce() -> Result<String, E>,
-    ) -> Result<String, E> {
-        self.block_html(identity, tokens, render)
-            .map(Html::into_string)
-    }
-
+impl Blocks {
     /// [`block`](Self::block), handing out the stored text itself on a hit
     /// (no copy), for callers that can use it as it is.
     pub(crate) fn block_html<E>(
         &self,
+        core: &Core,
         identity: &[&str],
         tokens: &[&str],
         render: impl FnOnce() -> Result<String, E>,
     ) -> Result<Html, E> {
         let name = fragment_name(identity, tokens);
-        let counters = &self.inner().counters;
-        let (own, own_version, instance) = match self.lookup(&name, tokens) {
+        let counters = &core.counters;
+        let miss = match self.lookup(core, &name, tokens) {
             Lookup::Hit { html, reads } => {
                 counters.count(Event::Hit);
                 report(&reads);
@@ -524,41 +442,33 @@ impl ICache {
                 counters.rendered(started.elapsed());
                 return out.map(Html::Rendered);
             }
-            Lookup::Miss {
-                own,
-                own_version,
-                instance,
-            } => (own, own_version, instance),
+            Lookup::Miss(miss) => miss,
         };
         counters.count(Event::Miss);
-        if !self.inner().backend.stores() {
+        if !core.backend.stores() {
             // Caching is off (`none://`): generations never move, so a
             // shared render could be one that began before a commit whose
             // bump this reader already saw. Every reader renders.
-            let rendered =
-                self.render_and_store(&name, tokens, own, own_version, instance, render)?;
+            let rendered = self.render_and_store(core, &name, tokens, miss, render)?;
             rendered.report();
             return Ok(Html::Rendered(rendered.html));
         }
         match self
-            .inner()
             .flights
-            .join((name.clone(), own_version, instance.clone()))
+            .join((name.clone(), miss.own_version, miss.instance.clone()))
         {
-            Role::Leader(guard) => {
-                match self.render_and_store(&name, tokens, own, own_version, instance, render) {
-                    Ok(rendered) => {
-                        let rendered = Arc::new(rendered);
-                        guard.publish(Some(rendered.clone()));
-                        rendered.report();
-                        Ok(Html::Rendered(rendered.html.clone()))
-                    }
-                    Err(e) => {
-                        guard.publish(None);
-                        Err(e)
-                    }
+            Role::Leader(guard) => match self.render_and_store(core, &name, tokens, miss, render) {
+                Ok(rendered) => {
+                    let rendered = Arc::new(rendered);
+                    guard.publish(Some(rendered.clone()));
+                    rendered.report();
+                    Ok(Html::Rendered(rendered.html.clone()))
                 }
-            }
+                Err(e) => {
+                    guard.publish(None);
+                    Err(e)
+                }
+            },
             Role::Follower(waiter) => {
                 let outcome = waiter.wait(FOLLOWER_WAIT);
                 drop(waiter);
@@ -568,14 +478,13 @@ impl ICache {
                 // one of them) and no nested token moved since.
                 if let Some(rendered) = outcome
                     && !rendered.unknown
-                    && self.still_current(tokens, &rendered.reads)
+                    && self.still_current(core, tokens, &rendered.reads)
                 {
                     counters.count(Event::Shared);
                     rendered.report();
                     return Ok(Html::Rendered(rendered.html.clone()));
                 }
-                let rendered =
-                    self.render_and_store(&name, tokens, own, own_version, instance, render)?;
+                let rendered = self.render_and_store(core, &name, tokens, miss, render)?;
                 rendered.report();
                 Ok(Html::Rendered(rendered.html))
             }
@@ -584,8 +493,7 @@ impl ICache {
                 // (a recursive macro), or threads rendering blocks nested in
                 // each other crosswise would wait on each other: render on
                 // its own (no flight, no deadlock).
-                let rendered =
-                    self.render_and_store(&name, tokens, own, own_version, instance, render)?;
+                let rendered = self.render_and_store(core, &name, tokens, miss, render)?;
                 rendered.report();
                 Ok(Html::Rendered(rendered.html))
             }
@@ -594,17 +502,17 @@ impl ICache {
 
     /// A follower takes the leader's output only if the nested tokens the
     /// leader read (which this thread did not read itself) have not moved.
-    fn still_current(&self, tokens: &[&str], reads: &[(Box<str>, u64)]) -> bool {
+    fn still_current(&self, core: &Core, tokens: &[&str], reads: &[(Box<str>, u64)]) -> bool {
         let own = TokenSet::new(tokens);
         let deps: Vec<&(Box<str>, u64)> = reads.iter().filter(|(t, _)| !own.contains(t)).collect();
         if deps.is_empty() {
             return true;
         }
         let names: Vec<&str> = deps.iter().map(|(t, _)| &**t).collect();
-        match self.generations(&names) {
+        match core.generations(&names) {
             Ok(now) => now.iter().zip(&deps).all(|(n, (_, g))| n == g),
             Err(e) => {
-                self.backend_trouble(&e);
+                core.backend_trouble(&e);
                 false
             }
         }
@@ -612,19 +520,23 @@ impl ICache {
 
     fn render_and_store<E>(
         &self,
+        core: &Core,
         name: &str,
         tokens: &[&str],
-        own: Reads,
-        own_version: u64,
-        instance: Option<Arc<str>>,
+        miss: Miss,
         render: impl FnOnce() -> Result<String, E>,
     ) -> Result<Rendered, E> {
-        let _span = tracing::debug_span!("icache.render", backend = self.backend_name()).entered();
+        let Miss {
+            own,
+            own_version,
+            instance,
+        } = miss;
+        let _span = tracing::debug_span!("icache.render", backend = core.backend_name()).entered();
         let frame = Frame::push();
         let started = Instant::now();
         let out = render();
         let nested = frame.finish();
-        self.inner().counters.rendered(started.elapsed());
+        core.counters.rendered(started.elapsed());
         let html = out?;
         // Nested tokens beyond our own, first read of each (the oldest).
         // Sets, not scans: a page may nest thousands of blocks.
@@ -638,10 +550,20 @@ impl ICache {
         }
         let version = own_version.wrapping_add(sum(&deps));
         if nested.unknown {
-            self.inner().counters.count(Event::Outdated);
+            core.counters.count(Event::Outdated);
             tracing::debug!("icache: a nested block could not be checked; output not stored");
         } else {
-            self.store_checked(name, tokens, version, &deps, html.clone(), instance);
+            self.store_checked(
+                core,
+                name,
+                tokens,
+                Output {
+                    version,
+                    deps: &deps,
+                    html: html.clone(),
+                    instance,
+                },
+            );
         }
         let mut reads = own;
         reads.extend(deps);
@@ -654,22 +576,20 @@ impl ICache {
 
     /// Stores `html` under `version` unless the generations moved on while it
     /// rendered (then storing it would be wasted: it could never be served).
-    fn store_checked(
-        &self,
-        name: &str,
-        tokens: &[&str],
-        version: u64,
-        deps: &[(Box<str>, u64)],
-        html: String,
-        instance: Option<Arc<str>>,
-    ) {
-        let counters = &self.inner().counters;
+    pub(crate) fn store_checked(&self, core: &Core, name: &str, tokens: &[&str], out: Output<'_>) {
+        let Output {
+            version,
+            deps,
+            html,
+            instance,
+        } = out;
+        let counters = &core.counters;
         let html_len = html.len();
         let mut all: Vec<&str> = tokens.to_vec();
         all.extend(deps.iter().map(|(t, _)| &**t));
-        let now = match self.generations(&all) {
+        let now = match core.generations(&all) {
             Ok(g) => g.into_iter().fold(0u64, u64::wrapping_add),
-            Err(e) => return self.backend_trouble(&e),
+            Err(e) => return core.backend_trouble(&e),
         };
         if now != version {
             counters.count(Event::Outdated);
@@ -682,7 +602,7 @@ impl ICache {
             deps: dep_names.clone(),
             payload: Payload::Text(Arc::from(html)),
         };
-        match self.inner().backend.set(
+        match core.backend.set(
             Key::fragment(name),
             Arc::new(entry),
             None,
@@ -695,14 +615,12 @@ impl ICache {
             Ok(true) => {
                 counters.count(Event::Store);
                 if !dep_names.is_empty() {
-                    self.inner()
-                        .dep_hints
-                        .insert(name.to_owned(), Arc::from(dep_names));
+                    self.dep_hints.insert(name.to_owned(), Arc::from(dep_names));
                 }
             }
             Err(e) if e.is_too_large() => {
                 counters.count(Event::TooLarge);
-                if self.inner().too_large_log.due() {
+                if core.too_large_log.due() {
                     tracing::warn!(
                         block = %readable_name(name),
                         bytes = html_len,
@@ -711,21 +629,21 @@ impl ICache {
                     );
                 }
             }
-            Err(e) => self.backend_trouble(&e),
+            Err(e) => core.backend_trouble(&e),
         }
     }
 
-    fn lookup(&self, name: &str, tokens: &[&str]) -> Lookup {
-        if let Err(e) = self.replay_pending() {
-            self.backend_trouble(&e);
+    pub(crate) fn lookup(&self, core: &Core, name: &str, tokens: &[&str]) -> Lookup {
+        if let Err(e) = core.replay_pending() {
+            core.backend_trouble(&e);
             return Lookup::Down;
         }
         // The tokens, and the nested tokens this process last saw the entry
         // with, so that a hit is one round trip. No copy when there are none.
-        let hints = if self.inner().dep_hints.is_empty() {
+        let hints = if self.dep_hints.is_empty() {
             None
         } else {
-            self.inner().dep_hints.get(name)
+            self.dep_hints.get(name)
         };
         let with_hints: Vec<&str>;
         let all: &[&str] = match &hints {
@@ -738,19 +656,19 @@ impl ICache {
                 &with_hints
             }
         };
-        let fetched = match self.inner().backend.fetch(all, &[Key::fragment(name)]) {
+        let fetched = match core.backend.fetch(all, &[Key::fragment(name)]) {
             Ok(f) => f,
             Err(e) => {
-                self.backend_trouble(&e);
+                core.backend_trouble(&e);
                 return Lookup::Down;
             }
         };
         let mut gens = fetched.gens;
         if gens.iter().any(Option::is_none) {
-            match self.complete_gens(all, gens) {
+            match core.complete_gens(all, gens) {
                 Ok(g) => gens = g.into_iter().map(Some).collect(),
                 Err(e) => {
-                    self.backend_trouble(&e);
+                    core.backend_trouble(&e);
                     return Lookup::Down;
                 }
             }
@@ -766,11 +684,11 @@ impl ICache {
         };
         let instance = fetched.instance;
         let Some(entry) = fetched.entries.into_iter().next().flatten() else {
-            return Lookup::Miss {
+            return Lookup::Miss(Miss {
                 own: own_reads(),
                 own_version,
                 instance,
-            };
+            });
         };
         // Generations of the entry's nested tokens: from this round trip when
         // the hint was right, otherwise one more.
@@ -795,21 +713,20 @@ impl ICache {
             }
         }
         if !missing.is_empty() {
-            match self.generations(&missing) {
+            match core.generations(&missing) {
                 Ok(g) => {
                     for (at, g) in missing_at.into_iter().zip(g) {
                         dep_gens[at] = g;
                     }
                 }
                 Err(e) => {
-                    self.backend_trouble(&e);
+                    core.backend_trouble(&e);
                     return Lookup::Down;
                 }
             }
         }
         if !entry.deps.is_empty() && hints.as_deref() != Some(&*entry.deps) {
-            self.inner()
-                .dep_hints
+            self.dep_hints
                 .insert(name.to_owned(), Arc::from(entry.deps.clone()));
         }
         let current = dep_gens.iter().fold(own_version, |s, g| s.wrapping_add(*g));
@@ -827,24 +744,13 @@ impl ICache {
                 },
             },
             _ => {
-                self.inner().counters.count(Event::Mismatch);
-                Lookup::Miss {
+                core.counters.count(Event::Mismatch);
+                Lookup::Miss(Miss {
                     own: own_reads(),
                     own_version,
                     instance,
-                }
+                })
             }
-        }
-    }
-
-    /// Fail-open bookkeeping: count, and warn at most every 10 seconds.
-    pub(crate) fn backend_trouble(&self, e: &Error) {
-        let inner = self.inner();
-        inner.counters.count(Event::Error);
-        if inner.trouble_log.due() {
-            tracing::warn!(backend = self.backend_name(), error = %e, "icache: cache backend trouble; rendering uncached");
-        } else {
-            tracing::debug!(error = %e, "icache: cache backend trouble");
         }
     }
 }

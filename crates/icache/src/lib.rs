@@ -90,6 +90,7 @@ mod backend;
 mod cache;
 mod codec;
 mod config;
+mod core;
 mod error;
 mod fragment;
 mod keys;

@@ -1,0 +1,214 @@
+//! What every part of a cache handle shares: the backend, its settings and
+//! counters, and the bumps still to be replayed. The public handle
+//! ([`ICache`](crate::ICache), `cache.rs`) and the block engine
+//! (`fragment.rs`) both work on a `Core`; neither depends on the other.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::backend::{self, Backend};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::keys::Key;
+use crate::stats::{Counters, Event, Every};
+
+/// Bumps that failed (the backend was down or hung), to be replayed.
+///
+/// Every failed bump is remembered, whatever else failed. A replay copies the
+/// list and applies it **without holding the lock across I/O**, one replay at
+/// a time (others fail fast meanwhile, and the backend's circuit breaker
+/// rate-limits the attempts); it removes only what was remembered before it
+/// started, so a bump that failed during the replay is replayed again later.
+#[derive(Default)]
+pub(crate) struct Pending {
+    list: Mutex<PendingList>,
+    /// Something is pending: one atomic load on the read path when not.
+    has: AtomicBool,
+    /// A replay is in flight.
+    replaying: AtomicBool,
+}
+
+#[derive(Default)]
+struct PendingList {
+    /// Counts `remember` calls.
+    seq: u64,
+    /// Each token, with the `seq` of its latest failed bump.
+    tokens: Vec<(String, u64)>,
+}
+
+impl Pending {
+    fn lock(&self) -> std::sync::MutexGuard<'_, PendingList> {
+        self.list
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(crate) fn remember(&self, tokens: &[&str]) {
+        let mut list = self.lock();
+        list.seq += 1;
+        let seq = list.seq;
+        for t in tokens {
+            match list.tokens.iter_mut().find(|(p, _)| p == t) {
+                Some(entry) => entry.1 = seq,
+                None => list.tokens.push(((*t).to_owned(), seq)),
+            }
+        }
+        self.has.store(true, Ordering::Release);
+        tracing::warn!(
+            tokens = list.tokens.len(),
+            "icache: bump failed; it will be replayed, and blocks render uncached until it is"
+        );
+    }
+
+    /// Applies the pending bumps with `apply`; `Ok` when none is left.
+    pub(crate) fn replay(&self, apply: impl FnOnce(&[&str]) -> Result<()>) -> Result<()> {
+        if !self.has.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if self.replaying.swap(true, Ordering::AcqRel) {
+            return Err(Error::new(
+                crate::ErrorKind::Unavailable,
+                "bumps that failed earlier are being replayed by another thread; \
+                 rendering uncached until they are",
+            ));
+        }
+        struct Done<'a>(&'a AtomicBool);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _done = Done(&self.replaying);
+        let (seq, tokens) = {
+            let list = self.lock();
+            if list.tokens.is_empty() {
+                self.has.store(false, Ordering::Release);
+                return Ok(());
+            }
+            let tokens: Vec<String> = list.tokens.iter().map(|(t, _)| t.clone()).collect();
+            (list.seq, tokens)
+        };
+        let names: Vec<&str> = tokens.iter().map(String::as_str).collect();
+        apply(&names)?;
+        let mut list = self.lock();
+        list.tokens.retain(|(_, s)| *s > seq);
+        if list.tokens.is_empty() {
+            self.has.store(false, Ordering::Release);
+        }
+        tracing::info!(
+            tokens = names.len(),
+            "icache: replayed bumps that had failed"
+        );
+        Ok(())
+    }
+}
+
+/// The shared state of one cache handle and all its clones.
+pub(crate) struct Core {
+    pub(crate) backend: Box<dyn Backend>,
+    pub(crate) config: Config,
+    pub(crate) counters: Counters,
+    /// Tokens whose bump failed (backend down): replayed before this handle
+    /// reads any generation again, so it never serves what they invalidated.
+    pub(crate) pending: Pending,
+    /// Fail-open warnings, at most every 10 s.
+    pub(crate) trouble_log: Every,
+    /// "Too large" warnings, at most every 10 s.
+    pub(crate) too_large_log: Every,
+}
+
+impl Core {
+    pub(crate) fn new(backend: Box<dyn Backend>, config: Config) -> Core {
+        let counters = Counters::new(backend.name());
+        Core {
+            backend,
+            config,
+            counters,
+            pending: Pending::default(),
+            trouble_log: Every::new(),
+            too_large_log: Every::new(),
+        }
+    }
+
+    /// `"memory"`, `"redis"`, …
+    pub(crate) fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// The memory and `none://` backends: no I/O, nothing ever blocks.
+    pub(crate) fn is_in_process(&self) -> bool {
+        matches!(self.backend_name(), "memory" | "none")
+    }
+
+    /// Bumps `tokens` atomically in the backend; a failure is remembered
+    /// (whatever else failed before) and replayed later.
+    pub(crate) fn incr_many(&self, tokens: &[&str]) -> Result<Vec<u64>> {
+        // Bumps commute: this one need not wait for older failed ones, and a
+        // failure here is remembered whatever else failed before.
+        let keys: Vec<Key<'_>> = tokens.iter().map(|t| Key::gen_(t)).collect();
+        let fresh = backend::fresh_generations(keys.len());
+        match self.backend.incr_gens(&keys, &fresh) {
+            Ok(gens) => {
+                // The backend answers: a good moment to replay older failures.
+                let _ = self.replay_pending();
+                Ok(gens)
+            }
+            Err(e) => {
+                if !e.is_config() {
+                    self.pending.remember(tokens);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Replays bumps that failed earlier. Cheap when there are none (one
+    /// atomic load); an error means they still cannot be applied (and the
+    /// caller must not trust what the backend says about generations).
+    pub(crate) fn replay_pending(&self) -> Result<()> {
+        self.pending.replay(|tokens| {
+            let keys: Vec<Key<'_>> = tokens.iter().map(|t| Key::gen_(t)).collect();
+            let fresh = backend::fresh_generations(keys.len());
+            self.backend.incr_gens(&keys, &fresh).map(drop)
+        })
+    }
+
+    /// The current generation of each token (missing ones initialised), after
+    /// replaying failed bumps. One round trip when all exist.
+    pub(crate) fn generations(&self, tokens: &[&str]) -> Result<Vec<u64>> {
+        self.replay_pending()?;
+        let fetched = self.backend.fetch(tokens, &[])?;
+        self.complete_gens(tokens, fetched.gens)
+    }
+
+    /// Fills in missing generations (initialising them atomically in the
+    /// backend) and returns them all.
+    pub(crate) fn complete_gens(
+        &self,
+        tokens: &[&str],
+        gens: Vec<Option<u64>>,
+    ) -> Result<Vec<u64>> {
+        if gens.iter().all(Option::is_some) {
+            return Ok(gens.into_iter().flatten().collect());
+        }
+        let missing: Vec<usize> = (0..gens.len()).filter(|&i| gens[i].is_none()).collect();
+        let missing_keys: Vec<Key<'_>> = missing.iter().map(|&i| Key::gen_(tokens[i])).collect();
+        let fresh = backend::fresh_generations(missing.len());
+        let got = self.backend.init_gens(&missing_keys, &fresh)?;
+        let mut out: Vec<u64> = gens.into_iter().map(|g| g.unwrap_or(0)).collect();
+        for (i, g) in missing.into_iter().zip(got) {
+            out[i] = g;
+        }
+        Ok(out)
+    }
+
+    /// Fail-open bookkeeping: count, and warn at most every 10 seconds.
+    pub(crate) fn backend_trouble(&self, e: &Error) {
+        self.counters.count(Event::Error);
+        if self.trouble_log.due() {
+            tracing::warn!(backend = self.backend_name(), error = %e, "icache: cache backend trouble; rendering uncached");
+        } else {
+            tracing::debug!(error = %e, "icache: cache backend trouble");
+        }
+    }
+}
