@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use crate::codec::{Entry, Payload};
 use crate::core::Core;
 use crate::keys::{Key, join_parts_into, push_decimal};
+use crate::observe::{self, BlockEvent, NotStored, Outcome};
 use crate::stats::Event;
 
 /// Token generations as read by one render: `(token, generation)`.
@@ -100,6 +101,11 @@ struct Rendered {
     reads: Reads,
     /// Some nested dependency is unknown (see [`Nested::unknown`]).
     unknown: bool,
+    /// The version it was rendered for (own and nested tokens).
+    version: u64,
+    /// `None`: stored; otherwise why not.
+    not_stored: Option<NotStored>,
+    took: Duration,
 }
 
 impl Rendered {
@@ -304,6 +310,7 @@ pub(crate) enum Lookup {
     Hit {
         html: Arc<str>,
         reads: Reads,
+        version: u64,
     },
     Miss(Miss),
     /// The backend failed: render uncached.
@@ -328,6 +335,8 @@ pub(crate) struct Miss {
     /// The server instance the version was read from: the output is stored
     /// only there.
     pub(crate) instance: Option<Arc<str>>,
+    /// An entry was there under an older version.
+    invalidated: bool,
 }
 
 /// The entry name of a block: its identity and its tokens, length-prefixed so
@@ -429,29 +438,69 @@ impl Blocks {
     ) -> Result<Html, E> {
         let name = fragment_name(identity, tokens);
         let counters = &core.counters;
+        // Tells an `observe`r what happened (nothing is built otherwise).
+        let event =
+            |outcome: Outcome, version: Option<u64>, invalidated: bool, took: Option<Duration>| {
+                observe::emit(|| BlockEvent {
+                    identity: identity.iter().map(|s| (*s).to_owned()).collect(),
+                    tokens: tokens.iter().map(|s| (*s).to_owned()).collect(),
+                    version,
+                    outcome,
+                    invalidated,
+                    render_time: took,
+                    depth: FRAMES.with(|f| f.borrow().len()),
+                });
+            };
+        // A render of this thread's own: reported to the enclosing render
+        // and to an observer.
+        let own_render = |rendered: Rendered, outcome: Option<Outcome>, invalidated: bool| {
+            rendered.report();
+            let outcome = outcome.unwrap_or(match rendered.not_stored {
+                None => Outcome::Stored,
+                Some(why) => Outcome::NotStored(why),
+            });
+            event(
+                outcome,
+                Some(rendered.version),
+                invalidated,
+                Some(rendered.took),
+            );
+            rendered.html
+        };
         let miss = match self.lookup(core, &name, tokens) {
-            Lookup::Hit { html, reads } => {
+            Lookup::Hit {
+                html,
+                reads,
+                version,
+            } => {
                 counters.count(Event::Hit);
                 report(&reads);
+                event(Outcome::Hit, Some(version), false, None);
                 return Ok(Html::Cached(html));
             }
             Lookup::Down => {
                 report_unknown();
                 let started = Instant::now();
                 let out = render();
-                counters.rendered(started.elapsed());
+                let took = started.elapsed();
+                counters.rendered(took);
+                event(Outcome::Uncached, None, false, Some(took));
                 return out.map(Html::Rendered);
             }
             Lookup::Miss(miss) => miss,
         };
         counters.count(Event::Miss);
+        let invalidated = miss.invalidated;
         if !core.backend.stores() {
             // Caching is off (`none://`): generations never move, so a
             // shared render could be one that began before a commit whose
             // bump this reader already saw. Every reader renders.
             let rendered = self.render_and_store(core, &name, tokens, miss, render)?;
-            rendered.report();
-            return Ok(Html::Rendered(rendered.html));
+            return Ok(Html::Rendered(own_render(
+                rendered,
+                Some(Outcome::Off),
+                false,
+            )));
         }
         match self
             .flights
@@ -462,6 +511,16 @@ impl Blocks {
                     let rendered = Arc::new(rendered);
                     guard.publish(Some(rendered.clone()));
                     rendered.report();
+                    let outcome = match rendered.not_stored {
+                        None => Outcome::Stored,
+                        Some(why) => Outcome::NotStored(why),
+                    };
+                    event(
+                        outcome,
+                        Some(rendered.version),
+                        invalidated,
+                        Some(rendered.took),
+                    );
                     Ok(Html::Rendered(rendered.html.clone()))
                 }
                 Err(e) => {
@@ -482,11 +541,11 @@ impl Blocks {
                 {
                     counters.count(Event::Shared);
                     rendered.report();
+                    event(Outcome::Shared, Some(rendered.version), invalidated, None);
                     return Ok(Html::Rendered(rendered.html.clone()));
                 }
                 let rendered = self.render_and_store(core, &name, tokens, miss, render)?;
-                rendered.report();
-                Ok(Html::Rendered(rendered.html))
+                Ok(Html::Rendered(own_render(rendered, None, invalidated)))
             }
             Role::Alone => {
                 // This thread is already rendering this very block further up
@@ -494,8 +553,7 @@ impl Blocks {
                 // each other crosswise would wait on each other: render on
                 // its own (no flight, no deadlock).
                 let rendered = self.render_and_store(core, &name, tokens, miss, render)?;
-                rendered.report();
-                Ok(Html::Rendered(rendered.html))
+                Ok(Html::Rendered(own_render(rendered, None, invalidated)))
             }
         }
     }
@@ -530,13 +588,15 @@ impl Blocks {
             own,
             own_version,
             instance,
+            ..
         } = miss;
         let _span = tracing::debug_span!("icache.render", backend = core.backend_name()).entered();
         let frame = Frame::push();
         let started = Instant::now();
         let out = render();
         let nested = frame.finish();
-        core.counters.rendered(started.elapsed());
+        let took = started.elapsed();
+        core.counters.rendered(took);
         let html = out?;
         // Nested tokens beyond our own, first read of each (the oldest).
         // Sets, not scans: a page may nest thousands of blocks.
@@ -549,9 +609,10 @@ impl Blocks {
             }
         }
         let version = own_version.wrapping_add(sum(&deps));
-        if nested.unknown {
+        let not_stored = if nested.unknown {
             core.counters.count(Event::Outdated);
             tracing::debug!("icache: a nested block could not be checked; output not stored");
+            Some(NotStored::NestedUnknown)
         } else {
             self.store_checked(
                 core,
@@ -563,20 +624,30 @@ impl Blocks {
                     html: html.clone(),
                     instance,
                 },
-            );
-        }
+            )
+        };
         let mut reads = own;
         reads.extend(deps);
         Ok(Rendered {
             html,
             reads,
             unknown: nested.unknown,
+            version,
+            not_stored,
+            took,
         })
     }
 
     /// Stores `html` under `version` unless the generations moved on while it
     /// rendered (then storing it would be wasted: it could never be served).
-    pub(crate) fn store_checked(&self, core: &Core, name: &str, tokens: &[&str], out: Output<'_>) {
+    /// `None` if it was stored, otherwise why not.
+    pub(crate) fn store_checked(
+        &self,
+        core: &Core,
+        name: &str,
+        tokens: &[&str],
+        out: Output<'_>,
+    ) -> Option<NotStored> {
         let Output {
             version,
             deps,
@@ -589,12 +660,15 @@ impl Blocks {
         all.extend(deps.iter().map(|(t, _)| &**t));
         let now = match core.generations(&all) {
             Ok(g) => g.into_iter().fold(0u64, u64::wrapping_add),
-            Err(e) => return core.backend_trouble(&e),
+            Err(e) => {
+                core.backend_trouble(&e);
+                return Some(NotStored::BackendError);
+            }
         };
         if now != version {
             counters.count(Event::Outdated);
             tracing::debug!("icache: tokens moved while rendering; output not stored");
-            return;
+            return Some(NotStored::Moved);
         }
         let dep_names: Vec<Box<str>> = deps.iter().map(|(t, _)| t.clone()).collect();
         let entry = Entry {
@@ -611,12 +685,14 @@ impl Blocks {
             Ok(false) => {
                 counters.count(Event::Outdated);
                 tracing::debug!("icache: the server restarted while rendering; output not stored");
+                Some(NotStored::ServerChanged)
             }
             Ok(true) => {
                 counters.count(Event::Store);
                 if !dep_names.is_empty() {
                     self.dep_hints.insert(name.to_owned(), Arc::from(dep_names));
                 }
+                None
             }
             Err(e) if e.is_too_large() => {
                 counters.count(Event::TooLarge);
@@ -628,8 +704,12 @@ impl Blocks {
                         "icache: a block's output is too large for the backend; it is served uncached (this warning at most every 10 s)"
                     );
                 }
+                Some(NotStored::TooLarge)
             }
-            Err(e) => core.backend_trouble(&e),
+            Err(e) => {
+                core.backend_trouble(&e);
+                Some(NotStored::BackendError)
+            }
         }
     }
 
@@ -688,6 +768,7 @@ impl Blocks {
                 own: own_reads(),
                 own_version,
                 instance,
+                invalidated: false,
             });
         };
         // Generations of the entry's nested tokens: from this round trip when
@@ -732,6 +813,7 @@ impl Blocks {
         let current = dep_gens.iter().fold(own_version, |s, g| s.wrapping_add(*g));
         match (&entry.payload, entry.version) {
             (Payload::Text(html), Some(v)) if v == current => Lookup::Hit {
+                version: v,
                 html: html.clone(),
                 // What it read, for an enclosing render; nothing to build
                 // when there is none (the common case of a top-level block).
@@ -749,6 +831,7 @@ impl Blocks {
                     own: own_reads(),
                     own_version,
                     instance,
+                    invalidated: true,
                 })
             }
         }

@@ -96,6 +96,7 @@ mod fragment;
 mod keys;
 #[cfg(feature = "minijinja")]
 pub mod minijinja;
+mod observe;
 #[cfg(any(feature = "redis", feature = "memcached"))]
 mod pool;
 mod stats;
@@ -103,6 +104,7 @@ mod stats;
 pub use bytes::Bytes;
 pub use cache::ICache;
 pub use error::{Error, ErrorKind, Result};
+pub use observe::{BlockEvent, NotStored, Outcome, observe};
 pub use stats::Stats;
 
 /// Entry points for the cargo-fuzz targets in `fuzz/`; not part of the API.

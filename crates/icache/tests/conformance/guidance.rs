@@ -90,3 +90,94 @@ fn a_mistyped_scheme_suggests_the_right_one() {
         "{e}"
     );
 }
+
+/// `observe` tells, for each block of one render, what happened: on a real
+/// Redis (through a proxy that can cut it off), in-process, and with caching
+/// off.
+#[test]
+fn observe_tells_what_each_block_did() {
+    use icache::{Outcome, observe};
+    let Some(redis) = crate::support::RedisServer::start() else {
+        return;
+    };
+    let proxy = crate::support::Proxy::start(redis.port());
+    let page = |cache: &ICache| {
+        cache
+            .fragment_named("page", &["movies"], || {
+                let inner = cache
+                    .fragment_named("item", &["movie:1"], || Ok::<_, ()>("<li/>".to_owned()))?;
+                Ok::<_, ()>(format!("<ul>{inner}</ul>"))
+            })
+            .expect("render")
+    };
+    for url in [
+        "memory://".to_string(),
+        format!("redis://127.0.0.1:{}?timeout_ms=500", proxy.port()),
+    ] {
+        let cache = ICache::from_url(&url).expect("open");
+        let (_, first) = observe(|| page(&cache));
+        let outcomes: Vec<(String, Outcome, usize)> = first
+            .iter()
+            .map(|e| (e.identity[1].clone(), e.outcome, e.depth))
+            .collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("item".to_string(), Outcome::Stored, 1),
+                ("page".to_string(), Outcome::Stored, 0)
+            ],
+            "{url}"
+        );
+        assert!(
+            first
+                .iter()
+                .all(|e| e.render_time.is_some() && e.version.is_some())
+        );
+        let (_, second) = observe(|| page(&cache));
+        assert_eq!(
+            second.len(),
+            1,
+            "{url}: the outer hit skips the inner block"
+        );
+        assert_eq!(second[0].outcome, Outcome::Hit);
+        assert_eq!(second[0].tokens, ["movies"]);
+        assert_eq!(second[0].render_time, None);
+        cache.incr("movie:1").expect("bump");
+        let (_, third) = observe(|| page(&cache));
+        assert!(
+            third.iter().all(|e| e.outcome == Outcome::Stored),
+            "{url}: {third:?}"
+        );
+        assert!(
+            third
+                .iter()
+                .any(|e| e.identity[1] == "page" && e.invalidated),
+            "{url}: {third:?}"
+        );
+        if url.starts_with("redis") {
+            proxy.set_fault(crate::support::Fault::Refuse);
+            let (_, down) = observe(|| page(&cache));
+            assert!(
+                down.iter().all(|e| e.outcome == Outcome::Uncached),
+                "{down:?}"
+            );
+            proxy.set_fault(crate::support::Fault::Pass);
+        }
+    }
+    let off = ICache::from_url("none://").expect("none");
+    let (_, events) = observe(|| page(&off));
+    assert!(
+        events.iter().all(|e| e.outcome == Outcome::Off),
+        "{events:?}"
+    );
+    // Nothing is recorded outside `observe`.
+    let (_, outer) = observe(|| {
+        let (_, inner) = observe(|| page(&off));
+        assert_eq!(inner.len(), 2);
+    });
+    assert_eq!(
+        outer.len(),
+        2,
+        "an outer observation sees the inner one's blocks"
+    );
+}
