@@ -244,6 +244,13 @@ impl Db {
             .is_some())
     }
 
+    /// A movie's title, if there is such a movie.
+    pub fn movie_title(&self, id: i64) -> rusqlite::Result<Option<String>> {
+        self.conn()
+            .query_row("SELECT title FROM movies WHERE id = ?1", [id], |r| r.get(0))
+            .optional()
+    }
+
     /// A user's movies, best rated first: the seed's "personal rating" list.
     pub fn personal_ratings(&self, user: i64) -> rusqlite::Result<Vec<Rated>> {
         let conn = self.conn();

@@ -9,11 +9,9 @@
 //! hook. The cache is in-process by default; `ICACHE_URL=redis://…` or
 //! `memcached://…` switches backends with no other change.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
-use std::time::Instant;
 
 use axum::Router;
 use axum::extract::rejection::FormRejection;
@@ -35,15 +33,18 @@ use db::Db;
 /// Where the site listens by default.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:3000";
 
-/// The last render time of each cached block, measured inside the block's
-/// body, so it only changes when the body really renders (a miss).
-#[derive(Default)]
-struct Timers {
-    last_ms: Mutex<HashMap<String, f64>>,
-}
+/// Where base.html puts the cache panel: it is rendered after the page, from
+/// what the page's blocks did (`icache::observe`), and put in here.
+const PANEL_MARK: &str = "<!--icache-panel-->";
 
-thread_local! {
-    static STARTED: RefCell<HashMap<String, Instant>> = RefCell::new(HashMap::new());
+/// A rating just committed, shown once on the user's next page.
+#[derive(Debug, Clone, Serialize)]
+struct Rated {
+    movie: i64,
+    title: String,
+    rating: i64,
+    /// The tokens bumped after the commit.
+    bumped: Vec<String>,
 }
 
 struct Inner {
@@ -51,7 +52,8 @@ struct Inner {
     env: Environment<'static>,
     db: Arc<Db>,
     prometheus: PrometheusHandle,
-    timers: Arc<Timers>,
+    /// User id -> the rating they just made (taken by their next page).
+    rated: Mutex<HashMap<i64, Rated>>,
 }
 
 /// The shared state of the site.
@@ -83,6 +85,7 @@ fn template_source(name: &str) -> Option<&'static str> {
         "index.html" => include_str!("templates/index.html"),
         "user.html" => include_str!("templates/user.html"),
         "error.html" => include_str!("templates/error.html"),
+        "panel.html" => include_str!("templates/panel.html"),
         PERSONAL_BLOCK => personal_block(include_str!("templates/user.html"))?.0,
         PERSONAL_BODY => personal_block(include_str!("templates/user.html"))?.1,
         _ => return None,
@@ -124,7 +127,6 @@ pub fn open(
 ) -> Result<AppState, Box<dyn std::error::Error + Send + Sync>> {
     let prometheus = prometheus();
     let db = Arc::new(Db::open(data_dir)?);
-    let timers = Arc::new(Timers::default());
     let mut env = Environment::new();
     icache::minijinja::register(&mut env, cache.clone());
     // Templates go through icache's loader: the seed's {% icache %} syntax.
@@ -144,27 +146,12 @@ pub fn open(
     env.add_function("top_movies", move || -> Result<Value, minijinja::Error> {
         Ok(Value::from(Serde(d.top_movies(20).map_err(sql_error)?)))
     });
-    env.add_function("timer_start", |name: String| {
-        STARTED.with(|s| s.borrow_mut().insert(name, Instant::now()));
-        String::new()
-    });
-    let t = timers.clone();
-    env.add_function("timer_stop", move |name: String| {
-        if let Some(started) = STARTED.with(|s| s.borrow_mut().remove(&name)) {
-            let ms = started.elapsed().as_secs_f64() * 1000.0;
-            t.last_ms
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(name, ms);
-        }
-        String::new()
-    });
     Ok(AppState(Arc::new(Inner {
         cache,
         env,
         db,
         prometheus,
-        timers,
+        rated: Mutex::new(HashMap::new()),
     })))
 }
 
@@ -209,10 +196,59 @@ struct StatsView {
     errors: u64,
 }
 
+/// One block of this request, for the panel.
 #[derive(Serialize)]
-struct TimerView {
-    name: String,
+struct BlockView {
+    /// `user.html line 12`, or the block's name.
+    label: String,
+    tokens: String,
+    version: String,
+    /// `hit`, `stored`, `not-stored`, `shared`, `uncached`, `off`: a CSS class
+    /// and what tests look for.
+    kind: &'static str,
+    outcome: &'static str,
+    invalidated: bool,
     ms: String,
+    depth: usize,
+}
+
+impl BlockView {
+    fn new(e: &icache::BlockEvent) -> Self {
+        // MiniJinja blocks: ["minijinja", template, escape, "template:line:col:digest", name].
+        let label = match e.identity.as_slice() {
+            [kind, template, _, id, name, ..] if kind == "minijinja" => {
+                let mut parts = id.rsplitn(4, ':');
+                let (_digest, _col, line) = (parts.next(), parts.next(), parts.next());
+                match (line, name.is_empty()) {
+                    (_, false) => format!("{template}: {name}"),
+                    (Some(line), true) => format!("{template} line {line}"),
+                    (None, true) => template.clone(),
+                }
+            }
+            other => other.join(" "),
+        };
+        let kind = match e.outcome {
+            icache::Outcome::Hit => "hit",
+            icache::Outcome::Stored => "stored",
+            icache::Outcome::Shared => "shared",
+            icache::Outcome::Uncached => "uncached",
+            icache::Outcome::Off => "off",
+            _ => "not-stored",
+        };
+        BlockView {
+            label,
+            tokens: e.tokens.join(", "),
+            version: e.version.map_or_else(|| "—".to_owned(), |v| v.to_string()),
+            kind,
+            outcome: e.outcome.describe(),
+            invalidated: e.invalidated,
+            ms: e.render_time.map_or_else(
+                || "—".to_owned(),
+                |d| format!("{:.2} ms", d.as_secs_f64() * 1000.0),
+            ),
+            depth: e.depth,
+        }
+    }
 }
 
 impl AppState {
@@ -254,38 +290,34 @@ impl AppState {
     }
 
     fn common(&self) -> Value {
+        context! { backend => self.0.cache.backend_name() }
+    }
+
+    /// The cache panel: what each block of this request did (known only
+    /// once the page has rendered), and the counters since start.
+    fn panel(&self, events: &[icache::BlockEvent]) -> Result<String, minijinja::Error> {
         let s = self.0.cache.stats();
-        let mut timers: Vec<TimerView> = self
-            .0
-            .timers
-            .last_ms
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .iter()
-            .map(|(k, v)| TimerView {
-                name: k.clone(),
-                ms: format!("{v:.2}"),
-            })
-            .collect();
-        timers.sort_by(|a, b| a.name.cmp(&b.name));
-        context! {
-            backend => self.0.cache.backend_name(),
+        let blocks: Vec<BlockView> = events.iter().map(BlockView::new).collect();
+        self.0.env.get_template("panel.html")?.render(context! {
+            blocks => Serde(blocks),
             stats => Serde(StatsView {
                 hits: s.hits,
                 misses: s.misses,
                 ratio: format!("{:.1}%", s.hit_ratio() * 100.0),
                 errors: s.errors,
             }),
-            timers => Serde(timers),
-        }
+        })
     }
 
     fn render(&self, template: &str, ctx: Value) -> Result<String, PageError> {
         let ctx = context! { ..ctx, ..self.common() };
-        self.0
-            .env
-            .get_template(template)
-            .and_then(|t| t.render(ctx))
+        let (page, events) = icache::observe(|| {
+            self.0
+                .env
+                .get_template(template)
+                .and_then(|t| t.render(ctx))
+        });
+        page.and_then(|page| Ok(page.replacen(PANEL_MARK, &self.panel(&events)?, 1)))
             .map_err(|e| {
                 tracing::error!(error = %e, template, "render failed");
                 PageError::new(
@@ -339,7 +371,15 @@ async fn user_page(
     let s = state.clone();
     let html = blocking(move || {
         let user = parse_user(&s, &id)?;
-        s.render("user.html", context! { user => Serde(user) })
+        let rated =
+            s.0.rated
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&user.id);
+        s.render(
+            "user.html",
+            context! { user => Serde(user), rated => Serde(rated) },
+        )
     })
     .await
     .map_err(|e| ErrorPage(e, Some(state.clone())))?;
@@ -380,19 +420,30 @@ async fn rate(
                 ));
             }
         };
-        if !s.0.db.movie_exists(movie).map_err(db_error)? {
+        let Some(title) = s.0.db.movie_title(movie).map_err(db_error)? else {
             return Err(PageError::new(StatusCode::NOT_FOUND, format!("There is no movie {movie}.")));
-        }
+        };
         // Commit first, then bump: a reader can never cache the old list
         // under the new version.
         s.0.db.rate(user.id, movie, rating).map_err(db_error)?;
-        if let Err(e) = s.0.cache.incr_many(&["movies", &user.id.to_string()]) {
+        let bumped = vec!["movies".to_owned(), user.id.to_string()];
+        if let Err(e) = s.0.cache.incr_many(&[&bumped[0], &bumped[1]]) {
             tracing::error!(error = %e, "rating saved but the cache could not be invalidated");
             return Err(PageError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "Your rating was saved, but the cache could not be told: pages may show the old list until it is back.",
+                "Your rating was saved. The cache could not be told yet: it will be as soon as it answers, and until then pages are rendered without it.",
             ));
         }
+        // Shown once, on the user's next page.
+        s.0.rated.lock().unwrap_or_else(PoisonError::into_inner).insert(
+            user.id,
+            Rated {
+                movie,
+                title,
+                rating,
+                bumped,
+            },
+        );
         Ok(format!("/users/{}", user.id))
     })
     .await

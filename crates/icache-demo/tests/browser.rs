@@ -1,5 +1,8 @@
 //! A real browser: headless Chromium, driven through chromedriver with
-//! fantoccini, clicks a rating on the movies site and sees the list change.
+//! fantoccini, looks at the home page and a user's page (and what their
+//! cache panels say each block did), clicks a rating and sees the list change
+//! and the block re-rendered because of it. Screenshots of the three pages
+//! go to `target/tmp/screenshots/`.
 //!
 //! Needs Debian's `chromium` and `chromium-driver` (scripts/test.sh installs
 //! them). Without them the test skips loudly, except under `CI=true`, where it
@@ -45,6 +48,39 @@ impl Drop for Driver {
     }
 }
 
+/// What the cache panel says each block of the shown page did.
+async fn panel_kinds(client: &fantoccini::Client) -> Result<Vec<String>, String> {
+    let rows = client
+        .find_all(Locator::Css("#blocks tr[data-kind]"))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut kinds = Vec::new();
+    for row in rows {
+        kinds.push(
+            row.attr("data-kind")
+                .await
+                .map_err(|e| e.to_string())?
+                .unwrap_or_default(),
+        );
+    }
+    Ok(kinds)
+}
+
+/// Saves a screenshot of the shown page (a real PNG of some size).
+async fn screenshot(client: &fantoccini::Client, name: &str) -> Result<(), String> {
+    let png = client.screenshot().await.map_err(|e| e.to_string())?;
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{name}: not a real screenshot ({} bytes)",
+        png.len()
+    );
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("screenshots");
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    std::fs::write(dir.join(name), png).map_err(|e| e.to_string())?;
+    eprintln!("screenshot: {}", dir.join(name).display());
+    Ok(())
+}
+
 #[test]
 fn clicking_a_rating_changes_the_list() {
     let (Some(driver_bin), Some(chromium)) = (
@@ -87,7 +123,7 @@ fn clicking_a_rating_changes_the_list() {
                 "args": [
                     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                     "--disable-quic", "--no-first-run", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync",
+                    "--disable-component-update", "--disable-sync", "--window-size=1280,1000",
                     format!("--user-data-dir={}", profile.display()),
                 ],
             }),
@@ -98,10 +134,25 @@ fn clicking_a_rating_changes_the_list() {
             .await
             .map_err(|e| format!("connect to chromedriver: {e}"))?;
         let run = async {
+            client.goto(&url).await.map_err(|e| e.to_string())?;
+            client
+                .find(Locator::Css("#cached-here"))
+                .await
+                .map_err(|e| format!("the home page says what is cached: {e}"))?;
+            assert_eq!(panel_kinds(&client).await?, ["stored"], "home, first view");
+            screenshot(&client, "home.png").await?;
             client
                 .goto(&format!("{url}/users/5"))
                 .await
                 .map_err(|e| e.to_string())?;
+            assert_eq!(
+                panel_kinds(&client).await?,
+                ["stored"],
+                "user page, first view"
+            );
+            client.refresh().await.map_err(|e| e.to_string())?;
+            assert_eq!(panel_kinds(&client).await?, ["hit"], "user page, again");
+            screenshot(&client, "user.png").await?;
             let items = client
                 .find_all(Locator::Css("#personal li"))
                 .await
@@ -147,6 +198,25 @@ fn clicking_a_rating_changes_the_list() {
                         .await
                         .map_err(|e| e.to_string())?;
                     assert_eq!(r.text().await.map_err(|e| e.to_string())?, "5/5");
+                    // What was committed and bumped, and the block that
+                    // re-rendered because of it.
+                    let notice = client
+                        .find(Locator::Css("#rated"))
+                        .await
+                        .map_err(|e| format!("no rating notice: {e}"))?
+                        .text()
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    assert!(
+                        notice.contains("5/5") && notice.contains("movies"),
+                        "{notice}"
+                    );
+                    assert_eq!(panel_kinds(&client).await?, ["stored"], "after the rating");
+                    client
+                        .find(Locator::Css("#blocks tr[data-kind] .invalidated"))
+                        .await
+                        .map_err(|e| format!("the re-render is not explained: {e}"))?;
+                    screenshot(&client, "after-rating.png").await?;
                     return Ok::<(), String>(());
                 }
                 if Instant::now() > deadline {

@@ -47,9 +47,28 @@ fn rate_a_movie_and_see_the_new_order_on_every_backend() {
         let before = movie_order(&page.body, "personal");
         assert!(before.len() > 300, "{name}: {} movies listed", before.len());
 
+        // The panel says what this request's block did, after rendering it:
+        // the first view rendered and stored it, the next ones are hits.
+        let kinds = |body: &str| -> Vec<String> {
+            body.split("data-kind=\"")
+                .skip(1)
+                .filter_map(|s| s.split('"').next())
+                .map(str::to_owned)
+                .collect()
+        };
+        assert_eq!(kinds(&page.body), ["stored"], "{name}: first view");
+        assert!(
+            page.body.contains("user.html line"),
+            "{name}: the block is named"
+        );
+        assert!(
+            page.body
+                .contains("<code>movies-personal-rating, movies, 3</code>")
+        );
         // Repeated fetches are hits, and the list is the same.
         let hits0 = stat(&site.get("/users/3").body, "hits");
         let again = site.get("/users/3");
+        assert_eq!(kinds(&again.body), ["hit"], "{name}: repeated view");
         assert!(
             stat(&again.body, "hits") > hits0,
             "{name}: hits did not rise"
@@ -61,7 +80,30 @@ fn rate_a_movie_and_see_the_new_order_on_every_backend() {
         let r = site.post_form("/users/3/rate", &format!("movie_id={last}&rating=5"));
         assert_eq!(r.status, 303, "{name}: {}", r.body);
         assert_eq!(r.header("location"), Some("/users/3"));
-        let after = movie_order(&site.get("/users/3").body, "personal");
+        let after_page = site.get("/users/3");
+        // What was committed and which tokens were bumped; the block
+        // re-rendered because of it; shown once.
+        assert!(
+            after_page.body.contains("id=\"rated\""),
+            "{name}: no rating notice"
+        );
+        assert!(
+            after_page
+                .body
+                .contains("<code class=\"bumped\">movies</code>")
+        );
+        assert!(after_page.body.contains("<code class=\"bumped\">3</code>"));
+        assert_eq!(
+            kinds(&after_page.body),
+            ["stored"],
+            "{name}: after the rating"
+        );
+        assert!(after_page.body.contains("re-rendered: a token was bumped"));
+        assert!(
+            !site.get("/users/3").body.contains("id=\"rated\""),
+            "shown once"
+        );
+        let after = movie_order(&after_page.body, "personal");
         let pos = after.iter().position(|&m| m == last).expect("still listed");
         assert!(
             pos < before.len() - 1,
