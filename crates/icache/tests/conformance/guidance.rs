@@ -181,3 +181,39 @@ fn observe_tells_what_each_block_did() {
         "an outer observation sees the inner one's blocks"
     );
 }
+
+/// An application that uses `log` (env_logger…) and no tracing subscriber
+/// still sees the fail-open warning.
+#[test]
+fn log_users_see_fail_open_warnings() {
+    struct Capture(Mutex<Vec<String>>);
+    impl log::Log for Capture {
+        fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+            true
+        }
+        fn log(&self, record: &log::Record<'_>) {
+            if let Ok(mut lines) = self.0.lock() {
+                lines.push(format!("{} {}", record.level(), record.args()));
+            }
+        }
+        fn flush(&self) {}
+    }
+    static CAPTURE: Capture = Capture(Mutex::new(Vec::new()));
+    // The only test in this binary that installs a logger.
+    log::set_logger(&CAPTURE).expect("no other logger");
+    log::set_max_level(log::LevelFilter::Debug);
+    // Nothing listens there: the block renders uncached, and says so.
+    let cache =
+        ICache::from_url("redis://127.0.0.1:1?timeout_ms=50&connect_timeout_ms=50").expect("open");
+    let html = cache
+        .fragment(&["logged"], || Ok::<_, ()>("<p/>".to_owned()))
+        .expect("fail-open");
+    assert_eq!(html, "<p/>");
+    let lines = CAPTURE.0.lock().expect("captured").clone();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("WARN") && l.contains("cache backend trouble")),
+        "{lines:?}"
+    );
+}
