@@ -244,6 +244,15 @@ impl Db {
             .is_some())
     }
 
+    /// How many movies a user rated.
+    pub fn rated_count(&self, user: i64) -> rusqlite::Result<i64> {
+        self.conn().query_row(
+            "SELECT COUNT(*) FROM ratings WHERE user_id = ?1",
+            [user],
+            |r| r.get(0),
+        )
+    }
+
     /// A movie's title, if there is such a movie.
     pub fn movie_title(&self, id: i64) -> rusqlite::Result<Option<String>> {
         self.conn()
@@ -253,12 +262,24 @@ impl Db {
 
     /// A user's movies, best rated first: the seed's "personal rating" list.
     pub fn personal_ratings(&self, user: i64) -> rusqlite::Result<Vec<Rated>> {
+        self.personal_ratings_page(user, 1, i64::MAX)
+    }
+
+    /// Page `page` (from 1) of [`personal_ratings`](Self::personal_ratings),
+    /// `per_page` movies a page.
+    pub fn personal_ratings_page(
+        &self,
+        user: i64,
+        page: i64,
+        per_page: i64,
+    ) -> rusqlite::Result<Vec<Rated>> {
         let conn = self.conn();
         let mut st = conn.prepare_cached(
             "SELECT m.id, m.title, m.year, r.rating FROM ratings r JOIN movies m ON m.id = r.movie_id
-             WHERE r.user_id = ?1 ORDER BY r.rating DESC, m.title, m.id",
+             WHERE r.user_id = ?1 ORDER BY r.rating DESC, m.title, m.id LIMIT ?2 OFFSET ?3",
         )?;
-        st.query_map([user], |r| {
+        let offset = page.saturating_sub(1).saturating_mul(per_page);
+        st.query_map([user, per_page, offset], |r| {
             Ok(Rated {
                 id: r.get(0)?,
                 title: r.get(1)?,

@@ -3,7 +3,8 @@
 //! Run with: `cargo run --release -p icache-demo` and open <http://127.0.0.1:3000/>.
 //!
 //! A user's page lists their movies by personal rating inside the seed's own
-//! block, `{% icache 'movies-personal-rating' 'movies' user.id %}`; the home
+//! block, `{% icache 'movies-personal-rating' 'movies' user.id page %}` (the
+//! seed's, with the page of the list as one more token); the home
 //! page has a top list cached by `'movies'`. Rating a movie commits to SQLite,
 //! **then** bumps `movies` and the user's id, exactly the seed's `post_save`
 //! hook. The cache is in-process by default; `ICACHE_URL=redis://…` or
@@ -15,7 +16,7 @@ use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use axum::Router;
 use axum::extract::rejection::FormRejection;
-use axum::extract::{Form, Path as UrlPath, State};
+use axum::extract::{Form, Path as UrlPath, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
@@ -32,6 +33,10 @@ use db::Db;
 
 /// Where the site listens by default.
 pub const DEFAULT_ADDR: &str = "127.0.0.1:3000";
+
+/// Movies on one page of a user's list (the whole list of a user is some
+/// 400 movies: about 190 KB of HTML on one page).
+pub const PER_PAGE: i64 = 100;
 
 /// Where base.html puts the cache panel: it is rendered after the page, from
 /// what the page's blocks did (`icache::observe`), and put in here.
@@ -133,12 +138,14 @@ pub fn open(
     env.set_loader(icache::minijinja::loader(|name: &str| {
         Ok(template_source(name))
     }));
+    env.add_global("per_page", PER_PAGE);
     let d = db.clone();
     env.add_function(
         "personal_ratings",
-        move |user: i64| -> Result<Value, minijinja::Error> {
+        move |user: i64, page: i64| -> Result<Value, minijinja::Error> {
             Ok(Value::from(Serde(
-                d.personal_ratings(user).map_err(sql_error)?,
+                d.personal_ratings_page(user, page, PER_PAGE)
+                    .map_err(sql_error)?,
             )))
         },
     );
@@ -285,7 +292,7 @@ impl AppState {
         };
         // The block reads only `user.id`, so the user row is not fetched: a
         // hit costs the cache lookup and nothing else.
-        let ctx = context! { user => context! { id => user } };
+        let ctx = context! { user => context! { id => user }, page => 1 };
         self.0.env.get_template(name)?.render(ctx)
     }
 
@@ -364,13 +371,37 @@ fn parse_user(state: &AppState, id: &str) -> Result<db::User, PageError> {
     state.0.db.user(id).map_err(db_error)?.ok_or_else(not_found)
 }
 
+/// `?page=N` of a user's list.
+#[derive(Debug, Deserialize)]
+pub struct PageQuery {
+    page: Option<String>,
+}
+
 async fn user_page(
     State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
+    Query(query): Query<PageQuery>,
 ) -> Result<Html<String>, ErrorPage> {
     let s = state.clone();
     let html = blocking(move || {
         let user = parse_user(&s, &id)?;
+        let rated_count = s.0.db.rated_count(user.id).map_err(db_error)?;
+        let pages = ((rated_count + PER_PAGE - 1) / PER_PAGE).max(1);
+        let page = match query.page.as_deref().map(str::trim) {
+            None | Some("") => 1,
+            Some(p) => match p.parse::<i64>() {
+                Ok(n) if (1..=pages).contains(&n) => n,
+                _ => {
+                    return Err(PageError::new(
+                        StatusCode::NOT_FOUND,
+                        format!(
+                            "There is no page {p:?} of {}'s list: pages go from 1 to {pages}.",
+                            user.name
+                        ),
+                    ));
+                }
+            },
+        };
         let rated =
             s.0.rated
                 .lock()
@@ -378,7 +409,7 @@ async fn user_page(
                 .remove(&user.id);
         s.render(
             "user.html",
-            context! { user => Serde(user), rated => Serde(rated) },
+            context! { user => Serde(user), rated => Serde(rated), page, pages, rated_count },
         )
     })
     .await
@@ -517,7 +548,7 @@ mod tests {
     fn the_personal_rating_block_alone_is_the_pages_block() {
         let (block, body) =
             personal_block(include_str!("templates/user.html")).expect("user.html has the block");
-        assert!(block.starts_with("{% icache 'movies-personal-rating' 'movies' user.id %}"));
+        assert!(block.starts_with("{% icache 'movies-personal-rating' 'movies' user.id page %}"));
         assert!(block.ends_with("{% endicache %}") && block.contains(body));
         assert!(!body.contains("icache"), "{body}");
 
@@ -532,13 +563,17 @@ mod tests {
         assert_eq!(hit.trim_end(), plain.trim_end());
         assert_eq!(
             crate::testing::movie_order(&hit, "personal").len(),
-            state.db().personal_ratings(7).expect("db").len()
+            state
+                .db()
+                .personal_ratings_page(7, 1, PER_PAGE)
+                .expect("db")
+                .len()
         );
         // The same list as the page shows.
         let page = state
             .render(
                 "user.html",
-                context! { user => Serde(state.db().user(7).expect("db").expect("user 7")) },
+                context! { user => Serde(state.db().user(7).expect("db").expect("user 7")), page => 1, pages => 4, rated_count => 400 },
             )
             .expect("page");
         assert!(page.contains(hit.trim_end()));

@@ -45,7 +45,18 @@ fn rate_a_movie_and_see_the_new_order_on_every_backend() {
         assert_eq!(page.status, 200, "{name}: {}", page.body);
         assert!(page.body.contains(&format!("<b id=\"backend\">{name}</b>")));
         let before = movie_order(&page.body, "personal");
-        assert!(before.len() > 300, "{name}: {} movies listed", before.len());
+        assert_eq!(before.len(), 100, "{name}: one page of 100 movies");
+        assert!(page.body.contains("page 1 of"), "{name}: the pager");
+        let second = site.get("/users/3?page=2");
+        assert_eq!(second.status, 200);
+        assert!(
+            movie_order(&second.body, "personal")
+                .iter()
+                .all(|m| !before.contains(m)),
+            "{name}: page 2 lists other movies"
+        );
+        assert_eq!(site.get("/users/3?page=999").status, 404);
+        assert_eq!(site.get("/users/3?page=x").status, 404);
 
         // The panel says what this request's block did, after rendering it:
         // the first view rendered and stored it, the next ones are hits.
@@ -63,7 +74,7 @@ fn rate_a_movie_and_see_the_new_order_on_every_backend() {
         );
         assert!(
             page.body
-                .contains("<code>movies-personal-rating, movies, 3</code>")
+                .contains("<code>movies-personal-rating, movies, 3, 1</code>")
         );
         // Repeated fetches are hits, and the list is the same.
         let hits0 = stat(&site.get("/users/3").body, "hits");
