@@ -453,19 +453,19 @@ impl Blocks {
             };
         // A render of this thread's own: reported to the enclosing render
         // and to an observer.
-        let own_render = |rendered: Rendered, outcome: Option<Outcome>, invalidated: bool| {
+        let finish = |rendered: &Rendered, off: bool, invalidated: bool| {
             rendered.report();
-            let outcome = outcome.unwrap_or(match rendered.not_stored {
-                None => Outcome::Stored,
-                Some(why) => Outcome::NotStored(why),
-            });
+            let outcome = match (off, rendered.not_stored) {
+                (true, _) => Outcome::Off,
+                (false, None) => Outcome::Stored,
+                (false, Some(why)) => Outcome::NotStored(why),
+            };
             event(
                 outcome,
                 Some(rendered.version),
                 invalidated,
                 Some(rendered.took),
             );
-            rendered.html
         };
         let miss = match self.lookup(core, &name, tokens) {
             Lookup::Hit {
@@ -496,11 +496,8 @@ impl Blocks {
             // shared render could be one that began before a commit whose
             // bump this reader already saw. Every reader renders.
             let rendered = self.render_and_store(core, &name, tokens, miss, render)?;
-            return Ok(Html::Rendered(own_render(
-                rendered,
-                Some(Outcome::Off),
-                false,
-            )));
+            finish(&rendered, true, false);
+            return Ok(Html::Rendered(rendered.html));
         }
         match self
             .flights
@@ -510,17 +507,7 @@ impl Blocks {
                 Ok(rendered) => {
                     let rendered = Arc::new(rendered);
                     guard.publish(Some(rendered.clone()));
-                    rendered.report();
-                    let outcome = match rendered.not_stored {
-                        None => Outcome::Stored,
-                        Some(why) => Outcome::NotStored(why),
-                    };
-                    event(
-                        outcome,
-                        Some(rendered.version),
-                        invalidated,
-                        Some(rendered.took),
-                    );
+                    finish(&rendered, false, invalidated);
                     Ok(Html::Rendered(rendered.html.clone()))
                 }
                 Err(e) => {
@@ -545,7 +532,8 @@ impl Blocks {
                     return Ok(Html::Rendered(rendered.html.clone()));
                 }
                 let rendered = self.render_and_store(core, &name, tokens, miss, render)?;
-                Ok(Html::Rendered(own_render(rendered, None, invalidated)))
+                finish(&rendered, false, invalidated);
+                Ok(Html::Rendered(rendered.html))
             }
             Role::Alone => {
                 // This thread is already rendering this very block further up
@@ -553,7 +541,8 @@ impl Blocks {
                 // each other crosswise would wait on each other: render on
                 // its own (no flight, no deadlock).
                 let rendered = self.render_and_store(core, &name, tokens, miss, render)?;
-                Ok(Html::Rendered(own_render(rendered, None, invalidated)))
+                finish(&rendered, false, invalidated);
+                Ok(Html::Rendered(rendered.html))
             }
         }
     }
