@@ -12,7 +12,7 @@ use crate::codec::{Entry, Payload};
 use crate::config::{Config, Target};
 use crate::core::Core;
 use crate::error::{Error, Result};
-use crate::fragment::{Blocks, Html, Lookup, Output, fragment_name};
+use crate::fragment::{AsyncRole, Blocks, Html, Lookup, Output, fragment_name, leading};
 use crate::keys::Key;
 use crate::stats::{Event, Stats};
 
@@ -558,8 +558,11 @@ impl ICache {
     /// [`Stats::errors`](crate::Stats::errors) counts it. The closure's own
     /// error comes back unchanged and nothing is stored.
     ///
-    /// Two calls with the same tokens share one entry: use
-    /// [`fragment_named`](Self::fragment_named) to tell different blocks apart.
+    /// **What identifies the block:** its call site (file, line and column
+    /// of this call) and its tokens. Two call sites never share an entry,
+    /// even with the same tokens; to share one entry between call sites, or
+    /// to keep a block's entries across edits that move it, use
+    /// [`fragment_named`](Self::fragment_named).
     ///
     /// # Example
     ///
@@ -568,23 +571,38 @@ impl ICache {
     /// # let db = "movies";
     /// let cache = icache::ICache::memory();
     /// let user_id = 42.to_string();
-    /// let html = cache.fragment(&["movies-personal-rating", "movies", &user_id], || render_list(&db))?;
+    /// let page = |render: &dyn Fn() -> Result<String, std::fmt::Error>| {
+    ///     cache.fragment(&["movies-personal-rating", "movies", &user_id], || render())
+    /// };
+    /// let html = page(&|| render_list(&db))?;
     /// assert_eq!(html, "<ul>movies</ul>");
     /// // Hit: the closure is not called.
-    /// let again = cache.fragment(&["movies-personal-rating", "movies", &user_id], || -> Result<String, std::fmt::Error> { unreachable!() })?;
-    /// assert_eq!(again, html);
+    /// assert_eq!(page(&|| unreachable!())?, html);
     /// # Ok::<(), std::fmt::Error>(())
     /// ```
+    #[track_caller]
     pub fn fragment<E>(
         &self,
         tokens: &[&str],
         render: impl FnOnce() -> Result<String, E>,
     ) -> Result<String, E> {
-        self.block(&["fragment"], tokens, render)
+        let site = call_site(std::panic::Location::caller());
+        self.block(&["fragment", &site], tokens, render)
     }
 
-    /// [`fragment`](Self::fragment) for a block with its own identity: blocks
-    /// with different names never share an entry, whatever their tokens.
+    /// [`fragment`](Self::fragment) for a block with its own identity: the
+    /// name and the tokens, nothing else. Blocks with different names never
+    /// share an entry, whatever their tokens; calls with the same name and
+    /// tokens share one wherever they are.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::memory();
+    /// let list = cache.fragment_named("list", &["movies"], || Ok::<_, ()>("<ul/>".to_string()));
+    /// let count = cache.fragment_named("count", &["movies"], || Ok::<_, ()>("3".to_string()));
+    /// assert_eq!((list, count), (Ok("<ul/>".to_string()), Ok("3".to_string())));
+    /// ```
     pub fn fragment_named<E>(
         &self,
         name: &str,
@@ -597,11 +615,16 @@ impl ICache {
     /// The async form of [`fragment`](Self::fragment), for a body that awaits.
     ///
     /// The lookup and the store run off the executor (or inline on the memory
-    /// backend). Concurrent misses are not merged: each renders. Blocks
-    /// rendered *inside* the async body are not recorded as its dependencies
-    /// (the body may move between threads at every `.await`), so do not nest
-    /// cached blocks inside a `fragment_async` body: give the outer block all
+    /// backend): the executor is never blocked. Concurrent misses of the same
+    /// block are merged as in the sync API: one task renders, the others wait
+    /// (without blocking a thread) and take its output; a task that is itself
+    /// rendering an async block never waits for another one (it renders), so
+    /// async blocks nested in each other cannot deadlock. Blocks rendered
+    /// *inside* the async body are not recorded as its dependencies (the body
+    /// may move between threads at every `.await`): give the outer block all
     /// the tokens its content depends on.
+    ///
+    /// Identified like [`fragment`](Self::fragment): call site and tokens.
     ///
     /// # Example
     ///
@@ -617,52 +640,120 @@ impl ICache {
     /// assert_eq!(html, "<ul/>");
     /// # Ok(()) }
     /// ```
-    pub async fn fragment_async<E, F, Fut>(&self, tokens: &[&str], render: F) -> Result<String, E>
+    #[track_caller]
+    pub fn fragment_async<'a, E, F, Fut>(
+        &'a self,
+        tokens: &[&str],
+        render: F,
+    ) -> impl Future<Output = Result<String, E>> + 'a
+    where
+        F: FnOnce() -> Fut + 'a,
+        Fut: Future<Output = Result<String, E>> + 'a,
+        E: 'a,
+    {
+        let site = call_site(std::panic::Location::caller());
+        self.block_async(vec!["fragment".to_owned(), site], owned(tokens), render)
+    }
+
+    /// The async form of [`fragment_named`](Self::fragment_named).
+    pub async fn fragment_named_async<E, F, Fut>(
+        &self,
+        name: &str,
+        tokens: &[&str],
+        render: F,
+    ) -> Result<String, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<String, E>>,
     {
-        let name = fragment_name(&["fragment"], tokens);
-        let owned: Vec<String> = tokens.iter().map(|t| (*t).to_owned()).collect();
+        self.block_async(
+            vec!["named".to_owned(), name.to_owned()],
+            owned(tokens),
+            render,
+        )
+        .await
+    }
+
+    /// The async engine: lookup and store off the executor, the body awaited
+    /// here, concurrent misses merged.
+    async fn block_async<E, F, Fut>(
+        &self,
+        identity: Vec<String>,
+        tokens: Vec<String>,
+        render: F,
+    ) -> Result<String, E>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<String, E>>,
+    {
+        let name = fragment_name(&borrowed(&identity), &borrowed(&tokens));
+        let counters = &self.inner.core.counters;
         let lookup = {
-            let (name, owned) = (name.clone(), owned.clone());
+            let (name, tokens) = (name.clone(), tokens.clone());
             self.off_executor_infallible(move |c| {
-                let tokens: Vec<&str> = owned.iter().map(String::as_str).collect();
-                c.inner.blocks.lookup(&c.inner.core, &name, &tokens)
+                c.inner
+                    .blocks
+                    .lookup(&c.inner.core, &name, &borrowed(&tokens))
             })
             .await
         };
-        let (own_version, store) = match lookup {
+        let miss = match lookup {
             Lookup::Hit { html, .. } => {
-                self.inner.core.counters.count(Event::Hit);
+                counters.count(Event::Hit);
                 return Ok(html.to_string());
             }
-            Lookup::Miss(miss) => {
-                self.inner.core.counters.count(Event::Miss);
-                (miss.own_version, Some(miss.instance))
+            Lookup::Down => {
+                let started = Instant::now();
+                let html = render().await;
+                counters.rendered(started.elapsed());
+                return html;
             }
-            Lookup::Down => (0, None),
+            Lookup::Miss(miss) => miss,
+        };
+        counters.count(Event::Miss);
+        let role = if self.inner.core.backend.stores() {
+            self.inner.blocks.async_flights.join((
+                name.clone(),
+                miss.own_version,
+                miss.instance.clone(),
+            ))
+        } else {
+            // `none://`: never shared (see the sync engine).
+            AsyncRole::Alone
+        };
+        let leader = match role {
+            AsyncRole::Follower(flight) => {
+                if let Some(html) = flight.wait().await {
+                    counters.count(Event::Shared);
+                    return Ok(html);
+                }
+                // The leader failed: render here.
+                None
+            }
+            AsyncRole::Leader(guard) => Some(guard),
+            AsyncRole::Alone => None,
         };
         let started = Instant::now();
-        let html = render().await?;
-        self.inner.core.counters.rendered(started.elapsed());
-        if let Some(instance) = store {
-            let html = html.clone();
-            self.off_executor_infallible(move |c| {
-                let tokens: Vec<&str> = owned.iter().map(String::as_str).collect();
-                c.inner.blocks.store_checked(
-                    &c.inner.core,
-                    &name,
-                    &tokens,
-                    Output {
-                        version: own_version,
-                        deps: &[],
-                        html,
-                        instance,
-                    },
-                );
-            })
-            .await;
+        let html = leading(render()).await?;
+        counters.rendered(started.elapsed());
+        let (own_version, instance) = (miss.own_version, miss.instance);
+        let stored = html.clone();
+        self.off_executor_infallible(move |c| {
+            c.inner.blocks.store_checked(
+                &c.inner.core,
+                &name,
+                &borrowed(&tokens),
+                Output {
+                    version: own_version,
+                    deps: &[],
+                    html: stored,
+                    instance,
+                },
+            );
+        })
+        .await;
+        if let Some(guard) = leader {
+            guard.publish(Some(html.clone()));
         }
         Ok(html)
     }
@@ -816,6 +907,72 @@ impl ICache {
         self.off_executor(|c| c.ping()).await
     }
 
+    /// Async [`set_versioned_bytes`](Self::set_versioned_bytes).
+    pub async fn set_versioned_bytes_async(
+        &self,
+        key: &str,
+        value: impl Into<Bytes>,
+        version: u64,
+    ) -> Result<()> {
+        let (key, value) = (key.to_owned(), value.into());
+        self.off_executor(move |c| c.set_versioned_bytes(&key, value, version))
+            .await
+    }
+
+    /// Async [`get_versioned_bytes`](Self::get_versioned_bytes).
+    pub async fn get_versioned_bytes_async(
+        &self,
+        key: &str,
+        version: u64,
+    ) -> Result<Option<Bytes>> {
+        let key = key.to_owned();
+        self.off_executor(move |c| c.get_versioned_bytes(&key, version))
+            .await
+    }
+
+    /// Async [`set_bytes`](Self::set_bytes).
+    pub async fn set_bytes_async(
+        &self,
+        key: &str,
+        value: impl Into<Bytes>,
+        ttl: Option<Duration>,
+    ) -> Result<()> {
+        let (key, value) = (key.to_owned(), value.into());
+        self.off_executor(move |c| c.set_bytes(&key, value, ttl))
+            .await
+    }
+
+    /// Async [`get_bytes`](Self::get_bytes).
+    pub async fn get_bytes_async(&self, key: &str) -> Result<Option<Bytes>> {
+        let key = key.to_owned();
+        self.off_executor(move |c| c.get_bytes(&key)).await
+    }
+
+    /// Async [`get_many_bytes`](Self::get_many_bytes).
+    pub async fn get_many_bytes_async(&self, keys: &[&str]) -> Result<Vec<Option<Bytes>>> {
+        let keys = owned(keys);
+        self.off_executor(move |c| c.get_many_bytes(&borrowed(&keys)))
+            .await
+    }
+
+    /// Async [`generations`](Self::generations).
+    pub async fn generations_async(&self, tokens: &[&str]) -> Result<Vec<u64>> {
+        let tokens = owned(tokens);
+        self.off_executor(move |c| c.generations(&borrowed(&tokens)))
+            .await
+    }
+
+    /// Async [`forget_token`](Self::forget_token).
+    pub async fn forget_token_async(&self, token: &str) -> Result<bool> {
+        let token = token.to_owned();
+        self.off_executor(move |c| c.forget_token(&token)).await
+    }
+
+    /// Async [`server_stats`](Self::server_stats).
+    pub async fn server_stats_async(&self) -> Result<Vec<(String, String)>> {
+        self.off_executor(|c| c.server_stats()).await
+    }
+
     /// Async [`delete`](Self::delete).
     pub async fn delete_async(&self, key: &str) -> Result<bool> {
         let key = key.to_owned();
@@ -829,4 +986,9 @@ fn owned(items: &[&str]) -> Vec<String> {
 
 fn borrowed(items: &[String]) -> Vec<&str> {
     items.iter().map(String::as_str).collect()
+}
+
+/// `file:line:column` of a call, as part of a block's identity.
+fn call_site(loc: &std::panic::Location<'_>) -> String {
+    format!("{}:{}:{}", loc.file(), loc.line(), loc.column())
 }

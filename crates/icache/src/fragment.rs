@@ -129,7 +129,7 @@ struct Flight {
 /// A flight's key: the fragment's name, its version, and the server
 /// instance the version was read from (a snapshot restored mid-render gives
 /// another instance: its readers must not take this render).
-type FlightKey = (String, u64, Option<Arc<str>>);
+pub(crate) type FlightKey = (String, u64, Option<Arc<str>>);
 
 /// In-flight renders, by fragment name and version, and who waits for which.
 #[derive(Default)]
@@ -290,6 +290,113 @@ impl quick_cache::Weighter<String, Arc<[Box<str>]>> for HintBytes {
 /// Fragment name -> the nested tokens its entry was last seen with.
 pub(crate) type DepHints = quick_cache::sync::Cache<String, Arc<[Box<str>]>, HintBytes>;
 
+tokio::task_local! {
+    /// Set while an async block's body renders: a task that leads a render
+    /// never waits for another one's (it renders alone), so no two tasks can
+    /// wait for each other, however their async blocks nest.
+    static LEADING_ASYNC: ();
+}
+
+/// One async render in flight, shared with the tasks that wait for it.
+#[derive(Default)]
+pub(crate) struct AsyncFlight {
+    /// `None` while rendering; `Some(None)` if the leader failed or was
+    /// dropped.
+    outcome: Mutex<Option<Option<String>>>,
+    done: tokio::sync::Notify,
+}
+
+impl AsyncFlight {
+    /// The leader's output, or `None` if it failed.
+    pub(crate) async fn wait(&self) -> Option<String> {
+        loop {
+            // Registered before the outcome is looked at, so a publish in
+            // between is not missed.
+            let mut notified = std::pin::pin!(self.done.notified());
+            notified.as_mut().enable();
+            if let Some(outcome) = &*self.outcome.lock().unwrap_or_else(PoisonError::into_inner) {
+                return outcome.clone();
+            }
+            notified.await;
+        }
+    }
+}
+
+/// Async renders in flight, by fragment name, version and instance.
+#[derive(Default)]
+pub(crate) struct AsyncFlights {
+    map: Mutex<HashMap<FlightKey, Arc<AsyncFlight>>>,
+}
+
+pub(crate) enum AsyncRole<'a> {
+    Leader(AsyncLeader<'a>),
+    Follower(Arc<AsyncFlight>),
+    /// This task leads a render already: render alone.
+    Alone,
+}
+
+/// Ends an async flight: publishes the outcome (failure if dropped first,
+/// say because the leader's future was cancelled).
+pub(crate) struct AsyncLeader<'a> {
+    flights: &'a AsyncFlights,
+    key: FlightKey,
+    flight: Arc<AsyncFlight>,
+    published: bool,
+}
+
+impl AsyncLeader<'_> {
+    pub(crate) fn publish(mut self, html: Option<String>) {
+        self.end(html);
+    }
+    fn end(&mut self, html: Option<String>) {
+        self.published = true;
+        self.flights
+            .map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.key);
+        *self
+            .flight
+            .outcome
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(html);
+        self.flight.done.notify_waiters();
+    }
+}
+
+impl Drop for AsyncLeader<'_> {
+    fn drop(&mut self) {
+        if !self.published {
+            self.end(None);
+        }
+    }
+}
+
+impl AsyncFlights {
+    pub(crate) fn join(&self, key: FlightKey) -> AsyncRole<'_> {
+        if LEADING_ASYNC.try_with(|_| ()).is_ok() {
+            return AsyncRole::Alone;
+        }
+        let mut map = self.map.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(flight) = map.get(&key) {
+            return AsyncRole::Follower(flight.clone());
+        }
+        let flight = Arc::new(AsyncFlight::default());
+        map.insert(key.clone(), flight.clone());
+        AsyncRole::Leader(AsyncLeader {
+            flights: self,
+            key,
+            flight,
+            published: false,
+        })
+    }
+}
+
+/// Runs an async block's body marked as leading (see `LEADING_ASYNC`).
+pub(crate) async fn leading<F: std::future::Future>(body: F) -> F::Output {
+    LEADING_ASYNC.scope((), body).await
+}
+
 /// A block's output: the stored text (a hit) or a fresh render.
 pub(crate) enum Html {
     Cached(Arc<str>),
@@ -414,6 +521,8 @@ fn sum(reads: &[(Box<str>, u64)]) -> u64 {
 /// each block was last seen with.
 pub(crate) struct Blocks {
     flights: Flights,
+    /// Renders in flight for the async API (waited for without blocking).
+    pub(crate) async_flights: AsyncFlights,
     dep_hints: DepHints,
 }
 
@@ -421,6 +530,7 @@ impl Default for Blocks {
     fn default() -> Self {
         Blocks {
             flights: Flights::default(),
+            async_flights: AsyncFlights::default(),
             dep_hints: DepHints::with_weighter(10_000, DEP_HINTS_BYTES, HintBytes),
         }
     }

@@ -256,6 +256,8 @@ mod hardening;
 mod memcached_faults;
 #[path = "conformance/reliability.rs"]
 mod reliability;
+#[path = "conformance/web.rs"]
+mod web;
 
 suite!(object = crate::object_cases:
     incr_adds_one,
