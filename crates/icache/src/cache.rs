@@ -212,8 +212,9 @@ impl ICache {
     ///
     /// ```
     /// let cache = icache::ICache::memory();
-    /// cache.fragment(&["movies"], || Ok::<_, std::convert::Infallible>("<ul/>".to_string()))?;
-    /// cache.fragment(&["movies"], || Ok::<_, std::convert::Infallible>("<ul/>".to_string()))?;
+    /// for _ in 0..2 {
+    ///     cache.fragment(&["movies"], || Ok::<_, std::convert::Infallible>("<ul/>".to_string()))?;
+    /// }
     /// let stats = cache.stats();
     /// assert_eq!((stats.hits, stats.misses), (1, 1));
     /// # Ok::<(), std::convert::Infallible>(())

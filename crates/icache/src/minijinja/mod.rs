@@ -40,8 +40,17 @@
 //!   digest of its source, injected by the rewrite. Two blocks never share an
 //!   entry, and editing a block's body invalidates its entries;
 //! * for call blocks added without the rewrite: the `name=` argument if given.
-//!   Two such blocks in one template with the same arguments and no `name=`
-//!   share an entry, so give each a `name=`.
+//!   MiniJinja does not tell a function where it is called from, so two such
+//!   blocks in one template with the same arguments and no `name=` would
+//!   share an entry: the second one met in a render is an error that says to
+//!   add `name=` (a single unnamed call block works as it is).
+//!
+//! # Undefined tokens
+//!
+//! A token that is undefined or `none` (a typo: `user.idd`, a missing
+//! variable) would make every user's block the same entry. Such a block is
+//! rendered **uncached**, with a warning (once per template and process);
+//! with [`register_strict`] it is an error instead.
 //!
 //! # Nested blocks, escaping, errors
 //!
@@ -112,10 +121,39 @@ const BLOCK_KW: &str = "__icache_block";
 /// Registers the `icache` function, used as a call block:
 /// `{% call icache('movies', user.id) %}…{% endcall %}`.
 ///
-/// Arguments become tokens as strings (`42` → `"42"`, strings as they are,
-/// `none`/undefined → `""`). Keyword `name=` identifies a hand-written block.
+/// Arguments become tokens as strings (`42` → `"42"`, strings as they are).
+/// A block with an undefined or `none` token renders uncached, with a
+/// warning (see [`register_strict`]). Keyword `name=` identifies a
+/// hand-written block.
 pub fn register(env: &mut Environment<'_>, cache: ICache) {
+    register_with(env, cache, false);
+}
+
+/// [`register`], but a block with an undefined or `none` token is an error
+/// (MiniJinja's `UndefinedError`) rather than an uncached render.
+///
+/// ```
+/// # fn main() -> Result<(), minijinja::Error> {
+/// let mut env = minijinja::Environment::new();
+/// icache::minijinja::register_strict(&mut env, icache::ICache::memory());
+/// env.add_template("t", "{% call icache('p', user.idd) %}hi{% endcall %}")?;
+/// let err = env.get_template("t")?.render(minijinja::context! { user => minijinja::context! { id => 1 } }).unwrap_err();
+/// assert!(err.to_string().contains("undefined or none"));
+/// # Ok(()) }
+/// ```
+pub fn register_strict(env: &mut Environment<'_>, cache: ICache) {
+    register_with(env, cache, true);
+}
+
+/// Unnamed call blocks without a position, met in this render: (template,
+/// tokens).
+#[derive(Default)]
+struct Unnamed(std::collections::HashSet<(String, Vec<String>)>);
+
+fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
     let shared = SafeValues::new();
+    // Templates already warned about for undefined tokens.
+    let warned: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
     env.add_function(
         "icache",
         move |state: &mut State, args: Rest<Value>, kwargs: Kwargs| -> Result<Value, Error> {
@@ -128,10 +166,45 @@ pub fn register(env: &mut Environment<'_>, cache: ICache) {
             let name: Option<String> = kwargs.get("name")?;
             let block: Option<String> = kwargs.get(BLOCK_KW)?;
             kwargs.assert_all_used()?;
+            let template = state.name().to_owned();
+            if let Some(i) = args.iter().position(|v| v.is_undefined() || v.is_none()) {
+                let what = format!(
+                    "icache block in template {template:?}: token {} is undefined or none, \
+                     so every value of it would share one cache entry",
+                    i + 1
+                );
+                if strict {
+                    return Err(Error::new(ErrorKind::UndefinedError, what));
+                }
+                let first = warned
+                    .lock()
+                    .map(|mut w| w.insert(template.clone()))
+                    .unwrap_or(false);
+                if first {
+                    tracing::warn!("{what}; it is rendered uncached (this warning once per template)");
+                }
+                let body = caller.call(state, &[])?;
+                return Ok(Value::from_safe_string(match body.as_str() {
+                    Some(s) => s.to_owned(),
+                    None => body.to_string(),
+                }));
+            }
             let tokens: Vec<String> = args.iter().map(token_string).collect();
+            if block.is_none() && name.is_none() {
+                let seen = state.get_or_insert_extension(Unnamed::default());
+                if !seen.0.insert((template.clone(), tokens.clone())) {
+                    return Err(Error::new(
+                        ErrorKind::InvalidOperation,
+                        format!(
+                            "two {{% call icache(…) %}} blocks with the same tokens {tokens:?} and no name= in template \
+                             {template:?} would share one cache entry: give each a name= (or load the template \
+                             through icache::minijinja::loader, which tells blocks apart by their position)"
+                        ),
+                    ));
+                }
+            }
             let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
             let escape = format!("{:?}", state.auto_escape());
-            let template = state.name().to_owned();
             let identity = [
                 "minijinja",
                 &template,
@@ -157,9 +230,7 @@ pub fn register(env: &mut Environment<'_>, cache: ICache) {
 }
 
 fn token_string(v: &Value) -> String {
-    if v.is_undefined() || v.is_none() {
-        String::new()
-    } else if let Some(s) = v.as_str() {
+    if let Some(s) = v.as_str() {
         s.to_owned()
     } else {
         v.to_string()

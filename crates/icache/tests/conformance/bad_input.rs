@@ -74,13 +74,13 @@ pub mod cases {
                 "key {i}"
             );
             let f = c
-                .fragment(&[k], || Ok::<_, ()>(format!("f{i}")))
+                .fragment_named("t", &[k], || Ok::<_, ()>(format!("f{i}")))
                 .expect("fragment");
             assert_eq!(f, format!("f{i}"));
         }
         for (i, k) in refs.iter().enumerate() {
             let f = c
-                .fragment(&[k], || Ok::<_, ()>("rendered again".to_string()))
+                .fragment_named("t", &[k], || Ok::<_, ()>("rendered again".to_string()))
                 .expect("fragment");
             assert_eq!(
                 f,
@@ -102,11 +102,15 @@ pub mod cases {
                 .expect("hit");
             assert_eq!(got.len(), size);
             let f = c
-                .fragment(&["sized", &size.to_string()], || Ok::<_, ()>(value.clone()))
+                .fragment_named("t", &["sized", &size.to_string()], || {
+                    Ok::<_, ()>(value.clone())
+                })
                 .expect("fragment");
             assert_eq!(f.len(), size);
             let hit = c
-                .fragment(&["sized", &size.to_string()], || Ok::<_, ()>(String::new()))
+                .fragment_named("t", &["sized", &size.to_string()], || {
+                    Ok::<_, ()>(String::new())
+                })
                 .expect("fragment");
             assert_eq!(hit.len(), size, "{size}: not a hit");
         }
@@ -136,15 +140,23 @@ pub mod cases {
                 .chain(b.iter().copied())
                 .collect();
             let (a, b) = (&a[..], &b[..]);
-            let fa = c.fragment(a, || Ok::<_, ()>(format!("A{n}"))).expect("a");
-            let fb = c.fragment(b, || Ok::<_, ()>(format!("B{n}"))).expect("b");
+            let fa = c
+                .fragment_named("t", a, || Ok::<_, ()>(format!("A{n}")))
+                .expect("a");
+            let fb = c
+                .fragment_named("t", b, || Ok::<_, ()>(format!("B{n}")))
+                .expect("b");
             assert_eq!(
                 (fa.as_str(), fb.as_str()),
                 (format!("A{n}").as_str(), format!("B{n}").as_str()),
                 "pair {n}"
             );
-            let fa = c.fragment(a, || Ok::<_, ()>("miss".into())).expect("a");
-            let fb = c.fragment(b, || Ok::<_, ()>("miss".into())).expect("b");
+            let fa = c
+                .fragment_named("t", a, || Ok::<_, ()>("miss".into()))
+                .expect("a");
+            let fb = c
+                .fragment_named("t", b, || Ok::<_, ()>("miss".into()))
+                .expect("b");
             assert_eq!(
                 (fa, fb),
                 (format!("A{n}"), format!("B{n}")),
@@ -155,10 +167,10 @@ pub mod cases {
         let long_a = format!("{}a", "u".repeat(100_000));
         let long_b = format!("{}b", "u".repeat(100_000));
         let fa = c
-            .fragment(&[&long_a], || Ok::<_, ()>("A".into()))
+            .fragment_named("t", &[&long_a], || Ok::<_, ()>("A".into()))
             .expect("a");
         let fb = c
-            .fragment(&[&long_b], || Ok::<_, ()>("B".into()))
+            .fragment_named("t", &[&long_b], || Ok::<_, ()>("B".into()))
             .expect("b");
         assert_eq!((fa.as_str(), fb.as_str()), ("A", "B"));
     }
@@ -167,12 +179,12 @@ pub mod cases {
         let one = ctx.open("prefix=app-one");
         let two = ctx.open("prefix=app-two");
         assert_eq!(
-            one.fragment(&["movies"], || Ok::<_, ()>("one".into()))
+            one.fragment_named("t", &["movies"], || Ok::<_, ()>("one".into()))
                 .expect("f"),
             "one"
         );
         assert_eq!(
-            two.fragment(&["movies"], || Ok::<_, ()>("two".into()))
+            two.fragment_named("t", &["movies"], || Ok::<_, ()>("two".into()))
                 .expect("f"),
             "two"
         );
@@ -180,7 +192,7 @@ pub mod cases {
         two.incr("movies").expect("incr");
         assert_eq!(one.generations(&["movies"]).expect("g"), g1);
         assert_eq!(
-            one.fragment(&["movies"], || Ok::<_, ()>("miss".into()))
+            one.fragment_named("t", &["movies"], || Ok::<_, ()>("miss".into()))
                 .expect("f"),
             "one"
         );
@@ -197,7 +209,7 @@ fn memcached_item_limit_is_a_clear_skip() {
     let c = ICache::from_url(&format!("{}?timeout_ms=2000", server.url())).expect("open");
     let big = "b".repeat(2 << 20);
     let out = c
-        .fragment(&["big"], || Ok::<_, ()>(big.clone()))
+        .fragment_named("t", &["big"], || Ok::<_, ()>(big.clone()))
         .expect("served");
     assert_eq!(out.len(), big.len());
     let s = c.stats();

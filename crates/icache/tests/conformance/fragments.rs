@@ -66,14 +66,23 @@ pub mod cases {
         };
         let user_id = "42".to_string();
         let args = ["movies-personal-rating", "movies", user_id.as_str()];
-        assert_eq!(c.fragment(&args, body).expect("render"), "<ul>list</ul>");
-        assert_eq!(c.fragment(&args, body).expect("hit"), "<ul>list</ul>");
-        assert_eq!(c.fragment(&args, body).expect("hit"), "<ul>list</ul>");
+        assert_eq!(
+            c.fragment_named("t", &args, body).expect("render"),
+            "<ul>list</ul>"
+        );
+        assert_eq!(
+            c.fragment_named("t", &args, body).expect("hit"),
+            "<ul>list</ul>"
+        );
+        assert_eq!(
+            c.fragment_named("t", &args, body).expect("hit"),
+            "<ul>list</ul>"
+        );
         assert_eq!(renders.load(Ordering::SeqCst), 1);
         c.incr("movies").expect("incr");
-        c.fragment(&args, body).expect("render");
+        c.fragment_named("t", &args, body).expect("render");
         assert_eq!(renders.load(Ordering::SeqCst), 2);
-        c.fragment(&args, body).expect("hit");
+        c.fragment_named("t", &args, body).expect("hit");
         assert_eq!(renders.load(Ordering::SeqCst), 2);
     }
 
@@ -81,7 +90,8 @@ pub mod cases {
         let c = &ctx.cache;
         let out = |args: &[&str]| {
             let s = format!("{args:?}");
-            c.fragment(args, || Ok::<_, ()>(s)).expect("fragment")
+            c.fragment_named("t", args, || Ok::<_, ()>(s))
+                .expect("fragment")
         };
         assert_eq!(out(&["a", "b"]), "[\"a\", \"b\"]");
         assert_eq!(out(&["a", "c"]), "[\"a\", \"c\"]");
@@ -93,7 +103,7 @@ pub mod cases {
         // Bumping "b" invalidates ["a","b"] only.
         let renders = AtomicUsize::new(0);
         let count = |args: &[&str]| {
-            c.fragment(args, || {
+            c.fragment_named("t", args, || {
                 renders.fetch_add(1, Ordering::SeqCst);
                 Ok::<_, ()>(String::new())
             })
@@ -121,11 +131,11 @@ pub mod cases {
         #[derive(Debug, PartialEq)]
         struct MyError(u32);
         let e = c
-            .fragment(&["err"], || Err::<String, _>(MyError(7)))
+            .fragment_named("t", &["err"], || Err::<String, _>(MyError(7)))
             .expect_err("error");
         assert_eq!(e, MyError(7));
         let out = c
-            .fragment(&["err"], || Ok::<_, MyError>("fine".into()))
+            .fragment_named("t", &["err"], || Ok::<_, MyError>("fine".into()))
             .expect("ok");
         assert_eq!(out, "fine");
     }
@@ -135,7 +145,7 @@ pub mod cases {
         let before = c.stats();
         // A writer bumps the token while the block renders.
         let out = c
-            .fragment(&["racy"], || {
+            .fragment_named("t", &["racy"], || {
                 c.incr("racy").map_err(|e| e.to_string())?;
                 Ok::<_, String>("rendered during a change".into())
             })
@@ -146,7 +156,7 @@ pub mod cases {
         assert_eq!(after.stores, before.stores);
         // So the next request renders again (and stores this time).
         let renders = AtomicUsize::new(0);
-        c.fragment(&["racy"], || {
+        c.fragment_named("t", &["racy"], || {
             renders.fetch_add(1, Ordering::SeqCst);
             Ok::<_, ()>("fresh".into())
         })
@@ -164,7 +174,7 @@ pub mod cases {
                 let (c, renders, barrier) = (c.clone(), renders.clone(), barrier.clone());
                 thread::spawn(move || {
                     barrier.wait();
-                    c.fragment(&["herd", "movies"], || {
+                    c.fragment_named("t", &["herd", "movies"], || {
                         renders.fetch_add(1, Ordering::SeqCst);
                         thread::sleep(Duration::from_millis(300));
                         Ok::<_, ()>("the list".to_string())
@@ -187,9 +197,10 @@ pub mod cases {
         let c = &ctx.cache;
         let outer_renders = AtomicUsize::new(0);
         let page = || {
-            c.fragment(&["page"], || {
+            c.fragment_named("t", &["page"], || {
                 outer_renders.fetch_add(1, Ordering::SeqCst);
-                let inner = c.fragment(&["inner-token"], || Ok::<_, ()>("inner".to_string()))?;
+                let inner =
+                    c.fragment_named("t", &["inner-token"], || Ok::<_, ()>("inner".to_string()))?;
                 Ok::<_, ()>(format!("<main>{inner}</main>"))
             })
             .expect("page")
@@ -209,7 +220,7 @@ pub mod cases {
             let renders = AtomicUsize::new(0);
             let render = || {
                 other
-                    .fragment(&["page"], || {
+                    .fragment_named("t", &["page"], || {
                         renders.fetch_add(1, Ordering::SeqCst);
                         Ok::<_, ()>(String::new())
                     })
@@ -431,7 +442,7 @@ pub mod cases {
     pub fn stats_count_what_happened(ctx: &Ctx) {
         let c = ctx.open("prefix=stats");
         let f = |t: &str| {
-            c.fragment(&[t], || {
+            c.fragment_named("t", &[t], || {
                 thread::sleep(Duration::from_millis(2));
                 Ok::<_, ()>("x".into())
             })
@@ -463,7 +474,7 @@ pub mod cases {
         };
         let big = "y".repeat(size);
         let out = c
-            .fragment(&["big"], || Ok::<_, ()>(big.clone()))
+            .fragment_named("t", &["big"], || Ok::<_, ()>(big.clone()))
             .expect("served");
         assert_eq!(out.len(), size);
         let s = c.stats();
@@ -491,8 +502,9 @@ fn one_round_trip_per_hit() {
         ))
         .expect("open");
         let page = || {
-            c.fragment(&["movies-personal-rating", "movies", "42"], || {
-                let inner = c.fragment(&["inner", "x"], || Ok::<_, ()>("i".to_string()))?;
+            c.fragment_named("t", &["movies-personal-rating", "movies", "42"], || {
+                let inner =
+                    c.fragment_named("t", &["inner", "x"], || Ok::<_, ()>("i".to_string()))?;
                 Ok::<_, ()>(format!("<ul>{inner}</ul>"))
             })
             .expect("page")
@@ -509,7 +521,7 @@ fn one_round_trip_per_hit() {
             );
         }
         let plain = || {
-            c.fragment(&["a", "b", "c", "d"], || Ok::<_, ()>("p".to_string()))
+            c.fragment_named("t", &["a", "b", "c", "d"], || Ok::<_, ()>("p".to_string()))
                 .expect("f")
         };
         plain();
@@ -541,7 +553,7 @@ fn fail_open_when_the_backend_is_down_or_hanging() {
         let page = || {
             let t = Instant::now();
             let out = c
-                .fragment(&["movies"], || {
+                .fragment_named("t", &["movies"], || {
                     renders.fetch_add(1, Ordering::SeqCst);
                     Ok::<_, ()>("list".to_string())
                 })
@@ -599,7 +611,7 @@ fn none_backend_renders_every_time() {
     let renders = AtomicUsize::new(0);
     for _ in 0..3 {
         let out = c
-            .fragment(&["movies"], || {
+            .fragment_named("t", &["movies"], || {
                 renders.fetch_add(1, Ordering::SeqCst);
                 Ok::<_, ()>("x".to_string())
             })
@@ -622,9 +634,10 @@ fn outer_block_is_not_stored_when_an_inner_block_failed_open() {
     let renders = AtomicUsize::new(0);
     let page = || {
         outer
-            .fragment(&["page"], || {
+            .fragment_named("t", &["page"], || {
                 renders.fetch_add(1, Ordering::SeqCst);
-                let inner = down.fragment(&["data"], || Ok::<_, ()>("inner".to_string()))?;
+                let inner =
+                    down.fragment_named("t", &["data"], || Ok::<_, ()>("inner".to_string()))?;
                 Ok::<_, ()>(format!("<main>{inner}</main>"))
             })
             .expect("page")

@@ -206,7 +206,7 @@ fn log_users_see_fail_open_warnings() {
     let cache =
         ICache::from_url("redis://127.0.0.1:1?timeout_ms=50&connect_timeout_ms=50").expect("open");
     let html = cache
-        .fragment(&["logged"], || Ok::<_, ()>("<p/>".to_owned()))
+        .fragment_named("t", &["logged"], || Ok::<_, ()>("<p/>".to_owned()))
         .expect("fail-open");
     assert_eq!(html, "<p/>");
     let lines = CAPTURE.0.lock().expect("captured").clone();

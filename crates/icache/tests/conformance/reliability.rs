@@ -138,10 +138,10 @@ pub fn check_with(
                 // Half the readers read through a nested block: the outer
                 // block names only "page", the inner one the data token.
                 let out = if i % 2 == 0 {
-                    cache.fragment(&with_other, render)
+                    cache.fragment_named("t", &with_other, render)
                 } else {
                     cache.fragment_named("page", &["page"], || {
-                        let inner = cache.fragment(&tokens, render)?;
+                        let inner = cache.fragment_named("t", &tokens, render)?;
                         Ok::<_, ()>(inner)
                     })
                 }
@@ -435,7 +435,9 @@ fn checker_child() {
         }
         let floor = filedb::get(&completed);
         let out = cache
-            .fragment(&["mp-data"], || Ok::<_, ()>(filedb::get(&data).to_string()))
+            .fragment_named("t", &["mp-data"], || {
+                Ok::<_, ()>(filedb::get(&data).to_string())
+            })
             .expect("fragment");
         reads += 1;
         if out.parse::<u64>().expect("number") < floor {
@@ -625,7 +627,7 @@ fn redis_cluster_hit_is_gets_only() {
     let tokens: Vec<String> = (0..8).map(|i| format!("hit-{i}")).collect();
     let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
     let page = || {
-        c.fragment(&refs, || Ok::<_, ()>("page".to_string()))
+        c.fragment_named("t", &refs, || Ok::<_, ()>("page".to_string()))
             .expect("f")
     };
     page();

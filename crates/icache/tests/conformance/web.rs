@@ -238,3 +238,126 @@ fn every_operation_has_an_async_twin() {
         });
     }
 }
+
+/// Two unnamed `{% call icache(…) %}` blocks with the same tokens in one
+/// template (added without the rewrite, so their position is unknown) used
+/// to both show the first one's body: now the second is an error that says
+/// to add `name=`. One unnamed block works as it is; the rewrite tells
+/// blocks apart by position.
+#[test]
+fn unnamed_call_blocks_never_share_an_entry() {
+    let cache = ICache::memory();
+    let mut env = minijinja::Environment::new();
+    icache::minijinja::register(&mut env, cache.clone());
+    env.add_template(
+        "two.html",
+        "{% call icache('items') %}<ul>list</ul>{% endcall %}{% call icache('items') %}3 items{% endcall %}",
+    )
+    .expect("template");
+    let err = env
+        .get_template("two.html")
+        .expect("template")
+        .render(minijinja::context! {})
+        .expect_err("two unnamed blocks");
+    assert!(err.to_string().contains("name="), "{err}");
+    env.add_template(
+        "named.html",
+        "{% call icache('items', name='list') %}<ul>list</ul>{% endcall %}{% call icache('items', name='count') %}3 items{% endcall %}",
+    )
+    .expect("template");
+    let t = env.get_template("named.html").expect("template");
+    for _ in 0..2 {
+        assert_eq!(
+            t.render(minijinja::context! {}).expect("render"),
+            "<ul>list</ul>3 items"
+        );
+    }
+    env.add_template(
+        "one.html",
+        "{% call icache('items') %}<p>one</p>{% endcall %}",
+    )
+    .expect("template");
+    let one = env.get_template("one.html").expect("template");
+    for _ in 0..2 {
+        assert_eq!(
+            one.render(minijinja::context! {}).expect("render"),
+            "<p>one</p>"
+        );
+    }
+    // The seed's syntax goes through the rewrite: positions tell blocks apart.
+    let source = "{% load icache %}{% icache 'items' %}<ul>list</ul>{% endicache %}{% icache 'items' %}3 items{% endicache %}";
+    env.add_template_owned(
+        "seed.html",
+        icache::minijinja::rewrite("seed.html", source).expect("rewrite"),
+    )
+    .expect("template");
+    let seed = env.get_template("seed.html").expect("template");
+    for _ in 0..2 {
+        assert_eq!(
+            seed.render(minijinja::context! {}).expect("render"),
+            "<ul>list</ul>3 items"
+        );
+    }
+}
+
+/// `{% icache 'p' user.idd %}` (a typo: undefined) used to become
+/// the token `""`: Bob was served Ann's block. Now it renders uncached (and
+/// warns); with `register_strict` it is an error.
+#[test]
+fn undefined_tokens_never_merge_entries() {
+    let source = "{% load icache %}{% icache 'p' user.idd %}<p>{{ name }}</p>{% endicache %}";
+    let cache = ICache::memory();
+    let mut env = minijinja::Environment::new();
+    icache::minijinja::register(&mut env, cache.clone());
+    env.add_template_owned(
+        "typo.html",
+        icache::minijinja::rewrite("typo.html", source).expect("rewrite"),
+    )
+    .expect("template");
+    let t = env.get_template("typo.html").expect("template");
+    let user = |id: i64| minijinja::context! { id => id };
+    let ann = t
+        .render(minijinja::context! { name => "Ann", user => user(1) })
+        .expect("render");
+    let bob = t
+        .render(minijinja::context! { name => "Bob", user => user(2) })
+        .expect("render");
+    assert_eq!((ann.as_str(), bob.as_str()), ("<p>Ann</p>", "<p>Bob</p>"));
+    assert_eq!(
+        cache.stats().stores,
+        0,
+        "nothing stored under an undefined token"
+    );
+    // `none` too.
+    env.add_template(
+        "none.html",
+        "{% call icache('p', nothing) %}<p>{{ name }}</p>{% endcall %}",
+    )
+    .expect("template");
+    let t = env.get_template("none.html").expect("template");
+    assert_eq!(
+        t.render(minijinja::context! { name => "Ann", nothing => () })
+            .expect("render"),
+        "<p>Ann</p>"
+    );
+    assert_eq!(
+        t.render(minijinja::context! { name => "Bob", nothing => () })
+            .expect("render"),
+        "<p>Bob</p>"
+    );
+
+    let mut strict = minijinja::Environment::new();
+    icache::minijinja::register_strict(&mut strict, ICache::memory());
+    strict
+        .add_template_owned(
+            "typo.html",
+            icache::minijinja::rewrite("typo.html", source).expect("rewrite"),
+        )
+        .expect("template");
+    let err = strict
+        .get_template("typo.html")
+        .expect("template")
+        .render(minijinja::context! { name => "Ann", user => minijinja::context! { id => 1 } })
+        .expect_err("strict");
+    assert_eq!(err.kind(), minijinja::ErrorKind::UndefinedError, "{err}");
+}
