@@ -237,6 +237,73 @@ fn token_string(v: &Value) -> String {
     }
 }
 
+/// Renders template `name` with `ctx` for an async handler: MiniJinja
+/// renders synchronously (and a block's body may query a database), so the
+/// render runs on tokio's blocking pool and the executor is never blocked;
+/// outside a tokio runtime it runs inline.
+///
+/// Pair it with data loaded **inside** the block, through a function the
+/// template calls (`{% icache 'movies' %}{% for m in movies() %}…`): on a hit
+/// the body does not run, so the query does not either. Passing the data in
+/// `ctx` instead would pay the query on every request.
+///
+/// # Example
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), minijinja::Error> {
+/// use std::sync::Arc;
+/// use std::sync::atomic::{AtomicUsize, Ordering};
+///
+/// let cache = icache::ICache::memory();
+/// let queries = Arc::new(AtomicUsize::new(0));
+/// let mut env = minijinja::Environment::new();
+/// icache::minijinja::register(&mut env, cache.clone());
+/// let q = queries.clone();
+/// env.add_function("movies", move || {
+///     q.fetch_add(1, Ordering::SeqCst); // the database query
+///     vec!["Alien", "Brazil"]
+/// });
+/// env.set_loader(icache::minijinja::loader(|name: &str| {
+///     Ok((name == "list.html").then(|| {
+///         "{% load icache %}{% icache 'movies' %}{% for m in movies() %}<li>{{ m }}</li>{% endfor %}{% endicache %}".to_string()
+///     }))
+/// }));
+/// let env = Arc::new(env);
+/// let first = icache::minijinja::render_async(env.clone(), "list.html", minijinja::context! {}).await?;
+/// let again = icache::minijinja::render_async(env.clone(), "list.html", minijinja::context! {}).await?;
+/// assert_eq!(first, again);
+/// assert_eq!(queries.load(Ordering::SeqCst), 1, "a hit skips the query");
+/// # Ok(()) }
+/// ```
+///
+/// # Errors
+///
+/// The template's error (unknown template, an error inside a block…).
+pub async fn render_async(
+    env: Arc<Environment<'static>>,
+    name: &str,
+    ctx: Value,
+) -> Result<String, Error> {
+    let render = {
+        let name = name.to_owned();
+        move || env.get_template(&name)?.render(ctx)
+    };
+    let name = name.to_owned();
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => match handle.spawn_blocking(render).await {
+            Ok(out) => out,
+            // A panic while rendering resumes here, as it would inline.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(Error::new(
+                ErrorKind::InvalidOperation,
+                format!("the render of {name:?} did not finish: {e}"),
+            )),
+        },
+        Err(_) => render(),
+    }
+}
+
 /// Wraps a loader so that every template it loads is passed through
 /// [`rewrite()`]: the seed's `{% icache %}` syntax works in template files.
 ///
