@@ -86,6 +86,8 @@
 
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[cfg(feature = "askama")]
+pub mod askama;
 mod backend;
 mod cache;
 mod codec;
@@ -94,6 +96,8 @@ mod core;
 mod error;
 mod fragment;
 mod keys;
+#[cfg(feature = "maud")]
+pub mod maud;
 #[cfg(feature = "minijinja")]
 pub mod minijinja;
 mod observe;

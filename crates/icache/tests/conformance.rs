@@ -246,6 +246,8 @@ macro_rules! suite {
 
 #[path = "conformance/bad_input.rs"]
 mod bad_input;
+#[path = "conformance/engines.rs"]
+mod engines;
 #[path = "conformance/fragments.rs"]
 mod fragments;
 #[path = "conformance/guidance.rs"]

@@ -1,0 +1,102 @@
+//! Askama integration (feature `askama`): a cached sub-template, written
+//! into an outer template like any value, rendered only on a miss.
+//!
+//! ```
+//! use askama::Template;
+//!
+//! #[derive(Template)]
+//! #[template(source = "<ul>{% for m in movies %}<li>{{ m }}</li>{% endfor %}</ul>", ext = "html")]
+//! struct List { movies: Vec<String> }
+//!
+//! #[derive(Template)]
+//! #[template(source = "<h1>Movies</h1>{{ list }}", ext = "html")]
+//! struct Page<'a> { list: icache::askama::Cached<'a, List> }
+//!
+//! let cache = icache::ICache::memory();
+//! let user_id = 42.to_string();
+//! let tokens = ["movies", user_id.as_str()];
+//! // The closure (and the query in it) runs only on a miss.
+//! let page = |titles: &[&str]| {
+//!     let movies: Vec<String> = titles.iter().map(|t| t.to_string()).collect();
+//!     Page { list: icache::askama::cached(&cache, "list", &tokens, move || List { movies: movies.clone() }) }
+//!         .render()
+//! };
+//! let first = page(&["Alien", "Brazil <3"])?;
+//! assert_eq!(first, "<h1>Movies</h1><ul><li>Alien</li><li>Brazil &#60;3</li></ul>");
+//! assert_eq!(page(&["not rendered"])?, first); // a hit
+//! # Ok::<(), askama::Error>(())
+//! ```
+//!
+//! The inner template's output is stored already escaped and written into
+//! the outer one without escaping it again ([`Cached`] is `HtmlSafe`), so the
+//! page is byte for byte what it is without the cache. A block is identified
+//! by its template type, its name and its tokens; blocks inside it add their
+//! tokens to it, and everything else is as for [`ICache::fragment`].
+
+use std::fmt;
+
+use askama::filters::HtmlSafe;
+use askama::{FastWritable, Template, Values};
+
+use crate::ICache;
+use crate::fragment::Html;
+
+/// A cached sub-template: see the [module docs](self).
+pub struct Cached<'a, T> {
+    cache: &'a ICache,
+    name: &'a str,
+    tokens: &'a [&'a str],
+    make: Box<dyn Fn() -> T + 'a>,
+}
+
+/// A block named `name` with `tokens`, whose HTML is the template `make()`
+/// returns, rendered only on a miss.
+pub fn cached<'a, T, F>(
+    cache: &'a ICache,
+    name: &'a str,
+    tokens: &'a [&'a str],
+    make: F,
+) -> Cached<'a, T>
+where
+    T: Template,
+    F: Fn() -> T + 'a,
+{
+    Cached {
+        cache,
+        name,
+        tokens,
+        make: Box::new(make),
+    }
+}
+
+impl<T: Template> Cached<'_, T> {
+    fn html(&self, values: &dyn Values) -> askama::Result<Html> {
+        self.cache.block_html(
+            &["askama", std::any::type_name::<T>(), self.name],
+            self.tokens,
+            || (self.make)().render_with_values(values),
+        )
+    }
+}
+
+impl<T: Template> fmt::Display for Cached<'_, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.html(askama::NO_VALUES).map_err(|_| fmt::Error)? {
+            Html::Cached(html) => f.write_str(&html),
+            Html::Rendered(html) => f.write_str(&html),
+        }
+    }
+}
+
+impl<T: Template> FastWritable for Cached<'_, T> {
+    fn write_into(&self, dest: &mut dyn fmt::Write, values: &dyn Values) -> askama::Result<()> {
+        match self.html(values)? {
+            Html::Cached(html) => dest.write_str(&html)?,
+            Html::Rendered(html) => dest.write_str(&html)?,
+        }
+        Ok(())
+    }
+}
+
+/// Its output is the inner template's, escaped by it already.
+impl<T: Template> HtmlSafe for Cached<'_, T> {}

@@ -1,0 +1,83 @@
+//! maud integration (feature `maud`): a cached block that implements
+//! [`maud::Render`], so it sits inside `html!` like any other value.
+//!
+//! ```
+//! use maud::html;
+//!
+//! let cache = icache::ICache::memory();
+//! let user_id = 42.to_string();
+//! let page = |movies: &[&str]| {
+//!     html! {
+//!         h1 { "Movies" }
+//!         (icache::maud::cached(&cache, "list", &["movies", &user_id], || html! {
+//!             ul { @for m in movies { li { (m) } } }
+//!         }))
+//!     }
+//!     .into_string()
+//! };
+//! let first = page(&["Alien", "Brazil <3"]);
+//! assert_eq!(first, "<h1>Movies</h1><ul><li>Alien</li><li>Brazil &lt;3</li></ul>");
+//! // A hit: the block's body does not run (its data would be stale here).
+//! assert_eq!(page(&["not", "rendered"]), first);
+//! cache.incr("movies")?;
+//! assert!(page(&["Cube"]).contains("<li>Cube</li>"));
+//! # Ok::<(), icache::Error>(())
+//! ```
+//!
+//! The body runs only on a miss (put the database query inside it); its
+//! output is stored already escaped and written back as it is, so the page
+//! is byte for byte what it is without the cache. A block is identified by
+//! its name and tokens; blocks inside the body add their tokens to it, and
+//! everything else is as for [`ICache::fragment`].
+
+use std::convert::Infallible;
+
+use maud::{Markup, Render};
+
+use crate::ICache;
+use crate::fragment::Html;
+
+/// A cached maud block: see the [module docs](self).
+#[must_use = "a cached block renders only when written into html!"]
+pub struct Cached<'a, F> {
+    cache: &'a ICache,
+    name: &'a str,
+    tokens: &'a [&'a str],
+    body: F,
+}
+
+/// A block named `name` with `tokens`, whose HTML is `body()` on a miss.
+pub fn cached<'a, F>(
+    cache: &'a ICache,
+    name: &'a str,
+    tokens: &'a [&'a str],
+    body: F,
+) -> Cached<'a, F>
+where
+    F: Fn() -> Markup,
+{
+    Cached {
+        cache,
+        name,
+        tokens,
+        body,
+    }
+}
+
+impl<F> Render for Cached<'_, F>
+where
+    F: Fn() -> Markup,
+{
+    fn render_to(&self, buffer: &mut String) {
+        let out = self
+            .cache
+            .block_html(&["maud", self.name], self.tokens, || {
+                Ok::<_, Infallible>((self.body)().into_string())
+            });
+        match out {
+            Ok(Html::Cached(html)) => buffer.push_str(&html),
+            Ok(Html::Rendered(html)) => buffer.push_str(&html),
+            Err(never) => match never {},
+        }
+    }
+}
