@@ -541,7 +541,7 @@ impl ICache {
 }
 
 /// Cached blocks: the seed's `{% icache %}` for any renderer. The engine is
-/// [`Blocks`] (`fragment.rs`); these are its public doors.
+/// `Blocks` (`fragment.rs`); these are its public doors.
 impl ICache {
     /// Caches the output of `render` until a token in `tokens` is bumped: the
     /// seed's `{% icache token… %}` block, for any renderer (Askama, Maud,

@@ -71,6 +71,20 @@
 //! else is hashed with SHA-256, so no two inputs share an entry and every key
 //! fits memcached.
 //!
+//! ## Cached blocks and template engines
+//!
+//! [`ICache::fragment`] (identified by its call site and tokens),
+//! [`ICache::fragment_named`] and their `_async` forms cache any renderer's
+//! output; [`observe`] says what each block of a render did. Integrations,
+//! one cargo feature each:
+//!
+//! | feature | module | what |
+//! |---|---|---|
+//! | `minijinja` | [`minijinja`] | the `icache` call block, the seed's `{% icache %}` syntax, `render_async` |
+//! | `askama` | [`askama`] | a cached sub-template, rendered only on a miss |
+//! | `maud` | [`maud`] | a cached block that implements `Render` |
+//! | `redis`, `memcached` | | the network backends |
+//!
 //! ## Sync and async
 //!
 //! The methods are blocking and work from any thread, with or without a tokio
