@@ -173,6 +173,10 @@ fn check_report(report: &str) {
     for label in ["1 thread", "2 threads", "4 threads", "8 threads"] {
         check_row(report, label, 6, false);
     }
+    // 1. Other engines.
+    for label in ["Askama", "maud"] {
+        check_row(report, label, 5, false);
+    }
     // 4. Page level.
     for label in [
         "icache on, memory",

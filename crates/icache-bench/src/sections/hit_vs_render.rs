@@ -141,6 +141,7 @@ pub(crate) fn hit_vs_render(servers: &Servers<'_>, settings: &Settings) -> Secti
     for t in &targets {
         md.push_str(&t.line());
     }
+    md.push_str(&super::engines::engines(servers, settings));
     let mut missed_notes = Vec::new();
     for (i, target) in targets.iter().enumerate() {
         if target.met() {

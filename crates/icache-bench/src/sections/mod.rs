@@ -238,6 +238,7 @@ impl Direct {
     }
 }
 
+mod engines;
 mod growth;
 mod hit_vs_bare;
 mod hit_vs_render;
