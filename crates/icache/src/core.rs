@@ -17,23 +17,40 @@ use crate::stats::{Counters, Event, Every};
 /// Every failed bump is remembered, whatever else failed. A replay copies the
 /// list and applies it **without holding the lock across I/O**, one replay at
 /// a time (others fail fast meanwhile, and the backend's circuit breaker
-/// rate-limits the attempts); it removes only what was remembered before it
-/// started, so a bump that failed during the replay is replayed again later.
-#[derive(Default)]
+/// rate-limits the attempts), in chunks (a long outage can leave thousands of
+/// tokens: one huge pipeline would never fit in a time-out); it removes only
+/// what was remembered before it started, so a bump that failed during the
+/// replay is replayed again later.
 pub(crate) struct Pending {
     list: Mutex<PendingList>,
     /// Something is pending: one atomic load on the read path when not.
     has: AtomicBool,
     /// A replay is in flight.
     replaying: AtomicBool,
+    /// "Bump failed" warnings, at most every 10 s.
+    log: Every,
 }
+
+impl Default for Pending {
+    fn default() -> Self {
+        Pending {
+            list: Mutex::default(),
+            has: AtomicBool::new(false),
+            replaying: AtomicBool::new(false),
+            log: Every::new(),
+        }
+    }
+}
+
+/// Tokens replayed in one round trip.
+const REPLAY_CHUNK: usize = 256;
 
 #[derive(Default)]
 struct PendingList {
     /// Counts `remember` calls.
     seq: u64,
     /// Each token, with the `seq` of its latest failed bump.
-    tokens: Vec<(String, u64)>,
+    tokens: std::collections::HashMap<String, u64>,
 }
 
 impl Pending {
@@ -48,20 +65,19 @@ impl Pending {
         list.seq += 1;
         let seq = list.seq;
         for t in tokens {
-            match list.tokens.iter_mut().find(|(p, _)| p == t) {
-                Some(entry) => entry.1 = seq,
-                None => list.tokens.push(((*t).to_owned(), seq)),
-            }
+            list.tokens.insert((*t).to_owned(), seq);
         }
         self.has.store(true, Ordering::Release);
-        tracing::warn!(
-            tokens = list.tokens.len(),
-            "icache: bump failed; it will be replayed, and blocks render uncached until it is"
-        );
+        if self.log.due() {
+            tracing::warn!(
+                tokens = list.tokens.len(),
+                "icache: bump failed; it will be replayed, and blocks render uncached until it is (this warning at most every 10 s)"
+            );
+        }
     }
 
     /// Applies the pending bumps with `apply`; `Ok` when none is left.
-    pub(crate) fn replay(&self, apply: impl FnOnce(&[&str]) -> Result<()>) -> Result<()> {
+    pub(crate) fn replay(&self, apply: impl Fn(&[&str]) -> Result<()>) -> Result<()> {
         if !self.has.load(Ordering::Acquire) {
             return Ok(());
         }
@@ -85,18 +101,26 @@ impl Pending {
                 self.has.store(false, Ordering::Release);
                 return Ok(());
             }
-            let tokens: Vec<String> = list.tokens.iter().map(|(t, _)| t.clone()).collect();
+            let tokens: Vec<String> = list.tokens.keys().cloned().collect();
             (list.seq, tokens)
         };
-        let names: Vec<&str> = tokens.iter().map(String::as_str).collect();
-        apply(&names)?;
-        let mut list = self.lock();
-        list.tokens.retain(|(_, s)| *s > seq);
-        if list.tokens.is_empty() {
-            self.has.store(false, Ordering::Release);
+        for chunk in tokens.chunks(REPLAY_CHUNK) {
+            let names: Vec<&str> = chunk.iter().map(String::as_str).collect();
+            apply(&names)?;
+            // Each chunk is done as it succeeds: a later failure does not
+            // make it be replayed again.
+            let mut list = self.lock();
+            for t in chunk {
+                if list.tokens.get(t).is_some_and(|s| *s <= seq) {
+                    list.tokens.remove(t);
+                }
+            }
+            if list.tokens.is_empty() {
+                self.has.store(false, Ordering::Release);
+            }
         }
         tracing::info!(
-            tokens = names.len(),
+            tokens = tokens.len(),
             "icache: replayed bumps that had failed"
         );
         Ok(())
@@ -210,5 +234,49 @@ impl Core {
         } else {
             tracing::debug!(error = %e, "icache: cache backend trouble");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn tokens(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("t{i}")).collect()
+    }
+
+    #[test]
+    fn a_long_outage_replays_in_chunks_and_keeps_what_failed() {
+        let pending = Pending::default();
+        let names = tokens(1000);
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        pending.remember(&refs);
+        // The third chunk fails: the first two are done, the rest stays.
+        let calls = AtomicUsize::new(0);
+        let out = pending.replay(|chunk| {
+            assert!(chunk.len() <= REPLAY_CHUNK);
+            if calls.fetch_add(1, Ordering::SeqCst) == 2 {
+                Err(Error::new(crate::ErrorKind::Timeout, "hung"))
+            } else {
+                Ok(())
+            }
+        });
+        assert!(out.is_err());
+        assert_eq!(pending.lock().tokens.len(), 1000 - 2 * REPLAY_CHUNK);
+        assert!(pending.has.load(Ordering::SeqCst));
+        // A bump that fails while a replay runs is kept for the next one.
+        let first = std::sync::atomic::AtomicBool::new(true);
+        let out = pending.replay(|_| {
+            if first.swap(false, Ordering::SeqCst) {
+                pending.remember(&["late"]);
+            }
+            Ok(())
+        });
+        assert!(out.is_ok());
+        let left: Vec<String> = pending.lock().tokens.keys().cloned().collect();
+        assert_eq!(left, ["late"]);
+        pending.replay(|_| Ok(())).expect("replay");
+        assert!(!pending.has.load(Ordering::SeqCst));
     }
 }

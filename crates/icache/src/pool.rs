@@ -120,6 +120,8 @@ impl Breaker {
 
     fn record<T>(&self, gate: &Gate, out: &Result<T>) {
         match out {
+            // A probe must always settle the breaker.
+            Err(e) if e.is_circuit_open() && matches!(gate, Gate::Probe) => self.failed(gate),
             Err(e) if e.is_circuit_open() => {}
             Err(e) if e.is_transient() => self.failed(gate),
             _ => self.succeeded(gate),
@@ -156,13 +158,18 @@ impl<C> Pool<C> {
     /// breaker is open (but for one probe). For callers that drive
     /// connections themselves (parallel fetches); [`with`](Self::with) does
     /// this itself. Hand the outcome to [`record`](Self::record).
-    pub(crate) fn admit(&self) -> Result<Admitted> {
-        self.breaker.check(&self.name).map(Admitted)
+    pub(crate) fn admit(&self) -> Result<Admitted<'_>> {
+        self.breaker.check(&self.name).map(|gate| Admitted {
+            gate,
+            breaker: &self.breaker,
+            recorded: false,
+        })
     }
 
     /// Records how an admitted call went.
-    pub(crate) fn record<T>(&self, admitted: Admitted, out: &Result<T>) {
-        self.breaker.record(&admitted.0, out);
+    pub(crate) fn record<T>(&self, mut admitted: Admitted<'_>, out: &Result<T>) {
+        admitted.recorded = true;
+        self.breaker.record(&admitted.gate, out);
     }
 
     /// Runs `f` on an idle connection, or on a new one from `connect`. The
@@ -235,5 +242,68 @@ impl<C> Pool<C> {
     }
 }
 
-/// A call the breaker let through; hand it back to [`Pool::record`].
-pub(crate) struct Admitted(Gate);
+/// A call the breaker let through; hand it back to [`Pool::record`]. If it
+/// never is (the call panicked), the call counts as failed: a probe that
+/// vanished must not leave the breaker waiting for it forever.
+pub(crate) struct Admitted<'a> {
+    gate: Gate,
+    breaker: &'a Breaker,
+    recorded: bool,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        if !self.recorded && matches!(self.gate, Gate::Probe) {
+            self.breaker.failed(&self.gate);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Makes an open breaker's back-off be over.
+    fn elapse(pool: &Pool<()>) {
+        pool.breaker.open_until.store(1, Ordering::SeqCst);
+    }
+
+    #[test]
+    fn one_probe_at_a_time_and_a_vanished_probe_settles() {
+        let pool: Pool<()> = Pool::new(1);
+        assert!(pool.admit().is_ok(), "closed");
+        pool.breaker.failed(&Gate::Pass);
+        let e = pool.admit().err().expect("open: fails fast");
+        assert!(e.is_circuit_open() && e.is_unavailable());
+        elapse(&pool);
+        let probe = pool.admit().expect("the back-off is over: one probe");
+        assert!(pool.admit().is_err(), "only one probe at a time");
+        // The probe's call panicked: it is never recorded.
+        drop(probe);
+        elapse(&pool);
+        let probe = pool.admit().expect("a new probe, not stuck");
+        pool.record(probe, &Ok::<(), Error>(()));
+        assert!(
+            pool.admit().is_ok(),
+            "a successful probe closes the breaker"
+        );
+    }
+
+    #[test]
+    fn only_a_failed_probe_doubles_the_back_off() {
+        let pool: Pool<()> = Pool::new(1);
+        let timeout = || Err::<(), _>(Error::new(crate::ErrorKind::Timeout, "hung"));
+        for _ in 0..3 {
+            // Several calls of one incident fail together.
+            let a = pool.admit();
+            if let Ok(a) = a {
+                pool.record(a, &timeout());
+            }
+        }
+        assert_eq!(pool.breaker.backoff.load(Ordering::SeqCst), 250);
+        elapse(&pool);
+        let probe = pool.admit().expect("probe");
+        pool.record(probe, &timeout());
+        assert_eq!(pool.breaker.backoff.load(Ordering::SeqCst), 500);
+    }
+}

@@ -50,7 +50,10 @@
 //! A token that is undefined or `none` (a typo: `user.idd`, a missing
 //! variable) would make every user's block the same entry. Such a block is
 //! rendered **uncached**, with a warning (once per template and process);
-//! with [`register_strict`] it is an error instead.
+//! with [`register_strict`] it is an error instead. Only the arguments
+//! themselves are checked: an undefined value inside an expression
+//! (`'user:' ~ user.idd`) is MiniJinja's to catch; use MiniJinja's strict
+//! undefined behavior to make that an error too.
 //!
 //! # Nested blocks, escaping, errors
 //!
@@ -196,9 +199,11 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
                     return Err(Error::new(
                         ErrorKind::InvalidOperation,
                         format!(
-                            "two {{% call icache(…) %}} blocks with the same tokens {tokens:?} and no name= in template \
-                             {template:?} would share one cache entry: give each a name= (or load the template \
-                             through icache::minijinja::loader, which tells blocks apart by their position)"
+                            "an unnamed {{% call icache(…) %}} block with the tokens {tokens:?} was met twice in one render of \
+                             template {template:?} (two blocks, or one block in a loop or a macro): they would share one \
+                             cache entry, and the second would show the first's output. Give each a name=, or make the \
+                             tokens differ (or load the template through icache::minijinja::loader, which tells blocks \
+                             apart by their position)"
                         ),
                     ));
                 }

@@ -677,7 +677,7 @@ impl MemcachedPool {
         struct Sent<'g> {
             g: &'g Group,
             req: Vec<u8>,
-            admitted: Admitted,
+            admitted: Admitted<'g>,
             conn: Result<(Conn, bool)>,
         }
         let mut failure: Option<Error> = None;
