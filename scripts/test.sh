@@ -29,7 +29,7 @@ trap 'rm -f "$log"' EXIT
 
 # No compiler warning in a user's build, whatever features they pick: each
 # feature alone, none, and all together.
-for features in "" minijinja redis memcached askama maud "redis,memcached,minijinja,askama,maud"; do
+for features in "" minijinja redis memcached askama maud tera "redis,memcached,minijinja,askama,maud,tera"; do
   out="$(cargo check -q -p icache --no-default-features --features "$features" --message-format short 2>&1 || true)"
   if printf '%s\n' "$out" | grep -E '(warning|error)' >/dev/null; then
     printf '%s\n' "$out" >&2

@@ -824,6 +824,18 @@ impl ICache {
         }
     }
 
+    /// The block engine (for the template integrations).
+    #[cfg(feature = "tera")]
+    pub(crate) fn blocks(&self) -> &Blocks {
+        &self.inner.blocks
+    }
+
+    /// The shared core (for the template integrations).
+    #[cfg(feature = "tera")]
+    pub(crate) fn core(&self) -> &Core {
+        &self.inner.core
+    }
+
     /// The memory and `none://` backends: no I/O, nothing ever blocks.
     pub(crate) fn is_in_process(&self) -> bool {
         self.inner.core.is_in_process()

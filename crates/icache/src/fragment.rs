@@ -433,6 +433,39 @@ pub(crate) struct Output<'a> {
     pub(crate) instance: Option<Arc<str>>,
 }
 
+#[cfg(feature = "tera")]
+/// What [`Blocks::begin`] found.
+pub(crate) enum Begun {
+    Hit(Arc<str>),
+    /// Render the body, then hand it to [`Blocks::finish`].
+    Render(Begun2),
+    /// The cache is down: render the body, uncached.
+    Uncached,
+}
+
+#[cfg(feature = "tera")]
+/// A block whose body is being rendered by the engine.
+pub(crate) struct Begun2 {
+    name: String,
+    tokens: Vec<String>,
+    miss: Miss,
+    /// How many frames there were before this block's own.
+    pub(crate) depth: usize,
+    started: Instant,
+}
+
+#[cfg(feature = "tera")]
+/// Drops frames above `depth` (blocks an engine error left unfinished).
+pub(crate) fn unwind_frames(depth: usize) {
+    FRAMES.with(|f| f.borrow_mut().truncate(depth));
+}
+
+#[cfg(feature = "tera")]
+/// How many frames this thread has.
+pub(crate) fn frame_depth() -> usize {
+    FRAMES.with(|f| f.borrow().len())
+}
+
 /// What a miss read before rendering.
 pub(crate) struct Miss {
     /// The block's own tokens and their generations.
@@ -697,6 +730,30 @@ impl Blocks {
         let took = started.elapsed();
         core.counters.rendered(took);
         let html = out?;
+        Ok(self.rendered(
+            core,
+            name,
+            tokens,
+            (own, own_version, instance),
+            nested,
+            took,
+            html,
+        ))
+    }
+
+    /// After a body rendered: its nested dependencies, the store, and what
+    /// to share with waiting readers.
+    #[allow(clippy::too_many_arguments)]
+    fn rendered(
+        &self,
+        core: &Core,
+        name: &str,
+        tokens: &[&str],
+        (own, own_version, instance): (Reads, u64, Option<Arc<str>>),
+        nested: Nested,
+        took: Duration,
+        html: String,
+    ) -> Rendered {
         // Nested tokens beyond our own, first read of each (the oldest).
         // Sets, not scans: a page may nest thousands of blocks.
         let mine = TokenSet::new(tokens);
@@ -727,14 +784,85 @@ impl Blocks {
         };
         let mut reads = own;
         reads.extend(deps);
-        Ok(Rendered {
+        Rendered {
             html,
             reads,
             unknown: nested.unknown,
             version,
             not_stored,
             took,
-        })
+        }
+    }
+
+    #[cfg(feature = "tera")]
+    /// The first half of a block whose body a template engine renders
+    /// between two calls (Tera): the lookup, and on a miss a frame that
+    /// collects what nested blocks read until [`finish`](Self::finish).
+    /// No single-flight: the body runs in the engine, not in a closure this
+    /// thread could share.
+    pub(crate) fn begin(&self, core: &Core, identity: &[&str], tokens: &[&str]) -> Begun {
+        let name = fragment_name(identity, tokens);
+        match self.lookup(core, &name, tokens) {
+            Lookup::Hit { html, reads, .. } => {
+                core.counters.count(Event::Hit);
+                report(&reads);
+                Begun::Hit(html)
+            }
+            Lookup::Down => {
+                report_unknown();
+                Begun::Uncached
+            }
+            Lookup::Miss(miss) => {
+                core.counters.count(Event::Miss);
+                let depth = FRAMES.with(|f| f.borrow().len());
+                FRAMES.with(|f| f.borrow_mut().push(Nested::default()));
+                Begun::Render(Begun2 {
+                    name,
+                    tokens: tokens.iter().map(|t| (*t).to_owned()).collect(),
+                    miss,
+                    depth,
+                    started: Instant::now(),
+                })
+            }
+        }
+    }
+
+    #[cfg(feature = "tera")]
+    /// The second half: stores the body's output (unless outdated) and
+    /// reports its dependencies to the enclosing block.
+    pub(crate) fn finish(&self, core: &Core, begun: Begun2, html: String) {
+        // Frames above ours belong to blocks that never finished (an engine
+        // error skipped their end): dropped, and ours with them counted.
+        let nested = FRAMES.with(|f| {
+            let mut f = f.borrow_mut();
+            let mut nested = Nested::default();
+            while f.len() > begun.depth {
+                if let Some(n) = f.pop() {
+                    nested.reads.extend(n.reads);
+                    nested.unknown |= n.unknown;
+                }
+            }
+            nested
+        });
+        let took = begun.started.elapsed();
+        core.counters.rendered(took);
+        let tokens: Vec<&str> = begun.tokens.iter().map(String::as_str).collect();
+        let Miss {
+            own,
+            own_version,
+            instance,
+            ..
+        } = begun.miss;
+        let rendered = self.rendered(
+            core,
+            &begun.name,
+            &tokens,
+            (own, own_version, instance),
+            nested,
+            took,
+            html,
+        );
+        rendered.report();
     }
 
     /// Stores `html` under `version` unless the generations moved on while it

@@ -83,6 +83,7 @@
 //! | `minijinja` | [`minijinja`] | the `icache` call block, the seed's `{% icache %}` syntax, `render_async` |
 //! | `askama` | [`askama`] | a cached sub-template, rendered only on a miss |
 //! | `maud` | [`maud`] | a cached block that implements `Render` |
+//! | `tera` | [`tera`] | the seed's `{% icache %}` syntax in Tera 2 (no single-flight there) |
 //! | `redis`, `memcached` | | the network backends |
 //!
 //! ## Sync and async
@@ -118,6 +119,8 @@ mod observe;
 #[cfg(any(feature = "redis", feature = "memcached"))]
 mod pool;
 mod stats;
+#[cfg(feature = "tera")]
+pub mod tera;
 
 pub use bytes::Bytes;
 pub use cache::ICache;

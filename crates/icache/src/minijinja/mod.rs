@@ -74,6 +74,8 @@ use crate::fragment::Html;
 
 mod rewrite;
 pub use rewrite::rewrite;
+#[cfg(feature = "tera")]
+pub(crate) use rewrite::rewrite_for_tera;
 
 /// Template values made from stored fragments of the memory backend, by the
 /// address of the stored text. A hit then costs no copy before the output:

@@ -41,7 +41,23 @@ use crate::keys::sha256_hex;
 /// assert!(err.to_string().contains("page.html line 2"), "{err}");
 /// ```
 pub fn rewrite(name: &str, source: &str) -> Result<String, Error> {
-    Rewriter::new(name, source).run()
+    Rewriter::new(name, source, Target::MiniJinja).run()
+}
+
+/// The seed's syntax for Tera: each block becomes a lookup, a hit branch and
+/// a `{% filter %}` section that stores the body (see `crate::tera`).
+/// Hand-written `{% call icache %}` blocks are MiniJinja's and left alone.
+#[cfg(feature = "tera")]
+pub(crate) fn rewrite_for_tera(name: &str, source: &str) -> Result<String, Error> {
+    Rewriter::new(name, source, Target::Tera).run()
+}
+
+/// Which engine the rewrite writes for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    MiniJinja,
+    #[cfg(feature = "tera")]
+    Tera,
 }
 
 /// One `{% … %}` tag found in the source (never a `raw`/`endraw` one).
@@ -242,6 +258,7 @@ struct Rewriter<'a> {
     name: &'a str,
     src: &'a str,
     edits: Vec<Edit>,
+    target: Target,
 }
 
 fn syntax(name: &str, line: usize, msg: &str) -> Error {
@@ -249,11 +266,12 @@ fn syntax(name: &str, line: usize, msg: &str) -> Error {
 }
 
 impl<'a> Rewriter<'a> {
-    fn new(name: &'a str, src: &'a str) -> Self {
+    fn new(name: &'a str, src: &'a str, target: Target) -> Self {
         Rewriter {
             name,
             src,
             edits: Vec::new(),
+            target,
         }
     }
 
@@ -331,7 +349,9 @@ impl<'a> Rewriter<'a> {
                 }
                 "call" => {
                     let call = tag.body["call".len()..].trim_start();
-                    if let Some(inner) = call.strip_prefix("icache(") {
+                    if self.target != Target::MiniJinja {
+                        calls.push(None);
+                    } else if let Some(inner) = call.strip_prefix("icache(") {
                         let inner = inner.trim_end();
                         let Some(args) = inner.strip_suffix(')') else {
                             return Err(self.err(at, "cannot read the arguments of call icache(…)"));
@@ -463,6 +483,10 @@ impl<'a> Rewriter<'a> {
     fn close(&mut self, open: OpenBlock, tag: &Tag<'_>, end_word: &str) {
         let body = &self.src[open.body_start..tag.start];
         let digest = sha256_hex(body.as_bytes());
+        #[cfg(feature = "tera")]
+        if self.target == Target::Tera {
+            return self.close_for_tera(open, tag, &digest);
+        }
         let id = format!("{}:{}:{}:{}", self.name, open.line, open.col, &digest[..16]);
         // The template name is anyone's text (non-ASCII, quotes, newlines):
         // escaped for MiniJinja, it cannot break the tag or add lines.
@@ -492,6 +516,47 @@ impl<'a> Rewriter<'a> {
             end: tag.end,
             text: format!(
                 "{{%{} {end_word}{} {}%}}",
+                tag.open_mark,
+                "\n".repeat(close_lines),
+                tag.close_mark
+            ),
+        });
+    }
+
+    /// Tera has no custom tags and no call blocks: the block becomes
+    /// `{% set v = icache_get(tokens=[…], block="…") %}{% if v.hit %}{{ v.html | safe }}
+    /// {% else %}{% filter icache_put(ticket=v.ticket) %}…{% endfilter %}{% endif %}`,
+    /// so the body is read (and its data loaded) only on a miss. The
+    /// identity names the template by a digest (Tera's string literals have
+    /// no escapes, and a name is anyone's text).
+    #[cfg(feature = "tera")]
+    fn close_for_tera(&mut self, open: OpenBlock, tag: &Tag<'_>, digest: &str) {
+        let id = format!(
+            "{}:{}:{}:{}",
+            &sha256_hex(self.name.as_bytes())[..16],
+            open.line,
+            open.col,
+            &digest[..16]
+        );
+        let var = format!("__icache_{}", open.edit);
+        let open_src = &self.src[self.edits[open.edit].start..self.edits[open.edit].end];
+        let missing = open_src
+            .matches('\n')
+            .count()
+            .saturating_sub(open.args.matches('\n').count());
+        self.edits[open.edit].text = format!(
+            "{{%{} set {var} = icache_get(tokens=[{}], block=\"{id}\"){} %}}{{% if {var}.hit %}}{{{{ {var}.html | safe }}}}{{% else %}}{{% filter icache_put(ticket={var}.ticket) {}%}}",
+            open.open_mark,
+            open.args,
+            "\n".repeat(missing),
+            open.close_mark
+        );
+        let close_lines = self.src[tag.start..tag.end].matches('\n').count();
+        self.edits.push(Edit {
+            start: tag.start,
+            end: tag.end,
+            text: format!(
+                "{{%{} endfilter{} %}}{{% endif {}%}}",
                 tag.open_mark,
                 "\n".repeat(close_lines),
                 tag.close_mark

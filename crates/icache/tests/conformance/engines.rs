@@ -236,3 +236,115 @@ fn askama_blocks() {
         assert_eq!(renders.load(Ordering::SeqCst), 1, "single-flight");
     }
 }
+
+// ---- Tera ------------------------------------------------------------------
+
+#[test]
+fn tera_blocks() {
+    use std::sync::atomic::AtomicBool;
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    for cache in caches(&redis) {
+        let renders = Arc::new(AtomicUsize::new(0));
+        let items = Arc::new(std::sync::Mutex::new(vec![
+            TRICKY.to_string(),
+            "plain".to_string(),
+        ]));
+        let fail_once = Arc::new(AtomicBool::new(false));
+        let mut tera = tera::Tera::default();
+        icache::tera::register(&mut tera, cache.clone());
+        let (r, i, f) = (renders.clone(), items.clone(), fail_once.clone());
+        tera.register_function("items", move |_: tera::Kwargs, _: &tera::State| {
+            if f.swap(false, Ordering::SeqCst) {
+                return Err(tera::Error::message("the database went away"));
+            }
+            r.fetch_add(1, Ordering::SeqCst);
+            Ok(i.lock().expect("items").clone())
+        });
+        let body = "<ul>{% for i in items() %}<li title=\"{{ i }}\">{{ i }}</li>{% endfor %}</ul>";
+        let source = format!(
+            "{{% load icache %}}<h1>Items</h1>{{% icache 'items' %}}{body}{{% endicache %}}"
+        );
+        tera.add_raw_template(
+            "page.html",
+            &icache::tera::rewrite("page.html", &source).expect("rewrite"),
+        )
+        .expect("page");
+        tera.add_raw_template("plain.html", &format!("<h1>Items</h1>{body}"))
+            .expect("plain");
+        let ctx = tera::Context::new();
+        let uncached = tera.render("plain.html", &ctx).expect("plain");
+        let first = icache::tera::render(&tera, "page.html", &ctx).expect("render");
+        assert_eq!(
+            first, uncached,
+            "identical to the uncached render, escaping included"
+        );
+        let renders_before = renders.load(Ordering::SeqCst);
+        *items.lock().expect("items") = vec!["other".into()];
+        assert_eq!(
+            icache::tera::render(&tera, "page.html", &ctx).expect("hit"),
+            first,
+            "a hit"
+        );
+        assert_eq!(
+            renders.load(Ordering::SeqCst),
+            renders_before,
+            "the hit skipped the body"
+        );
+        cache.incr("items").expect("bump");
+        let after = icache::tera::render(&tera, "page.html", &ctx).expect("render");
+        assert!(after.contains("<li title=\"other\">other</li>"), "{after}");
+
+        // Nested blocks: the outer one depends on the inner one's token.
+        let nested = "{% load icache %}{% icache 'outer' %}<div>{% icache 'inner' %}<p>{{ word }}</p>{% endicache %}</div>{% endicache %}";
+        tera.add_raw_template(
+            "nested.html",
+            &icache::tera::rewrite("nested.html", nested).expect("rewrite"),
+        )
+        .expect("nested");
+        let with = |word: &str| {
+            let mut ctx = tera::Context::new();
+            ctx.insert("word", word);
+            icache::tera::render(&tera, "nested.html", &ctx).expect("nested")
+        };
+        assert_eq!(with("one"), "<div><p>one</p></div>");
+        assert_eq!(with("two"), "<div><p>one</p></div>", "a hit");
+        cache.incr("inner").expect("bump the inner token");
+        assert_eq!(
+            with("three"),
+            "<div><p>three</p></div>",
+            "the outer block re-rendered"
+        );
+
+        // An error halfway stores nothing and leaves nothing behind.
+        cache.incr("items").expect("bump");
+        fail_once.store(true, Ordering::SeqCst);
+        assert!(icache::tera::render(&tera, "page.html", &ctx).is_err());
+        *items.lock().expect("items") = vec!["fresh".into()];
+        let fresh = icache::tera::render(&tera, "page.html", &ctx).expect("render");
+        assert!(fresh.contains(">fresh<"), "{fresh}");
+        assert_eq!(
+            icache::tera::render(&tera, "page.html", &ctx).expect("hit"),
+            fresh
+        );
+
+        // A `none` token: rendered uncached, never merged.
+        let per_user = "{% load icache %}{% icache 'p' user %}<p>{{ name }}</p>{% endicache %}";
+        tera.add_raw_template(
+            "user.html",
+            &icache::tera::rewrite("user.html", per_user).expect("rewrite"),
+        )
+        .expect("user");
+        let as_user = |name: &str| {
+            let mut ctx = tera::Context::new();
+            ctx.insert("name", name);
+            ctx.insert("user", &Option::<i64>::None);
+            icache::tera::render(&tera, "user.html", &ctx).expect("user")
+        };
+        assert_eq!(
+            (as_user("Ann"), as_user("Bob")),
+            ("<p>Ann</p>".to_string(), "<p>Bob</p>".to_string())
+        );
+    }
+}
