@@ -174,7 +174,7 @@ fn check_report(report: &str) {
         check_row(report, label, 6, false);
     }
     // 1. Other engines.
-    for label in ["Askama", "maud"] {
+    for label in ["Askama", "maud", "Tera"] {
         check_row(report, label, 5, false);
     }
     // 4. Page level.

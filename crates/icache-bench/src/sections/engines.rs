@@ -1,5 +1,5 @@
 //! Part of section 1 of the report: a block hit in each template engine
-//! (Askama, maud) against rendering the same block uncached.
+//! (Askama, maud, Tera) against rendering the same block uncached.
 
 use std::hint::black_box;
 
@@ -55,6 +55,40 @@ pub(crate) fn engines(servers: &Servers<'_>, settings: &Settings) -> String {
             .unwrap_or_else(|e| panic!("askama: {e}"))
     };
     let maud_render = || maud_list(&query()).into_string();
+    // Tera: the same list from a template function (so a hit skips the
+    // query), the block written in the seed's syntax and rewritten.
+    const TERA_BODY: &str = "<ol id=\"personal\">{% for m in movies() %}<li data-movie=\"{{ m.id }}\"><span class=\"rating\">{{ m.rating }}/5</span> <span class=\"title\">{{ m.title }}</span> <span class=\"year\">({{ m.year }})</span></li>{% endfor %}</ol>";
+    let teras: Vec<tera::Tera> = caches
+        .iter()
+        .map(|(_, cache)| {
+            let mut t = tera::Tera::default();
+            icache::tera::register(&mut t, cache.clone());
+            let site = state.clone();
+            t.register_function("movies", move |_: tera::Kwargs, _: &tera::State| {
+                let rows = site
+                    .db()
+                    .personal_ratings_page(USER, 1, icache_demo::PER_PAGE)
+                    .map_err(|e| tera::Error::message(e.to_string()))?;
+                Ok::<_, tera::Error>(tera::Value::from_serializable(&rows))
+            });
+            let block = format!("{{% load icache %}}{{% icache 'engines' 'movies' '7' %}}{TERA_BODY}{{% endicache %}}");
+            let rewritten = icache::tera::rewrite("block.html", &block).unwrap_or_else(|e| panic!("tera rewrite: {e}"));
+            t.add_raw_template("block.html", &rewritten)
+                .unwrap_or_else(|e| panic!("tera template: {e}"));
+            t.add_raw_template("plain.html", TERA_BODY)
+                .unwrap_or_else(|e| panic!("tera template: {e}"));
+            t
+        })
+        .collect();
+    let ctx = tera::Context::new();
+    let tera_render = || {
+        teras[0]
+            .render("plain.html", &ctx)
+            .unwrap_or_else(|e| panic!("tera: {e}"))
+    };
+    let tera_hit = |i: usize| {
+        icache::tera::render(&teras[i], "block.html", &ctx).unwrap_or_else(|e| panic!("tera: {e}"))
+    };
     let askama_hit = |cache: &ICache| {
         icache::askama::cached(cache, "list", &tokens, || List { movies: &[] }).to_string()
     };
@@ -66,6 +100,11 @@ pub(crate) fn engines(servers: &Servers<'_>, settings: &Settings) -> String {
     // called on a hit: the empty list above only types it).
     let askama_html = askama_render();
     let maud_html = maud_render();
+    let tera_html = tera_render();
+    for (i, (name, _)) in caches.iter().enumerate() {
+        assert_eq!(tera_hit(i), tera_html, "{name}: tera block differs");
+        assert_eq!(tera_hit(i), tera_html, "{name}: tera hit");
+    }
     for (name, cache) in &caches {
         let movies = query();
         let real =
@@ -86,6 +125,9 @@ pub(crate) fn engines(servers: &Servers<'_>, settings: &Settings) -> String {
         Case::new("maud render", || {
             black_box(maud_render());
         }),
+        Case::new("tera render", || {
+            black_box(tera_render());
+        }),
     ];
     for (name, cache) in &caches {
         cases.push(Case::new(format!("askama {name} hit"), move || {
@@ -95,6 +137,11 @@ pub(crate) fn engines(servers: &Servers<'_>, settings: &Settings) -> String {
             black_box(maud_hit(cache));
         }));
     }
+    for (i, (name, _)) in caches.iter().enumerate() {
+        cases.push(Case::new(format!("tera {name} hit"), move || {
+            black_box(tera_hit(i));
+        }));
+    }
     let t = timing::interleaved(&settings.plan, &mut cases);
     drop(cases);
     checks.into_iter().for_each(AllHits::check);
@@ -102,8 +149,10 @@ pub(crate) fn engines(servers: &Servers<'_>, settings: &Settings) -> String {
     let mut md = format!(
         "\n### Other engines\n\n\
          The same list ({} of HTML, query included in the render) as an Askama \
-         template in a `icache::askama::cached` sub-template, and as maud markup in \
-         an `icache::maud::cached` block; each engine's block hit against its own \
+         template in a `icache::askama::cached` sub-template, as maud markup in \
+         an `icache::maud::cached` block, and as a Tera template with the seed's \
+         `{{% icache %}}` block (rewritten by `icache::tera::rewrite`, rendered by \
+         `icache::tera::render`); each engine's block hit against its own \
          uncached render.\n\n",
         report::bytes(askama_html.len())
     );
@@ -115,9 +164,20 @@ pub(crate) fn engines(servers: &Servers<'_>, settings: &Settings) -> String {
         "hit, memcached",
         "render ÷ hit (memory / redis / memcached)",
     ]);
-    for (e, engine) in ["Askama", "maud"].iter().enumerate() {
+    let n = BACKENDS.len();
+    for (e, engine) in ["Askama", "maud", "Tera"].iter().enumerate() {
         let render = t[e];
-        let hits: Vec<f64> = (0..BACKENDS.len()).map(|i| t[2 + 2 * i + e]).collect();
+        // Cases: 3 renders, then askama/maud hits interleaved per backend,
+        // then the Tera hits.
+        let hits: Vec<f64> = (0..n)
+            .map(|i| {
+                if e < 2 {
+                    t[3 + 2 * i + e]
+                } else {
+                    t[3 + 2 * n + i]
+                }
+            })
+            .collect();
         table.row(&[
             (*engine).to_owned(),
             report::time(render),

@@ -94,7 +94,7 @@ pub(crate) fn pages(servers: &Servers<'_>, settings: &Settings) -> Section {
         Vec::new()
     } else {
         vec![format!(
-            "- **redis hung, p50 ÷ `none://`** ({}): every request should fail \
+            "**4. redis hung, p50 ÷ `none://`** ({}): every request should fail \
              fast while the circuit breaker is open; a probe pays one 100 ms \
              time-out every back-off period (up to 4 s). A miss here means \
              probes or time-outs reached the median request.",
