@@ -153,7 +153,10 @@ fn memcached_pool() {
 /// moving keys keeps the promise (all clients agree on which servers are up).
 #[test]
 fn memcached_pool_failover_move_one_process() {
-    chaos_with("memcached-pool", &["--processes", "1"]);
+    chaos_with(
+        "memcached-pool",
+        &["--processes", "1", "--url-options", "failover=move"],
+    );
 }
 
 /// `failover=move` shared by three processes: **fails** (stale reads within
@@ -162,9 +165,9 @@ fn memcached_pool_failover_move_one_process() {
 /// process can bump a token where another does not read it. The documented
 /// limit of `failover=move` (RELIABILITY.md); use `failover=off` when
 /// several processes share a pool. Replay with
-/// `cargo run --release -p icache-chaos -- --backend memcached-pool --seconds 120 --seed 552286703`.
+/// `cargo run --release -p icache-chaos -- --backend memcached-pool --seconds 120 --seed 552286703 --url-options failover=move`.
 #[test]
 #[ignore = "known limit of failover=move: processes that disagree on which servers are up can serve stale reads"]
 fn memcached_pool_failover_move_three_processes() {
-    chaos("memcached-pool");
+    chaos_with("memcached-pool", &["--url-options", "failover=move"]);
 }
