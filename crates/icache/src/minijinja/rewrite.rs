@@ -496,28 +496,36 @@ impl<'a> Rewriter<'a> {
         } else {
             ", "
         };
-        // The arguments keep their own newlines; any other newline the
-        // original tag had goes back in as whitespace inside the new tag.
+        let missing = self.missing_newlines(&open);
+        self.edits[open.edit].text = format!(
+            "{{%{} call icache({}{sep}{BLOCK_KW}={id}){missing} {}%}}",
+            open.open_mark, open.args, open.close_mark
+        );
+        self.replace_close(tag, |newlines| format!("{end_word}{newlines} "));
+    }
+
+    /// The newlines of the opening tag that its arguments do not carry: they
+    /// go back in as whitespace inside the new tag, so lines are kept.
+    fn missing_newlines(&self, open: &OpenBlock) -> String {
         let open_src = &self.src[self.edits[open.edit].start..self.edits[open.edit].end];
         let missing = open_src
             .matches('\n')
             .count()
             .saturating_sub(open.args.matches('\n').count());
-        self.edits[open.edit].text = format!(
-            "{{%{} call icache({}{sep}{BLOCK_KW}={id}){} {}%}}",
-            open.open_mark,
-            open.args,
-            "\n".repeat(missing),
-            open.close_mark
-        );
-        let close_lines = self.src[tag.start..tag.end].matches('\n').count();
+        "\n".repeat(missing)
+    }
+
+    /// Replaces the closing tag by `{%<mark> body(newlines) <mark>%}`, the
+    /// tag's own newlines kept.
+    fn replace_close(&mut self, tag: &Tag<'_>, body: impl FnOnce(&str) -> String) {
+        let newlines = "\n".repeat(self.src[tag.start..tag.end].matches('\n').count());
         self.edits.push(Edit {
             start: tag.start,
             end: tag.end,
             text: format!(
-                "{{%{} {end_word}{} {}%}}",
+                "{{%{} {}{}%}}",
                 tag.open_mark,
-                "\n".repeat(close_lines),
+                body(&newlines),
                 tag.close_mark
             ),
         });
@@ -539,29 +547,12 @@ impl<'a> Rewriter<'a> {
             &digest[..16]
         );
         let var = format!("__icache_{}", open.edit);
-        let open_src = &self.src[self.edits[open.edit].start..self.edits[open.edit].end];
-        let missing = open_src
-            .matches('\n')
-            .count()
-            .saturating_sub(open.args.matches('\n').count());
+        let missing = self.missing_newlines(&open);
         self.edits[open.edit].text = format!(
-            "{{%{} set {var} = icache_get(tokens=[{}], block=\"{id}\"){} %}}{{% if {var}.hit %}}{{{{ {var}.html | safe }}}}{{% else %}}{{% filter icache_put(ticket={var}.ticket) {}%}}",
-            open.open_mark,
-            open.args,
-            "\n".repeat(missing),
-            open.close_mark
+            "{{%{} set {var} = icache_get(tokens=[{}], block=\"{id}\"){missing} %}}{{% if {var}.hit %}}{{{{ {var}.html | safe }}}}{{% else %}}{{% filter icache_put(ticket={var}.ticket) {}%}}",
+            open.open_mark, open.args, open.close_mark
         );
-        let close_lines = self.src[tag.start..tag.end].matches('\n').count();
-        self.edits.push(Edit {
-            start: tag.start,
-            end: tag.end,
-            text: format!(
-                "{{%{} endfilter{} %}}{{% endif {}%}}",
-                tag.open_mark,
-                "\n".repeat(close_lines),
-                tag.close_mark
-            ),
-        });
+        self.replace_close(tag, |newlines| format!("endfilter{newlines} %}}{{% endif "));
     }
 
     fn apply(mut self) -> String {
