@@ -438,14 +438,14 @@ pub(crate) struct Output<'a> {
 pub(crate) enum Begun {
     Hit(Arc<str>),
     /// Render the body, then hand it to [`Blocks::finish`].
-    Render(Begun2),
+    Render(Unfinished),
     /// The cache is down: render the body, uncached.
     Uncached,
 }
 
 #[cfg(feature = "tera")]
 /// A block whose body is being rendered by the engine.
-pub(crate) struct Begun2 {
+pub(crate) struct Unfinished {
     name: String,
     tokens: Vec<String>,
     miss: Miss,
@@ -816,7 +816,7 @@ impl Blocks {
                 core.counters.count(Event::Miss);
                 let depth = FRAMES.with(|f| f.borrow().len());
                 FRAMES.with(|f| f.borrow_mut().push(Nested::default()));
-                Begun::Render(Begun2 {
+                Begun::Render(Unfinished {
                     name,
                     tokens: tokens.iter().map(|t| (*t).to_owned()).collect(),
                     miss,
@@ -830,7 +830,7 @@ impl Blocks {
     #[cfg(feature = "tera")]
     /// The second half: stores the body's output (unless outdated) and
     /// reports its dependencies to the enclosing block.
-    pub(crate) fn finish(&self, core: &Core, begun: Begun2, html: String) {
+    pub(crate) fn finish(&self, core: &Core, begun: Unfinished, html: String) {
         // Frames above ours belong to blocks that never finished (an engine
         // error skipped their end): dropped, and ours with them counted.
         let nested = FRAMES.with(|f| {

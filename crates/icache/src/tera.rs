@@ -55,7 +55,7 @@ use std::collections::HashMap;
 use tera::{Context, Error, Kwargs, State, Tera, Value};
 
 use crate::ICache;
-use crate::fragment::{Begun, Begun2, frame_depth, unwind_frames};
+use crate::fragment::{Begun, Unfinished, frame_depth, unwind_frames};
 
 thread_local! {
     /// Blocks begun and not finished yet in this thread's [`render`]s;
@@ -66,7 +66,7 @@ thread_local! {
 #[derive(Default)]
 struct Tickets {
     next: u64,
-    open: HashMap<u64, (ICache, Begun2)>,
+    open: HashMap<u64, (ICache, Unfinished)>,
 }
 
 /// Rewrites the seed's `{% icache … %}…{% endicache %}` blocks (and

@@ -779,20 +779,12 @@ enum Incr {
 
 impl Backend for Memcached {
     fn fetch(&self, tokens: &[&str], entries: &[Key<'_>]) -> Result<Fetched> {
-        let all: Vec<String> = tokens
-            .iter()
-            .map(|t| self.key(Key::gen_(t)))
-            .chain(entries.iter().map(|k| self.key(*k)))
-            .collect();
+        let all: Vec<String> = super::fetch_keys(&self.prefix, tokens, entries);
         if all.is_empty() {
             return Ok(super::assemble(Vec::new(), 0, None));
         }
         let (values, here) = unchecked(self.get_keys(&all, Check::default())?)?;
-        let tagged = values
-            .into_iter()
-            .map(|v| v.map(|b| (b, here.clone())))
-            .collect();
-        Ok(super::assemble(tagged, tokens.len(), Some(here)))
+        Ok(super::assemble_from(values, tokens.len(), here))
     }
 
     fn init_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {

@@ -149,6 +149,31 @@ pub(crate) fn assemble(
     }
 }
 
+/// The backend keys of one fetch, generations first, then entries, all
+/// under `prefix` (a [`keys::key_prefix`](crate::keys::key_prefix)).
+#[cfg(any(feature = "redis", feature = "memcached"))]
+pub(crate) fn fetch_keys(prefix: &str, tokens: &[&str], entries: &[Key<'_>]) -> Vec<String> {
+    tokens
+        .iter()
+        .map(|t| crate::keys::encode(prefix, Key::gen_(t)))
+        .chain(entries.iter().map(|k| crate::keys::encode(prefix, *k)))
+        .collect()
+}
+
+/// [`assemble`] for values that all came from one server instance.
+#[cfg(any(feature = "redis", feature = "memcached"))]
+pub(crate) fn assemble_from(
+    values: Vec<Option<Vec<u8>>>,
+    tokens: usize,
+    instance: Arc<str>,
+) -> Fetched {
+    let tagged = values
+        .into_iter()
+        .map(|v| v.map(|b| (b, instance.clone())))
+        .collect();
+    assemble(tagged, tokens, Some(instance))
+}
+
 /// A backend spread over several servers (a memcached pool, a Redis
 /// Cluster): it routes keys to shards, and everything but the parallel fetch
 /// is the single-server operation run on each shard's keys.

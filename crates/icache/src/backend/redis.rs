@@ -200,11 +200,7 @@ impl Backend for Redis {
         if tokens.is_empty() && entries.is_empty() {
             return Ok(Fetched::default());
         }
-        let all: Vec<String> = tokens
-            .iter()
-            .map(|t| self.key(Key::gen_(t)))
-            .chain(entries.iter().map(|k| self.key(*k)))
-            .collect();
+        let all: Vec<String> = super::fetch_keys(&self.prefix, tokens, entries);
         let (values, instance): (Vec<Option<Vec<u8>>>, Arc<str>) = self.run_on("MGET", |c| {
             let v = redis::cmd("MGET").arg(&all).query(&mut c.con)?;
             Ok((v, c.instance.clone()))
@@ -220,11 +216,7 @@ impl Backend for Redis {
                 ),
             ));
         }
-        let tagged = values
-            .into_iter()
-            .map(|v| v.map(|b| (b, instance.clone())))
-            .collect();
-        Ok(super::assemble(tagged, tokens.len(), Some(instance)))
+        Ok(super::assemble_from(values, tokens.len(), instance))
     }
 
     fn init_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {

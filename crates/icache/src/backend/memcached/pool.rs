@@ -747,11 +747,7 @@ impl MemcachedPool {
 
 impl Backend for MemcachedPool {
     fn fetch(&self, tokens: &[&str], entries: &[Key<'_>]) -> Result<Fetched> {
-        let bases: Vec<String> = tokens
-            .iter()
-            .map(|t| self.key(Key::gen_(t)))
-            .chain(entries.iter().map(|k| self.key(*k)))
-            .collect();
+        let bases: Vec<String> = crate::backend::fetch_keys(&self.prefix, tokens, entries);
         let mut found: Vec<Option<(Vec<u8>, Arc<str>)>> = (0..bases.len()).map(|_| None).collect();
         let mut pending: Vec<usize> = (0..bases.len()).collect();
         let mut guard = None;

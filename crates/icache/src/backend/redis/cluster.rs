@@ -437,11 +437,7 @@ impl Sharded for RedisCluster {
 
 impl Backend for RedisCluster {
     fn fetch(&self, tokens: &[&str], entries: &[Key<'_>]) -> Result<Fetched> {
-        let all: Vec<String> = tokens
-            .iter()
-            .map(|t| self.key(Key::gen_(t)))
-            .chain(entries.iter().map(|k| self.key(*k)))
-            .collect();
+        let all: Vec<String> = crate::backend::fetch_keys(&self.prefix, tokens, entries);
         let mut values = None;
         for _ in 0..3 {
             if let Some(v) = self.fetch_once(&all)? {
