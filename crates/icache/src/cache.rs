@@ -14,6 +14,7 @@ use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::fragment::{AsyncRole, Blocks, Html, Lookup, Output, fragment_name, leading};
 use crate::keys::Key;
+use crate::near::{Kind, Near};
 use crate::stats::{Event, Stats};
 
 /// A handle to a timeout-less cache. Cheap to clone; all clones share one
@@ -92,11 +93,22 @@ impl ICache {
     /// ```
     pub fn from_url(url: &str) -> Result<ICache> {
         let config = Config::parse(url)?;
+        let near = Near::new(config.near, config.near_max_bytes);
+        // The `near=tracking` thread, kept alive by the handle.
+        #[allow(unused_mut)]
+        let mut tracking: Option<Box<dyn std::any::Any + Send + Sync>> = None;
         let backend: Box<dyn Backend> = match &config.target {
             Target::Memory { max_bytes } => Box::new(backend::memory::Memory::new(*max_bytes)?),
             Target::Nothing => Box::new(backend::none::Nothing),
             #[cfg(feature = "redis")]
-            Target::Redis { .. } => Box::new(backend::redis::Redis::new(&config)?),
+            Target::Redis { .. } => {
+                let redis = backend::redis::Redis::new(&config)?;
+                if let Some(gens) = near.as_ref().and_then(|n| n.gens.clone()) {
+                    let thread = backend::redis::tracking::start(redis.tracking_setup()?, gens)?;
+                    tracking = Some(Box::new(thread));
+                }
+                Box::new(redis)
+            }
             #[cfg(feature = "redis")]
             Target::RedisCluster { .. } => {
                 Box::new(backend::redis::cluster::RedisCluster::new(&config)?)
@@ -119,9 +131,11 @@ impl ICache {
                 )));
             }
         };
+        let mut core = Core::new(backend, config, near);
+        core._tracking = tracking;
         Ok(ICache {
             inner: Arc::new(Inner {
-                core: Core::new(backend, config),
+                core,
                 blocks: Blocks::default(),
             }),
         })
@@ -220,10 +234,11 @@ impl ICache {
     /// # Ok::<(), std::convert::Infallible>(())
     /// ```
     pub fn stats(&self) -> Stats {
-        self.inner
-            .core
-            .counters
-            .snapshot(self.inner.core.backend.evictions())
+        let core = &self.inner.core;
+        core.counters.snapshot(
+            core.backend.evictions(),
+            core.near.as_ref().map_or(0, Near::bytes),
+        )
     }
 
     // ---- generations -------------------------------------------------------
@@ -295,7 +310,9 @@ impl ICache {
     /// # Ok::<(), icache::Error>(())
     /// ```
     pub fn forget_token(&self, token: &str) -> Result<bool> {
-        self.inner.core.backend.delete(Key::gen_(token))
+        let out = self.inner.core.backend.delete(Key::gen_(token));
+        self.inner.core.forget_local(&[token]);
+        out
     }
 
     /// The current generation of each token, in order (missing ones are
@@ -327,7 +344,10 @@ impl ICache {
             return Ok(0);
         }
         self.inner.core.replay_pending()?;
-        let gens = self.inner.core.backend.fetch(tokens, &[])?.gens;
+        if let Some((gens, _)) = self.inner.core.local_gens(tokens) {
+            return Ok(gens.into_iter().fold(0, u64::wrapping_add));
+        }
+        let gens = self.inner.core.fetch(tokens, &[])?.gens;
         // Hot path: every generation was there; no second pass, no allocation.
         let mut sum = 0u64;
         for g in &gens {
@@ -381,6 +401,9 @@ impl ICache {
     }
 
     fn store_versioned(&self, key: &str, payload: Payload, version: u64) -> Result<()> {
+        if let Some(near) = &self.inner.core.near {
+            near.drop_body(Kind::Versioned, key);
+        }
         self.inner
             .core
             .backend
@@ -425,12 +448,44 @@ impl ICache {
     }
 
     fn load_versioned(&self, key: &str, version: u64) -> Result<Option<Payload>> {
-        Ok(
-            match self.inner.core.backend.get_entry(Key::versioned(key))? {
+        let core = &self.inner.core;
+        let Some(near) = core
+            .near
+            .as_ref()
+            .filter(|_| core.backend.single_instance())
+        else {
+            return Ok(match core.backend.get_entry(Key::versioned(key))? {
                 Some(entry) if entry.version == Some(version) => Some(entry.payload.clone()),
                 _ => None,
-            },
-        )
+            });
+        };
+        // An entry never changes under its (key, version, instance): the
+        // copy kept here serves while the server is the one it came from
+        // (known without a round trip under near=tracking, else asked).
+        if let Some(held) = near.get(Kind::Versioned, key)
+            && held.entry.version == Some(version)
+        {
+            let now = match core.tracked_instance() {
+                Some(i) => Some(i),
+                None => core.backend.instance()?,
+            };
+            if now.as_deref() == Some(&*held.instance) {
+                core.counters.count(Event::NearHit);
+                return Ok(Some(held.entry.payload.clone()));
+            }
+            core.counters.count(Event::BodyFetch);
+        } else {
+            core.counters.count(Event::NearMiss);
+        }
+        let fetched = core.backend.fetch(&[], &[Key::versioned(key)])?;
+        Ok(match fetched.entries.into_iter().next().flatten() {
+            Some(entry) if entry.version == Some(version) => {
+                let payload = entry.payload.clone();
+                core.keep_near(Kind::Versioned, key, fetched.instance.as_ref(), entry);
+                Some(payload)
+            }
+            _ => None,
+        })
     }
 
     // ---- plain caching -----------------------------------------------------

@@ -17,6 +17,23 @@ pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_millis(100);
 pub(crate) const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(100);
 /// Default number of idle connections kept per server.
 pub(crate) const DEFAULT_POOL_SIZE: usize = 8;
+/// Default `?near_max_bytes=`: the in-process bound of the near cache.
+pub(crate) const DEFAULT_NEAR_MAX_BYTES: u64 = 64 * 1024 * 1024;
+/// Default `?max_lag_ms=` of `near=tracking`.
+pub(crate) const DEFAULT_MAX_LAG: Duration = Duration::from_millis(100);
+
+/// `?near=`: what a network backend also keeps in process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Near {
+    /// Nothing: every read is one round trip carrying the value.
+    Off,
+    /// Entries and fragment bodies, by (key, version, server instance): a hit
+    /// fetches the generations only.
+    Entries,
+    /// Entries, and generations kept coherent by Redis's client-side caching:
+    /// a hit makes no round trip, and is at most `max_lag` behind a bump.
+    Tracking { max_lag: Duration },
+}
 
 /// Which backend, with its own settings.
 #[derive(Clone, PartialEq, Eq)]
@@ -53,6 +70,10 @@ pub(crate) struct Config {
     pub(crate) timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) pool_size: usize,
+    /// `?near=` (network backends; `Off` in process, where it means nothing).
+    pub(crate) near: Near,
+    /// `?near_max_bytes=`.
+    pub(crate) near_max_bytes: u64,
     /// The URL with any password replaced by `***`, for messages.
     pub(crate) redacted: String,
 }
@@ -77,6 +98,9 @@ const HARMLESS: &[&str] = &[
     "ca_file",
     "protocol",
     "failover",
+    "near",
+    "max_lag_ms",
+    "near_max_bytes",
 ];
 
 /// The URL for messages, `Debug` and `url()`: the password and the value of
@@ -209,6 +233,45 @@ fn closest_scheme(typed: &str) -> Option<&'static str> {
         .map(|(_, s)| s)
 }
 
+/// Checks `?near=` and `?max_lag_ms=` against the backend; the default is
+/// `entries` on network backends and nothing in process.
+fn near_option(
+    target: &Target,
+    near: Option<Near>,
+    max_lag: Option<Duration>,
+    redacted: &str,
+) -> Result<Near> {
+    let in_process = matches!(target, Target::Memory { .. } | Target::Nothing);
+    if in_process && near.is_some_and(|n| n != Near::Off) {
+        return Err(Error::config(format!(
+            "option near= in {redacted}: this cache is in process already; near= is for \
+             redis://, rediss://, redis+cluster:// and memcached://"
+        )));
+    }
+    let near = near.unwrap_or(if in_process { Near::Off } else { Near::Entries });
+    match (near, max_lag) {
+        (Near::Tracking { .. }, Some(max_lag)) => Ok(Near::Tracking { max_lag }),
+        (_, Some(_)) => Err(Error::config(format!(
+            "option max_lag_ms= in {redacted} is for near=tracking, the only mode whose reads \
+             can lag a bump"
+        ))),
+        (Near::Tracking { .. }, _) if matches!(target, Target::Memcached { .. }) => {
+            Err(Error::config(format!(
+                "option near=tracking in {redacted}: memcached cannot tell a client that a key \
+                 changed (it has no client-side caching), so generations cannot be kept in \
+                 process; use near=entries (the default)"
+            )))
+        }
+        (Near::Tracking { .. }, _) if matches!(target, Target::RedisCluster { .. }) => {
+            Err(Error::config(format!(
+                "option near=tracking in {redacted}: tracking needs a single Redis node \
+                 (redis:// or rediss://); on a cluster use near=entries (the default)"
+            )))
+        }
+        (near, _) => Ok(near),
+    }
+}
+
 impl Config {
     pub(crate) fn parse(input: &str) -> Result<Config> {
         let input = input.trim();
@@ -240,6 +303,9 @@ impl Config {
         let mut passthrough: Vec<(String, String)> = Vec::new();
         let mut ca_file = None;
         let mut failover = None;
+        let mut near = None;
+        let mut max_lag = None;
+        let mut near_max_bytes = DEFAULT_NEAR_MAX_BYTES;
 
         for (k, v) in url.query_pairs() {
             match &*k {
@@ -280,6 +346,31 @@ impl Config {
                         }
                     })
                 }
+                "near" => {
+                    near = Some(match &*v {
+                        "entries" => Near::Entries,
+                        "tracking" => Near::Tracking {
+                            max_lag: DEFAULT_MAX_LAG,
+                        },
+                        "off" => Near::Off,
+                        _ => {
+                            return Err(Error::config(format!(
+                                "option near={v:?} in {redacted}: expected entries (the default), tracking or off"
+                            )));
+                        }
+                    })
+                }
+                "max_lag_ms" => max_lag = Some(parse_ms("max_lag_ms", &v, &redacted)?),
+                "near_max_bytes" => {
+                    near_max_bytes = match v.parse::<u64>() {
+                        Ok(n) if n >= 1024 => n,
+                        _ => {
+                            return Err(Error::config(format!(
+                                "option near_max_bytes={v:?} in {redacted}: expected a number of bytes >= 1024"
+                            )));
+                        }
+                    }
+                }
                 "protocol" if scheme == "redis" || scheme == "rediss" => {
                     passthrough.push((k.into_owned(), v.into_owned()))
                 }
@@ -289,7 +380,7 @@ impl Config {
                         if scheme == "memory" {
                             ", max_bytes"
                         } else {
-                            ""
+                            ", near, max_lag_ms, near_max_bytes"
                         }
                     )));
                 }
@@ -416,12 +507,15 @@ impl Config {
             }
         };
 
+        let near = near_option(&target, near, max_lag, &redacted)?;
         Ok(Config {
             target,
             prefix,
             timeout,
             connect_timeout,
             pool_size,
+            near,
+            near_max_bytes,
             redacted,
         })
     }

@@ -3,13 +3,15 @@
 //! ([`ICache`](crate::ICache), `cache.rs`) and the block engine
 //! (`fragment.rs`) both work on a `Core`; neither depends on the other.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use crate::backend::{self, Backend};
+use crate::backend::{self, Backend, Fetched};
+use crate::codec::Entry;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::keys::Key;
+use crate::keys::{self, Key};
+use crate::near::{Gens, Near};
 use crate::stats::{Counters, Event, Every};
 
 /// Bumps that failed (the backend was down or hung), to be replayed.
@@ -139,10 +141,14 @@ pub(crate) struct Core {
     pub(crate) trouble_log: Every,
     /// "Too large" warnings, at most every 10 s.
     pub(crate) too_large_log: Every,
+    /// `?near=`: what is also kept in process (`None`: nothing).
+    pub(crate) near: Option<Near>,
+    /// Keeps the `near=tracking` thread running while the handle lives.
+    pub(crate) _tracking: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl Core {
-    pub(crate) fn new(backend: Box<dyn Backend>, config: Config) -> Core {
+    pub(crate) fn new(backend: Box<dyn Backend>, config: Config, near: Option<Near>) -> Core {
         let counters = Counters::new(backend.name());
         Core {
             backend,
@@ -151,6 +157,72 @@ impl Core {
             pending: Pending::default(),
             trouble_log: Every::new(),
             too_large_log: Every::new(),
+            near,
+            _tracking: None,
+        }
+    }
+
+    /// The generations kept coherent in process (`near=tracking`).
+    fn tracked(&self) -> Option<&Gens> {
+        self.near.as_ref()?.gens.as_deref()
+    }
+
+    /// The backend keys of `tokens`' generations (what invalidations name).
+    fn gen_keys(&self, tokens: &[&str]) -> Vec<String> {
+        tokens
+            .iter()
+            .map(|t| keys::encode(&self.config.prefix, Key::gen_(t)))
+            .collect()
+    }
+
+    /// The generations of `tokens` from the in-process table, when every one
+    /// is there and the table may be trusted (`near=tracking`): no round trip.
+    pub(crate) fn local_gens(&self, tokens: &[&str]) -> Option<(Vec<u64>, Arc<str>)> {
+        let gens = self.tracked()?;
+        gens.trusted(&self.gen_keys(tokens))
+    }
+
+    /// The server instance the in-process generations are from, while they
+    /// may be trusted (`near=tracking`).
+    pub(crate) fn tracked_instance(&self) -> Option<Arc<str>> {
+        self.tracked()?.instance()
+    }
+
+    /// [`Backend::fetch`], keeping the generations it read in process under
+    /// `near=tracking` (unless an invalidation for one arrived meanwhile).
+    pub(crate) fn fetch(&self, tokens: &[&str], entries: &[Key<'_>]) -> Result<Fetched> {
+        let Some(gens) = self.tracked() else {
+            return self.backend.fetch(tokens, entries);
+        };
+        let keys = self.gen_keys(tokens);
+        let fill = gens.begin_fill(&keys);
+        let fetched = self.backend.fetch(tokens, entries)?;
+        if let Some(fill) = fill {
+            gens.end_fill(fill, &keys, &fetched.gens, fetched.instance.as_ref());
+        }
+        Ok(fetched)
+    }
+
+    /// Keeps `entry`, read from or stored on `instance`, in the near cache.
+    pub(crate) fn keep_near(
+        &self,
+        kind: crate::near::Kind,
+        name: &str,
+        instance: Option<&Arc<str>>,
+        entry: Arc<Entry>,
+    ) {
+        if let Some(near) = &self.near {
+            near.keep(kind, name, instance, entry);
+            self.counters.near_bytes(near.bytes());
+        }
+    }
+
+    /// Drops in-process generations of `tokens` (this handle bumped them:
+    /// its own reads see the bump at once).
+    pub(crate) fn forget_local(&self, tokens: &[&str]) {
+        if let Some(gens) = self.tracked() {
+            let keys = self.gen_keys(tokens);
+            gens.invalidate(keys.iter().map(String::as_str));
         }
     }
 
@@ -171,7 +243,10 @@ impl Core {
         // failure here is remembered whatever else failed before.
         let keys: Vec<Key<'_>> = tokens.iter().map(|t| Key::gen_(t)).collect();
         let fresh = backend::fresh_generations(keys.len());
-        match self.backend.incr_gens(&keys, &fresh) {
+        let out = self.backend.incr_gens(&keys, &fresh);
+        // Whether or not it went through, this handle's copies are suspect.
+        self.forget_local(tokens);
+        match out {
             Ok(gens) => {
                 // The backend answers: a good moment to replay older failures.
                 let _ = self.replay_pending();
@@ -193,7 +268,9 @@ impl Core {
         self.pending.replay(|tokens| {
             let keys: Vec<Key<'_>> = tokens.iter().map(|t| Key::gen_(t)).collect();
             let fresh = backend::fresh_generations(keys.len());
-            self.backend.incr_gens(&keys, &fresh).map(drop)
+            let out = self.backend.incr_gens(&keys, &fresh).map(drop);
+            self.forget_local(tokens);
+            out
         })
     }
 
@@ -201,7 +278,10 @@ impl Core {
     /// replaying failed bumps. One round trip when all exist.
     pub(crate) fn generations(&self, tokens: &[&str]) -> Result<Vec<u64>> {
         self.replay_pending()?;
-        let fetched = self.backend.fetch(tokens, &[])?;
+        if let Some((gens, _)) = self.local_gens(tokens) {
+            return Ok(gens);
+        }
+        let fetched = self.fetch(tokens, &[])?;
         self.complete_gens(tokens, fetched.gens)
     }
 

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use crate::codec::{Entry, Payload};
 use crate::core::Core;
+use crate::error::Result;
 use crate::keys::{Key, join_parts_into, push_decimal};
+use crate::near;
 use crate::observe::{self, BlockEvent, NotStored, Outcome};
 use crate::stats::Event;
 
@@ -898,14 +900,14 @@ impl Blocks {
             return Some(NotStored::Moved);
         }
         let dep_names: Vec<Box<str>> = deps.iter().map(|(t, _)| t.clone()).collect();
-        let entry = Entry {
+        let entry = Arc::new(Entry {
             version: Some(version),
             deps: dep_names.clone(),
             payload: Payload::Text(Arc::from(html)),
-        };
+        });
         match core.backend.set(
             Key::fragment(name),
-            Arc::new(entry),
+            entry.clone(),
             None,
             instance.as_deref(),
         ) {
@@ -916,6 +918,7 @@ impl Blocks {
             }
             Ok(true) => {
                 counters.count(Event::Store);
+                core.keep_near(near::Kind::Fragment, name, instance.as_ref(), entry);
                 if !dep_names.is_empty() {
                     self.dep_hints.insert(name.to_owned(), Arc::from(dep_names));
                 }
@@ -945,6 +948,24 @@ impl Blocks {
             core.backend_trouble(&e);
             return Lookup::Down;
         }
+        if let Some(near) = &core.near {
+            match near.get(near::Kind::Fragment, name) {
+                Some(held) => match near_lookup(core, tokens, held) {
+                    Ok(Some(hit)) => {
+                        core.counters.count(Event::NearHit);
+                        return hit;
+                    }
+                    // Another version now: the body comes with a second
+                    // round trip (once per process and version).
+                    Ok(None) => core.counters.count(Event::BodyFetch),
+                    Err(e) => {
+                        core.backend_trouble(&e);
+                        return Lookup::Down;
+                    }
+                },
+                None => core.counters.count(Event::NearMiss),
+            }
+        }
         // The tokens, and the nested tokens this process last saw the entry
         // with, so that a hit is one round trip. No copy when there are none.
         let hints = if self.dep_hints.is_empty() {
@@ -963,7 +984,7 @@ impl Blocks {
                 &with_hints
             }
         };
-        let fetched = match core.backend.fetch(all, &[Key::fragment(name)]) {
+        let fetched = match core.fetch(all, &[Key::fragment(name)]) {
             Ok(f) => f,
             Err(e) => {
                 core.backend_trouble(&e);
@@ -1039,19 +1060,23 @@ impl Blocks {
         }
         let current = dep_gens.iter().fold(own_version, |s, g| s.wrapping_add(*g));
         match (&entry.payload, entry.version) {
-            (Payload::Text(html), Some(v)) if v == current => Lookup::Hit {
-                version: v,
-                html: html.clone(),
-                // What it read, for an enclosing render; nothing to build
-                // when there is none (the common case of a top-level block).
-                reads: if in_frame() {
-                    let mut reads = own_reads();
-                    reads.extend(entry.deps.iter().cloned().zip(dep_gens));
-                    reads
-                } else {
-                    Vec::new()
-                },
-            },
+            (Payload::Text(html), Some(v)) if v == current => {
+                let html = html.clone();
+                core.keep_near(near::Kind::Fragment, name, instance.as_ref(), entry.clone());
+                Lookup::Hit {
+                    version: v,
+                    html,
+                    // What it read, for an enclosing render; nothing to build
+                    // when there is none (the common case of a top-level block).
+                    reads: if in_frame() {
+                        let mut reads = own_reads();
+                        reads.extend(entry.deps.iter().cloned().zip(dep_gens));
+                        reads
+                    } else {
+                        Vec::new()
+                    },
+                }
+            }
             _ => {
                 core.counters.count(Event::Mismatch);
                 Lookup::Miss(Miss {
@@ -1063,6 +1088,55 @@ impl Blocks {
             }
         }
     }
+}
+
+/// A lookup with an in-process copy of the block (`?near=`): the
+/// generations of its tokens and nested tokens only (from the in-process
+/// table under `near=tracking` when it may be trusted, otherwise one round
+/// trip that carries no body). `Some` hit when the copy is for the current
+/// version on the same server instance; `None` when it is not (then the body
+/// is fetched).
+fn near_lookup(core: &Core, tokens: &[&str], held: near::Held) -> Result<Option<Lookup>> {
+    let (Some(version), Payload::Text(html)) = (held.entry.version, &held.entry.payload) else {
+        return Ok(None);
+    };
+    let own = TokenSet::new(tokens);
+    let mut all: Vec<&str> = tokens.to_vec();
+    all.extend(
+        held.entry
+            .deps
+            .iter()
+            .map(|d| &**d)
+            .filter(|d| !own.contains(d)),
+    );
+    let (gens, instance, tracked) = match core.local_gens(&all) {
+        Some((gens, instance)) => (gens, Some(instance), true),
+        None => {
+            let fetched = core.fetch(&all, &[])?;
+            (
+                core.complete_gens(&all, fetched.gens)?,
+                fetched.instance,
+                false,
+            )
+        }
+    };
+    if instance.as_deref() != Some(&*held.instance)
+        || gens.iter().fold(0u64, |s, g| s.wrapping_add(*g)) != version
+    {
+        return Ok(None);
+    }
+    if tracked {
+        core.counters.count(Event::TrackedHit);
+    }
+    Ok(Some(Lookup::Hit {
+        html: html.clone(),
+        version,
+        reads: if in_frame() {
+            all.iter().map(|t| Box::from(*t)).zip(gens).collect()
+        } else {
+            Vec::new()
+        },
+    }))
 }
 
 #[cfg(test)]

@@ -23,7 +23,6 @@ pub(crate) enum Space {
 }
 
 impl Space {
-    #[cfg(any(feature = "redis", feature = "memcached", test))]
     fn tags(self) -> (char, char) {
         match self {
             Space::Gen => ('g', 'G'),
@@ -68,11 +67,9 @@ impl<'a> Key<'a> {
     }
 }
 
-#[cfg(any(feature = "redis", feature = "memcached", test))]
 /// Longest name kept readable in a backend key.
 const READABLE_MAX: usize = 64;
 
-#[cfg(any(feature = "redis", feature = "memcached", test))]
 fn is_readable(name: &str) -> bool {
     name.len() <= READABLE_MAX
         && name
@@ -115,7 +112,6 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     out
 }
 
-#[cfg(any(feature = "redis", feature = "memcached", test))]
 /// The key as remote backends store it: `[prefix:]ic:<tag>:<name or hash>`,
 /// `prefix` being a [`key_prefix`].
 ///

@@ -115,6 +115,7 @@ mod keys;
 pub mod maud;
 #[cfg(feature = "minijinja")]
 pub mod minijinja;
+mod near;
 mod observe;
 #[cfg(any(feature = "redis", feature = "memcached"))]
 mod pool;

@@ -4,8 +4,10 @@
 //! `icache_hits_total`, `icache_misses_total`, `icache_mismatches_total`,
 //! `icache_errors_total`, `icache_stores_total`, `icache_outdated_total`,
 //! `icache_too_large_total`, `icache_shared_renders_total`,
-//! `icache_evictions_total` (memory backend),
-//! and the histogram `icache_render_seconds`. Install your recorder before
+//! `icache_evictions_total` (memory backend), the near cache's
+//! `icache_near_hits_total`, `icache_near_misses_total`,
+//! `icache_body_fetches_total`, `icache_tracked_hits_total` and the gauge
+//! `icache_near_bytes`, and the histogram `icache_render_seconds`. Install your recorder before
 //! opening the cache: handles are taken once, when the cache is opened.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -38,6 +40,18 @@ pub struct Stats {
     pub evictions: u64,
     /// Time spent rendering fragment bodies, in total.
     pub render_time: Duration,
+    /// Hits served from the near cache's in-process copy (`?near=`): the
+    /// server sent generations only, or nothing at all (`near=tracking`).
+    pub near_hits: u64,
+    /// Lookups with no in-process copy: generations and body came together.
+    pub near_misses: u64,
+    /// Lookups whose in-process copy was for another version: the body was
+    /// fetched (a second round trip).
+    pub body_fetches: u64,
+    /// Near hits that made no round trip at all (`near=tracking`).
+    pub tracked_hits: u64,
+    /// Bytes the near cache holds now (bounded by `?near_max_bytes=`).
+    pub near_bytes: u64,
 }
 
 impl Stats {
@@ -84,6 +98,11 @@ pub(crate) struct Counters {
     outdated: Pair,
     too_large: Pair,
     shared: Pair,
+    near_hits: Pair,
+    near_misses: Pair,
+    body_fetches: Pair,
+    tracked_hits: Pair,
+    near_bytes: metrics::Gauge,
     render_nanos: AtomicU64,
     render_hist: Histogram,
 }
@@ -98,6 +117,10 @@ pub(crate) enum Event {
     Outdated,
     TooLarge,
     Shared,
+    NearHit,
+    NearMiss,
+    BodyFetch,
+    TrackedHit,
 }
 
 impl Counters {
@@ -111,6 +134,11 @@ impl Counters {
             outdated: Pair::new("icache_outdated_total", backend),
             too_large: Pair::new("icache_too_large_total", backend),
             shared: Pair::new("icache_shared_renders_total", backend),
+            near_hits: Pair::new("icache_near_hits_total", backend),
+            near_misses: Pair::new("icache_near_misses_total", backend),
+            body_fetches: Pair::new("icache_body_fetches_total", backend),
+            tracked_hits: Pair::new("icache_tracked_hits_total", backend),
+            near_bytes: metrics::gauge!("icache_near_bytes", "backend" => backend),
             render_nanos: AtomicU64::new(0),
             render_hist: metrics::histogram!("icache_render_seconds", "backend" => backend),
         }
@@ -126,6 +154,10 @@ impl Counters {
             Event::Outdated => &self.outdated,
             Event::TooLarge => &self.too_large,
             Event::Shared => &self.shared,
+            Event::NearHit => &self.near_hits,
+            Event::NearMiss => &self.near_misses,
+            Event::BodyFetch => &self.body_fetches,
+            Event::TrackedHit => &self.tracked_hits,
         }
         .add(1);
     }
@@ -136,7 +168,12 @@ impl Counters {
         self.render_hist.record(took.as_secs_f64());
     }
 
-    pub(crate) fn snapshot(&self, evictions: u64) -> Stats {
+    /// The near cache holds `bytes` now.
+    pub(crate) fn near_bytes(&self, bytes: u64) {
+        self.near_bytes.set(bytes as f64);
+    }
+
+    pub(crate) fn snapshot(&self, evictions: u64, near_bytes: u64) -> Stats {
         Stats {
             hits: self.hits.get(),
             misses: self.misses.get(),
@@ -148,6 +185,11 @@ impl Counters {
             shared_renders: self.shared.get(),
             evictions,
             render_time: Duration::from_nanos(self.render_nanos.load(Ordering::Relaxed)),
+            near_hits: self.near_hits.get(),
+            near_misses: self.near_misses.get(),
+            body_fetches: self.body_fetches.get(),
+            tracked_hits: self.tracked_hits.get(),
+            near_bytes,
         }
     }
 }

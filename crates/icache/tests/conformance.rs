@@ -45,12 +45,20 @@ pub(crate) enum Server {
 
 pub(crate) struct Ctx {
     kind: Kind,
+    /// The `near=` option of every handle this context opens (`""`: the
+    /// backend's default, `entries` on network backends).
+    near: &'static str,
     server: Server,
     cache: ICache,
 }
 
 impl Ctx {
     fn start(kind: Kind) -> Option<Ctx> {
+        Ctx::start_near(kind, "")
+    }
+
+    /// A context whose handles all use `near` (`"near=off"`, …).
+    fn start_near(kind: Kind, near: &'static str) -> Option<Ctx> {
         let server = match kind {
             Kind::Memory => Server::None,
             Kind::Redis => Server::Redis(RedisServer::start()?),
@@ -64,6 +72,7 @@ impl Ctx {
         };
         let mut ctx = Ctx {
             kind,
+            near,
             server,
             cache: ICache::memory(),
         };
@@ -106,6 +115,15 @@ impl Ctx {
     /// Opens another handle on the same backend with `query` options. On the
     /// memory backend that is a separate store; use `cache.clone()` to share.
     fn open(&self, query: &str) -> ICache {
+        let with_near;
+        let query = if self.near.is_empty() || query.contains("near=") {
+            query
+        } else if query.is_empty() {
+            self.near
+        } else {
+            with_near = format!("{query}&{}", self.near);
+            &with_near
+        };
         let sep = if query.is_empty() { "" } else { "?" };
         // Generous time-outs: this machine is shared and the suite runs
         // tests in parallel.
@@ -225,13 +243,21 @@ fn raw_memcached(port: u16, req: &[u8]) -> String {
 }
 
 fn run(kind: Kind, case: fn(&Ctx)) {
-    match Ctx::start(kind) {
+    run_near(kind, "", case)
+}
+
+/// [`run`] with every handle opened with `near` (`"near=off"`, …).
+fn run_near(kind: Kind, near: &'static str, case: fn(&Ctx)) {
+    match Ctx::start_near(kind, near) {
         Some(ctx) => case(&ctx),
         None => eprintln!("SKIPPED: {kind:?} backend not available (see the message above)"),
     }
 }
 
-/// One `#[test]` per case and backend: `<group>::<backend>::<case>`.
+/// One `#[test]` per case, backend and near-cache mode:
+/// `<group>::<backend>[_<mode>]::<case>`. Network backends run with the
+/// default `near=entries` and with `near=off`; Redis also with
+/// `near=tracking`.
 macro_rules! suite {
     ($group:ident = $cases:path: $($case:ident),* $(,)?) => {
         mod $group {
@@ -240,6 +266,11 @@ macro_rules! suite {
             mod memcached { $( #[test] fn $case() { crate::run(crate::Kind::Memcached, { use $cases as c; c::$case }) } )* }
             mod memcached_pool { $( #[test] fn $case() { crate::run(crate::Kind::MemcachedPool, { use $cases as c; c::$case }) } )* }
             mod redis_cluster { $( #[test] fn $case() { crate::run(crate::Kind::RedisCluster, { use $cases as c; c::$case }) } )* }
+            mod redis_near_off { $( #[test] fn $case() { crate::run_near(crate::Kind::Redis, "near=off", { use $cases as c; c::$case }) } )* }
+            mod redis_tracking { $( #[test] fn $case() { crate::run_near(crate::Kind::Redis, "near=tracking", { use $cases as c; c::$case }) } )* }
+            mod memcached_near_off { $( #[test] fn $case() { crate::run_near(crate::Kind::Memcached, "near=off", { use $cases as c; c::$case }) } )* }
+            mod memcached_pool_near_off { $( #[test] fn $case() { crate::run_near(crate::Kind::MemcachedPool, "near=off", { use $cases as c; c::$case }) } )* }
+            mod redis_cluster_near_off { $( #[test] fn $case() { crate::run_near(crate::Kind::RedisCluster, "near=off", { use $cases as c; c::$case }) } )* }
         }
     };
 }

@@ -814,15 +814,23 @@ impl Backend for Memcached {
     }
 
     fn ping(&self) -> Result<()> {
+        self.instance().map(drop)
+    }
+
+    fn instance(&self) -> Result<Option<Arc<str>>> {
         self.run("version", |conn| {
             conn.send(&[b"version\r\n"])?;
             let line = conn.line()?;
             if line.starts_with("VERSION") {
-                Ok(())
+                Ok(Some(conn.instance.clone()))
             } else {
                 Err(server_error(line))
             }
         })
+    }
+
+    fn single_instance(&self) -> bool {
+        true
     }
 
     fn name(&self) -> &'static str {

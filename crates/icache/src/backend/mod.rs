@@ -83,6 +83,19 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Does the backend answer? One cheap round trip.
     fn ping(&self) -> Result<()>;
 
+    /// The server instance a call would reach now (one cheap round trip);
+    /// `None` where one instance does not answer for every key (in process,
+    /// pools, clusters).
+    fn instance(&self) -> Result<Option<Arc<str>>> {
+        Ok(None)
+    }
+
+    /// Does one server instance answer for every key (so that
+    /// [`instance`](Self::instance) says where a value is)?
+    fn single_instance(&self) -> bool {
+        false
+    }
+
     /// `"memory"`, `"redis"` or `"memcached"`.
     fn name(&self) -> &'static str;
 

@@ -22,6 +22,7 @@ use crate::keys::{self, Key};
 use crate::pool::Pool;
 
 pub(crate) mod cluster;
+pub(crate) mod tracking;
 
 /// A connection and the server instance it talks to (`run_id`).
 struct Conn {
@@ -31,6 +32,9 @@ struct Conn {
 
 pub(crate) struct Redis {
     client: redis::Client,
+    /// The URL and root certificates, for the `near=tracking` connection.
+    url: String,
+    root_cert: Option<Vec<u8>>,
     pool: Pool<Conn>,
     prefix: String,
     timeout: Duration,
@@ -69,30 +73,52 @@ impl Redis {
         if ca_file.is_some() || url.starts_with("rediss:") {
             ensure_crypto_provider();
         }
-        let client = match ca_file {
-            Some(path) => {
-                let pem = std::fs::read(path).map_err(|e| {
-                    Error::config(format!("ca_file={path:?} in {}: cannot read it", redacted))
-                        .with_source(e)
-                })?;
-                redis::Client::build_with_tls(
-                    url,
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(pem),
-                    },
-                )
-                .map_err(bad)?
-            }
-            None => redis::Client::open(url).map_err(bad)?,
+        let root_cert = match ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                Error::config(format!("ca_file={path:?} in {}: cannot read it", redacted))
+                    .with_source(e)
+            })?),
+            None => None,
         };
+        let client = client_of(url, root_cert.clone()).map_err(bad)?;
         Ok(Redis {
             client,
+            url: url.to_owned(),
+            root_cert,
             pool: Pool::new(config.pool_size).named(redacted.clone()),
             prefix: config.prefix.clone(),
             timeout: config.timeout,
             connect_timeout: config.connect_timeout,
             redacted,
+        })
+    }
+
+    /// What the `near=tracking` thread needs: a RESP3 client of this server.
+    pub(crate) fn tracking_setup(&self) -> Result<tracking::Setup> {
+        let mut url = url::Url::parse(&self.url)
+            .map_err(|_| Error::config(format!("{}: invalid Redis URL", self.redacted)))?;
+        let query: Vec<(String, String)> = url
+            .query_pairs()
+            .filter(|(k, _)| k != "protocol")
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        url.query_pairs_mut()
+            .clear()
+            .extend_pairs(query)
+            .append_pair("protocol", "resp3");
+        let client = client_of(url.as_str(), self.root_cert.clone()).map_err(|e| {
+            Error::config(format!(
+                "{}: {}",
+                self.redacted,
+                e.detail().unwrap_or("invalid Redis URL")
+            ))
+        })?;
+        Ok(tracking::Setup {
+            client,
+            prefix: self.prefix.clone(),
+            timeout: self.timeout,
+            connect_timeout: self.connect_timeout,
+            redacted: self.redacted.clone(),
         })
     }
 
@@ -178,6 +204,20 @@ impl Redis {
             redis::cmd("SET").arg(key).arg(fresh).query::<()>(con)
         })?;
         Ok(fresh)
+    }
+}
+
+/// A client of `url`, trusting `root_cert` (PEM) when given.
+fn client_of(url: &str, root_cert: Option<Vec<u8>>) -> redis::RedisResult<redis::Client> {
+    match root_cert {
+        Some(pem) => redis::Client::build_with_tls(
+            url,
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(pem),
+            },
+        ),
+        None => redis::Client::open(url),
     }
 }
 
@@ -317,6 +357,17 @@ impl Backend for Redis {
     fn ping(&self) -> Result<()> {
         self.run("PING", |con| redis::cmd("PING").query::<String>(con))
             .map(|_| ())
+    }
+
+    fn instance(&self) -> Result<Option<Arc<str>>> {
+        self.run_on("PING", |c| {
+            redis::cmd("PING").query::<String>(&mut c.con)?;
+            Ok(Some(c.instance.clone()))
+        })
+    }
+
+    fn single_instance(&self) -> bool {
+        true
     }
 
     fn name(&self) -> &'static str {

@@ -5,7 +5,9 @@
 //! The checker: writers commit to a "database" (a counter), then bump the
 //! token; readers render a block that embeds the data version they read. A
 //! read fails the check if it returns a version older than the last bump that
-//! had completed before the read began.
+//! had completed before the read began; under `near=tracking`, older than
+//! the last bump that had completed `max_lag_ms` before it began (the
+//! mode's documented bound).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,6 +38,55 @@ pub struct Db {
     data: AtomicU64,
     /// The highest data version whose bump has completed.
     completed: AtomicU64,
+    /// Under `near=tracking`: the bound, and when each version's bump
+    /// completed.
+    lag: Duration,
+    history: std::sync::Mutex<std::collections::VecDeque<(Instant, u64)>>,
+}
+
+impl Db {
+    fn completed(&self, v: u64) {
+        self.completed.fetch_max(v, Ordering::SeqCst);
+        if !self.lag.is_zero() {
+            let mut h = self.history.lock().expect("history");
+            h.push_back((Instant::now(), v));
+            // Keep a few seconds: reads look back by the lag only.
+            while h.len() > 100_000 {
+                h.pop_front();
+            }
+        }
+    }
+
+    /// The oldest data version a read begun now may return.
+    fn floor(&self) -> u64 {
+        if self.lag.is_zero() {
+            return self.completed.load(Ordering::SeqCst);
+        }
+        let Some(before) = Instant::now().checked_sub(self.lag) else {
+            return 0;
+        };
+        let h = self.history.lock().expect("history");
+        h.iter()
+            .filter(|(t, _)| *t <= before)
+            .map(|(_, v)| *v)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// The staleness a cache's reads may have: `max_lag_ms` under
+/// `near=tracking` (default 100 ms), none otherwise.
+pub fn lag_of(cache: &ICache) -> Duration {
+    let url = cache.url();
+    if !url.contains("near=tracking") {
+        return Duration::ZERO;
+    }
+    let ms = url
+        .split(['?', '&'])
+        .find_map(|kv| kv.strip_prefix("max_lag_ms="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    Duration::from_millis(ms)
 }
 
 /// Shared between the checker's threads and the scenario driving it.
@@ -81,7 +132,10 @@ pub fn check_with(
     scenario: impl FnOnce(&Phase, &Db),
 ) -> Report {
     let tokens: Arc<Vec<String>> = Arc::new(tokens.to_vec());
-    let db = Arc::new(Db::default());
+    let db = Arc::new(Db {
+        lag: lag_of(reads_cache),
+        ..Db::default()
+    });
     let phase = Arc::new(Phase::default());
     let report = Arc::new(std::sync::Mutex::new(Report::default()));
     let mut threads = Vec::new();
@@ -105,9 +159,7 @@ pub fn check_with(
                 let v = db.data.fetch_add(1, Ordering::SeqCst) + 1;
                 writes += 1;
                 match cache.incr_many(&tokens) {
-                    Ok(_) => {
-                        db.completed.fetch_max(v, Ordering::SeqCst);
-                    }
+                    Ok(_) => db.completed(v),
                     Err(_) => failed += 1,
                 }
                 thread::sleep(Duration::from_micros(300));
@@ -131,7 +183,7 @@ pub fn check_with(
             with_other.push("other");
             let mut mine = Report::default();
             while !phase.stop.load(Ordering::SeqCst) {
-                let floor = db.completed.load(Ordering::SeqCst);
+                let floor = db.floor();
                 let recovered = phase.recovered_at.load(Ordering::SeqCst);
                 let down = phase.down.load(Ordering::SeqCst);
                 let render = || Ok::<_, ()>(db.data.load(Ordering::SeqCst).to_string());
@@ -618,12 +670,22 @@ fn redis_cluster_node_killed_mid_run() {
 /// A hit on a cluster sends only `GET`s, one per key, to the nodes that own
 /// them (written to every node before any answer is read), and nothing else:
 /// no slot-map reload, no multi-key command, no script.
+///
+/// With `near=off` the entry comes too (one more `GET`); with the default
+/// `near=entries` the body is served from process and only the tokens'
+/// generations are read.
 #[test]
 fn redis_cluster_hit_is_gets_only() {
+    for (near, entry_gets) in [("near=off", 1u64), ("near=entries", 0)] {
+        cluster_hit_gets(near, entry_gets);
+    }
+}
+
+fn cluster_hit_gets(near: &str, entry_gets: u64) {
     let Some(ctx) = Ctx::start(Kind::RedisCluster) else {
         return;
     };
-    let c = &ctx.cache;
+    let c = &ctx.open(near);
     let tokens: Vec<String> = (0..8).map(|i| format!("hit-{i}")).collect();
     let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
     let page = || {
@@ -671,8 +733,8 @@ fn redis_cluster_hit_is_gets_only() {
     let nodes = after.iter().zip(&before).filter(|(a, b)| a.0 > b.0).count();
     assert_eq!(
         gets,
-        tokens.len() as u64 + 1,
-        "one GET per token and one for the entry"
+        tokens.len() as u64 + entry_gets,
+        "{near}: one GET per token, and {entry_gets} for the entry"
     );
     assert_eq!(others, 0, "nothing else");
     assert!(nodes >= 2, "the keys spread over the nodes ({nodes})");

@@ -1,0 +1,208 @@
+//! `near=tracking`: the connection that keeps in-process generations
+//! coherent, through Redis's server-assisted client-side caching.
+//!
+//! One thread per cache handle owns one RESP3 connection with
+//! `CLIENT TRACKING ON BCAST PREFIX <our generation keys>`: Redis then pushes
+//! an invalidation on it for every change of one of this cache's generation
+//! keys, whoever made it. The thread pings every `max_lag / 4`; reading the
+//! answer to a ping means every invalidation Redis sent before it has been
+//! applied (replies and pushes arrive in order on one connection), so
+//! [`Gens`] trusts its table only while a ping sent at most `max_lag` ago has
+//! been answered. A stalled connection (no answer within the time-out), a
+//! dropped one, a restart (another `run_id`) and `FLUSHALL`/`FLUSHDB` (the
+//! null invalidation) all empty the table.
+//!
+//! Why our own loop rather than redis-rs's client-side cache: that cache is
+//! async-only and experimental; the sync `Connection` gives us exactly what we
+//! need (`send_packed_command`, and `recv_response`, which hands push
+//! messages back in order with the replies), and the loop is small. Nothing
+//! in the hit path waits on this thread: readers only look at the table and
+//! one atomic.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use redis::Value;
+
+use crate::keys::{self, Key};
+use crate::near::Gens;
+use crate::stats::Every;
+
+/// Stops the tracking thread when the cache handle is dropped.
+pub(crate) struct Tracking {
+    stop: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Drop for Tracking {
+    fn drop(&mut self) {
+        let (flag, wake) = &*self.stop;
+        *flag
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = true;
+        wake.notify_all();
+    }
+}
+
+impl std::fmt::Debug for Tracking {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tracking")
+    }
+}
+
+/// What the thread needs.
+pub(crate) struct Setup {
+    pub(crate) client: redis::Client,
+    pub(crate) prefix: String,
+    pub(crate) timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) redacted: String,
+}
+
+/// Starts the tracking thread for `gens`.
+pub(crate) fn start(setup: Setup, gens: Arc<Gens>) -> crate::Result<Tracking> {
+    let stop = Arc::new((Mutex::new(false), Condvar::new()));
+    let thread_stop = stop.clone();
+    std::thread::Builder::new()
+        .name("icache-tracking".into())
+        .spawn(move || run(&setup, &gens, &thread_stop))
+        .map_err(|e| {
+            crate::Error::new(
+                crate::ErrorKind::Unavailable,
+                "cannot start the near=tracking thread",
+            )
+            .with_source(e)
+        })?;
+    Ok(Tracking { stop })
+}
+
+/// Sleeps `d` unless stopped; `true` when stopped.
+fn pause(stop: &(Mutex<bool>, Condvar), d: Duration) -> bool {
+    let (flag, wake) = stop;
+    let guard = flag
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if *guard {
+        return true;
+    }
+    let (guard, _) = wake
+        .wait_timeout_while(guard, d, |stopped| !*stopped)
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    *guard
+}
+
+fn run(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) {
+    let log = Every::new();
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        let outcome = session(setup, gens, stop);
+        // Whatever ended the session, nothing in the table can be trusted.
+        gens.reset(None);
+        match outcome {
+            Ok(()) => return,
+            Err(e) => {
+                if log.due() {
+                    tracing::warn!(
+                        url = %setup.redacted,
+                        error = %e,
+                        "icache: near=tracking connection lost; reads make a round trip until it is back (this warning at most every 10 s)"
+                    );
+                }
+            }
+        }
+        if pause(stop, backoff) {
+            return;
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// One tracking connection, until it fails (`Err`) or the handle is dropped
+/// (`Ok`).
+fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::RedisResult<()> {
+    let mut con = setup
+        .client
+        .get_connection_with_timeout(setup.connect_timeout)?;
+    // A ping unanswered within the time-out is a stalled connection: drop it.
+    con.set_read_timeout(Some(setup.timeout.max(gens.max_lag())))?;
+    con.set_write_timeout(Some(setup.timeout))?;
+    let info: String = redis::cmd("INFO").arg("server").query(&mut con)?;
+    let run_id = info
+        .lines()
+        .find_map(|l| l.trim_end().strip_prefix("run_id:"))
+        .unwrap_or("unknown");
+    let mut track = redis::cmd("CLIENT");
+    track.arg("TRACKING").arg("ON").arg("BCAST");
+    for prefix in generation_prefixes(&setup.prefix) {
+        track.arg("PREFIX").arg(prefix);
+    }
+    track.query::<()>(&mut con)?;
+    // Tracking is on from here: fills may begin.
+    gens.reset(Some(Arc::from(run_id)));
+    let ping = redis::cmd("PING").get_packed_command();
+    let every = (gens.max_lag() / 4).clamp(Duration::from_millis(1), Duration::from_millis(250));
+    loop {
+        let sent = gens.now();
+        con.send_packed_command(&ping)?;
+        loop {
+            match con.recv_response()? {
+                Value::Push { kind, data } => {
+                    if kind == redis::PushKind::Invalidate {
+                        invalidated(gens, data);
+                    }
+                }
+                Value::ServerError(e) => return Err(e.into()),
+                // The answer to the ping.
+                _ => break,
+            }
+        }
+        gens.answered(sent);
+        if pause(stop, every) {
+            return Ok(());
+        }
+    }
+}
+
+/// Applies one invalidation push: the keys it names, or everything (`FLUSHALL`,
+/// `FLUSHDB`: a null list).
+fn invalidated(gens: &Gens, data: Vec<Value>) {
+    match data.into_iter().next() {
+        Some(Value::Array(keys)) => {
+            let names: Vec<String> = keys
+                .into_iter()
+                .filter_map(|k| match k {
+                    Value::BulkString(b) => String::from_utf8(b).ok(),
+                    Value::SimpleString(s) => Some(s),
+                    _ => None,
+                })
+                .collect();
+            gens.invalidate(names.iter().map(String::as_str));
+        }
+        _ => {
+            let instance = gens.instance_now();
+            gens.reset(instance);
+        }
+    }
+}
+
+/// The key prefixes of this cache's generations (readable and hashed names).
+fn generation_prefixes(prefix: &str) -> [String; 2] {
+    // `encode` of a one-letter readable name, less that letter.
+    let readable = keys::encode(prefix, Key::gen_("x"));
+    let base = readable.trim_end_matches('x');
+    let hashed = format!("{}G:", base.strip_suffix("g:").unwrap_or(base));
+    [base.to_owned(), hashed]
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn prefixes_cover_readable_and_hashed_generations() {
+        use crate::keys::{Key, encode};
+        for prefix in ["", "shop", "myapp:prod"] {
+            let [readable, hashed] = super::generation_prefixes(prefix);
+            assert!(encode(prefix, Key::gen_("movies")).starts_with(&readable));
+            assert!(encode(prefix, Key::gen_(&"x".repeat(100))).starts_with(&hashed));
+            assert!(!encode(prefix, Key::fragment("movies")).starts_with(&readable));
+        }
+    }
+}
