@@ -231,6 +231,37 @@ pub(crate) fn raw_redis(port: u16, args: &[&[u8]]) -> String {
     line.trim_end().to_string()
 }
 
+/// How many times Redis ran each of `commands` (lower case), summed, from
+/// `INFO commandstats`.
+pub(crate) fn redis_calls(port: u16, commands: &[&str]) -> u64 {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    s.write_all(b"*2\r\n$4\r\nINFO\r\n$12\r\ncommandstats\r\n")
+        .expect("write");
+    let mut reader = BufReader::new(s);
+    let mut header = String::new();
+    reader.read_line(&mut header).expect("read");
+    let len: usize = header
+        .trim_start_matches('$')
+        .trim_end()
+        .parse()
+        .expect("a bulk reply");
+    let mut body = vec![0u8; len];
+    reader.read_exact(&mut body).expect("read");
+    let text = String::from_utf8_lossy(&body);
+    commands
+        .iter()
+        .map(|c| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("cmdstat_{c}:calls=")))
+                .and_then(|r| r.split(',').next())
+                .and_then(|n| n.parse::<u64>().ok())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
 /// One memcached request on a fresh connection; the first reply line.
 fn raw_memcached(port: u16, req: &[u8]) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to memcached");
@@ -287,6 +318,8 @@ mod guidance;
 mod hardening;
 #[path = "conformance/memcached_faults.rs"]
 mod memcached_faults;
+#[path = "conformance/near.rs"]
+mod near;
 #[path = "conformance/reliability.rs"]
 mod reliability;
 #[path = "conformance/web.rs"]
