@@ -153,19 +153,21 @@ pub fn run(options: &Options) -> Result<PathBuf, Error> {
 
     // Each memory measurement runs in a fresh child process, so it is taken
     // first only to report it early; the servers do not affect it.
-    progress("5/5 memory per entry (in fresh processes)");
+    progress("5/6 memory per entry (in fresh processes)");
     let memory = sections::memory_per_entry(options, &settings);
 
-    progress("1/5 block hit vs render");
+    progress("1/6 block hit vs render");
     let hit_vs_render = sections::hit_vs_render(&servers, &settings);
-    progress("2/5 hit vs the bare minimum");
+    progress("2/6 hit vs the bare minimum");
     let bare = sections::hit_vs_bare(&servers, &settings);
-    progress("3/5 how the cost grows (tokens, size, threads)");
+    progress("3/6 how the cost grows (tokens, size, threads)");
     let growth = sections::growth(&servers, &settings);
-    progress("4/5 the demo site under load");
+    progress("4/6 the demo site under load");
     let pages = sections::pages(&servers, &settings);
 
-    let sections = [hit_vs_render, bare, growth, pages, memory];
+    progress("6/6 bytes on the wire per hit");
+    let wire = sections::wire(&servers);
+    let sections = [hit_vs_render, bare, growth, pages, memory, wire];
     let report = assemble(options, &settings, &sections, &servers, started.elapsed());
     if let Some(dir) = options.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::Write(dir.to_path_buf(), e))?;

@@ -102,7 +102,7 @@ pub enum Goal {
 /// A target from the issue, with what was measured.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// Section number, 1 to 5.
+    /// Section number, 1 to 6.
     pub section: u8,
     /// What is compared, e.g. "memory: render ÷ hit".
     pub what: String,

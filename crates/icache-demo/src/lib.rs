@@ -59,6 +59,8 @@ struct Inner {
     prometheus: PrometheusHandle,
     /// User id -> the rating they just made (taken by their next page).
     rated: Mutex<HashMap<i64, Rated>>,
+    /// Movies per page of a user's list.
+    per_page: i64,
 }
 
 /// The shared state of the site.
@@ -130,6 +132,17 @@ pub fn open(
     data_dir: &Path,
     cache: ICache,
 ) -> Result<AppState, Box<dyn std::error::Error + Send + Sync>> {
+    open_paged(data_dir, cache, PER_PAGE)
+}
+
+/// [`open`] with `per_page` movies per page of a user's list instead of
+/// [`PER_PAGE`] (the benchmark's unpaged block: a page as large as the list).
+pub fn open_paged(
+    data_dir: &Path,
+    cache: ICache,
+    per_page: i64,
+) -> Result<AppState, Box<dyn std::error::Error + Send + Sync>> {
+    let per_page = per_page.max(1);
     let prometheus = prometheus();
     let db = Arc::new(Db::open(data_dir)?);
     let mut env = Environment::new();
@@ -138,13 +151,13 @@ pub fn open(
     env.set_loader(icache::minijinja::loader(|name: &str| {
         Ok(template_source(name))
     }));
-    env.add_global("per_page", PER_PAGE);
+    env.add_global("per_page", per_page);
     let d = db.clone();
     env.add_function(
         "personal_ratings",
         move |user: i64, page: i64| -> Result<Value, minijinja::Error> {
             Ok(Value::from(Serde(
-                d.personal_ratings_page(user, page, PER_PAGE)
+                d.personal_ratings_page(user, page, per_page)
                     .map_err(sql_error)?,
             )))
         },
@@ -159,6 +172,7 @@ pub fn open(
         db,
         prometheus,
         rated: Mutex::new(HashMap::new()),
+        per_page,
     })))
 }
 
@@ -386,7 +400,8 @@ async fn user_page(
     let html = blocking(move || {
         let user = parse_user(&s, &id)?;
         let rated_count = s.0.db.rated_count(user.id).map_err(db_error)?;
-        let pages = ((rated_count + PER_PAGE - 1) / PER_PAGE).max(1);
+        let per_page = s.0.per_page;
+        let pages = ((rated_count + per_page - 1) / per_page).max(1);
         let page = match query.page.as_deref().map(str::trim) {
             None | Some("") => 1,
             Some(p) => match p.parse::<i64>() {

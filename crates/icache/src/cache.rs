@@ -93,7 +93,7 @@ impl ICache {
     /// ```
     pub fn from_url(url: &str) -> Result<ICache> {
         let config = Config::parse(url)?;
-        let near = Near::new(config.near, config.near_max_bytes);
+        let near = Near::new(config.near, config.near_max_bytes, &config.prefix);
         // The `near=tracking` thread, kept alive by the handle.
         #[allow(unused_mut)]
         let mut tracking: Option<Box<dyn std::any::Any + Send + Sync>> = None;

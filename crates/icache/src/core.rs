@@ -10,7 +10,7 @@ use crate::backend::{self, Backend, Fetched};
 use crate::codec::Entry;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::keys::{self, Key};
+use crate::keys::Key;
 use crate::near::{Gens, Near};
 use crate::stats::{Counters, Event, Every};
 
@@ -167,19 +167,10 @@ impl Core {
         self.near.as_ref()?.gens.as_deref()
     }
 
-    /// The backend keys of `tokens`' generations (what invalidations name).
-    fn gen_keys(&self, tokens: &[&str]) -> Vec<String> {
-        tokens
-            .iter()
-            .map(|t| keys::encode(&self.config.prefix, Key::gen_(t)))
-            .collect()
-    }
-
     /// The generations of `tokens` from the in-process table, when every one
     /// is there and the table may be trusted (`near=tracking`): no round trip.
     pub(crate) fn local_gens(&self, tokens: &[&str]) -> Option<(Vec<u64>, Arc<str>)> {
-        let gens = self.tracked()?;
-        gens.trusted(&self.gen_keys(tokens))
+        self.tracked()?.trusted(tokens)
     }
 
     /// The server instance the in-process generations are from, while they
@@ -194,11 +185,10 @@ impl Core {
         let Some(gens) = self.tracked() else {
             return self.backend.fetch(tokens, entries);
         };
-        let keys = self.gen_keys(tokens);
-        let fill = gens.begin_fill(&keys);
+        let fill = gens.begin_fill(tokens);
         let fetched = self.backend.fetch(tokens, entries)?;
         if let Some(fill) = fill {
-            gens.end_fill(fill, &keys, &fetched.gens, fetched.instance.as_ref());
+            gens.end_fill(fill, tokens, &fetched.gens, fetched.instance.as_ref());
         }
         Ok(fetched)
     }
@@ -221,8 +211,7 @@ impl Core {
     /// its own reads see the bump at once).
     pub(crate) fn forget_local(&self, tokens: &[&str]) {
         if let Some(gens) = self.tracked() {
-            let keys = self.gen_keys(tokens);
-            gens.invalidate(keys.iter().map(String::as_str));
+            gens.forget(tokens);
         }
     }
 

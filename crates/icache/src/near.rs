@@ -24,8 +24,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use quick_cache::Weighter;
 use quick_cache::sync::Cache;
+use quick_cache::{Equivalent, Weighter};
 
 use crate::codec::Entry;
 use crate::config::Near as Mode;
@@ -37,12 +37,32 @@ pub(crate) struct Held {
     pub(crate) entry: Arc<Entry>,
 }
 
+/// A body's key: its kind and name.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct BodyKey {
+    kind: u8,
+    name: Box<str>,
+}
+
+/// A [`BodyKey`] to look up without allocating (hashes the same way).
+#[derive(Hash)]
+struct BodyRef<'a> {
+    kind: u8,
+    name: &'a str,
+}
+
+impl Equivalent<BodyKey> for BodyRef<'_> {
+    fn equivalent(&self, key: &BodyKey) -> bool {
+        self.kind == key.kind && self.name == &*key.name
+    }
+}
+
 #[derive(Clone)]
 struct ByBytes;
 
-impl Weighter<(u8, Box<str>), Held> for ByBytes {
-    fn weight(&self, key: &(u8, Box<str>), held: &Held) -> u64 {
-        (key.1.len() + held.instance.len() + held.entry.weight()) as u64
+impl Weighter<BodyKey, Held> for ByBytes {
+    fn weight(&self, key: &BodyKey, held: &Held) -> u64 {
+        (key.name.len() + held.instance.len() + held.entry.weight()) as u64
     }
 }
 
@@ -55,18 +75,18 @@ pub(crate) enum Kind {
 
 /// The in-process side of one cache handle (shared by its clones).
 pub(crate) struct Near {
-    bodies: Cache<(u8, Box<str>), Held, ByBytes>,
+    bodies: Cache<BodyKey, Held, ByBytes>,
     /// `near=tracking`: generations kept coherent by the server.
     pub(crate) gens: Option<Arc<Gens>>,
 }
 
 impl Near {
     /// The near cache of `mode`, or `None` when it is off.
-    pub(crate) fn new(mode: Mode, max_bytes: u64) -> Option<Near> {
+    pub(crate) fn new(mode: Mode, max_bytes: u64, prefix: &str) -> Option<Near> {
         let gens = match mode {
             Mode::Off => return None,
             Mode::Entries => None,
-            Mode::Tracking { max_lag } => Some(Arc::new(Gens::new(max_lag, max_bytes))),
+            Mode::Tracking { max_lag } => Some(Arc::new(Gens::new(max_lag, max_bytes, prefix))),
         };
         // About 4 KiB per body to size quick_cache's tables; the bound is
         // in bytes whatever the count.
@@ -80,7 +100,10 @@ impl Near {
     }
 
     pub(crate) fn get(&self, kind: Kind, name: &str) -> Option<Held> {
-        self.bodies.get(&(kind as u8, Box::from(name)))
+        self.bodies.get(&BodyRef {
+            kind: kind as u8,
+            name,
+        })
     }
 
     pub(crate) fn keep(
@@ -92,7 +115,10 @@ impl Near {
     ) {
         if let Some(instance) = instance {
             self.bodies.insert(
-                (kind as u8, Box::from(name)),
+                BodyKey {
+                    kind: kind as u8,
+                    name: Box::from(name),
+                },
                 Held {
                     instance: instance.clone(),
                     entry,
@@ -102,7 +128,10 @@ impl Near {
     }
 
     pub(crate) fn drop_body(&self, kind: Kind, name: &str) {
-        self.bodies.remove(&(kind as u8, Box::from(name)));
+        self.bodies.remove(&BodyRef {
+            kind: kind as u8,
+            name,
+        });
     }
 
     /// Bytes held now.
@@ -119,8 +148,15 @@ enum Slot {
 }
 
 /// Generations kept coherent by the server (`near=tracking`), keyed by
-/// their backend key (what invalidations name).
+/// token (a hit looks them up without building a key); invalidations name
+/// backend keys, which map back to tokens (readable names are in the key
+/// itself; hashed ones are remembered when filled).
 pub(crate) struct Gens {
+    /// `<prefix:>ic:g:`: readable generation keys are this and the token.
+    readable: String,
+    /// `<prefix:>ic:G:`: hashed generation keys.
+    hashed: String,
+    prefix: String,
     table: Mutex<Table>,
     /// When the tracking thread started; times below are nanoseconds since.
     base: Instant,
@@ -133,7 +169,9 @@ pub(crate) struct Gens {
 }
 
 struct Table {
-    slots: HashMap<String, Slot>,
+    slots: HashMap<Box<str>, Slot>,
+    /// Hashed generation key -> its token, for tokens with a slot.
+    hashed: HashMap<String, Box<str>>,
     /// The server instance of the tracking connection while tracking is on;
     /// `None` while it is not (nothing may be filled then).
     instance: Option<Arc<str>>,
@@ -149,10 +187,17 @@ pub(crate) struct Fill {
 }
 
 impl Gens {
-    fn new(max_lag: Duration, max_bytes: u64) -> Gens {
+    fn new(max_lag: Duration, max_bytes: u64, prefix: &str) -> Gens {
+        let readable = crate::keys::encode(prefix, crate::keys::Key::gen_("x"));
+        let readable = readable.strip_suffix('x').unwrap_or(&readable).to_owned();
+        let hashed = format!("{}G:", readable.strip_suffix("g:").unwrap_or(&readable));
         Gens {
+            readable,
+            hashed,
+            prefix: prefix.to_owned(),
             table: Mutex::new(Table {
                 slots: HashMap::new(),
+                hashed: HashMap::new(),
                 instance: None,
                 epoch: 0,
                 next_fill: 0,
@@ -178,6 +223,13 @@ impl Gens {
         self.max_lag
     }
 
+    /// The key prefixes of this cache's generations (readable and hashed
+    /// names), for `CLIENT TRACKING … BCAST PREFIX`.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn key_prefixes(&self) -> [&str; 2] {
+        [&self.readable, &self.hashed]
+    }
+
     /// Has a ping sent at most `max_lag` ago been answered?
     fn fresh(&self) -> bool {
         let answered = self.answered.load(Ordering::Acquire);
@@ -190,7 +242,7 @@ impl Gens {
 
     /// The generations of `keys` and the instance they are from, when every
     /// one is here and may be trusted; `None` otherwise (read them remotely).
-    pub(crate) fn trusted(&self, keys: &[String]) -> Option<(Vec<u64>, Arc<str>)> {
+    pub(crate) fn trusted(&self, keys: &[&str]) -> Option<(Vec<u64>, Arc<str>)> {
         if !self.fresh() {
             return None;
         }
@@ -198,7 +250,7 @@ impl Gens {
         let instance = table.instance.clone()?;
         let mut out = Vec::with_capacity(keys.len());
         for k in keys {
-            match table.slots.get(k) {
+            match table.slots.get(*k) {
                 Some(Slot::Gen(g)) => out.push(*g),
                 _ => return None,
             }
@@ -209,19 +261,24 @@ impl Gens {
     /// Puts placeholders in the slots of `keys` that hold no generation,
     /// before they are read on another connection; `None` while tracking is
     /// not on (nothing will be kept).
-    pub(crate) fn begin_fill(&self, keys: &[String]) -> Option<Fill> {
+    pub(crate) fn begin_fill(&self, keys: &[&str]) -> Option<Fill> {
         let mut table = self.lock();
         table.instance.as_ref()?;
         if table.slots.len() + keys.len() > self.max_slots {
             table.slots.clear();
+            table.hashed.clear();
         }
         table.next_fill += 1;
         let id = table.next_fill;
         for k in keys {
-            match table.slots.get(k) {
+            match table.slots.get(*k) {
                 Some(Slot::Gen(_)) => {}
                 _ => {
-                    table.slots.insert(k.clone(), Slot::Filling(id));
+                    table.slots.insert(Box::from(*k), Slot::Filling(id));
+                    let key = crate::keys::encode(&self.prefix, crate::keys::Key::gen_(k));
+                    if key.starts_with(&self.hashed) {
+                        table.hashed.insert(key, Box::from(*k));
+                    }
                 }
             }
         }
@@ -236,7 +293,7 @@ impl Gens {
     pub(crate) fn end_fill(
         &self,
         fill: Fill,
-        keys: &[String],
+        keys: &[&str],
         gens: &[Option<u64>],
         instance: Option<&Arc<str>>,
     ) {
@@ -245,24 +302,39 @@ impl Gens {
             return;
         }
         for (k, g) in keys.iter().zip(gens) {
-            if let Some(slot) = table.slots.get_mut(k)
+            if let Some(slot) = table.slots.get_mut(*k)
                 && *slot == Slot::Filling(fill.id)
             {
                 match g {
                     Some(g) => *slot = Slot::Gen(*g),
                     None => {
-                        table.slots.remove(k);
+                        table.slots.remove(*k);
                     }
                 }
             }
         }
     }
 
-    /// Drops `keys` (an invalidation, or this handle's own bump).
+    /// Drops the slots of `tokens` (this handle's own bump).
+    pub(crate) fn forget(&self, tokens: &[&str]) {
+        let mut table = self.lock();
+        for t in tokens {
+            table.slots.remove(*t);
+        }
+    }
+
+    /// Drops the slots of the generation keys an invalidation names.
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn invalidate<'a>(&self, keys: impl IntoIterator<Item = &'a str>) {
         let mut table = self.lock();
         for k in keys {
-            table.slots.remove(k);
+            if let Some(token) = k.strip_prefix(&*self.readable) {
+                table.slots.remove(token);
+            } else if k.starts_with(&*self.hashed)
+                && let Some(token) = table.hashed.remove(k)
+            {
+                table.slots.remove(&token);
+            }
         }
     }
 
@@ -274,6 +346,7 @@ impl Gens {
         self.answered.store(0, Ordering::Release);
         let mut table = self.lock();
         table.slots.clear();
+        table.hashed.clear();
         table.epoch += 1;
         table.instance = instance;
     }
@@ -309,12 +382,8 @@ impl Gens {
 mod tests {
     use super::*;
 
-    fn keys(k: &[&str]) -> Vec<String> {
-        k.iter().map(|s| (*s).to_owned()).collect()
-    }
-
     fn gens() -> Gens {
-        let g = Gens::new(Duration::from_secs(60), 1 << 20);
+        let g = Gens::new(Duration::from_secs(60), 1 << 20, "");
         g.reset(Some(Arc::from("run-1")));
         g.answered(g.now());
         g
@@ -323,7 +392,7 @@ mod tests {
     #[test]
     fn an_invalidation_during_a_fill_keeps_the_old_value_out() {
         let g = gens();
-        let k = keys(&["ic:g:a"]);
+        let k = ["a"];
         let inst = Arc::from("run-1");
         let fill = g.begin_fill(&k).expect("tracking on");
         // The bump's invalidation arrives before the fill's reply is kept.
@@ -339,7 +408,7 @@ mod tests {
     #[test]
     fn a_reset_or_another_server_keeps_a_fill_out() {
         let g = gens();
-        let k = keys(&["ic:g:a"]);
+        let k = ["a"];
         let fill = g.begin_fill(&k).expect("tracking on");
         g.reset(Some(Arc::from("run-1")));
         g.answered(g.now());
@@ -355,9 +424,9 @@ mod tests {
 
     #[test]
     fn nothing_is_trusted_without_a_recent_answered_ping() {
-        let g = Gens::new(Duration::from_millis(1), 1 << 20);
+        let g = Gens::new(Duration::from_millis(1), 1 << 20, "");
         g.reset(Some(Arc::from("run-1")));
-        let k = keys(&["ic:g:a"]);
+        let k = ["a"];
         let fill = g.begin_fill(&k).expect("tracking on");
         g.end_fill(fill, &k, &[Some(5)], Some(&Arc::from("run-1")));
         assert!(g.trusted(&k).is_none(), "no ping answered yet");
@@ -365,5 +434,37 @@ mod tests {
         assert!(g.trusted(&k).is_some());
         std::thread::sleep(Duration::from_millis(5));
         assert!(g.trusted(&k).is_none(), "the answered ping is too old");
+    }
+
+    #[test]
+    fn prefixes_cover_readable_and_hashed_generations() {
+        use crate::keys::{Key, encode};
+        for prefix in ["", "shop", "box", "myapp:prod"] {
+            let g = Gens::new(Duration::from_secs(1), 1 << 20, prefix);
+            let [readable, hashed] = g.key_prefixes();
+            assert!(encode(prefix, Key::gen_("movies")).starts_with(readable));
+            assert!(encode(prefix, Key::gen_(&"x".repeat(100))).starts_with(hashed));
+            assert!(!encode(prefix, Key::fragment("movies")).starts_with(readable));
+            assert!(!encode(prefix, Key::fragment("movies")).starts_with(hashed));
+        }
+    }
+
+    #[test]
+    fn invalidations_name_keys_readable_or_hashed() {
+        let g = Gens::new(Duration::from_secs(60), 1 << 20, "myapp:prod");
+        g.reset(Some(Arc::from("run-1")));
+        g.answered(g.now());
+        let long = "t".repeat(100);
+        let k = ["movies", long.as_str()];
+        let inst = Arc::from("run-1");
+        let fill = g.begin_fill(&k).expect("tracking on");
+        g.end_fill(fill, &k, &[Some(1), Some(2)], Some(&inst));
+        assert!(g.trusted(&k).is_some());
+        g.invalidate(["myapp:prod:ic:g:movies"]);
+        assert!(g.trusted(&k[..1]).is_none());
+        assert!(g.trusted(&k[1..]).is_some());
+        let hashed = crate::keys::encode("myapp:prod", crate::keys::Key::gen_(&long));
+        g.invalidate([hashed.as_str()]);
+        assert!(g.trusted(&k[1..]).is_none());
     }
 }

@@ -34,8 +34,10 @@ impl<'a> Servers<'a> {
         Servers { redis, memcached }
     }
 
-    /// A new handle on `backend` (`memory`, `redis`, `memcached` or `off`).
+    /// A new handle on `backend` (`memory`, `redis`, `memcached` or `off`),
+    /// optionally followed by a space and URL options (`redis near=off`).
     fn open(&self, backend: &str) -> ICache {
+        let (backend, options) = backend.split_once(' ').unwrap_or((backend, ""));
         // A generous time-out: on a loaded 2-CPU machine a 1 MB answer can
         // take longer than the default 100 ms, and a time-out would turn a
         // timed hit into a fail-open render (which `AllHits` would catch).
@@ -45,6 +47,11 @@ impl<'a> Servers<'a> {
             "memcached" => format!("{}?timeout_ms=2000", self.memcached.url()),
             "off" => "none://".to_owned(),
             other => unreachable!("no backend {other}"),
+        };
+        let url = if options.is_empty() {
+            url
+        } else {
+            format!("{url}&{options}")
         };
         ICache::from_url(&url).unwrap_or_else(|e| panic!("cannot open {url}: {e}"))
     }
@@ -244,9 +251,11 @@ mod hit_vs_bare;
 mod hit_vs_render;
 mod memory_per_entry;
 mod pages;
+mod wire;
 
 pub(crate) use growth::growth;
 pub(crate) use hit_vs_bare::hit_vs_bare;
 pub(crate) use hit_vs_render::hit_vs_render;
 pub(crate) use memory_per_entry::memory_per_entry;
 pub(crate) use pages::pages;
+pub(crate) use wire::wire;

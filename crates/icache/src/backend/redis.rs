@@ -115,7 +115,6 @@ impl Redis {
         })?;
         Ok(tracking::Setup {
             client,
-            prefix: self.prefix.clone(),
             timeout: self.timeout,
             connect_timeout: self.connect_timeout,
             redacted: self.redacted.clone(),

@@ -24,7 +24,6 @@ use std::time::Duration;
 
 use redis::Value;
 
-use crate::keys::{self, Key};
 use crate::near::Gens;
 use crate::stats::Every;
 
@@ -52,7 +51,6 @@ impl std::fmt::Debug for Tracking {
 /// What the thread needs.
 pub(crate) struct Setup {
     pub(crate) client: redis::Client,
-    pub(crate) prefix: String,
     pub(crate) timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) redacted: String,
@@ -132,7 +130,7 @@ fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::
         .unwrap_or("unknown");
     let mut track = redis::cmd("CLIENT");
     track.arg("TRACKING").arg("ON").arg("BCAST");
-    for prefix in generation_prefixes(&setup.prefix) {
+    for prefix in gens.key_prefixes() {
         track.arg("PREFIX").arg(prefix);
     }
     track.query::<()>(&mut con)?;
@@ -180,29 +178,6 @@ fn invalidated(gens: &Gens, data: Vec<Value>) {
         _ => {
             let instance = gens.instance_now();
             gens.reset(instance);
-        }
-    }
-}
-
-/// The key prefixes of this cache's generations (readable and hashed names).
-fn generation_prefixes(prefix: &str) -> [String; 2] {
-    // `encode` of a one-letter readable name, less that letter.
-    let readable = keys::encode(prefix, Key::gen_("x"));
-    let base = readable.trim_end_matches('x');
-    let hashed = format!("{}G:", base.strip_suffix("g:").unwrap_or(base));
-    [base.to_owned(), hashed]
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn prefixes_cover_readable_and_hashed_generations() {
-        use crate::keys::{Key, encode};
-        for prefix in ["", "shop", "myapp:prod"] {
-            let [readable, hashed] = super::generation_prefixes(prefix);
-            assert!(encode(prefix, Key::gen_("movies")).starts_with(&readable));
-            assert!(encode(prefix, Key::gen_(&"x".repeat(100))).starts_with(&hashed));
-            assert!(!encode(prefix, Key::fragment("movies")).starts_with(&readable));
         }
     }
 }
