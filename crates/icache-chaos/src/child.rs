@@ -3,7 +3,7 @@
 //! `stop` file. Prints one `REPORT key=value …` line on stdout at the end.
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
@@ -91,6 +91,27 @@ struct Shared {
     printed: AtomicU64,
     /// Stale reads per second since the origin, to line up with the faults.
     stale_by_second: Mutex<BTreeMap<u64, u64>>,
+    /// `near=tracking`'s bound (`max_lag_ms`), zero in the other modes: a
+    /// read may miss the bumps of the last `lag`, no older one.
+    lag: Duration,
+    /// Under a lag: `completed` of every item, snapshot every 2 ms, so that a
+    /// read's floor is what had completed `lag` before it began.
+    history: Mutex<VecDeque<(Instant, Vec<u64>)>>,
+}
+
+/// The staleness bound of reads through `url`: `max_lag_ms` (default 100)
+/// under `near=tracking`, zero otherwise.
+pub(crate) fn lag_of(url: &str) -> Duration {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    if !query.split('&').any(|kv| kv == "near=tracking") {
+        return Duration::ZERO;
+    }
+    let ms = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("max_lag_ms="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100);
+    Duration::from_millis(ms)
 }
 
 impl Shared {
@@ -189,7 +210,12 @@ pub(crate) fn run(args: ChildArgs) -> ! {
         tally: Mutex::new(Tally::default()),
         printed: AtomicU64::new(0),
         stale_by_second: Mutex::new(BTreeMap::new()),
+        lag: lag_of(&args.url),
+        history: Mutex::new(VecDeque::new()),
     });
+    if !shared.lag.is_zero() {
+        snapshot_completed(&shared, &args);
+    }
 
     // Stop when the orchestrator says so, when it is gone (this process was
     // handed to another parent), or long after it should have: a child never
@@ -399,6 +425,59 @@ pub(crate) fn run(args: ChildArgs) -> ! {
     std::process::exit(0);
 }
 
+/// Under a lag, keeps snapshots of every item's `completed` (see
+/// [`Shared::history`]), from a thread of its own.
+fn snapshot_completed(shared: &Arc<Shared>, args: &ChildArgs) {
+    let db = match Db::open(&args.dir.join("db"), args.items) {
+        Ok(db) => db,
+        Err(e) => {
+            eprintln!("child {}: cannot open the db: {e}", args.index);
+            std::process::exit(2);
+        }
+    };
+    let all: Vec<usize> = (0..args.items).collect();
+    let keep = usize::try_from(shared.lag.as_millis() / 2).unwrap_or(usize::MAX) + 500;
+    let shared = Arc::clone(shared);
+    thread::spawn(move || {
+        while !shared.stopping() {
+            let taken = Instant::now();
+            if let Ok(completed) = db.completed(&all) {
+                let mut h = shared
+                    .history
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                h.push_back((taken, completed));
+                while h.len() > keep {
+                    h.pop_front();
+                }
+            }
+            thread::sleep(Duration::from_millis(2));
+        }
+    });
+}
+
+/// The floors of a read beginning now: what had completed before it began,
+/// or under a lag, what had completed `lag` before it began.
+fn floors(shared: &Shared, db: &Db, items: &[usize]) -> std::io::Result<Vec<u64>> {
+    if shared.lag.is_zero() {
+        return db.completed(items);
+    }
+    let Some(before) = Instant::now().checked_sub(shared.lag) else {
+        return Ok(vec![0; items.len()]);
+    };
+    let h = shared
+        .history
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    Ok(match h.iter().rev().find(|(t, _)| *t <= before) {
+        Some((_, completed)) => items
+            .iter()
+            .map(|&i| completed.get(i).copied().unwrap_or(0))
+            .collect(),
+        None => vec![0; items.len()],
+    })
+}
+
 /// Commit, bump, and record the bump as completed only if it returned `Ok`.
 fn writer(shared: &Shared, db: &Db, mut rng: Rng, slot: &CallSlot, tally: &mut Tally) {
     let items = shared.args.items;
@@ -484,7 +563,7 @@ fn reader(shared: &Shared, db: &Db, mut rng: Rng, slot: &CallSlot, tally: &mut T
             }
         };
         // Before the read begins: the floor every item must reach.
-        let floors = match db.completed(&read.items) {
+        let floors = match floors(shared, db, &read.items) {
             Ok(f) => f,
             Err(e) => {
                 tally.add("harness_errors", 1);
@@ -597,7 +676,7 @@ fn check(shared: &Shared, read: &Read, floors: &[u64], out: &str, tally: &mut Ta
         .iter()
         .zip(floors)
         .filter(|((_, v), floor)| v < floor)
-        .map(|((i, v), floor)| format!("item {i} shows {v}, but the bump after commit {floor} had completed before the read began"))
+        .map(|((i, v), floor)| format!("item {i} shows {v}, but the bump after commit {floor} had completed {} before the read began", if shared.lag.is_zero() { String::new() } else { format!("{:?}", shared.lag) }))
         .collect();
     if !stale.is_empty() {
         tally.add("stale", 1);

@@ -171,3 +171,22 @@ fn memcached_pool_failover_move_one_process() {
 fn memcached_pool_failover_move_three_processes() {
     chaos_with("memcached-pool", &["--url-options", "failover=move"]);
 }
+
+// The near cache's modes (the tests above run the default, `near=entries`):
+// `near=off`, and `near=tracking`, whose reads are checked against the bumps
+// that completed `max_lag_ms` (100) before they began.
+
+#[test]
+fn redis_near_off() {
+    chaos_with("redis", &["--url-options", "near=off"]);
+}
+
+#[test]
+fn memcached_near_off() {
+    chaos_with("memcached", &["--url-options", "near=off"]);
+}
+
+#[test]
+fn redis_near_tracking() {
+    chaos_with("redis", &["--url-options", "near=tracking"]);
+}

@@ -215,6 +215,11 @@ struct StatsView {
     misses: u64,
     ratio: String,
     errors: u64,
+    near_hits: u64,
+    near_misses: u64,
+    body_fetches: u64,
+    tracked_hits: u64,
+    near_bytes: String,
 }
 
 /// One block of this request, for the panel.
@@ -320,12 +325,18 @@ impl AppState {
         let s = self.0.cache.stats();
         let blocks: Vec<BlockView> = events.iter().map(BlockView::new).collect();
         self.0.env.get_template("panel.html")?.render(context! {
+            backend => self.0.cache.backend_name(),
             blocks => Serde(blocks),
             stats => Serde(StatsView {
                 hits: s.hits,
                 misses: s.misses,
                 ratio: format!("{:.1}%", s.hit_ratio() * 100.0),
                 errors: s.errors,
+                near_hits: s.near_hits,
+                near_misses: s.near_misses,
+                body_fetches: s.body_fetches,
+                tracked_hits: s.tracked_hits,
+                near_bytes: format!("{:.1} KiB", s.near_bytes as f64 / 1024.0),
             }),
         })
     }

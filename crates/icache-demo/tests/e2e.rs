@@ -85,6 +85,14 @@ fn rate_a_movie_and_see_the_new_order_on_every_backend() {
             "{name}: hits did not rise"
         );
         assert_eq!(movie_order(&again.body, "personal"), before);
+        // On a network backend the panel shows the near cache: the hit's
+        // body came from this process (the default near=entries).
+        if matches!(backend, Backend::Memory) {
+            assert!(!again.body.contains("id=\"near\""), "{name}: no near panel");
+        } else {
+            assert!(stat(&again.body, "near-hits") > 0, "{name}: near hits");
+            assert!(again.body.contains("id=\"near-bytes\""), "{name}");
+        }
 
         // Rate the last movie 5 stars: it moves up into the 5-star group.
         let last = *before.last().expect("a movie");
