@@ -67,6 +67,13 @@ impl ICache {
     /// default 100), `connect_timeout_ms=` (default 100), `pool_size=` (idle
     /// connections kept, default 8).
     ///
+    /// Options of network backends: `near=entries|tracking|off` (what is also
+    /// kept in process; default `entries`, see the crate docs' "near cache"),
+    /// `near_max_bytes=` (its bound, default 64 MiB) and `max_lag_ms=` (the
+    /// staleness bound of `near=tracking`, default 100). `near=tracking`
+    /// needs a single Redis node; on memcached or a cluster it is a
+    /// [`Config`](crate::ErrorKind::Config) error.
+    ///
     /// Network backends connect lazily: opening never blocks, and a server that
     /// is down shows up as an error of the first operation. After a failure
     /// (time-out, refused), calls to that server fail at once for a back-off

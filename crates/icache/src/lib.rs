@@ -66,6 +66,25 @@
 //! `timeout_ms=`, `connect_timeout_ms=` and `pool_size=`. See
 //! [`ICache::from_url`].
 //!
+//! ## The near cache
+//!
+//! Network backends also keep in process what they read (`?near=`):
+//!
+//! * `near=entries` (the default): fragment bodies and versioned entries, by
+//!   (key, version, server instance). A block hit fetches the generations
+//!   only (a few bytes per token, one round trip); the body crosses the
+//!   network once per process and version. Never stale.
+//! * `near=tracking` (Redis, single node): generations too, kept coherent by
+//!   Redis's client-side caching on one extra connection per handle. A hit
+//!   makes **no round trip**. The promise becomes bounded: a read is never
+//!   older than the last bump that completed `max_lag_ms` (default 100)
+//!   before it began; the bound is enforced with pings, not hoped for.
+//! * `near=off`: every hit carries the body.
+//!
+//! `near_max_bytes=` (default 64 MiB per handle) bounds what is kept.
+//! [`Stats`] counts near hits, near misses, body fetches, hits with no round
+//! trip, and the bytes held.
+//!
 //! Any string is a valid token or key (spaces, `#`, control characters,
 //! unicode, 100 KB): short plain names stay readable in the backend, anything
 //! else is hashed with SHA-256, so no two inputs share an entry and every key
