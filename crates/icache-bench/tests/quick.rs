@@ -121,6 +121,7 @@ fn check_report(report: &str) {
         "### Client threads",
         "## 4. Page level",
         "## 5. Memory per entry",
+        "## 6. Bytes on the wire per hit",
         "## Missed targets",
     ] {
         assert!(
@@ -140,7 +141,14 @@ fn check_report(report: &str) {
 
     // 1. Hit vs render.
     check_row(report, "render uncached (SQLite + MiniJinja)", 2, false);
-    for backend in ["memory", "redis", "memcached"] {
+    for backend in [
+        "memory",
+        "redis",
+        "memcached",
+        "redis near=tracking",
+        "redis near=off",
+        "memcached near=off",
+    ] {
         check_row(report, &format!("block hit, {backend}"), 2, false);
         check_row(report, &format!("fragment hit, {backend}"), 2, false);
     }
@@ -182,6 +190,7 @@ fn check_report(report: &str) {
         "icache on, memory",
         "icache on, redis",
         "icache on, memcached",
+        "icache on, redis near=tracking",
         "redis hung (accepts, never answers)",
         "icache off (`none://`)",
     ] {
@@ -191,11 +200,37 @@ fn check_report(report: &str) {
     check_row(report, "icache fragment (`fragment_named`)", 5, false);
     check_row(report, "icache `set_versioned`", 5, false);
     check_row(report, "quick_cache alone (`String` → `Arc<str>`)", 5, true);
+    // 6. Bytes on the wire: the body on every hit with near=off, a few
+    // bytes with near=entries, nothing per hit with near=tracking.
+    let wire = |label: &str| -> Vec<f64> {
+        row(report, label)[1..]
+            .iter()
+            .map(|c| number(c).unwrap_or_else(|| panic!("{label}: {c:?}")))
+            .collect()
+    };
+    for backend in ["redis", "memcached"] {
+        let off = wire(&format!("{backend}, `near=off`"));
+        let entries = wire(&format!("{backend}, `near=entries`"));
+        assert!(
+            off[0] > 100_000.0,
+            "{backend} near=off moves the body: {off:?}"
+        );
+        assert!(
+            entries[0] > 0.0 && entries[0] <= 220.0,
+            "{backend}: {entries:?}"
+        );
+        assert_eq!((off[2], entries[2]), (1.0, 1.0), "one round trip per hit");
+    }
+    let tracking = wire("redis, `near=tracking`");
+    assert!(
+        tracking[2] < 0.05,
+        "near=tracking makes no round trip per hit: {tracking:?}"
+    );
 
     // Every target, once in the summary and once in its section, each with
     // a plain verdict and the measured ratio.
     let targets: Vec<&str> = report.lines().filter(|l| l.contains("target: ")).collect();
-    assert_eq!(targets.len(), 18, "expected 9 targets twice: {targets:#?}");
+    assert_eq!(targets.len(), 28, "expected 14 targets twice: {targets:#?}");
     for line in &targets {
         let measured = line
             .split_once(" — met (measured ")

@@ -60,11 +60,27 @@ fn benches(c: &mut Criterion) {
     let redis = support::RedisServer::start();
     let memcached = support::MemcachedServer::start();
     let mut caches = vec![("memory", memory)];
+    // Each network backend with its default near cache (`entries`: the
+    // body is kept in process) and without it; Redis also with `tracking`
+    // (no round trip on a hit).
     if let Some(s) = &redis {
-        caches.push(("redis", ICache::from_url(&s.url()).expect("redis")));
+        for (name, near) in [
+            ("redis", "near=entries"),
+            ("redis-near-off", "near=off"),
+            ("redis-near-tracking", "near=tracking"),
+        ] {
+            let cache = ICache::from_url(&format!("{}?{near}", s.url())).expect("redis");
+            caches.push((name, cache));
+        }
     }
     if let Some(s) = &memcached {
-        caches.push(("memcached", ICache::from_url(&s.url()).expect("memcached")));
+        for (name, near) in [
+            ("memcached", "near=entries"),
+            ("memcached-near-off", "near=off"),
+        ] {
+            let cache = ICache::from_url(&format!("{}?{near}", s.url())).expect("memcached");
+            caches.push((name, cache));
+        }
     }
     for (name, cache) in caches {
         let e = env(&cache);

@@ -89,9 +89,22 @@ pub(crate) fn wire(servers: &Servers<'_>) -> Section {
     for t in &targets {
         md.push_str(&t.line());
     }
+    let missed_notes = targets
+        .iter()
+        .filter(|t| !t.met())
+        .map(|t| {
+            format!(
+                "**6. {}** ({}): a hit with `near=entries` should carry only the \
+                 generations; more bytes mean the body crossed the network, i.e. \
+                 the in-process copy was not used.",
+                t.what,
+                report::ratio(t.measured)
+            )
+        })
+        .collect();
     Section {
         markdown: md,
         targets,
-        missed_notes: Vec::new(),
+        missed_notes,
     }
 }
