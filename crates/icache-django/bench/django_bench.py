@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--pages", type=int, default=100, help="pages rendered per round and tag")
     ap.add_argument("--near-url", default="redis://127.0.0.1:{port}/0?near=tracking")
     ap.add_argument("--out", help="write the Markdown report here")
+    ap.add_argument("--append", action="store_true", help="append a run to --out instead of replacing it")
+    ap.add_argument("--title", default="", help="a heading for this run (which build, which core)")
     args = ap.parse_args()
 
     redis_proc, redis_port, redis_tmp = start("redis")
@@ -95,7 +97,7 @@ def main() -> None:
     report = render_report(args, rows)
     print(report)
     if args.out:
-        with open(args.out, "w") as f:
+        with open(args.out, "a" if args.append else "w") as f:
             f.write(report)
 
 
@@ -170,11 +172,15 @@ TARGETS = {"LocMem": 2.0, "Redis": 1.3, "memcached": 1.3, "Redis, near=tracking"
 def render_report(args, rows) -> str:
     import django
 
-    out = [
+    out = [] if args.append else [
         "# Django: `{% icache %}` against Django's own `{% cache %}`",
         "",
         "Written by `python crates/icache-django/bench/django_bench.py --out bench/DJANGO.md`, never by hand.",
         "",
+    ]
+    if args.title:
+        out += [f"## {args.title}", ""]
+    out += [
         f"The page: {BLOCKS} blocks, each a {ITEMS}-item loop; every block a hit (both tags warmed first, "
         "output checked equal to the uncached page). Both tags on the same backend, in one process, "
         f"interleaved round by round: {args.rounds} rounds of {args.pages} pages per tag. Times are the "
@@ -192,7 +198,11 @@ def render_report(args, rows) -> str:
         target = TARGETS[r["label"]]
         if "error" in r:
             out.append(f"| {r['label']} | – | – | – | – | – | {target:g}× | not measured |")
-            notes.append(f"* **{r['label']}**: not measured: {r['error']}")
+            why = r["error"]
+            if 'unknown option "near"' in why:
+                why = ("this build's core has no `near=` option (the near cache, issue 12, is not in it); "
+                       "run the bench on a build that has it. The core said: " + why)
+            notes.append(f"* **{r['label']}**: not measured: {why}")
             continue
         m = r["med"]
         met = "yes" if r["ratio"] >= target else "**no**"

@@ -152,3 +152,22 @@ def test_values_str_bytes_and_pickled(redis_server, memcached_server):
                 got = icache.get_versioned(f"k{i}", v)
                 assert got == value and type(got) is type(value), (url, value, got)
                 assert icache.get_versioned(f"k{i}", v + 1) is None
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_worker_opens_its_own_handle(redis_server):
+    import os
+
+    with override_settings(ICACHE_URL=redis_server.url(unique("fork"))):
+        parent = icache.handle
+        icache.incr("movies")
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: a fresh handle, and it works
+            ok = icache._handle is None and icache.handle is not parent and icache.incr("movies") > 0
+            os.write(w, b"1" if ok else b"0")
+            os._exit(0)
+        os.close(w)
+        assert os.read(r, 1) == b"1"
+        os.waitpid(pid, 0)
+        assert icache.handle is parent

@@ -15,8 +15,10 @@ The cache is Django's own ``CACHES`` entry (``ICACHE_CACHE``, default
 
 from __future__ import annotations
 
+import os
 import pickle
 import threading
+import weakref
 from typing import Any, Callable, Iterable
 
 from ._core import Cache, CacheError, flush_log
@@ -46,6 +48,7 @@ class ICache:
         self._url = url
         self._handle: Cache | None = None
         self._lock = threading.Lock()
+        _instances.add(self)
 
     # ---- the handle -------------------------------------------------------------
 
@@ -157,6 +160,25 @@ class ICache:
     def __repr__(self) -> str:
         h = self._handle
         return f"<django_icache.ICache {h.url if h is not None else '(not opened yet)'}>"
+
+
+# A forked worker (gunicorn --preload, multiprocessing) must not share its
+# parent's connections: it opens its own handle on first use. The parent's is
+# kept, not dropped: its sockets and threads belong to the parent.
+_instances: "weakref.WeakSet[ICache]" = weakref.WeakSet()
+_inherited: list = []
+
+
+def _after_fork_in_child() -> None:
+    for inst in list(_instances):
+        if inst._handle is not None:
+            _inherited.append(inst._handle)
+        inst._handle = None
+        inst._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 #: The process-wide object, as in the original: ``from django_icache import icache``.
