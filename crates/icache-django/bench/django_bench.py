@@ -172,7 +172,7 @@ TARGETS = {"LocMem": 2.0, "Redis": 1.3, "memcached": 1.3, "Redis, near=tracking"
 def render_report(args, rows) -> str:
     import django
 
-    out = [] if args.append else [
+    out = [""] if args.append else [
         "# Django: `{% icache %}` against Django's own `{% cache %}`",
         "",
         "Written by `python crates/icache-django/bench/django_bench.py --out bench/DJANGO.md`, never by hand.",
