@@ -39,12 +39,40 @@ for features in "" minijinja redis memcached askama maud tera "redis,memcached,m
 done
 cargo test --workspace --all-features "$@" 2>&1 | tee "$log"
 
+# The Django drop-in (crates/icache-django): build and install the package
+# with maturin, then run its pytest suite (Django 5.2 LTS, the same real
+# servers on free loopback ports). Python packages go into a venv of their
+# own (target/django-venv), installed from the package index when missing.
+venv="${ICACHE_DJANGO_VENV:-target/django-venv}"
+case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+py="$venv/bin/python"
+pyneed=()
+"$py" -c 'import maturin' >/dev/null 2>&1 || pyneed+=("maturin>=1.9,<2")
+"$py" -c 'import django, sys; sys.exit(django.VERSION[:2] != (5, 2))' >/dev/null 2>&1 || pyneed+=("Django==5.2.*")
+"$py" -c 'import pytest' >/dev/null 2>&1 || pyneed+=(pytest)
+if [ ${#pyneed[@]} -gt 0 ]; then
+  echo "scripts/test.sh: installing ${pyneed[*]} (pip, into $venv)" >&2
+  "$py" -m pip install -q "${pyneed[@]}"
+fi
+PATH="$venv/bin:$PATH" "$py" -m pip install -q --no-build-isolation --no-deps --force-reinstall ./crates/icache-django
+pylog="$(mktemp)"
+trap 'rm -f "$log" "$pylog"' EXIT
+pystatus=0
+(cd crates/icache-django && "$py" -m pytest tests -q -p no:cacheprovider) 2>&1 | tee "$pylog" || pystatus=$?
+
 # A short bounded fuzzing run keeps the cargo-fuzz targets building and
 # finding nothing (set ICACHE_SKIP_FUZZ=1 to skip it).
 if [ "${ICACHE_SKIP_FUZZ:-0}" != "1" ]; then
   bash scripts/fuzz.sh "${ICACHE_FUZZ_SECONDS:-10}"
 fi
 
-# One closing line over every test binary (cargo prints one per binary).
+# One closing line over every test binary (cargo prints one per binary) and
+# the pytest suite (its last line: "N passed, N failed, N error… in Ts").
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+     FILENAME == ARGV[2] && /^[0-9]+ [a-z]+.* in [0-9.]+s/ { pp = 0; pf = 0
+       for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) pp += $i; if ($(i+1) ~ /^(failed|errors?)/) pf += $i } }
+     END { printf "tests: %d passed, %d failed\n", p + pp, f + pf }' "$log" "$pylog"
+exit "$pystatus"

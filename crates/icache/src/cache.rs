@@ -17,6 +17,17 @@ use crate::keys::Key;
 use crate::near::{Kind, Near};
 use crate::stats::{Event, Stats};
 
+/// A stored value as it was stored: text or bytes
+/// ([`ICache::get_versioned_value`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Value {
+    /// Stored as text (`set_versioned`).
+    Text(Arc<str>),
+    /// Stored as bytes (`set_versioned_bytes`).
+    Bytes(Bytes),
+}
+
 /// A handle to a timeout-less cache. Cheap to clone; all clones share one
 /// backend (and its connections).
 ///
@@ -452,6 +463,28 @@ impl ICache {
     /// as their UTF-8 bytes).
     pub fn get_versioned_bytes(&self, key: &str, version: u64) -> Result<Option<Bytes>> {
         Ok(self.load_versioned(key, version)?.map(Payload::into_bytes))
+    }
+
+    /// [`get_versioned`](Self::get_versioned) that says which kind of value
+    /// was stored: [`Value::Text`] for [`set_versioned`](Self::set_versioned),
+    /// [`Value::Bytes`] for [`set_versioned_bytes`](Self::set_versioned_bytes)
+    /// (for bindings that must give back the type they were given).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::memory();
+    /// cache.set_versioned_bytes("k", &b"abc"[..], 1)?;
+    /// assert_eq!(cache.get_versioned_value("k", 1)?, Some(icache::Value::Bytes(icache::Bytes::from_static(b"abc"))));
+    /// # Ok::<(), icache::Error>(())
+    /// ```
+    pub fn get_versioned_value(&self, key: &str, version: u64) -> Result<Option<Value>> {
+        Ok(self
+            .load_versioned(key, version)?
+            .map(|payload| match payload {
+                Payload::Text(s) => Value::Text(s),
+                Payload::Bytes(b) => Value::Bytes(b),
+            }))
     }
 
     fn load_versioned(&self, key: &str, version: u64) -> Result<Option<Payload>> {

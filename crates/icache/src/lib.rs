@@ -143,7 +143,7 @@ mod stats;
 pub mod tera;
 
 pub use bytes::Bytes;
-pub use cache::ICache;
+pub use cache::{ICache, Value};
 pub use error::{Error, ErrorKind, Result};
 pub use observe::{BlockEvent, NotStored, Outcome, observe};
 pub use stats::Stats;

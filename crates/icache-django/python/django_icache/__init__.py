@@ -1,0 +1,185 @@
+"""django_icache: timeout-less template-fragment caching for Django, on icache's
+Rust core.
+
+Add ``"django_icache"`` to ``INSTALLED_APPS``; then, as in the original app::
+
+    from django_icache import icache
+    icache.incr("movies")          # after the commit that changed movies
+
+    {% load icache %}
+    {% icache 'movies-personal-rating' 'movies' user.id %}…{% endicache %}
+
+The cache is Django's own ``CACHES`` entry (``ICACHE_CACHE``, default
+``"default"``) or the ``ICACHE_URL`` setting; see :mod:`django_icache.conf`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+import weakref
+from typing import Any, Callable, Iterable
+
+from ._core import Cache, CacheError, flush_log
+
+__all__ = ["icache", "ICache", "CacheError"]
+
+# Values that are not str or bytes are pickled and stored as bytes behind
+# this prefix. 0xFF never occurs in UTF-8, so no text starts with it; a bytes
+# value that happens to start with it is stored behind _BYTES (and given back
+# unchanged), so no stored bytes can ever be taken for a pickle.
+_MARK = b"\xffiCpy"
+_PICKLE = _MARK + b"p"
+_BYTES = _MARK + b"b"
+
+
+def _tokens(tokens: Iterable[Any]) -> list[str]:
+    if isinstance(tokens, (str, bytes)):
+        raise TypeError("tokens must be a list of tokens, not one string: incr_many(['movies'])")
+    return [str(t) for t in tokens]
+
+
+class ICache:
+    """The original app's ``icache`` object, with the fixed semantics of the
+    Rust core. Lazy: the backend is opened on first use, from the settings."""
+
+    def __init__(self, url: str | None = None):
+        self._url = url
+        self._handle: Cache | None = None
+        self._lock = threading.Lock()
+        _instances.add(self)
+
+    # ---- the handle -------------------------------------------------------------
+
+    @property
+    def handle(self) -> Cache:
+        """The native handle (opened on first use)."""
+        h = self._handle
+        if h is None:
+            with self._lock:
+                h = self._handle
+                if h is None:
+                    h = self._handle = self._open()
+        return h
+
+    def _open(self) -> Cache:
+        from django.core.exceptions import ImproperlyConfigured
+
+        if self._url is not None:
+            url, source = self._url, "ICache(url=…)"
+        else:
+            from django.conf import settings
+
+            from .conf import cache_url
+
+            url = cache_url(settings)
+            if getattr(settings, "ICACHE_URL", None):
+                source = "ICACHE_URL"
+            else:
+                source = f"CACHES[{getattr(settings, 'ICACHE_CACHE', None) or 'default'!r}]"
+        try:
+            return Cache(url)
+        except ValueError as e:
+            raise ImproperlyConfigured(f"django_icache: {source}: {e}; set ICACHE_URL to a valid icache URL") from None
+
+    def reset(self) -> None:
+        """Forgets the handle: the next call opens it again from the settings
+        (done automatically when a test changes CACHES, ICACHE_URL or
+        ICACHE_CACHE)."""
+        with self._lock:
+            self._handle = None
+
+    @property
+    def url(self) -> str:
+        """The URL in use, password hidden."""
+        return self.handle.url
+
+    @property
+    def backend(self) -> str:
+        return self.handle.backend
+
+    def stats(self) -> dict:
+        """This process's counters: hits, misses, stores, errors, …"""
+        return self.handle.stats()
+
+    def ping(self) -> None:
+        """Raises CacheError when the backend does not answer."""
+        self.handle.ping()
+
+    # ---- the seed's five methods ------------------------------------------------
+
+    def incr(self, token: Any) -> int:
+        """Bumps a token's generation (atomically, in the backend) and returns
+        the new one. A token with no generation gets a fresh random one, never
+        0: the first bump is never lost."""
+        return self.handle.incr(str(token))
+
+    def incr_many(self, tokens: Iterable[Any]) -> list[int]:
+        """Bumps several tokens in one round trip."""
+        return self.handle.incr_many(_tokens(tokens))
+
+    def get_sum(self, tokens: Iterable[Any]) -> int:
+        """The version of a set of tokens: the sum of their generations."""
+        return self.handle.get_sum(_tokens(tokens))
+
+    def set_versioned(self, key: str, value: Any, version: int) -> None:
+        """Stores ``value`` with ``version``, without expiry. ``str`` and
+        ``bytes`` are stored as they are (a Rust service reads the same text);
+        anything else is pickled, as Django's cache does."""
+        if isinstance(value, str):
+            stored: str | bytes = value
+        elif isinstance(value, bytes):
+            stored = _BYTES + value if value.startswith(_MARK) else value
+        else:
+            stored = _PICKLE + pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+        self.handle.set_versioned(str(key), stored, version)
+
+    def get_versioned(self, key: str, version: int) -> Any:
+        """The value stored under ``key`` with exactly ``version``, else
+        ``None``. A mismatch deletes nothing (the original deleted the entry:
+        a slow reader could destroy a fresher one)."""
+        value = self.handle.get_versioned(str(key), version)
+        if isinstance(value, bytes) and value.startswith(_MARK):
+            if value.startswith(_PICKLE):
+                return pickle.loads(value[len(_PICKLE) :])
+            if value.startswith(_BYTES):
+                return value[len(_BYTES) :]
+        return value
+
+    # ---- cached blocks in Python code ------------------------------------------
+
+    def fragment(self, name: str, tokens: Iterable[Any], render: Callable[[], str]) -> str:
+        """A cached block outside templates (Rust's ``fragment_named``):
+        ``render()`` runs only on a miss, once per process for concurrent
+        misses; the output is kept until a token is bumped. A Rust service
+        using ``fragment_named(name, tokens, …)`` on the same cache shares the
+        entry."""
+        return self.handle.fragment(str(name), _tokens(tokens), render)
+
+    def __repr__(self) -> str:
+        h = self._handle
+        return f"<django_icache.ICache {h.url if h is not None else '(not opened yet)'}>"
+
+
+# A forked worker (gunicorn --preload, multiprocessing) must not share its
+# parent's connections: it opens its own handle on first use. The parent's is
+# kept, not dropped: its sockets and threads belong to the parent.
+_instances: "weakref.WeakSet[ICache]" = weakref.WeakSet()
+_inherited: list = []
+
+
+def _after_fork_in_child() -> None:
+    for inst in list(_instances):
+        if inst._handle is not None:
+            _inherited.append(inst._handle)
+        inst._handle = None
+        inst._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+#: The process-wide object, as in the original: ``from django_icache import icache``.
+icache = ICache()

@@ -1,0 +1,297 @@
+//! `django_icache._core`: the native half of the Django drop-in.
+//!
+//! A thin PyO3 layer over [`icache::ICache`]; everything Django (settings,
+//! the template tag, pickling) lives in the Python package beside it
+//! (`python/django_icache`).
+//!
+//! **The GIL.** Every call that may wait (network I/O, a single-flight
+//! follower waiting for another thread's render) runs with the GIL released
+//! (`Python::detach`). A block's body is a Python callable: the Rust engine
+//! calls it on the same OS thread, which takes the GIL back only for the
+//! render (`Python::attach`). So a thread that waits for another's render
+//! never holds the GIL the renderer needs, and blocks rendered inside a body
+//! (nested `{% icache %}`, an `{% include %}`) run on the thread the engine
+//! tracks for nested dependencies.
+//!
+//! **Logging.** The core logs through `tracing`, which falls back to the `log`
+//! facade. Records are queued here (never written while another thread might
+//! hold the GIL and wait for us) and handed to Python's `logging` logger
+//! `django_icache` when a call returns to Python. The core already limits its
+//! warnings to one every 10 s.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use icache::{ErrorKind, ICache, Value};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyString};
+
+create_exception!(
+    _core,
+    CacheError,
+    PyException,
+    "A cache operation failed (backend unreachable, timed out, value too large, or a backend error)."
+);
+
+/// Turns a core error into a Python exception: configuration errors are
+/// `ValueError` (the Python side names the setting), the rest `CacheError`
+/// with the kind as its second argument.
+fn to_py(e: icache::Error) -> PyErr {
+    let kind = match e.kind() {
+        ErrorKind::Config => return PyValueError::new_err(e.to_string()),
+        ErrorKind::Unavailable => "unavailable",
+        ErrorKind::Timeout => "timeout",
+        ErrorKind::TooLarge => "too_large",
+        ErrorKind::Backend => "backend",
+        _ => "other",
+    };
+    CacheError::new_err((e.to_string(), kind))
+}
+
+// ---- logging bridge ----------------------------------------------------------
+
+/// At most this many records wait for Python (the core rate-limits its
+/// warnings, so this bound is only a guard).
+const LOG_QUEUE: usize = 256;
+
+struct Bridge {
+    queue: Mutex<VecDeque<(log::Level, String)>>,
+    pending: AtomicBool,
+}
+
+static BRIDGE: Bridge = Bridge {
+    queue: Mutex::new(VecDeque::new()),
+    pending: AtomicBool::new(false),
+};
+
+struct BridgeLogger;
+
+impl log::Log for BridgeLogger {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Info && metadata.target().starts_with("icache")
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let mut queue = BRIDGE
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if queue.len() < LOG_QUEUE {
+            queue.push_back((record.level(), record.args().to_string()));
+            BRIDGE.pending.store(true, Ordering::Release);
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static LOGGER: BridgeLogger = BridgeLogger;
+
+/// Hands the queued records to `logging.getLogger("django_icache")`.
+fn flush_logs(py: Python<'_>) {
+    if !BRIDGE.pending.load(Ordering::Acquire) {
+        return;
+    }
+    let records: Vec<(log::Level, String)> = {
+        let mut queue = BRIDGE
+            .queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        BRIDGE.pending.store(false, Ordering::Release);
+        queue.drain(..).collect()
+    };
+    let Ok(logger) = py
+        .import("logging")
+        .and_then(|m| m.call_method1("getLogger", ("django_icache",)))
+    else {
+        return;
+    };
+    for (level, message) in records {
+        let level = match level {
+            log::Level::Error => 40,
+            log::Level::Warn => 30,
+            log::Level::Info => 20,
+            log::Level::Debug => 10,
+            log::Level::Trace => 5,
+        };
+        // A failing handler must not turn a cache call into an error.
+        if let Err(e) = logger.call_method1("log", (level, message)) {
+            e.print(py);
+        }
+    }
+}
+
+/// Runs `f` without the GIL, then forwards what the core logged meanwhile.
+fn detached<T: Send>(py: Python<'_>, f: impl FnOnce() -> T + Send) -> T {
+    let out = py.detach(f);
+    flush_logs(py);
+    out
+}
+
+// ---- the handle -----------------------------------------------------------------
+
+/// A handle on one cache, opened from an icache URL (`memory://`,
+/// `redis://…`, `memcached://…`, `none://`, …). Cheap to share between threads.
+#[pyclass(frozen, module = "django_icache._core")]
+struct Cache {
+    inner: ICache,
+}
+
+/// Tokens as the core wants them.
+fn refs(tokens: &[String]) -> Vec<&str> {
+    tokens.iter().map(String::as_str).collect()
+}
+
+#[pymethods]
+impl Cache {
+    /// Opens the cache named by `url` (never blocks: network backends
+    /// connect on first use). A malformed URL raises `ValueError` naming the
+    /// bad part.
+    #[new]
+    fn new(py: Python<'_>, url: &str) -> PyResult<Self> {
+        let inner = detached(py, || ICache::from_url(url)).map_err(to_py)?;
+        Ok(Cache { inner })
+    }
+
+    /// The URL, password replaced by `***`.
+    #[getter]
+    fn url(&self) -> &str {
+        self.inner.url()
+    }
+
+    /// `"memory"`, `"redis"`, `"redis-cluster"`, `"memcached"` or `"none"`.
+    #[getter]
+    fn backend(&self) -> &'static str {
+        self.inner.backend_name()
+    }
+
+    /// Bumps a token's generation; returns the new one.
+    fn incr(&self, py: Python<'_>, token: &str) -> PyResult<u64> {
+        detached(py, || self.inner.incr(token)).map_err(to_py)
+    }
+
+    /// Bumps several tokens in one round trip.
+    fn incr_many(&self, py: Python<'_>, tokens: Vec<String>) -> PyResult<Vec<u64>> {
+        detached(py, || self.inner.incr_many(&refs(&tokens))).map_err(to_py)
+    }
+
+    /// The version of a set of tokens (sum of their generations).
+    fn get_sum(&self, py: Python<'_>, tokens: Vec<String>) -> PyResult<u64> {
+        detached(py, || self.inner.get_sum(&refs(&tokens))).map_err(to_py)
+    }
+
+    /// Each token's generation.
+    fn generations(&self, py: Python<'_>, tokens: Vec<String>) -> PyResult<Vec<u64>> {
+        detached(py, || self.inner.generations(&refs(&tokens))).map_err(to_py)
+    }
+
+    /// Stores `value` (str: as text; bytes: as bytes) with `version`.
+    fn set_versioned(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        value: &Bound<'_, PyAny>,
+        version: u64,
+    ) -> PyResult<()> {
+        if let Ok(text) = value.cast::<PyString>() {
+            let text = text.to_str()?;
+            detached(py, || self.inner.set_versioned(key, text, version)).map_err(to_py)
+        } else if let Ok(bytes) = value.cast::<PyBytes>() {
+            let bytes = icache::Bytes::copy_from_slice(bytes.as_bytes());
+            detached(py, || self.inner.set_versioned_bytes(key, bytes, version)).map_err(to_py)
+        } else {
+            Err(PyTypeError::new_err(
+                "_core.Cache.set_versioned takes str or bytes (django_icache pickles the rest)",
+            ))
+        }
+    }
+
+    /// The value stored under `key` with exactly `version` (str or bytes, as
+    /// stored), or `None`.
+    fn get_versioned<'py>(
+        &self,
+        py: Python<'py>,
+        key: &str,
+        version: u64,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let value = detached(py, || self.inner.get_versioned_value(key, version)).map_err(to_py)?;
+        Ok(match value {
+            Some(Value::Text(s)) => Some(PyString::new(py, &s).into_any()),
+            Some(Value::Bytes(b)) => Some(PyBytes::new(py, &b).into_any()),
+            Some(_) | None => None,
+        })
+    }
+
+    /// A cached block: `render()` (a Python callable returning str) runs only
+    /// on a miss, once per process for concurrent misses, under the GIL;
+    /// waiting and I/O happen without it. Blocks rendered inside `render` on
+    /// this thread become dependencies of this one. Backend trouble renders
+    /// uncached (fail-open); an exception from `render` propagates unchanged
+    /// and nothing is stored.
+    fn fragment(
+        &self,
+        py: Python<'_>,
+        name: &str,
+        tokens: Vec<String>,
+        render: Py<PyAny>,
+    ) -> PyResult<String> {
+        detached(py, || {
+            self.inner.fragment_named(name, &refs(&tokens), || {
+                Python::attach(|py| render.bind(py).call0()?.extract::<String>())
+            })
+        })
+    }
+
+    /// Checks that the backend answers (raises `CacheError` if not).
+    fn ping(&self, py: Python<'_>) -> PyResult<()> {
+        detached(py, || self.inner.ping()).map_err(to_py)
+    }
+
+    /// This handle's counters: hits, misses, stores, errors, …
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.stats();
+        let d = PyDict::new(py);
+        d.set_item("hits", s.hits)?;
+        d.set_item("misses", s.misses)?;
+        d.set_item("mismatches", s.mismatches)?;
+        d.set_item("errors", s.errors)?;
+        d.set_item("stores", s.stores)?;
+        d.set_item("outdated", s.outdated)?;
+        d.set_item("too_large", s.too_large)?;
+        d.set_item("shared_renders", s.shared_renders)?;
+        d.set_item("evictions", s.evictions)?;
+        d.set_item("render_seconds", s.render_time.as_secs_f64())?;
+        Ok(d)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<django_icache._core.Cache {}>", self.inner.url())
+    }
+}
+
+/// Forwards whatever the core logged to Python now (the tests call it; every
+/// method does it on return).
+#[pyfunction]
+fn flush_log(py: Python<'_>) {
+    flush_logs(py);
+}
+
+/// The native module.
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Another logger already set (in this module's own copy of `log`) only
+    // means records go there instead.
+    if log::set_logger(&LOGGER).is_ok() {
+        log::set_max_level(log::LevelFilter::Info);
+    }
+    m.add_class::<Cache>()?;
+    m.add("CacheError", m.py().get_type::<CacheError>())?;
+    m.add_function(wrap_pyfunction!(flush_log, m)?)?;
+    Ok(())
+}
