@@ -415,6 +415,9 @@ pub(crate) fn run(args: ChildArgs) -> ! {
         ("stores", s.stores),
         ("outdated", s.outdated),
         ("shared_renders", s.shared_renders),
+        ("near_hits", s.near_hits),
+        ("tracked_hits", s.tracked_hits),
+        ("body_fetches", s.body_fetches),
         ("evictions", s.evictions),
     ] {
         tally.add(&format!("stats.{k}"), v);
