@@ -267,6 +267,11 @@ impl Cache {
         d.set_item("shared_renders", s.shared_renders)?;
         d.set_item("evictions", s.evictions)?;
         d.set_item("render_seconds", s.render_time.as_secs_f64())?;
+        d.set_item("near_hits", s.near_hits)?;
+        d.set_item("near_misses", s.near_misses)?;
+        d.set_item("body_fetches", s.body_fetches)?;
+        d.set_item("tracked_hits", s.tracked_hits)?;
+        d.set_item("near_bytes", s.near_bytes)?;
         Ok(d)
     }
 

@@ -936,6 +936,13 @@ impl ICache {
         self.inner.core.is_in_process()
     }
 
+    /// Does a hit hand out text kept in this process (the same `Arc` on
+    /// every hit of one version): the memory backend, or the near cache?
+    #[cfg_attr(not(feature = "minijinja"), allow(dead_code))]
+    pub(crate) fn keeps_bodies_in_process(&self) -> bool {
+        self.is_in_process() || self.inner.core.near.is_some()
+    }
+
     /// Async [`incr`](Self::incr).
     ///
     /// # Example

@@ -24,7 +24,7 @@ pub(crate) fn growth(servers: &Servers<'_>, settings: &Settings) -> Section {
     let mut missed_notes = Vec::new();
 
     // Tokens per block.
-    progress("3/5 … tokens per block");
+    progress("3/6 … tokens per block");
     let body = html(STANDARD_SIZE);
     let token_lists: Vec<Vec<String>> = TOKEN_COUNTS
         .iter()
@@ -199,7 +199,7 @@ pub(crate) fn growth(servers: &Servers<'_>, settings: &Settings) -> Section {
     md.push('\n');
 
     // Fragment size.
-    progress("3/5 … fragment size");
+    progress("3/6 … fragment size");
     let _ = write!(
         md,
         "### Fragment size\n\n\
@@ -279,7 +279,7 @@ pub(crate) fn growth(servers: &Servers<'_>, settings: &Settings) -> Section {
     md.push_str(&table.finish());
 
     // Client threads.
-    progress("3/5 … client threads");
+    progress("3/6 … client threads");
     let _ = write!(
         md,
         "### Client threads\n\n\

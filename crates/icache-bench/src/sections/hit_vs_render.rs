@@ -200,8 +200,9 @@ pub(crate) fn hit_vs_render(servers: &Servers<'_>, settings: &Settings) -> Secti
         if block > fragment * 1.05 {
             let _ = write!(
                 note,
-                " So {} of the block hit is MiniJinja around the block: the {} string is \
-                 copied out of the cache, into a template value, and into the output.",
+                " So {} of the block hit is MiniJinja around the block: the template \
+                 writes the {} string into its output (the template value made from \
+                 the text kept in process is reused from hit to hit).",
                 report::time(block - fragment),
                 report::bytes(plain.len()),
             );

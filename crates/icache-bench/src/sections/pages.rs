@@ -23,7 +23,7 @@ pub(crate) fn pages(servers: &Servers<'_>, settings: &Settings) -> Section {
     ];
     let mut results = Vec::new();
     for (label, backend) in cases {
-        progress(&format!("4/5 … {label}"));
+        progress(&format!("4/6 … {label}"));
         // A Redis that accepts connections and never answers: the path to
         // it goes through a proxy that holds everything back. With the
         // default 100 ms time-out, the circuit breaker should make pages

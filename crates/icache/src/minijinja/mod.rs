@@ -77,7 +77,8 @@ pub use rewrite::rewrite;
 #[cfg(feature = "tera")]
 pub(crate) use rewrite::rewrite_for_tera;
 
-/// Template values made from stored fragments of the memory backend, by the
+/// Template values made from stored fragments kept in process (the memory
+/// backend, the near cache), by the
 /// address of the stored text. A hit then costs no copy before the output:
 /// MiniJinja can only make a safe string from a `String`, so without this a
 /// hit would copy the HTML twice (into a `String`, then into the value). The
@@ -227,9 +228,10 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
             })?;
             Ok(match html {
                 Html::Rendered(s) => Value::from_safe_string(s),
-                // The memory backend hands out the same stored text on every
-                // hit: reuse the template value made from it the first time.
-                Html::Cached(s) if cache.is_in_process() => shared.value(s),
+                // The memory backend and the near cache hand out the same
+                // stored text on every hit: reuse the template value made
+                // from it the first time.
+                Html::Cached(s) if cache.keeps_bodies_in_process() => shared.value(s),
                 Html::Cached(s) => Value::from_safe_string(s.to_string()),
             })
         },
