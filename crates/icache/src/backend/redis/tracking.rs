@@ -90,9 +90,15 @@ fn pause(stop: &(Mutex<bool>, Condvar), d: Duration) -> bool {
 
 fn run(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) {
     let log = Every::new();
-    let mut backoff = Duration::from_millis(50);
+    const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+    let mut backoff = FIRST_BACKOFF;
     loop {
         let outcome = session(setup, gens, stop);
+        // A connection that was tracking before it failed starts the
+        // back-off over: only failures in a row make it longer.
+        if gens.instance_now().is_some() {
+            backoff = FIRST_BACKOFF;
+        }
         // Whatever ended the session, nothing in the table can be trusted.
         gens.reset(None);
         match outcome {
