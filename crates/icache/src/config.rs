@@ -22,6 +22,9 @@ pub(crate) const DEFAULT_NEAR_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// Default `?max_lag_ms=` of `near=tracking`.
 pub(crate) const DEFAULT_MAX_LAG: Duration = Duration::from_millis(100);
 
+/// The largest `?max_lag_ms=`.
+const MAX_LAG_LIMIT: Duration = Duration::from_secs(60);
+
 /// `?near=`: what a network backend also keeps in process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Near {
@@ -306,6 +309,7 @@ impl Config {
         let mut near = None;
         let mut max_lag = None;
         let mut near_max_bytes = DEFAULT_NEAR_MAX_BYTES;
+        let mut near_max_bytes_given = false;
 
         for (k, v) in url.query_pairs() {
             match &*k {
@@ -360,8 +364,17 @@ impl Config {
                         }
                     })
                 }
-                "max_lag_ms" => max_lag = Some(parse_ms("max_lag_ms", &v, &redacted)?),
+                "max_lag_ms" => {
+                    let lag = parse_ms("max_lag_ms", &v, &redacted)?;
+                    if lag > MAX_LAG_LIMIT {
+                        return Err(Error::config(format!(
+                            "option max_lag_ms={v:?} in {redacted}: expected at most 60000 (a minute)"
+                        )));
+                    }
+                    max_lag = Some(lag);
+                }
                 "near_max_bytes" => {
+                    near_max_bytes_given = true;
                     near_max_bytes = match v.parse::<u64>() {
                         Ok(n) if n >= 1024 => n,
                         _ => {
@@ -508,6 +521,12 @@ impl Config {
         };
 
         let near = near_option(&target, near, max_lag, &redacted)?;
+        if near_max_bytes_given && near == Near::Off {
+            return Err(Error::config(format!(
+                "option near_max_bytes= in {redacted} bounds the near cache, which is off here \
+                 (near=off, or an in-process cache)"
+            )));
+        }
         Ok(Config {
             target,
             prefix,

@@ -172,6 +172,10 @@ struct Table {
     slots: HashMap<Box<str>, Slot>,
     /// Hashed generation key -> its token, for tokens with a slot.
     hashed: HashMap<String, Box<str>>,
+    /// The server instance the pooled connections reached on the latest
+    /// fill: the table is trusted only while it is the tracked one (a pool
+    /// moved to another server, e.g. behind a virtual IP, is not tracked).
+    pool_seen: Option<Arc<str>>,
     /// The server instance of the tracking connection while tracking is on;
     /// `None` while it is not (nothing may be filled then).
     instance: Option<Arc<str>>,
@@ -198,6 +202,7 @@ impl Gens {
             table: Mutex::new(Table {
                 slots: HashMap::new(),
                 hashed: HashMap::new(),
+                pool_seen: None,
                 instance: None,
                 epoch: 0,
                 next_fill: 0,
@@ -248,6 +253,9 @@ impl Gens {
         }
         let table = self.lock();
         let instance = table.instance.clone()?;
+        if table.pool_seen.as_deref() != Some(&*instance) {
+            return None;
+        }
         let mut out = Vec::with_capacity(keys.len());
         for k in keys {
             match table.slots.get(*k) {
@@ -262,30 +270,46 @@ impl Gens {
     /// before they are read on another connection; `None` while tracking is
     /// not on (nothing will be kept).
     pub(crate) fn begin_fill(&self, keys: &[&str]) -> Option<Fill> {
+        // Hashed names are remembered to map invalidations back; their
+        // keys are made before the lock is taken (a SHA-256 each).
+        let hashed: Vec<Option<String>> = keys
+            .iter()
+            .map(|k| {
+                let key = crate::keys::encode(&self.prefix, crate::keys::Key::gen_(k));
+                key.starts_with(&self.hashed).then_some(key)
+            })
+            .collect();
+        let mut dropped = None;
         let mut table = self.lock();
         table.instance.as_ref()?;
-        if table.slots.len() + keys.len() > self.max_slots {
-            table.slots.clear();
-            table.hashed.clear();
+        if table.slots.len() + table.hashed.len() + keys.len() > self.max_slots {
+            // Starting over is always safe; the old maps are freed after
+            // the lock is released.
+            dropped = Some((
+                std::mem::take(&mut table.slots),
+                std::mem::take(&mut table.hashed),
+            ));
         }
         table.next_fill += 1;
         let id = table.next_fill;
-        for k in keys {
+        for (k, hashed) in keys.iter().zip(hashed) {
             match table.slots.get(*k) {
                 Some(Slot::Gen(_)) => {}
                 _ => {
                     table.slots.insert(Box::from(*k), Slot::Filling(id));
-                    let key = crate::keys::encode(&self.prefix, crate::keys::Key::gen_(k));
-                    if key.starts_with(&self.hashed) {
+                    if let Some(key) = hashed {
                         table.hashed.insert(key, Box::from(*k));
                     }
                 }
             }
         }
-        Some(Fill {
+        let fill = Fill {
             id,
             epoch: table.epoch,
-        })
+        };
+        drop(table);
+        drop(dropped);
+        Some(fill)
     }
 
     /// Keeps what a fill read, where its placeholder is still in place (no
@@ -298,6 +322,7 @@ impl Gens {
         instance: Option<&Arc<str>>,
     ) {
         let mut table = self.lock();
+        table.pool_seen = instance.cloned();
         if table.epoch != fill.epoch || table.instance.as_deref() != instance.map(|i| &**i) {
             return;
         }
@@ -317,9 +342,14 @@ impl Gens {
 
     /// Drops the slots of `tokens` (this handle's own bump).
     pub(crate) fn forget(&self, tokens: &[&str]) {
+        let keys: Vec<String> = tokens
+            .iter()
+            .map(|t| crate::keys::encode(&self.prefix, crate::keys::Key::gen_(t)))
+            .collect();
         let mut table = self.lock();
-        for t in tokens {
+        for (t, key) in tokens.iter().zip(&keys) {
             table.slots.remove(*t);
+            table.hashed.remove(key);
         }
     }
 
@@ -345,10 +375,19 @@ impl Gens {
     pub(crate) fn reset(&self, instance: Option<Arc<str>>) {
         self.answered.store(0, Ordering::Release);
         let mut table = self.lock();
-        table.slots.clear();
-        table.hashed.clear();
+        let slots = std::mem::take(&mut table.slots);
+        let hashed = std::mem::take(&mut table.hashed);
         table.epoch += 1;
         table.instance = instance;
+        drop(table);
+        // Freed outside the lock: readers never wait for it.
+        drop((slots, hashed));
+    }
+
+    /// Has a ping been answered since the last reset?
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn was_answered(&self) -> bool {
+        self.answered.load(Ordering::Acquire) != 0
     }
 
     /// The send time of a ping, to hand to [`answered`](Self::answered).
@@ -420,6 +459,20 @@ mod tests {
         // While tracking is off nothing is filled at all.
         g.reset(None);
         assert!(g.begin_fill(&k).is_none());
+    }
+
+    #[test]
+    fn a_pool_on_another_server_is_not_trusted() {
+        let g = gens();
+        let k = ["a"];
+        let fill = g.begin_fill(&k).expect("tracking on");
+        g.end_fill(fill, &k, &[Some(5)], Some(&Arc::from("run-1")));
+        assert!(g.trusted(&k).is_some());
+        // The pool's connections now reach another server (which the
+        // tracking connection does not watch): nothing local is trusted.
+        let fill = g.begin_fill(&["b"]).expect("tracking on");
+        g.end_fill(fill, &["b"], &[Some(1)], Some(&Arc::from("run-2")));
+        assert!(g.trusted(&k).is_none());
     }
 
     #[test]

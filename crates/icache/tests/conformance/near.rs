@@ -284,6 +284,15 @@ fn near_options_are_checked() {
         ),
         ("redis://127.0.0.1:1/?max_lag_ms=10", "max_lag_ms"),
         ("redis://127.0.0.1:1/?near_max_bytes=12", "near_max_bytes"),
+        (
+            "redis://127.0.0.1:1/?near=off&near_max_bytes=1048576",
+            "near_max_bytes",
+        ),
+        ("memory://?near_max_bytes=1048576", "near_max_bytes"),
+        (
+            "redis://127.0.0.1:1/?near=tracking&max_lag_ms=600000",
+            "max_lag_ms",
+        ),
         ("memcached://127.0.0.1:1?near=tracking", "memcached"),
         (
             "redis+cluster://127.0.0.1:1,127.0.0.1:2?near=tracking",

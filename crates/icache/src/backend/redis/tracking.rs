@@ -94,9 +94,9 @@ fn run(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) {
     let mut backoff = FIRST_BACKOFF;
     loop {
         let outcome = session(setup, gens, stop);
-        // A connection that was tracking before it failed starts the
+        // A connection that answered a ping before it failed starts the
         // back-off over: only failures in a row make it longer.
-        if gens.instance_now().is_some() {
+        if gens.was_answered() {
             backoff = FIRST_BACKOFF;
         }
         // Whatever ended the session, nothing in the table can be trusted.
@@ -126,8 +126,15 @@ fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::
     let mut con = setup
         .client
         .get_connection_with_timeout(setup.connect_timeout)?;
-    // A ping unanswered within the time-out is a stalled connection: drop it.
-    con.set_read_timeout(Some(setup.timeout.max(gens.max_lag())))?;
+    // Trust ends by itself `max_lag` after the last answered ping (readers
+    // check it); the connection is dropped only when a ping goes unanswered
+    // much longer, so a short stall of the server does not make every
+    // handle reconnect.
+    con.set_read_timeout(Some(
+        (gens.max_lag() * 4)
+            .max(setup.timeout)
+            .max(Duration::from_secs(1)),
+    ))?;
     con.set_write_timeout(Some(setup.timeout))?;
     let info: String = redis::cmd("INFO").arg("server").query(&mut con)?;
     let run_id = info
