@@ -293,6 +293,29 @@ struct ServerProcess {
 }
 
 impl ServerProcess {
+    /// A process of `kind` not started yet (see [`start_fresh`](Self::start_fresh)),
+    /// its files in `dir`.
+    fn new(kind: Kind, program: PathBuf, extra_args: &[&str], dir: TempDir) -> ServerProcess {
+        ServerProcess {
+            kind,
+            program,
+            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
+            port: 0,
+            child: None,
+            dir,
+        }
+    }
+
+    /// [`new`](Self::new), started; panics with the server's output if it
+    /// does not come up.
+    fn started(kind: Kind, program: PathBuf, extra_args: &[&str], dir: TempDir) -> ServerProcess {
+        let mut process = ServerProcess::new(kind, program, extra_args, dir);
+        if let Err(e) = process.start_fresh() {
+            panic!("{}", e.into_message());
+        }
+        process
+    }
+
     fn name(&self) -> &'static str {
         match self.kind {
             Kind::Redis => "redis-server",
@@ -684,17 +707,8 @@ impl RedisServer {
             return None;
         }
         let program = find_on_path("redis-server")?;
-        let mut process = ServerProcess {
-            kind: Kind::Redis,
-            program,
-            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
-            port: 0,
-            child: None,
-            dir: TempDir::new("redis"),
-        };
-        if let Err(e) = process.start_fresh() {
-            panic!("{}", e.into_message());
-        }
+        let process =
+            ServerProcess::started(Kind::Redis, program, extra_args, TempDir::new("redis"));
         Some(RedisServer { process })
     }
 
@@ -744,14 +758,7 @@ impl RedisTlsServer {
         let program = find_on_path("redis-server")?;
         let dir = TempDir::new("redis-tls");
         generate_certificates(dir.path());
-        let mut process = ServerProcess {
-            kind: Kind::RedisTls,
-            program,
-            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
-            port: 0,
-            child: None,
-            dir,
-        };
+        let mut process = ServerProcess::new(Kind::RedisTls, program, extra_args, dir);
         match process.start_fresh() {
             Ok(()) => Some(RedisTlsServer { process }),
             Err(StartError::TlsUnsupported(message)) => {
@@ -954,20 +961,14 @@ impl RedisCluster {
         let redis_cli = find_on_path("redis-cli")?;
         let mut nodes = Vec::with_capacity(masters);
         for _ in 0..masters {
-            let mut node = ServerProcess {
-                kind: Kind::RedisClusterNode,
-                program: program.clone(),
-                extra_args: Vec::new(),
-                port: 0,
-                child: None,
-                dir: TempDir::new("redis-cluster-node"),
-            };
             // A node that has started binds its port and bus port, so the
             // next node's free-port search cannot pick either.
-            if let Err(e) = node.start_fresh() {
-                panic!("{}", e.into_message());
-            }
-            nodes.push(node);
+            nodes.push(ServerProcess::started(
+                Kind::RedisClusterNode,
+                program.clone(),
+                &[],
+                TempDir::new("redis-cluster-node"),
+            ));
         }
         let mut cluster = RedisCluster {
             nodes,
@@ -1260,17 +1261,12 @@ impl MemcachedServer {
             return None;
         }
         let program = find_on_path("memcached")?;
-        let mut process = ServerProcess {
-            kind: Kind::Memcached,
+        let process = ServerProcess::started(
+            Kind::Memcached,
             program,
-            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
-            port: 0,
-            child: None,
-            dir: TempDir::new("memcached"),
-        };
-        if let Err(e) = process.start_fresh() {
-            panic!("{}", e.into_message());
-        }
+            extra_args,
+            TempDir::new("memcached"),
+        );
         Some(MemcachedServer { process })
     }
 
