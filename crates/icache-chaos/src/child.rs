@@ -99,21 +99,6 @@ struct Shared {
     history: Mutex<VecDeque<(Instant, Vec<u64>)>>,
 }
 
-/// The staleness bound of reads through `url`: `max_lag_ms` (default 100)
-/// under `near=tracking`, zero otherwise.
-pub(crate) fn lag_of(url: &str) -> Duration {
-    let query = url.split_once('?').map_or("", |(_, q)| q);
-    if !query.split('&').any(|kv| kv == "near=tracking") {
-        return Duration::ZERO;
-    }
-    let ms = query
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("max_lag_ms="))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
-    Duration::from_millis(ms)
-}
-
 impl Shared {
     fn now_ms(&self) -> u64 {
         u64::try_from(self.t0.elapsed().as_millis()).unwrap_or(u64::MAX) + 1
@@ -201,6 +186,7 @@ pub(crate) fn run(args: ChildArgs) -> ! {
             std::process::exit(2);
         }
     };
+    let lag = cache.max_lag();
     let shared = Arc::new(Shared {
         pages: pages(args.items),
         args: args.clone(),
@@ -210,7 +196,7 @@ pub(crate) fn run(args: ChildArgs) -> ! {
         tally: Mutex::new(Tally::default()),
         printed: AtomicU64::new(0),
         stale_by_second: Mutex::new(BTreeMap::new()),
-        lag: lag_of(&args.url),
+        lag,
         history: Mutex::new(VecDeque::new()),
     });
     if !shared.lag.is_zero() {

@@ -212,6 +212,23 @@ impl ICache {
         &self.inner.core.config.redacted
     }
 
+    /// How long after a bump completed a read may still return output from
+    /// before it: zero (never stale), except under `near=tracking`, where it
+    /// is `max_lag_ms`.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::memory();
+    /// assert!(cache.max_lag().is_zero());
+    /// ```
+    pub fn max_lag(&self) -> Duration {
+        match self.inner.core.config.near {
+            crate::config::Near::Tracking { max_lag } => max_lag,
+            _ => Duration::ZERO,
+        }
+    }
+
     /// The configured time-out for one backend answer.
     pub fn timeout(&self) -> Duration {
         self.inner.core.config.timeout

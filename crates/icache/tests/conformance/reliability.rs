@@ -74,21 +74,6 @@ impl Db {
     }
 }
 
-/// The staleness a cache's reads may have: `max_lag_ms` under
-/// `near=tracking` (default 100 ms), none otherwise.
-pub fn lag_of(cache: &ICache) -> Duration {
-    let url = cache.url();
-    if !url.contains("near=tracking") {
-        return Duration::ZERO;
-    }
-    let ms = url
-        .split(['?', '&'])
-        .find_map(|kv| kv.strip_prefix("max_lag_ms="))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
-    Duration::from_millis(ms)
-}
-
 /// Shared between the checker's threads and the scenario driving it.
 #[derive(Default)]
 pub struct Phase {
@@ -133,7 +118,7 @@ pub fn check_with(
 ) -> Report {
     let tokens: Arc<Vec<String>> = Arc::new(tokens.to_vec());
     let db = Arc::new(Db {
-        lag: lag_of(reads_cache),
+        lag: reads_cache.max_lag(),
         ..Db::default()
     });
     let phase = Arc::new(Phase::default());
@@ -695,33 +680,9 @@ fn cluster_hit_gets(near: &str, entry_gets: u64) {
     page();
     page();
     let stats = |port: u16| -> (u64, u64) {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
-        use std::io::{Read, Write};
-        s.write_all(b"INFO commandstats\r\n").expect("write");
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .expect("timeout");
-        let mut text = String::new();
-        let mut buf = [0u8; 65536];
-        while !text.contains("\r\n\r\n") && !text.ends_with("\r\n") || text.len() < 10 {
-            let n = s.read(&mut buf).expect("read");
-            if n == 0 {
-                break;
-            }
-            text.push_str(&String::from_utf8_lossy(&buf[..n]));
-            if text.lines().count() > 3 && text.ends_with("\r\n") {
-                break;
-            }
-        }
-        let calls = |name: &str| {
-            text.lines()
-                .find_map(|l| l.strip_prefix(&format!("cmdstat_{name}:calls=")))
-                .and_then(|r| r.split(',').next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0u64)
-        };
         (
-            calls("get"),
-            calls("mget") + calls("cluster") + calls("eval") + calls("evalsha") + calls("set"),
+            crate::redis_calls(port, &["get"]),
+            crate::redis_calls(port, &["mget", "cluster", "eval", "evalsha", "set"]),
         )
     };
     let ports = ctx.ports();
