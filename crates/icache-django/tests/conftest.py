@@ -161,6 +161,14 @@ def memcached_server():
     s.stop()
 
 
+@pytest.fixture(scope="session")
+def memcached_server_2():
+    """A second memcached, for a pool of two."""
+    s = start_server("memcached")
+    yield s
+    s.stop()
+
+
 def redis_command(server: Server, *args: str):
     """One RESP command on a fresh connection (tests only)."""
     out = f"*{len(args)}\r\n".encode()

@@ -132,6 +132,27 @@ def test_memcached_settings_reach_the_pool_with_the_key_prefix(memcached_server)
             assert f"\r\n{g}\r\n" in got, got
 
 
+def test_a_memcached_location_list_is_a_live_pool(memcached_server, memcached_server_2):
+    """A LOCATION list becomes a pool: tokens spread over both servers, and
+    bumps and sums go to the server each token lives on."""
+    servers = (memcached_server, memcached_server_2)
+    caches = {"default": {"BACKEND": PYMEMCACHE, "LOCATION": [s.address for s in servers],
+                          "KEY_PREFIX": unique("pool")}}
+
+    def items(server):
+        stats = memcached_command(server, "stats")
+        return int(stats.split("STAT curr_items ")[1].split()[0])
+
+    before = [items(s) for s in servers]
+    with override_settings(CACHES=caches):
+        tokens = [f"t{i}" for i in range(32)]
+        gens = icache.incr_many(tokens)
+        assert icache.get_sum(tokens) == sum(gens) % 2**64  # the wrapping sum
+        assert icache.incr("t0") == gens[0] + 1
+    grew = [items(s) - b for s, b in zip(servers, before)]
+    assert all(n > 0 for n in grew) and sum(grew) >= len(tokens), grew
+
+
 def test_values_str_bytes_and_pickled(redis_server, memcached_server):
     """str and bytes as they are; anything else pickled, as Django's cache does."""
     for url in ("memory://", redis_server.url(unique("v")), memcached_server.url(unique("v"))):
