@@ -368,17 +368,32 @@ impl Gens {
         }
     }
 
-    /// Drops everything: the connection was lost, re-made, or the server was
-    /// flushed. `instance` is the tracking connection's server once tracking
-    /// is on again, `None` until then.
+    /// Drops everything and follows another connection: the old one was
+    /// lost, or a new one tracks. `instance` is the tracking connection's
+    /// server once tracking is on again, `None` until then.
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn reset(&self, instance: Option<Arc<str>>) {
         self.answered.store(0, Ordering::Release);
+        self.clear(Some(instance));
+    }
+
+    /// Drops every generation, on the same connection: the server was
+    /// flushed (`FLUSHALL`/`FLUSHDB`).
+    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
+    pub(crate) fn flush(&self) {
+        self.clear(None);
+    }
+
+    /// Empties the table (fills in progress never land) and, when given,
+    /// sets the tracked instance.
+    fn clear(&self, instance: Option<Option<Arc<str>>>) {
         let mut table = self.lock();
         let slots = std::mem::take(&mut table.slots);
         let hashed = std::mem::take(&mut table.hashed);
         table.epoch += 1;
-        table.instance = instance;
+        if let Some(instance) = instance {
+            table.instance = instance;
+        }
         drop(table);
         // Freed outside the lock: readers never wait for it.
         drop((slots, hashed));
@@ -400,12 +415,6 @@ impl Gens {
     #[cfg_attr(not(feature = "redis"), allow(dead_code))]
     pub(crate) fn answered(&self, sent: u64) {
         self.answered.store(sent + 1, Ordering::Release);
-    }
-
-    /// The instance of the tracking connection, trusted or not.
-    #[cfg_attr(not(feature = "redis"), allow(dead_code))]
-    pub(crate) fn instance_now(&self) -> Option<Arc<str>> {
-        self.lock().instance.clone()
     }
 
     /// The instance of the tracking connection while its table is trusted.

@@ -188,9 +188,6 @@ fn invalidated(gens: &Gens, data: Vec<Value>) {
                 .collect();
             gens.invalidate(names.iter().map(String::as_str));
         }
-        _ => {
-            let instance = gens.instance_now();
-            gens.reset(instance);
-        }
+        _ => gens.flush(),
     }
 }
