@@ -119,7 +119,7 @@ impl ICache {
             Target::Memory { max_bytes } => Box::new(backend::memory::Memory::new(*max_bytes)?),
             Target::Nothing => Box::new(backend::none::Nothing),
             #[cfg(feature = "redis")]
-            Target::Redis { .. } => {
+            Target::Redis { .. } | Target::RedisSentinel(_) => {
                 let redis = backend::redis::Redis::new(&config)?;
                 if let Some(gens) = near.as_ref().and_then(|n| n.gens.clone()) {
                     let thread = backend::redis::tracking::start(redis.tracking_setup()?, gens)?;
@@ -140,7 +140,9 @@ impl ICache {
             #[allow(unreachable_patterns)]
             _ => {
                 let feature = match &config.target {
-                    Target::Redis { .. } | Target::RedisCluster { .. } => "redis",
+                    Target::Redis { .. }
+                    | Target::RedisCluster { .. }
+                    | Target::RedisSentinel(_) => "redis",
                     _ => "memcached",
                 };
                 return Err(Error::config(format!(

@@ -63,6 +63,9 @@ pub(crate) enum Target {
     RedisCluster {
         nodes: Vec<String>,
     },
+    /// `redis+sentinel://`: the master named `master`, found through these
+    /// sentinels.
+    RedisSentinel(Sentinel),
 }
 
 /// Everything a URL says.
@@ -113,6 +116,9 @@ pub(crate) fn redact(url: &Url) -> String {
     if u.password().is_some() {
         // Cannot fail for URLs that already have a password.
         let _ = u.set_password(Some("***"));
+    } else if url.scheme().eq_ignore_ascii_case("redis+sentinel") && !url.username().is_empty() {
+        // `redis+sentinel://secret@…`: the user part is the password.
+        let _ = u.set_username("***");
     }
     if u.query().is_some() {
         let pairs: Vec<(String, String)> = url
@@ -208,6 +214,7 @@ const SCHEMES: &[&str] = &[
     "memcached",
     "redis+cluster",
     "rediss+cluster",
+    "redis+sentinel",
 ];
 
 /// The known scheme a mistyped one most likely meant (`memcache` →
@@ -283,6 +290,8 @@ impl Config {
             split_hosts(input, 11211)?
         } else if lower.starts_with("redis+cluster://") || lower.starts_with("rediss+cluster://") {
             split_hosts(input, 6379)?
+        } else if lower.starts_with("redis+sentinel://") {
+            split_hosts(input, 26379)?
         } else {
             (input.to_string(), Vec::new())
         };
@@ -510,12 +519,13 @@ impl Config {
                         .collect(),
                 }
             }
+            "redis+sentinel" => Target::RedisSentinel(sentinel_target(&url, hosts, &redacted)?),
             other => {
                 let hint = closest_scheme(other)
                     .map(|s| format!(" (did you mean {s}://?)"))
                     .unwrap_or_default();
                 return Err(Error::config(format!(
-                    "unknown scheme {other:?} in {redacted}{hint}; expected memory://, redis://, rediss://, memcached://, redis+cluster:// or none://"
+                    "unknown scheme {other:?} in {redacted}{hint}; expected memory://, redis://, rediss://, memcached://, redis+cluster://, redis+sentinel:// or none://"
                 )));
             }
         };
@@ -538,6 +548,86 @@ impl Config {
             redacted,
         })
     }
+}
+
+/// `redis+sentinel://`'s settings: where to ask, for which master, and how
+/// to log in to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Sentinel {
+    /// The sentinels, as `host:port`.
+    pub(crate) sentinels: Vec<String>,
+    /// The name the sentinels monitor the master under.
+    pub(crate) master: String,
+    /// The database on the master.
+    pub(crate) db: u16,
+    /// `user:password@` or `password@` as written (still percent-encoded),
+    /// for the master and its replicas; the sentinels are asked without it.
+    pub(crate) userinfo: String,
+}
+
+/// Parses `redis+sentinel://[password@]h1:p1,h2:p2/MASTER_NAME[/db]` (the
+/// hosts already split off by [`split_hosts`]).
+fn sentinel_target(url: &Url, hosts: Vec<String>, redacted: &str) -> Result<Sentinel> {
+    let sentinels = if hosts.is_empty() {
+        let host = url.host_str().unwrap_or_default();
+        if host.is_empty() {
+            return Err(Error::config(format!(
+                "missing sentinel host in {redacted}; expected \
+                 redis+sentinel://host1:26379,host2:26379/MASTER_NAME"
+            )));
+        }
+        vec![format!("{host}:{}", url.port().unwrap_or(26379))]
+    } else {
+        hosts
+    };
+    let mut path = url.path().trim_start_matches('/').split('/');
+    let master = path.next().unwrap_or_default();
+    if master.is_empty() {
+        return Err(Error::config(format!(
+            "missing master name in {redacted}; expected redis+sentinel://host:26379/MASTER_NAME[/db]"
+        )));
+    }
+    let master = percent_decode(master);
+    let db = match path.next() {
+        None | Some("") => 0,
+        Some(db) => db.parse::<u16>().map_err(|_| {
+            Error::config(format!(
+                "database {db:?} in {redacted} is not a number; expected \
+                 redis+sentinel://host:26379/MASTER_NAME/0"
+            ))
+        })?,
+    };
+    if let Some(extra) = path.next() {
+        return Err(Error::config(format!(
+            "unexpected path segment {extra:?} in {redacted}; expected \
+             redis+sentinel://host:26379/MASTER_NAME[/db]"
+        )));
+    }
+    if let Some(f) = url.fragment() {
+        return Err(Error::config(format!(
+            "unknown URL fragment #{f} in {redacted}; redis+sentinel:// takes none"
+        )));
+    }
+    let userinfo = match (url.username(), url.password()) {
+        ("", None) => String::new(),
+        // `redis+sentinel://secret@h`: a password alone, as in redis://.
+        (password, None) => format!(":{password}@"),
+        (user, Some(password)) => format!("{user}:{password}@"),
+    };
+    Ok(Sentinel {
+        sentinels,
+        master,
+        db,
+        userinfo,
+    })
+}
+
+/// `%41` → `A`; bytes that are not valid UTF-8 once decoded are kept as
+/// written.
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
+        .next()
+        .map_or_else(|| s.to_owned(), |(_, v)| v.into_owned())
 }
 
 #[cfg(test)]
@@ -662,5 +752,33 @@ mod tests {
         assert!(!e.contains("hunter2"), "{e}");
         let e = err("memcached://a:1,b:2?auth=hunter2");
         assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn sentinel_urls() {
+        let c = Config::parse("redis+sentinel://s3cret@a:1,b:2,c/mymaster/3?near=tracking")
+            .expect("parses");
+        assert!(
+            c.target
+                == Target::RedisSentinel(Sentinel {
+                    sentinels: vec!["a:1".into(), "b:2".into(), "c:26379".into()],
+                    master: "mymaster".into(),
+                    db: 3,
+                    userinfo: ":s3cret@".into(),
+                })
+        );
+        assert!(matches!(c.near, Near::Tracking { .. }));
+        assert!(!c.redacted.contains("s3cret"), "{}", c.redacted);
+        assert!(c.redacted.contains("a:1,b:2,c:26379"), "{}", c.redacted);
+        let one = Config::parse("redis+sentinel://h/m").expect("parses");
+        assert!(
+            matches!(&one.target, Target::RedisSentinel(s) if s.sentinels == ["h:26379"] && s.db == 0)
+        );
+        assert!(err("redis+sentinel://h:26379").contains("master name"));
+        assert!(err("redis+sentinel://h:26379/").contains("master name"));
+        assert!(err("redis+sentinel://h:26379/m/x").contains("\"x\""));
+        assert!(err("redis+sentinel://h:26379/m/0/extra").contains("extra"));
+        assert!(err("redis+sentinel://a:1,b:x/m").contains("bad port"));
+        assert!(err("redis-sentinel://h/m").contains("did you mean redis+sentinel://"));
     }
 }

@@ -322,6 +322,8 @@ mod memcached_faults;
 mod near;
 #[path = "conformance/reliability.rs"]
 mod reliability;
+#[path = "conformance/sentinel.rs"]
+mod sentinel;
 #[path = "conformance/web.rs"]
 mod web;
 

@@ -22,6 +22,7 @@ use crate::keys::{self, Key};
 use crate::pool::Pool;
 
 pub(crate) mod cluster;
+pub(crate) mod sentinel;
 pub(crate) mod tracking;
 
 /// A connection and the server instance it talks to (`run_id`).
@@ -40,6 +41,8 @@ pub(crate) struct Redis {
     timeout: Duration,
     connect_timeout: Duration,
     redacted: String,
+    /// `redis+sentinel://`: connections go to the master it names.
+    sentinel: Option<Arc<sentinel::Sentinel>>,
 }
 
 impl std::fmt::Debug for Redis {
@@ -52,6 +55,17 @@ impl std::fmt::Debug for Redis {
 
 impl Redis {
     pub(crate) fn new(config: &Config) -> Result<Self> {
+        if let Target::RedisSentinel(settings) = &config.target {
+            let sentinel = Arc::new(sentinel::Sentinel::new(settings, config));
+            let mut redis = Redis::open(
+                &sentinel.placeholder_url(),
+                None,
+                config,
+                config.redacted.clone(),
+            )?;
+            redis.sentinel = Some(sentinel);
+            return Ok(redis);
+        }
         let Target::Redis { url, ca_file } = &config.target else {
             return Err(Error::config("not a redis:// URL"));
         };
@@ -90,6 +104,7 @@ impl Redis {
             timeout: config.timeout,
             connect_timeout: config.connect_timeout,
             redacted,
+            sentinel: None,
         })
     }
 
@@ -118,17 +133,24 @@ impl Redis {
             timeout: self.timeout,
             connect_timeout: self.connect_timeout,
             redacted: self.redacted.clone(),
+            sentinel: self.sentinel.clone(),
         })
     }
 
     fn connect(&self) -> Result<Conn> {
-        let mut con = self
-            .client
-            .get_connection_with_timeout(self.connect_timeout)
-            .map_err(|e| self.error("connect", e))?;
-        con.set_read_timeout(Some(self.timeout))
-            .and_then(|()| con.set_write_timeout(Some(self.timeout)))
-            .map_err(|e| self.error("connect", e))?;
+        let mut con = match &self.sentinel {
+            Some(sentinel) => sentinel.connect(false)?,
+            None => {
+                let con = self
+                    .client
+                    .get_connection_with_timeout(self.connect_timeout)
+                    .map_err(|e| self.error("connect", e))?;
+                con.set_read_timeout(Some(self.timeout))
+                    .and_then(|()| con.set_write_timeout(Some(self.timeout)))
+                    .map_err(|e| self.error("connect", e))?;
+                con
+            }
+        };
         // Which server instance is this? Asked once per connection.
         let info: String = redis::cmd("INFO")
             .arg("server")
@@ -162,7 +184,13 @@ impl Redis {
     fn error(&self, op: &str, e: redis::RedisError) -> Error {
         let kind = if e.is_timeout() {
             ErrorKind::Timeout
-        } else if e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped() {
+        } else if e.is_io_error()
+            || e.is_connection_refusal()
+            || e.is_connection_dropped()
+            // A write that reached a master demoted by a failover: this
+            // connection is done; a new one finds the new master.
+            || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        {
             ErrorKind::Unavailable
         } else {
             ErrorKind::Backend
@@ -187,6 +215,9 @@ impl Redis {
 
     /// "host:port" of this server.
     fn node_addr(&self) -> String {
+        if let Some(sentinel) = &self.sentinel {
+            return sentinel.last_master();
+        }
         let info = self.client.get_connection_info();
         match info.addr() {
             redis::ConnectionAddr::Tcp(h, p)

@@ -54,6 +54,9 @@ pub(crate) struct Setup {
     pub(crate) timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) redacted: String,
+    /// `redis+sentinel://`: each session connects to the master it names
+    /// now, and ends when its server stops being the master.
+    pub(crate) sentinel: Option<Arc<super::sentinel::Sentinel>>,
 }
 
 /// Starts the tracking thread for `gens`.
@@ -123,9 +126,14 @@ fn run(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) {
 /// One tracking connection, until it fails (`Err`) or the handle is dropped
 /// (`Ok`).
 fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::RedisResult<()> {
-    let mut con = setup
-        .client
-        .get_connection_with_timeout(setup.connect_timeout)?;
+    let mut con = match &setup.sentinel {
+        Some(sentinel) => sentinel.connect(true).map_err(|e| {
+            redis::RedisError::from((redis::ErrorKind::Io, "redis+sentinel", e.to_string()))
+        })?,
+        None => setup
+            .client
+            .get_connection_with_timeout(setup.connect_timeout)?,
+    };
     // Trust ends by itself `max_lag` after the last answered ping (readers
     // check it); the connection is dropped only when a ping goes unanswered
     // much longer, so a short stall of the server does not make every
@@ -149,7 +157,13 @@ fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::
     track.query::<()>(&mut con)?;
     // Tracking is on from here: fills may begin.
     gens.reset(Some(Arc::from(run_id)));
-    let ping = redis::cmd("PING").get_packed_command();
+    // Under Sentinel the "ping" is `ROLE`: as ordered as a PING, and a
+    // master demoted by a failover (whose table would now follow a lagging
+    // copy) ends the session, so the next one tracks the new master.
+    let ping = match setup.sentinel {
+        Some(_) => redis::cmd("ROLE").get_packed_command(),
+        None => redis::cmd("PING").get_packed_command(),
+    };
     let every = (gens.max_lag() / 4).clamp(Duration::from_millis(1), Duration::from_millis(250));
     loop {
         let sent = gens.now();
@@ -162,6 +176,12 @@ fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::
                     }
                 }
                 Value::ServerError(e) => return Err(e.into()),
+                role if setup.sentinel.is_some() && !super::sentinel::is_master(&role) => {
+                    return Err(redis::RedisError::from((
+                        redis::ErrorKind::Io,
+                        "redis+sentinel: the tracked server is no longer the master",
+                    )));
+                }
                 // The answer to the ping.
                 _ => break,
             }
