@@ -190,3 +190,11 @@ fn memcached_near_off() {
 fn redis_near_tracking() {
     chaos_with("redis", &["--url-options", "near=tracking"]);
 }
+
+/// `near=tracking&strict=true`: bumps wait `max_lag_ms`, so `max_lag()` is
+/// zero and every read is checked with the never-stale oracle (the bumps
+/// that completed before it began), as with `near=off`.
+#[test]
+fn redis_near_tracking_strict() {
+    chaos_with("redis", &["--url-options", "near=tracking&strict=true"]);
+}

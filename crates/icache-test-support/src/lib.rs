@@ -65,7 +65,9 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod sentinel;
+mod slow;
 pub use sentinel::RedisSentinel;
+pub use slow::SlowProxy;
 
 /// How long a server may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);

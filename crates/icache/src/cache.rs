@@ -226,6 +226,8 @@ impl ICache {
     /// ```
     pub fn max_lag(&self) -> Duration {
         match self.inner.core.config.near {
+            // strict=true: a bump returns only once no reader can miss it.
+            crate::config::Near::Tracking { .. } if self.inner.core.config.strict => Duration::ZERO,
             crate::config::Near::Tracking { max_lag } => max_lag,
             _ => Duration::ZERO,
         }
@@ -327,7 +329,9 @@ impl ICache {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
-        self.inner.core.incr_many(tokens)
+        let gens = self.inner.core.incr_many(tokens)?;
+        crate::strict::after_bump(&self.inner.core.config);
+        Ok(gens)
     }
 
     /// Drops a token's generation, as an eviction or a server restart would.

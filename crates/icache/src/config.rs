@@ -80,6 +80,9 @@ pub(crate) struct Config {
     pub(crate) near: Near,
     /// `?near_max_bytes=`.
     pub(crate) near_max_bytes: u64,
+    /// `?strict=true` (with `near=tracking`): a bump returns only `max_lag`
+    /// after the server applied it, so no reader trusts a table without it.
+    pub(crate) strict: bool,
     /// The URL with any password replaced by `***`, for messages.
     pub(crate) redacted: String,
 }
@@ -107,6 +110,7 @@ const HARMLESS: &[&str] = &[
     "near",
     "max_lag_ms",
     "near_max_bytes",
+    "strict",
 ];
 
 /// The URL for messages, `Debug` and `url()`: the password and the value of
@@ -319,6 +323,7 @@ impl Config {
         let mut max_lag = None;
         let mut near_max_bytes = DEFAULT_NEAR_MAX_BYTES;
         let mut near_max_bytes_given = false;
+        let mut strict = None;
 
         for (k, v) in url.query_pairs() {
             match &*k {
@@ -392,6 +397,17 @@ impl Config {
                             )));
                         }
                     }
+                }
+                "strict" => {
+                    strict = Some(match &*v {
+                        "true" => true,
+                        "false" => false,
+                        _ => {
+                            return Err(Error::config(format!(
+                                "option strict={v:?} in {redacted}: expected true or false"
+                            )));
+                        }
+                    })
                 }
                 "protocol" if scheme == "redis" || scheme == "rediss" => {
                     passthrough.push((k.into_owned(), v.into_owned()))
@@ -537,6 +553,13 @@ impl Config {
                  (near=off, or an in-process cache)"
             )));
         }
+        if strict == Some(true) && !matches!(near, Near::Tracking { .. }) {
+            return Err(Error::config(format!(
+                "option strict=true in {redacted} is for near=tracking (its bumps then wait \
+                 max_lag_ms so that no reader still trusts a generation without them); every \
+                 other mode is never stale already"
+            )));
+        }
         Ok(Config {
             target,
             prefix,
@@ -545,6 +568,7 @@ impl Config {
             pool_size,
             near,
             near_max_bytes,
+            strict: strict.unwrap_or(false),
             redacted,
         })
     }
@@ -780,5 +804,25 @@ mod tests {
         assert!(err("redis+sentinel://h:26379/m/0/extra").contains("extra"));
         assert!(err("redis+sentinel://a:1,b:x/m").contains("bad port"));
         assert!(err("redis-sentinel://h/m").contains("did you mean redis+sentinel://"));
+    }
+
+    #[test]
+    fn strict_is_for_tracking() {
+        let c = Config::parse("redis://h?near=tracking&strict=true&max_lag_ms=20").expect("parses");
+        assert!(c.strict);
+        assert!(c.redacted.contains("strict=true"), "{}", c.redacted);
+        assert!(
+            !Config::parse("redis://h?near=tracking&strict=false")
+                .expect("parses")
+                .strict
+        );
+        assert!(
+            !Config::parse("redis://h?near=tracking")
+                .expect("parses")
+                .strict
+        );
+        assert!(err("redis://h?strict=true").contains("near=tracking"));
+        assert!(err("memory://?strict=true").contains("strict"));
+        assert!(err("redis://h?near=tracking&strict=yes").contains("strict=\"yes\""));
     }
 }

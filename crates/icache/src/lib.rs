@@ -139,6 +139,7 @@ mod observe;
 #[cfg(any(feature = "redis", feature = "memcached"))]
 mod pool;
 mod stats;
+mod strict;
 #[cfg(feature = "tera")]
 pub mod tera;
 

@@ -324,6 +324,8 @@ mod near;
 mod reliability;
 #[path = "conformance/sentinel.rs"]
 mod sentinel;
+#[path = "conformance/strict.rs"]
+mod strict;
 #[path = "conformance/web.rs"]
 mod web;
 
