@@ -384,6 +384,21 @@ impl Backend for Redis {
         Ok(n > 0)
     }
 
+    fn lease(&self, key: Key<'_>, ttl: Duration) -> Result<bool> {
+        let k = self.key(key);
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let got: Option<String> = self.run("SET NX PX", |con| {
+            redis::cmd("SET")
+                .arg(&k)
+                .arg(1)
+                .arg("NX")
+                .arg("PX")
+                .arg(ms)
+                .query(con)
+        })?;
+        Ok(got.is_some())
+    }
+
     fn ping(&self) -> Result<()> {
         self.run("PING", |con| redis::cmd("PING").query::<String>(con))
             .map(|_| ())
