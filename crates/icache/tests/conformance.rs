@@ -322,6 +322,8 @@ mod memcached_faults;
 mod near;
 #[path = "conformance/reliability.rs"]
 mod reliability;
+#[path = "conformance/rust_api.rs"]
+mod rust_api;
 #[path = "conformance/web.rs"]
 mod web;
 
