@@ -72,6 +72,7 @@ use std::sync::Arc;
 use crate::ICache;
 use crate::fragment::Html;
 
+mod args;
 mod rewrite;
 pub use rewrite::rewrite;
 #[cfg(feature = "tera")]

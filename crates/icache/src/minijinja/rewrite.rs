@@ -22,8 +22,15 @@ use crate::keys::sha256_hex;
 /// {% icache 'movies' user.id %}…{% endicache %}       → {% call icache('movies', (user.id), __icache_block="…") %}…{% endcall %}
 /// ```
 ///
-/// Quoted bits are literal tokens, unquoted bits are expressions whose values
-/// (as strings) become tokens, as in the seed. Each block gets its identity
+/// Each argument is a token: a quoted literal, or any template expression
+/// whose value (as a string) becomes the token. A token ends where one
+/// complete expression ends, by MiniJinja's expression grammar, so
+/// `{% icache 'items' 'user:' ~ user.id user.name | upper %}` has three
+/// tokens (whitespace around operators, `~`, filters, tests, `in`,
+/// `and`/`or` and a ternary `if … else` is not a separator). Adjacent string
+/// literals stay separate tokens, and a bracket after whitespace starts a
+/// new one (`'a' (b)` is two tokens). `name='…'` is an option, as in the
+/// call-block form. Each block gets its identity
 /// (template, line, column, digest of its source); hand-written
 /// `{% call icache(…) %}` blocks get one too. Lines are kept, so template
 /// errors point at the right line. `{% raw %}` sections, comments and string
@@ -32,7 +39,9 @@ use crate::keys::sha256_hex;
 ///
 /// # Errors
 ///
-/// A syntax error naming the template and line for an unclosed
+/// A syntax error naming the template, the line and the user's own text for
+/// a token that is not a valid expression (`'user:' ~`, checked by
+/// MiniJinja's parser before the rewritten template exists), an unclosed
 /// `{% icache %}`, a stray `{% endicache %}`, an unterminated quoted token or
 /// an unterminated tag. Never panics, whatever the input.
 ///
@@ -234,6 +243,15 @@ fn string_literal(s: &str) -> String {
     out
 }
 
+/// A tag's text for an error message, shortened if long.
+fn shown(tag: &str) -> String {
+    let tag = tag.split_whitespace().collect::<Vec<_>>().join(" ");
+    match tag.char_indices().nth(120) {
+        Some((cut, _)) => format!("`{}…`", &tag[..cut]),
+        None => format!("`{tag}`"),
+    }
+}
+
 /// What to put in place of a byte range of the source.
 struct Edit {
     start: usize,
@@ -329,7 +347,7 @@ impl<'a> Rewriter<'a> {
                     });
                 }
                 "icache" => {
-                    let args = self.seed_args(args, at)?;
+                    let args = self.seed_args(args, &tag)?;
                     self.open(&mut stack, &tag, args, true);
                 }
                 "endicache" => {
@@ -385,80 +403,79 @@ impl<'a> Rewriter<'a> {
             } else {
                 "{% call icache %}"
             };
+            let (start, end) = (self.edits[open.edit].start, self.edits[open.edit].end);
             return Err(syntax(
                 self.name,
                 open.line,
-                &format!("unclosed {what}: no matching end tag before the end of the template"),
+                &format!(
+                    "unclosed {what} block {}: no matching end tag before the end of the template",
+                    shown(&self.src[start..end])
+                ),
             ));
         }
         Ok(self.apply())
     }
 
-    /// Splits `{% icache %}` arguments: quoted literals and expressions.
-    fn seed_args(&self, args: &str, at: usize) -> Result<String, Error> {
-        let mut out: Vec<String> = Vec::new();
-        let bytes = args.as_bytes();
-        let mut i = 0;
-        while i < bytes.len() {
-            let b = bytes[i];
-            if b.is_ascii_whitespace() {
-                i += 1;
-                continue;
+    /// Splits `{% icache %}` arguments into one expression per token
+    /// (see [`args`](super::args)), each checked by the engine's own parser
+    /// so that a bad one is reported with the user's line and text.
+    fn seed_args(&self, args: &str, tag: &Tag<'_>) -> Result<String, Error> {
+        // `args` is a slice of the source: errors point at its own line.
+        let base = (args.as_ptr() as usize).saturating_sub(self.src.as_ptr() as usize);
+        let shown = shown(&self.src[tag.start..tag.end]);
+        let pieces = super::args::split(args)
+            .map_err(|(at, msg)| self.err(base + at, &format!("{msg} in {shown}")))?;
+        let mut positional = Vec::new();
+        let mut keywords = Vec::new();
+        for arg in pieces {
+            if let Err(detail) = self.check_expression(arg.text) {
+                return Err(self.err(
+                    base + arg.at,
+                    &format!("bad token expression `{}` in {shown}: {detail}", arg.text),
+                ));
             }
-            let start = i;
-            if b == b'\'' || b == b'"' {
-                i += 1;
-                loop {
-                    match bytes.get(i) {
-                        None => {
-                            return Err(self.err(
-                                at,
-                                &format!("unterminated quoted token {}", &args[start..]),
-                            ));
-                        }
-                        Some(b'\\') => i += 2,
-                        Some(&c) if c == b => {
-                            i += 1;
-                            break;
-                        }
-                        Some(_) => i += 1,
-                    }
+            match arg.keyword {
+                Some("name") if self.target == Target::MiniJinja => {
+                    keywords.push(format!("name=({})", arg.text));
                 }
-                out.push(args[start..i.min(args.len())].to_string());
-            } else {
-                // An expression: up to whitespace outside brackets and quotes.
-                let mut depth = 0i32;
-                let mut quote: Option<u8> = None;
-                while i < bytes.len() {
-                    let c = bytes[i];
-                    match quote {
-                        Some(q) => {
-                            if c == b'\\' {
-                                i += 1;
-                            } else if c == q {
-                                quote = None;
-                            }
-                        }
-                        None => match c {
-                            b'\'' | b'"' => quote = Some(c),
-                            b'(' | b'[' | b'{' => depth += 1,
-                            b')' | b']' | b'}' => depth -= 1,
-                            c if c.is_ascii_whitespace() && depth <= 0 => break,
-                            _ => {}
-                        },
-                    }
-                    i += 1;
-                }
-                if quote.is_some() {
+                Some(other) => {
+                    let known = if self.target == Target::MiniJinja {
+                        "the only option is name="
+                    } else {
+                        "Tera blocks take no options (their position identifies them)"
+                    };
                     return Err(self.err(
-                        at,
-                        &format!("unterminated quoted token in {}", &args[start..]),
+                        base + arg.at,
+                        &format!("unknown option `{other}=` in {shown}: {known}"),
                     ));
                 }
-                out.push(format!("({})", &args[start..i.min(args.len())]));
+                None if arg.literal => positional.push(arg.text.to_owned()),
+                None => positional.push(format!("({})", arg.text)),
             }
         }
-        Ok(out.join(", "))
+        // Keywords go last, as MiniJinja requires, wherever they were written.
+        positional.extend(keywords);
+        Ok(positional.join(", "))
+    }
+
+    /// Does the engine's own parser accept `expr`? Its message if not.
+    fn check_expression(&self, expr: &str) -> Result<(), String> {
+        match self.target {
+            Target::MiniJinja => {
+                static PARSER: std::sync::LazyLock<minijinja::Environment<'static>> =
+                    std::sync::LazyLock::new(minijinja::Environment::new);
+                PARSER
+                    .compile_expression(expr)
+                    .map(|_| ())
+                    .map_err(|e| e.detail().map_or_else(|| e.to_string(), str::to_owned))
+            }
+            #[cfg(feature = "tera")]
+            Target::Tera => {
+                let mut tera = tera::Tera::new();
+                tera.add_raw_template("token", &format!("{{{{ {expr} }}}}"))
+                    .map_err(|e| e.to_string())
+            }
+        }
     }
 
     fn open(&mut self, stack: &mut Vec<OpenBlock>, tag: &Tag<'_>, args: String, seed_form: bool) {
@@ -594,6 +611,27 @@ mod tests {
         );
         assert!(out.starts_with("{% call icache('movies-personal-rating', 'movies', (user.id), __icache_block=\"t.html:1:18:"), "{out}");
         assert!(out.ends_with("X{% endcall %}"), "{out}");
+    }
+
+    #[test]
+    fn expression_tokens_become_one_argument_each() {
+        let out =
+            rw("{% icache 'items' 'user:' ~ user.id user.name | upper name='x' %}X{% endicache %}");
+        assert!(
+            out.starts_with("{% call icache('items', ('user:' ~ user.id), (user.name | upper), name=('x'), __icache_block="),
+            "{out}"
+        );
+        let err = rewrite(
+            "p.html",
+            "a\n{% icache 'items'\n 'user:' ~ %}x{% endicache %}",
+        )
+        .expect_err("incomplete")
+        .to_string();
+        assert!(
+            err.contains("p.html line 3: bad token expression `'user:' ~` in `{% icache 'items' 'user:' ~ %}`"),
+            "{err}"
+        );
+        assert!(err.contains("unexpected end of input"), "{err}");
     }
 
     #[test]
@@ -886,7 +924,7 @@ mod tests {
             /// accepts, with the same lines.
             #[test]
             fn seed_blocks_rewrite_into_valid_templates(
-                tokens in proptest::collection::vec(prop_oneof!["'[a-z #|]{0,8}'", "[a-z]{1,5}(\\.[a-z]{1,3})?"], 0..4),
+                tokens in proptest::collection::vec(prop_oneof!["'[a-z #|]{0,8}'", "[a-z]{1,5}(\\.[a-z]{1,3})?".prop_filter("not a keyword", |t| !["and", "or", "not", "in", "is", "if", "else"].contains(&t.split('.').next().unwrap_or(""))) ], 0..4),
                 body in "[a-z <>&\n]{0,20}",
                 nested in any::<bool>(),
             ) {
