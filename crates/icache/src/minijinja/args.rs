@@ -404,13 +404,18 @@ pub(super) fn split(src: &str) -> Result<Vec<Arg<'_>>, SplitError> {
             _ => None,
         };
         let first = w.i;
+        if first >= toks.len() {
+            let at = toks[first - 1].start;
+            let name = keyword.unwrap_or("");
+            return Err((at, format!("option `{name}=` has no value")));
+        }
         w.expr();
         if w.i == first {
             // Nothing an expression can start with (a stray `)` or `*`):
             // one piece, for the parser to reject by name.
             w.i += 1;
         }
-        let (start, end) = (toks[first.min(toks.len() - 1)].start, toks[w.i - 1].end);
+        let (start, end) = (toks[first].start, toks[w.i - 1].end);
         out.push(Arg {
             keyword,
             text: &src[start..end.max(start)],
@@ -484,6 +489,8 @@ mod tests {
         assert_eq!(texts("a | "), vec!["a |"]);
         assert_eq!(texts(") x"), vec![")", "x"]);
         assert!(split("'open").is_err());
+        assert!(split("name=").is_err());
+        assert!(split("x name =").is_err());
     }
 
     #[test]

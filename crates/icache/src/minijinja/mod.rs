@@ -125,6 +125,11 @@ impl SafeValues {
 /// The keyword the rewrite injects to identify a block.
 const BLOCK_KW: &str = "__icache_block";
 
+/// The keyword the rewrite injects, for a block inside `{% for %}` loops or
+/// macros, with the loop variables and macro arguments its tokens do not
+/// mention: the likely missing token when the block is met twice.
+const LOOP_KW: &str = "__icache_loop";
+
 /// Registers the `icache` function, used as a call block:
 /// `{% call icache('movies', user.id) %}…{% endcall %}`.
 ///
@@ -157,8 +162,54 @@ pub fn register_strict(env: &mut Environment<'_>, cache: ICache) {
 #[derive(Default)]
 struct Unnamed(std::collections::HashSet<(String, Vec<String>)>);
 
+/// What one render (one MiniJinja `State`) keeps about its blocks.
+#[derive(Default)]
+struct RenderState {
+    /// Positioned blocks met in this render, by a hash of (block, tokens):
+    /// a second meeting is a block in a loop or a macro whose tokens miss
+    /// what tells its renders apart. (A collision only costs a false
+    /// warning.)
+    positioned: std::collections::HashSet<u64>,
+    /// Block calls so far: a body whose render met no other block has no
+    /// nested tokens either.
+    met: std::cell::Cell<u64>,
+}
+
+/// Blocks already warned about (a repeated block, a block with no token):
+/// each warning once per block and process. Past `WARNED_MAX` blocks no more
+/// are remembered, so at most that many such warnings are logged.
+#[derive(Default)]
+struct Warned(std::sync::Mutex<std::collections::HashSet<(&'static str, String)>>);
+
+const WARNED_MAX: usize = 1024;
+
+impl Warned {
+    /// Should the warning `what` about `block` be logged (the first time)?
+    fn first(&self, what: &'static str, block: &str) -> bool {
+        let Ok(mut seen) = self.0.lock() else {
+            return false;
+        };
+        if seen.len() >= WARNED_MAX || seen.contains(&(what, block.to_owned())) {
+            return false;
+        }
+        seen.insert((what, block.to_owned()))
+    }
+}
+
+/// `template.html line 3 col 5` from a block identity injected by the
+/// rewrite (`name:line:col:digest`; the name may hold `:` itself).
+fn block_place(block: &str) -> String {
+    let mut parts = block.rsplitn(4, ':');
+    let (_digest, col, line, name) = (parts.next(), parts.next(), parts.next(), parts.next());
+    match (name, line, col) {
+        (Some(name), Some(line), Some(col)) => format!("{name:?} line {line} col {col}"),
+        _ => format!("{block:?}"),
+    }
+}
+
 fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
     let shared = SafeValues::new();
+    let warned_blocks = Arc::new(Warned::default());
     // Templates already warned about for undefined tokens.
     let warned: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
     env.add_function(
@@ -172,6 +223,7 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
             })?;
             let name: Option<String> = kwargs.get("name")?;
             let block: Option<String> = kwargs.get(BLOCK_KW)?;
+            let scope: Option<String> = kwargs.get(LOOP_KW)?;
             kwargs.assert_all_used()?;
             let template = state.name().to_owned();
             if let Some(i) = args.iter().position(|v| v.is_undefined() || v.is_none()) {
@@ -197,6 +249,61 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
                 }));
             }
             let tokens: Vec<String> = args.iter().map(token_string).collect();
+            let render_state = state.get_or_insert_extension(RenderState::default());
+            render_state.met.set(render_state.met.get() + 1);
+            let met_before = render_state.met.get();
+            // Warns about a block with no token at all (own or nested): it
+            // is told after a render, the only time its nested blocks are
+            // known.
+            let tokenless = |state: &State| {
+                let met = state
+                    .get_extension::<RenderState>()
+                    .map_or(met_before, |r| r.met.get());
+                let which = block.as_deref().or(name.as_deref()).unwrap_or("");
+                if met == met_before
+                    && tokens.is_empty()
+                    && warned_blocks.first("tokenless", &format!("{template}\0{which}"))
+                {
+                    let place = match (&block, &name) {
+                        (Some(b), _) => block_place(b),
+                        (None, Some(n)) => format!("{n:?} in template {template:?}"),
+                        (None, None) => format!("in template {template:?}"),
+                    };
+                    tracing::warn!(
+                        "icache block {place} has no tokens, so no bump can ever invalidate it: it \
+                         shows its first render until the entry is evicted. Give it a token for the \
+                         data it shows and bump that after a change (`cache.incr(\"movies\")`, or \
+                         `icache incr movies` from the command line); editing the block's source also \
+                         gives it a new entry, and clearing the backend (FLUSHDB, a memcached or \
+                         process restart for memory://) empties it (this warning once per block)"
+                    );
+                }
+            };
+            if let Some(block) = &block {
+                use std::hash::{BuildHasher, Hash, Hasher};
+                static SEED: std::sync::LazyLock<std::collections::hash_map::RandomState> =
+                    std::sync::LazyLock::new(Default::default);
+                let mut h = SEED.build_hasher();
+                (block, &tokens).hash(&mut h);
+                if !render_state.positioned.insert(h.finish())
+                    && warned_blocks.first("repeated", block)
+                {
+                    let missing = match scope.as_deref() {
+                        Some(names) => format!(
+                            "probably one of the loop variables or macro arguments in scope that its \
+                             tokens do not use: {names}"
+                        ),
+                        None => "probably a loop variable, or a macro argument".to_owned(),
+                    };
+                    tracing::warn!(
+                        "icache block {} was met twice in one render with the same tokens {tokens:?}: \
+                         every meeting shares one cache entry, so all of them show the first one's \
+                         output. A token is missing, {missing}: add what tells the renders apart \
+                         (`{{% icache 'item' item.id %}}`) (this warning once per block)",
+                        block_place(block)
+                    );
+                }
+            }
             if block.is_none() && name.is_none() {
                 let seen = state.get_or_insert_extension(Unnamed::default());
                 if !seen.0.insert((template.clone(), tokens.clone())) {
@@ -222,10 +329,12 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
                 name.as_deref().unwrap_or(""),
             ];
             let html = cache.block_html(&identity, &tokens, || {
-                caller.call(state, &[]).map(|v| match v.as_str() {
+                let body = caller.call(state, &[]).map(|v| match v.as_str() {
                     Some(s) => s.to_owned(),
                     None => v.to_string(),
-                })
+                });
+                tokenless(state);
+                body
             })?;
             Ok(match html {
                 Html::Rendered(s) => Value::from_safe_string(s),

@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 
 use minijinja::{Error, ErrorKind};
 
-use super::BLOCK_KW;
+use super::{BLOCK_KW, LOOP_KW};
 use crate::keys::sha256_hex;
 
 /// Rewrites the seed's syntax into MiniJinja call blocks:
@@ -270,6 +270,17 @@ struct OpenBlock {
     args: String,
     open_mark: String,
     close_mark: String,
+    /// Loop variables and macro arguments in scope that its tokens do not
+    /// mention: named in the warning when the block is met twice in one
+    /// render with the same tokens.
+    unused_scope: Vec<String>,
+}
+
+/// A `{% for %}` or `{% macro %}` around the current position, and the
+/// names it binds.
+struct Scope {
+    macro_: bool,
+    names: Vec<String>,
 }
 
 struct Rewriter<'a> {
@@ -277,6 +288,48 @@ struct Rewriter<'a> {
     src: &'a str,
     edits: Vec<Edit>,
     target: Target,
+    scopes: Vec<Scope>,
+}
+
+/// The identifiers in `text` (words of letters, digits and `_` not starting
+/// with a digit).
+fn identifiers(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .filter(|w| {
+            w.chars()
+                .next()
+                .is_some_and(|c| c.is_alphabetic() || c == '_')
+        })
+}
+
+/// The names a `{% for … in … %}` binds (`item`, or `k, v`).
+fn for_targets(args: &str) -> Vec<String> {
+    let target = args
+        .split_whitespace()
+        .take_while(|w| *w != "in")
+        .collect::<Vec<_>>()
+        .join(" ");
+    identifiers(&target).map(str::to_owned).collect()
+}
+
+/// The arguments a `{% macro name(a, b=1) %}` binds.
+fn macro_args(args: &str) -> Vec<String> {
+    let Some((_, inside)) = args.split_once('(') else {
+        return Vec::new();
+    };
+    inside
+        .split(',')
+        .filter_map(|a| {
+            let name = a
+                .split('=')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_end_matches(')')
+                .trim();
+            (!name.is_empty() && identifiers(name).next() == Some(name)).then(|| name.to_owned())
+        })
+        .collect()
 }
 
 fn syntax(name: &str, line: usize, msg: &str) -> Error {
@@ -290,6 +343,7 @@ impl<'a> Rewriter<'a> {
             src,
             edits: Vec::new(),
             target,
+            scopes: Vec::new(),
         }
     }
 
@@ -394,6 +448,21 @@ impl<'a> Rewriter<'a> {
                         self.close(open, &tag, "endcall");
                     }
                 }
+                "for" => self.scopes.push(Scope {
+                    macro_: false,
+                    names: for_targets(args),
+                }),
+                "macro" => self.scopes.push(Scope {
+                    macro_: true,
+                    names: macro_args(args),
+                }),
+                // An unbalanced end tag is MiniJinja's to report.
+                "endfor" if self.scopes.last().is_some_and(|s| !s.macro_) => {
+                    self.scopes.pop();
+                }
+                "endmacro" if self.scopes.last().is_some_and(|s| s.macro_) => {
+                    self.scopes.pop();
+                }
                 _ => {}
             }
         }
@@ -480,6 +549,14 @@ impl<'a> Rewriter<'a> {
 
     fn open(&mut self, stack: &mut Vec<OpenBlock>, tag: &Tag<'_>, args: String, seed_form: bool) {
         let (line, col) = self.line_col(tag.start);
+        let mentioned: Vec<&str> = identifiers(&args).collect();
+        let unused_scope = self
+            .scopes
+            .iter()
+            .flat_map(|s| &s.names)
+            .filter(|n| !mentioned.contains(&n.as_str()))
+            .cloned()
+            .collect();
         self.edits.push(Edit {
             start: tag.start,
             end: tag.end,
@@ -494,6 +571,7 @@ impl<'a> Rewriter<'a> {
             args,
             open_mark: tag.open_mark.to_string(),
             close_mark: tag.close_mark.to_string(),
+            unused_scope,
         });
     }
 
@@ -514,8 +592,16 @@ impl<'a> Rewriter<'a> {
             ", "
         };
         let missing = self.missing_newlines(&open);
+        let scope = if open.unused_scope.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", {LOOP_KW}={}",
+                string_literal(&open.unused_scope.join(", "))
+            )
+        };
         self.edits[open.edit].text = format!(
-            "{{%{} call icache({}{sep}{BLOCK_KW}={id}){missing} {}%}}",
+            "{{%{} call icache({}{sep}{BLOCK_KW}={id}{scope}){missing} {}%}}",
             open.open_mark, open.args, open.close_mark
         );
         self.replace_close(tag, |newlines| format!("{end_word}{newlines} "));
@@ -563,6 +649,19 @@ impl<'a> Rewriter<'a> {
             open.col,
             &digest[..16]
         );
+        if open.args.trim().is_empty() {
+            // Tera blocks have no per-render state to tell nested tokens
+            // by: warned once, when the template is rewritten.
+            tracing::warn!(
+                "icache: the Tera block in {:?} line {} col {} has no tokens, so no bump can \
+                 invalidate it (unless blocks inside it have tokens): give it a token for the data \
+                 it shows and bump that after a change (`cache.incr(\"movies\")`, or `icache incr \
+                 movies`); editing the block gives it a new entry, and clearing the backend empties it",
+                self.name,
+                open.line,
+                open.col
+            );
+        }
         let var = format!("__icache_{}", open.edit);
         let missing = self.missing_newlines(&open);
         self.edits[open.edit].text = format!(

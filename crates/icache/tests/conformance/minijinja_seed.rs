@@ -9,7 +9,6 @@ use icache::ICache;
 use minijinja::{Environment, context};
 
 /// Collects what icache logs (through `tracing`) while `f` runs.
-#[allow(dead_code)]
 fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
     #[derive(Clone, Default)]
     struct Buf(Arc<Mutex<Vec<u8>>>);
@@ -214,4 +213,118 @@ fn tera_blocks_take_expression_tokens() {
         err.contains("t.html line 2") && err.contains("'a' ~"),
         "{err}"
     );
+}
+
+// ---- a block met twice in one render ---------------------------------------
+
+/// A block in a loop whose loop variable is not a token shows the first
+/// iteration everywhere (`<1><1><1>`): one warning per block however often,
+/// naming the block and the loop variable it probably misses.
+#[test]
+fn a_block_met_twice_warns_once_naming_the_loop_variable() {
+    const SRC: &str = "{% load icache %}<ul>\n{% for item in items %}{% icache 'items' %}<{{ item }}>{% endicache %}{% endfor %}</ul>";
+    for (path, make) in PATHS {
+        let cache = ICache::memory();
+        let env = make(&cache, &[("list.html", SRC)]);
+        let (pages, log) = logged(|| {
+            (0..3)
+                .map(|_| render(&env, "list.html", context! { items => [1, 2, 3] }))
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(
+            pages[0], "<ul>\n<1><1><1></ul>",
+            "{path}: what the warning is about"
+        );
+        let warnings: Vec<&str> = log.lines().filter(|l| l.contains("met twice")).collect();
+        assert_eq!(warnings.len(), 1, "{path}: once per block: {log}");
+        assert!(
+            warnings[0].contains("\"list.html\" line 2 col 24"),
+            "{path}: {log}"
+        );
+        assert!(
+            warnings[0].contains("item"),
+            "{path}: names the loop variable: {log}"
+        );
+        assert!(
+            warnings[0].contains("[\"items\"]"),
+            "{path}: names the tokens: {log}"
+        );
+    }
+}
+
+/// With the loop variable among its tokens, a block in a loop is one entry
+/// per iteration and nothing is logged; nor for two separate blocks.
+#[test]
+fn a_block_with_its_loop_variable_is_not_warned_about() {
+    const SRC: &str = "{% for item in items %}{% icache 'items' item %}<{{ item }}>{% endicache %}{% endfor %}{% icache 'items' %}a{% endicache %}{% icache 'items' %}b{% endicache %}";
+    for (path, make) in PATHS {
+        let cache = ICache::memory();
+        let env = make(&cache, &[("list.html", SRC)]);
+        let (page, log) = logged(|| render(&env, "list.html", context! { items => [1, 2, 3] }));
+        assert_eq!(page, "<1><2><3>ab", "{path}");
+        assert!(!log.contains("met twice"), "{path}: {log}");
+    }
+}
+
+/// A block in a macro called twice: the macro's argument is named.
+#[test]
+fn a_block_in_a_macro_names_its_arguments() {
+    const SRC: &str = "{% macro card(user) %}{% icache 'card' %}{{ user }}{% endicache %}{% endmacro %}{{ card('ann') }}{{ card('bob') }}";
+    let cache = ICache::memory();
+    let env = loader_env(&cache, &[("m.html", SRC)]);
+    let (page, log) = logged(|| render(&env, "m.html", context! {}));
+    assert_eq!(page, "annann");
+    let warning = log
+        .lines()
+        .find(|l| l.contains("met twice"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(warning.contains("user"), "{log}");
+}
+
+// ---- blocks with no token --------------------------------------------------
+
+/// `{% icache %}` with no token can never be invalidated: one warning per
+/// block saying how to flush it; none when a nested block gives it tokens.
+#[test]
+fn a_block_with_no_token_warns_once_how_to_flush_it() {
+    for (path, make) in PATHS {
+        let cache = ICache::memory();
+        let env = make(
+            &cache,
+            &[
+                ("bare.html", "\n{% icache %}{{ n }}{% endicache %}"),
+                (
+                    "nested.html",
+                    "{% icache %}<{% icache 'movies' %}{{ n }}{% endicache %}>{% endicache %}",
+                ),
+            ],
+        );
+        let (_, log) = logged(|| {
+            for n in 0..3 {
+                render(&env, "bare.html", context! { n });
+                render(&env, "nested.html", context! { n });
+            }
+        });
+        let warnings: Vec<&str> = log.lines().filter(|l| l.contains("no tokens")).collect();
+        assert_eq!(
+            warnings.len(),
+            1,
+            "{path}: once, and not for the nested one: {log}"
+        );
+        assert!(
+            warnings[0].contains("\"bare.html\" line 2 col 1"),
+            "{path}: {log}"
+        );
+        assert!(
+            warnings[0].contains("incr"),
+            "{path}: says how to flush: {log}"
+        );
+        // The nested one is invalidated through its inner token.
+        cache.incr("movies").expect("bump");
+        assert_eq!(
+            render(&env, "nested.html", context! { n => 9 }),
+            "<9>",
+            "{path}"
+        );
+    }
 }
