@@ -73,6 +73,7 @@ use crate::ICache;
 use crate::fragment::Html;
 
 mod args;
+mod holes;
 mod rewrite;
 pub use rewrite::rewrite;
 #[cfg(feature = "tera")]
@@ -125,6 +126,10 @@ impl SafeValues {
 /// The keyword the rewrite injects to identify a block.
 const BLOCK_KW: &str = "__icache_block";
 
+/// The keyword the rewrite injects into `icache_nocache` calls: the hole's
+/// id, under which its source was registered.
+const HOLE_KW: &str = "__icache_hole";
+
 /// The keyword the rewrite injects, for a block inside `{% for %}` loops or
 /// macros, with the loop variables and macro arguments its tokens do not
 /// mention: the likely missing token when the block is met twice.
@@ -173,6 +178,25 @@ struct RenderState {
     /// Block calls so far: a body whose render met no other block has no
     /// nested tokens either.
     met: std::cell::Cell<u64>,
+    /// `{% nocache %}` sections met, and blocks rendering.
+    holes: holes::Holes,
+}
+
+/// A block body as MiniJinja hands it back.
+fn body_text(v: Value) -> String {
+    match v.as_str() {
+        Some(s) => s.to_owned(),
+        None => v.to_string(),
+    }
+}
+
+/// Adds `by` to the number of block bodies rendering in this render.
+fn rendering(state: &State, by: isize) {
+    if let Some(r) = state.get_extension::<RenderState>() {
+        r.holes
+            .depth
+            .set(r.holes.depth.get().saturating_add_signed(by));
+    }
 }
 
 /// Blocks already warned about (a repeated block, a block with no token):
@@ -208,6 +232,7 @@ fn block_place(block: &str) -> String {
 }
 
 fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
+    env.add_function("icache_nocache", nocache);
     let shared = SafeValues::new();
     let warned_blocks = Arc::new(Warned::default());
     // Templates already warned about for undefined tokens.
@@ -252,6 +277,7 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
             let render_state = state.get_or_insert_extension(RenderState::default());
             render_state.met.set(render_state.met.get() + 1);
             let met_before = render_state.met.get();
+            let holes_before = render_state.holes.count();
             // Warns about a block with no token at all (own or nested): it
             // is told after a render, the only time its nested blocks are
             // known.
@@ -329,13 +355,25 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
                 name.as_deref().unwrap_or(""),
             ];
             let html = cache.block_html(&identity, &tokens, || {
-                let body = caller.call(state, &[]).map(|v| match v.as_str() {
-                    Some(s) => s.to_owned(),
-                    None => v.to_string(),
-                });
+                rendering(state, 1);
+                let body = caller.call(state, &[]).map(body_text);
+                rendering(state, -1);
                 tokenless(state);
-                body
+                let body = body?;
+                // Holes met while it rendered leave the body as markers:
+                // stored as a header of hole offsets beside the text.
+                Ok::<_, Error>(match state.get_extension::<RenderState>() {
+                    Some(r) => r.holes.store_form(body, holes_before),
+                    None => body,
+                })
             })?;
+            let stored: &str = match &html {
+                Html::Rendered(s) => s,
+                Html::Cached(s) => s,
+            };
+            if stored.starts_with(holes::HEADER) {
+                return with_holes(state, &caller, stored);
+            }
             Ok(match html {
                 Html::Rendered(s) => Value::from_safe_string(s),
                 // The memory backend and the near cache hand out the same
@@ -346,6 +384,59 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
             })
         },
     );
+}
+
+/// Writes out a stored body that has holes: filled with this request's
+/// values (the outermost block), or as markers for the block around it.
+/// Anything unreadable (corrupt bytes, a hole whose source this process does
+/// not know) renders the body fresh, uncached.
+fn with_holes(state: &mut State, caller: &Value, stored: &str) -> Result<Value, Error> {
+    let filled = match (state.get_extension::<RenderState>(), holes::decode(stored)) {
+        (Some(render_state), Some((holes, body))) => {
+            holes::write_out(state, &render_state.holes, &holes, body)?
+        }
+        _ => None,
+    };
+    match filled {
+        Some(out) => Ok(Value::from_safe_string(out)),
+        None => caller
+            .call(state, &[])
+            .map(|v| Value::from_safe_string(body_text(v))),
+    }
+}
+
+/// `icache_nocache`, the call-block form of `{% nocache %}`.
+fn nocache(state: &mut State, kwargs: Kwargs) -> Result<Value, Error> {
+    let caller: Value = kwargs.get("caller").map_err(|_| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            "icache_nocache() must be used as a call block: {% call icache_nocache() %}…{% endcall %}",
+        )
+    })?;
+    let hole: Option<String> = kwargs.get(HOLE_KW)?;
+    kwargs.assert_all_used()?;
+    let render_state = state.get_or_insert_extension(RenderState::default());
+    if render_state.holes.depth.get() == 0 {
+        // Not inside a block being rendered (outside any block, or in a
+        // block rendered fresh): plain template text.
+        return caller
+            .call(state, &[])
+            .map(|v| Value::from_safe_string(body_text(v)));
+    }
+    let Some(hole) = hole else {
+        return Err(Error::new(
+            ErrorKind::InvalidOperation,
+            format!(
+                "a {{% call icache_nocache() %}} section inside a cached block of template {:?} needs \
+                 the template to go through icache::minijinja::loader or icache::minijinja::rewrite: \
+                 only then is its source known, to render it again on every hit",
+                state.name()
+            ),
+        ));
+    };
+    Ok(Value::from_safe_string(
+        render_state.holes.marker(hole.into()),
+    ))
 }
 
 fn token_string(v: &Value) -> String {

@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 
 use minijinja::{Error, ErrorKind};
 
-use super::{BLOCK_KW, LOOP_KW};
+use super::{BLOCK_KW, HOLE_KW, LOOP_KW};
 use crate::keys::sha256_hex;
 
 /// Rewrites the seed's syntax into MiniJinja call blocks:
@@ -276,6 +276,28 @@ struct OpenBlock {
     unused_scope: Vec<String>,
 }
 
+/// What an open `{% call %}` is, so its `{% endcall %}` closes the right thing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CallKind {
+    /// Not ours.
+    Other,
+    /// `{% call icache(…) %}`.
+    Block,
+    /// `{% call icache_nocache() %}`.
+    Hole,
+}
+
+/// An open `{% nocache %}` (or `{% call icache_nocache() %}`).
+struct OpenHole {
+    edit: usize,
+    body_start: usize,
+    line: usize,
+    col: usize,
+    seed_form: bool,
+    open_mark: String,
+    close_mark: String,
+}
+
 /// A `{% for %}` or `{% macro %}` around the current position, and the
 /// names it binds.
 struct Scope {
@@ -360,9 +382,10 @@ impl<'a> Rewriter<'a> {
 
     fn run(mut self) -> Result<String, Error> {
         let mut stack: Vec<OpenBlock> = Vec::new();
-        // Every open `call` (ours or not), so `endcall` closes the right one:
-        // `Some(index into stack)` for ours.
-        let mut calls: Vec<Option<usize>> = Vec::new();
+        // Every open `call` (ours or not), so `endcall` closes the right one.
+        let mut calls: Vec<CallKind> = Vec::new();
+        // The open `{% nocache %}` section (they do not nest).
+        let mut hole: Option<OpenHole> = None;
         let mut scanner = Scanner {
             src: self.src,
             pos: 0,
@@ -378,7 +401,48 @@ impl<'a> Rewriter<'a> {
                 Some(i) => (&tag.body[..i], tag.body[i..].trim()),
                 None => (tag.body, ""),
             };
+            if let Some(open) = &hole {
+                let inside = match word {
+                    "icache" | "endicache" | "nocache" => true,
+                    "call" => {
+                        let call = tag.body["call".len()..].trim_start();
+                        call.starts_with("icache(") || call.starts_with("icache_nocache(")
+                    }
+                    _ => false,
+                };
+                if inside {
+                    return Err(self.err(
+                        at,
+                        &format!(
+                            "{} inside the {{% nocache %}} section opened on line {}: a section that \
+                             renders on every request cannot hold cached blocks or other sections",
+                            shown(&self.src[tag.start..tag.end]),
+                            open.line
+                        ),
+                    ));
+                }
+            }
             match word {
+                "nocache" | "endnocache" if self.target != Target::MiniJinja => {
+                    return Err(self.err(
+                        at,
+                        "{% nocache %} is for MiniJinja templates: in Tera, render per-request parts \
+                         outside the block or fill a placeholder after the render (see the README, \
+                         \"Per-request parts\")",
+                    ));
+                }
+                "nocache" => {
+                    if !args.is_empty() {
+                        return Err(self.err(at, "{% nocache %} takes no arguments"));
+                    }
+                    hole = Some(self.open_hole(&tag, true));
+                }
+                "endnocache" => {
+                    let Some(open) = hole.take().filter(|h| h.seed_form) else {
+                        return Err(self.err(at, "{% endnocache %} without an open {% nocache %}"));
+                    };
+                    self.close_hole(open, &tag);
+                }
                 "load" if args.split_whitespace().any(|a| a == "icache") => {
                     let others: Vec<&str> =
                         args.split_whitespace().filter(|a| *a != "icache").collect();
@@ -414,7 +478,7 @@ impl<'a> Rewriter<'a> {
                             "{% endicache %} closes a {% call icache %}: use {% endcall %}",
                         ));
                     }
-                    if calls.last().is_some_and(Option::is_none) {
+                    if calls.last().is_some_and(|c| *c != CallKind::Block) {
                         return Err(self.err(at, "{% endicache %} before the {% endcall %} of a call block opened inside it"));
                     }
                     self.close(open, &tag, "endcall");
@@ -422,20 +486,31 @@ impl<'a> Rewriter<'a> {
                 "call" => {
                     let call = tag.body["call".len()..].trim_start();
                     if self.target != Target::MiniJinja {
-                        calls.push(None);
+                        calls.push(CallKind::Other);
                     } else if let Some(inner) = call.strip_prefix("icache(") {
                         let inner = inner.trim_end();
                         let Some(args) = inner.strip_suffix(')') else {
                             return Err(self.err(at, "cannot read the arguments of call icache(…)"));
                         };
-                        calls.push(Some(stack.len()));
+                        calls.push(CallKind::Block);
                         self.open(&mut stack, &tag, args.trim().to_string(), false);
+                    } else if let Some(inner) = call.strip_prefix("icache_nocache(") {
+                        if inner.trim_end().strip_suffix(')').map(str::trim) != Some("") {
+                            return Err(self.err(at, "icache_nocache() takes no arguments"));
+                        }
+                        calls.push(CallKind::Hole);
+                        hole = Some(self.open_hole(&tag, false));
                     } else {
-                        calls.push(None);
+                        calls.push(CallKind::Other);
                     }
                 }
-                "endcall" => {
-                    if let Some(Some(_)) = calls.pop() {
+                "endcall" => match calls.pop() {
+                    Some(CallKind::Hole) => {
+                        if let Some(open) = hole.take() {
+                            self.close_hole(open, &tag);
+                        }
+                    }
+                    Some(CallKind::Block) => {
                         let Some(open) = stack.pop() else {
                             return Err(self.err(at, "unbalanced {% endcall %}"));
                         };
@@ -447,7 +522,8 @@ impl<'a> Rewriter<'a> {
                         }
                         self.close(open, &tag, "endcall");
                     }
-                }
+                    _ => {}
+                },
                 "for" => self.scopes.push(Scope {
                     macro_: false,
                     names: for_targets(args),
@@ -465,6 +541,13 @@ impl<'a> Rewriter<'a> {
                 }
                 _ => {}
             }
+        }
+        if let Some(open) = hole {
+            return Err(syntax(
+                self.name,
+                open.line,
+                "unclosed {% nocache %} section: no matching end tag before the end of the template",
+            ));
         }
         if let Some(open) = stack.first() {
             let what = if open.seed_form {
@@ -544,6 +627,54 @@ impl<'a> Rewriter<'a> {
                 tera.add_raw_template("token", &format!("{{{{ {expr} }}}}"))
                     .map_err(|e| e.to_string())
             }
+        }
+    }
+
+    fn open_hole(&mut self, tag: &Tag<'_>, seed_form: bool) -> OpenHole {
+        let (line, col) = self.line_col(tag.start);
+        self.edits.push(Edit {
+            start: tag.start,
+            end: tag.end,
+            text: String::new(),
+        });
+        OpenHole {
+            edit: self.edits.len() - 1,
+            body_start: tag.end,
+            line,
+            col,
+            seed_form,
+            open_mark: tag.open_mark.to_string(),
+            close_mark: tag.close_mark.to_string(),
+        }
+    }
+
+    /// A hole becomes `{% call icache_nocache(__icache_hole="id") %}…{% endcall %}`
+    /// (its body stays, rendered where it stands outside cached blocks), and
+    /// its source is registered under its id, to be rendered on every hit.
+    fn close_hole(&mut self, open: OpenHole, tag: &Tag<'_>) {
+        let body = &self.src[open.body_start..tag.start];
+        let digest = sha256_hex(body.as_bytes());
+        let id = format!("{}:{}:{}:{}", self.name, open.line, open.col, &digest[..16]);
+        // Whitespace control on the tags around the body trims it where it
+        // stands; the registered source is trimmed the same way.
+        let mut source = body;
+        if open.close_mark == "-" {
+            source = source.trim_start();
+        }
+        if tag.open_mark == "-" {
+            source = source.trim_end();
+        }
+        super::holes::register(&id, source);
+        let open_src = &self.src[self.edits[open.edit].start..self.edits[open.edit].end];
+        let missing = "\n".repeat(open_src.matches('\n').count());
+        self.edits[open.edit].text = format!(
+            "{{%{} call icache_nocache({HOLE_KW}={}){missing} {}%}}",
+            open.open_mark,
+            string_literal(&id),
+            open.close_mark
+        );
+        if open.seed_form {
+            self.replace_close(tag, |newlines| format!("endcall{newlines} "));
         }
     }
 
@@ -935,6 +1066,9 @@ mod tests {
                     Just("{% load icache %}".to_string()),
                     Just("{% call icache(".to_string()),
                     Just("{% endcall %}".to_string()),
+                    Just("{% nocache %}".to_string()),
+                    Just("{% endnocache %}".to_string()),
+                    Just("{% call icache_nocache() %}".to_string()),
                     Just("{% raw %}".to_string()),
                     Just("{% endraw %}".to_string()),
                     Just("%}".to_string()),

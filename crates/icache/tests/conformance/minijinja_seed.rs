@@ -328,3 +328,229 @@ fn a_block_with_no_token_warns_once_how_to_flush_it() {
         );
     }
 }
+
+// ---- per-request holes -----------------------------------------------------
+
+const FORM: &str = "{% load icache %}{% icache 'movies' %}<form>{% nocache %}<input value=\"{{ csrf }}\">{% endnocache %}<p>{{ n }}</p></form>{% endicache %}";
+const FORM_CALL: &str = "{% icache 'movies' %}<form>{% call icache_nocache() %}<input value=\"{{ csrf }}\">{% endcall %}<p>{{ n }}</p></form>{% endicache %}";
+
+/// A CSRF-like value inside a cached block is the current request's on
+/// every hit, escaped as the template escapes it; the rest is cached.
+#[test]
+fn a_hole_is_rendered_on_every_hit_with_the_current_values() {
+    for src in [FORM, FORM_CALL] {
+        for (path, make) in PATHS {
+            let cache = ICache::memory();
+            let env = make(&cache, &[("form.html", src)]);
+            let page = |csrf: &str, n: i32| render(&env, "form.html", context! { csrf, n });
+            assert_eq!(
+                page("a1", 1),
+                "<form><input value=\"a1\"><p>1</p></form>",
+                "{path}"
+            );
+            assert_eq!(
+                page("b2", 2),
+                "<form><input value=\"b2\"><p>1</p></form>",
+                "{path}: the hole is this request's, the rest the cached render"
+            );
+            assert_eq!(
+                page("<\"&'>", 3),
+                "<form><input value=\"&lt;&quot;&amp;&#x27;&gt;\"><p>1</p></form>",
+                "{path}: escaped as the template escapes"
+            );
+            assert_eq!(cache.stats().hits, 2, "{path}");
+            cache.incr("movies").expect("bump");
+            assert_eq!(
+                page("c3", 4),
+                "<form><input value=\"c3\"><p>4</p></form>",
+                "{path}"
+            );
+        }
+    }
+}
+
+/// The same through a real Redis: the stored entry (header and body) goes
+/// through the server, and another process's cache reads it.
+#[test]
+fn a_hole_survives_a_real_backend() {
+    let Some(redis) = crate::support::RedisServer::start() else {
+        return;
+    };
+    let url = format!("{}?timeout_ms=2000&near=off", redis.url());
+    let writer = ICache::from_url(&url).expect("redis");
+    let reader = ICache::from_url(&url).expect("redis");
+    let page = |cache: &ICache, csrf: &str, n: i32| {
+        render(
+            &loader_env(cache, &[("form.html", FORM)]),
+            "form.html",
+            context! { csrf, n },
+        )
+    };
+    assert_eq!(
+        page(&writer, "w", 1),
+        "<form><input value=\"w\"><p>1</p></form>"
+    );
+    assert_eq!(
+        page(&reader, "r", 2),
+        "<form><input value=\"r\"><p>1</p></form>"
+    );
+    assert_eq!(reader.stats().hits, 1);
+}
+
+/// An inner block's hole inside an outer block's stored body is still
+/// filled on an outer hit, and after an inner bump re-renders the outer.
+#[test]
+fn holes_in_nested_blocks_are_filled_on_outer_hits() {
+    const SRC: &str = "{% icache 'page' %}[{% icache 'side' %}({% nocache %}{{ flash }}{% endnocache %}{{ n }}){% endicache %}{{ n }}]{% endicache %}";
+    for (path, make) in PATHS {
+        let cache = ICache::memory();
+        let env = make(&cache, &[("p.html", SRC)]);
+        let page = |flash: &str, n: i32| render(&env, "p.html", context! { flash, n });
+        assert_eq!(page("hi", 1), "[(hi1)1]", "{path}");
+        assert_eq!(
+            page("bye", 2),
+            "[(bye1)1]",
+            "{path}: outer hit, hole filled"
+        );
+        cache.incr("side").expect("bump the inner token");
+        assert_eq!(page("again", 3), "[(again3)3]", "{path}: outer re-rendered");
+        assert_eq!(page("more", 4), "[(more3)3]", "{path}");
+        // The inner block alone, elsewhere, with its hole.
+    }
+}
+
+/// Text from data that looks like a hole (the stored header at the very
+/// start of a body, or a marker) is rendered literally, hit or miss.
+#[test]
+fn a_value_that_looks_like_a_hole_is_text() {
+    const SRC: &str = "{% icache 'x' %}{{ v }}{% nocache %}{{ csrf }}{% endnocache %}{{ v }}{% endicache %}|{% icache 'y' %}{{ v }}{% endicache %}";
+    let fakes = [
+        "\u{0}icache-holes:1\u{0}1\u{0}0:3:a:b\u{0}zz".to_owned(),
+        "\u{1e}0.0\u{1f}\u{1e}1.0\u{1f}".to_owned(),
+        format!("\u{1e}{}.0\u{1f}", u128::MAX),
+    ];
+    for fake in fakes {
+        for (path, make) in PATHS {
+            let cache = ICache::memory();
+            let env = make(&cache, &[("t.txt", SRC)]);
+            let want = |csrf: &str| format!("{fake}{csrf}{fake}|{fake}");
+            for csrf in ["one", "two"] {
+                let got = render(&env, "t.txt", context! { v => fake.clone(), csrf });
+                assert_eq!(got, want(csrf), "{path}: {fake:?}");
+            }
+            assert_eq!(cache.stats().hits, 2, "{path}");
+        }
+    }
+}
+
+/// What a hole sees: the variables visible where its block opens (the
+/// render's context, a loop around the block), not those set inside the
+/// block; the same on a miss and on a hit.
+#[test]
+fn a_hole_sees_what_its_block_opening_sees() {
+    const SRC: &str = "{% for u in users %}{% icache 'row' u %}{% set inner = 'set inside' %}<{% nocache %}{{ u }} {{ csrf }} {{ inner }}{% endnocache %}>{% endicache %}{% endfor %}";
+    for (path, make) in PATHS {
+        let cache = ICache::memory();
+        let env = make(&cache, &[("t.txt", SRC)]);
+        for csrf in ["k1", "k2"] {
+            assert_eq!(
+                render(&env, "t.txt", context! { users => ["ann", "bob"], csrf }),
+                format!("<ann {csrf} ><bob {csrf} >"),
+                "{path}"
+            );
+        }
+        assert_eq!(cache.stats().hits, 2, "{path}");
+    }
+}
+
+/// A hole in a template included by a cached block is still a hole.
+#[test]
+fn a_hole_in_an_included_template_is_filled() {
+    let cache = ICache::memory();
+    let env = loader_env(
+        &cache,
+        &[
+            (
+                "page.html",
+                "{% icache 'p' %}<{% include 'part.html' %}>{% endicache %}",
+            ),
+            (
+                "part.html",
+                "{% nocache %}{{ csrf }}{% endnocache %}{{ n }}",
+            ),
+        ],
+    );
+    assert_eq!(
+        render(&env, "page.html", context! { csrf => "a", n => 1 }),
+        "<a1>"
+    );
+    assert_eq!(
+        render(&env, "page.html", context! { csrf => "b", n => 2 }),
+        "<b1>"
+    );
+}
+
+/// Outside a cached block a hole is plain template text (it sees local
+/// variables); a hand-written `icache_nocache` call inside a block of a
+/// template that skipped the rewrite is an error saying why, never a
+/// per-request value cached for everyone.
+#[test]
+fn holes_outside_blocks_and_without_the_rewrite() {
+    let cache = ICache::memory();
+    let env = loader_env(
+        &cache,
+        &[(
+            "t.txt",
+            "{% for i in [1, 2] %}{% nocache %}{{ i }}{% endnocache %}{% endfor %}",
+        )],
+    );
+    assert_eq!(render(&env, "t.txt", context! {}), "12");
+
+    let mut env = Environment::new();
+    icache::minijinja::register(&mut env, cache.clone());
+    env.add_template(
+        "raw.html",
+        "{% call icache('p', name='p') %}{% call icache_nocache() %}{{ csrf }}{% endcall %}{% endcall %}",
+    )
+    .expect("valid");
+    let err = env
+        .get_template("raw.html")
+        .and_then(|t| t.render(context! { csrf => "x" }))
+        .expect_err("needs the rewrite");
+    assert!(
+        format!("{err:#}").contains("icache::minijinja::loader"),
+        "{err:#}"
+    );
+    env.add_template(
+        "outside.html",
+        "{% call icache_nocache() %}{{ csrf }}{% endcall %}",
+    )
+    .expect("valid");
+    assert_eq!(render(&env, "outside.html", context! { csrf => "y" }), "y");
+}
+
+/// Holes cannot hold blocks; an unclosed one names its line.
+#[test]
+fn hole_syntax_errors() {
+    for (src, needle) in [
+        (
+            "{% nocache %}{% icache 'a' %}x{% endicache %}{% endnocache %}",
+            "inside the {% nocache %} section opened on line 1",
+        ),
+        ("\n{% nocache %}x", "t.html line 2: unclosed {% nocache %}"),
+        ("{% endnocache %}", "without an open {% nocache %}"),
+        (
+            "{% call icache_nocache(1) %}{% endcall %}",
+            "takes no arguments",
+        ),
+    ] {
+        let err = icache::minijinja::rewrite("t.html", src).expect_err(src);
+        assert!(err.to_string().contains(needle), "{src:?}: {err}");
+    }
+    let err = icache::tera::rewrite(
+        "t.html",
+        "{% icache 'a' %}{% nocache %}{% endnocache %}{% endicache %}",
+    )
+    .expect_err("Tera");
+    assert!(err.to_string().contains("Per-request parts"), "{err}");
+}
