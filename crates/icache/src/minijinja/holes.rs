@@ -230,7 +230,7 @@ pub(super) fn write_out(
             out.push_str(&holes_state.marker(id.into()));
         } else {
             let ctx = ctx.get_or_insert_with(|| context(state));
-            out.push_str(&render(state, &src, ctx.clone())?);
+            out.push_str(&render(state, template_of(id), &src, ctx.clone())?);
         }
     }
     out.push_str(&body[pos..]);
@@ -251,16 +251,24 @@ fn context(state: &State) -> Value {
     Value::from(vars)
 }
 
-/// Renders a hole's source, under the template's own name so that the
-/// auto-escape mode is the template's.
-fn render(state: &State, src: &str, ctx: Value) -> Result<String, Error> {
+/// The template a hole was written in, from its id (`name:line:col:digest`;
+/// the name may hold `:` itself).
+fn template_of(id: &str) -> &str {
+    let mut parts = id.rsplitn(4, ':');
+    parts.nth(3).unwrap_or(id)
+}
+
+/// Renders a hole's source under the name of the template it was written
+/// in (an included template's, say), so that its auto-escape mode and
+/// relative includes are that template's.
+fn render(state: &State, template: &str, src: &str, ctx: Value) -> Result<String, Error> {
     state
         .env()
-        .render_named_str(state.name(), src, ctx)
+        .render_named_str(template, src, ctx)
         .map_err(|e| {
             Error::new(
                 ErrorKind::InvalidOperation,
-                format!("in a {{% nocache %}} section of {:?}", state.name()),
+                format!("in a {{% nocache %}} section of {template:?}"),
             )
             .with_source(e)
         })
@@ -292,6 +300,12 @@ mod tests {
         let stored = protect(looks.clone());
         assert_eq!(decode(&stored), Some((vec![], looks.as_str())));
         assert_eq!(protect("plain".into()), "plain");
+    }
+
+    #[test]
+    fn hole_ids_name_their_template() {
+        assert_eq!(template_of("a:b.html:3:5:0123"), "a:b.html");
+        assert_eq!(template_of("odd"), "odd");
     }
 
     #[test]
