@@ -45,6 +45,114 @@
 //!   share an entry: the second one met in a render is an error that says to
 //!   add `name=` (a single unnamed call block works as it is).
 //!
+//! # Tokens are expressions
+//!
+//! Each argument of `{% icache … %}` is a token: a quoted literal or any
+//! template expression, whose value (as a string) is the token. A token ends
+//! where one complete expression ends, read with MiniJinja's own expression
+//! grammar, so whitespace around operators is not a separator:
+//!
+//! ```text
+//! {% icache 'items' 'user:' ~ user.id %}        two tokens: "items", "user:42"
+//! {% icache 'items' user.name | upper %}        two tokens
+//! {% icache 'page' page + 1 f(a, 'b c') %}     three tokens
+//! {% icache 'x' a if b else c (y is odd) %}     three tokens
+//! {% icache 'movies' user.id name='list' %}     two tokens and the option name=
+//! ```
+//!
+//! Adjacent string literals are separate tokens (`'a' 'b'`), and a bracket
+//! after whitespace starts a new one (`'a' (b)`); a test takes one argument
+//! without parentheses as in MiniJinja (`x is divisibleby 3`), so write
+//! `(x is defined) y` to end it. Each token is checked with MiniJinja's parser
+//! when the template is rewritten: a bad one (`'user:' ~`), like an unclosed
+//! block, is an error naming the template, the line and the text the user
+//! wrote, never the rewritten call.
+//!
+//! # Per-request parts: `{% nocache %}`
+//!
+//! A CSRF token, a flash message or a "hello, Ann" inside a cached block
+//! would be served to everyone. Mark such a part as a hole: it is rendered on
+//! every request, on hits too, with the current values; the rest of the
+//! block stays cached.
+//!
+//! ```
+//! # fn main() -> Result<(), minijinja::Error> {
+//! let cache = icache::ICache::memory();
+//! let mut env = minijinja::Environment::new();
+//! icache::minijinja::register(&mut env, cache.clone());
+//! env.set_loader(icache::minijinja::loader(|name: &str| {
+//!     Ok((name == "form.html").then(|| {
+//!         "{% icache 'movies' %}<form>{% nocache %}<input name=csrf value=\"{{ csrf }}\">\
+//!          {% endnocache %}{{ movies }}</form>{% endicache %}".to_string()
+//!     }))
+//! }));
+//! let page = |csrf: &str, movies: &str| {
+//!     env.get_template("form.html")?.render(minijinja::context! { csrf, movies })
+//! };
+//! assert_eq!(page("k1", "Alien")?, "<form><input name=csrf value=\"k1\">Alien</form>");
+//! // A hit: the cached list, this request's token.
+//! assert_eq!(page("k2", "Brazil")?, "<form><input name=csrf value=\"k2\">Alien</form>");
+//! # Ok(()) }
+//! ```
+//!
+//! The call-block form is `{% call icache_nocache() %}…{% endcall %}`, the same
+//! thing; both need the template to go through [`loader`] or [`rewrite()`],
+//! which records each hole's source (MiniJinja does not hand a function the
+//! source of its body). Outside a cached block a hole is plain template text.
+//! Inside a cached block of a template that skipped the rewrite,
+//! `icache_nocache` is an error saying so, never a per-request value cached
+//! for everyone.
+//!
+//! **What a hole sees**: the variables visible at the opening tag of the
+//! outermost cached block around it: the render's context, globals, imports,
+//! and variables set before that block (the variable of a `{% for %}` around
+//! the block, a macro's arguments when the block is in the macro). Variables
+//! set **inside** the block (by a loop or a `{% set %}` in its body) are not,
+//! because a hit does not run the body: a hole shows
+//! the same on a miss and on a hit. Pass what it needs through the context,
+//! or open the cached block inside the loop. A hole's output is not passed
+//! through filters applied around it inside the block. It is escaped as the
+//! template it is written in escapes.
+//!
+//! Nested blocks work: a hole in an inner block is a hole of the outer one's
+//! stored body too, and is filled on the outer block's hits. Holes cannot
+//! hold blocks or other holes.
+//!
+//! **Cost**: a body with no hole is stored and served exactly as without
+//! this feature (a hit compares its first bytes, no scan). A hole costs a
+//! compile and a render of its own (small) source on every request.
+//!
+//! **Why data cannot fake a hole**: stored bodies keep their holes as byte
+//! offsets in a header beside the text, never as markers in it, so a hit
+//! never looks for holes in the content; a body that merely begins like that
+//! header is stored with an explicit empty one. While a block renders, holes
+//! are marked with a random number made for that render, which no value
+//! can know. A header names holes by id, and ids only resolve to hole sources
+//! this process's rewrite registered: a stored entry never supplies template
+//! code.
+//!
+//! # A block met twice in one render
+//!
+//! A block in a loop whose loop variable is not a token
+//! (`{% for m in movies %}{% icache 'movie' %}{{ m.title }}{% endicache %}`) is
+//! one entry for every iteration: all of them show the first (`<1><1><1>`).
+//! Such a block, met again in the same render with the same tokens, is
+//! logged once per block (a `tracing` warning, also seen by `log` users),
+//! naming the block and the loop variables (or macro arguments) in scope that
+//! its tokens do not use: add the one that tells the renders apart
+//! (`{% icache 'movie' m.id %}`). Unnamed call blocks without a position are an
+//! error in that case (see below).
+//!
+//! # A block with no token
+//!
+//! `{% icache %}` with no token (and no block with tokens inside it) can never
+//! be invalidated by a bump: it shows its first render until the backend
+//! evicts it. It works, and is logged once per block, saying how to flush it:
+//! give it a token for what it shows and bump that (`cache.incr("movies")`,
+//! or `icache bump movies`); editing the block's source also gives it a new
+//! entry, and clearing the backend (`FLUSHDB`, a memcached restart, a process
+//! restart for `memory://`) removes it.
+//!
 //! # Undefined tokens
 //!
 //! A token that is undefined or `none` (a typo: `user.idd`, a missing
@@ -299,7 +407,7 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
                         "icache block {place} has no tokens, so no bump can ever invalidate it: it \
                          shows its first render until the entry is evicted. Give it a token for the \
                          data it shows and bump that after a change (`cache.incr(\"movies\")`, or \
-                         `icache incr movies` from the command line); editing the block's source also \
+                         `icache bump movies` from the command line); editing the block's source also \
                          gives it a new entry, and clearing the backend (FLUSHDB, a memcached or \
                          process restart for memory://) empties it (this warning once per block)"
                     );

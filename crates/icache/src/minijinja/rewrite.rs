@@ -786,7 +786,7 @@ impl<'a> Rewriter<'a> {
             tracing::warn!(
                 "icache: the Tera block in {:?} line {} col {} has no tokens, so no bump can \
                  invalidate it (unless blocks inside it have tokens): give it a token for the data \
-                 it shows and bump that after a change (`cache.incr(\"movies\")`, or `icache incr \
+                 it shows and bump that after a change (`cache.incr(\"movies\")`, or `icache bump \
                  movies`); editing the block gives it a new entry, and clearing the backend empties it",
                 self.name,
                 open.line,
