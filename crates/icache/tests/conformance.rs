@@ -318,6 +318,8 @@ mod guidance;
 mod hardening;
 #[path = "conformance/memcached_faults.rs"]
 mod memcached_faults;
+#[path = "conformance/minijinja_seed.rs"]
+mod minijinja_seed;
 #[path = "conformance/near.rs"]
 mod near;
 #[path = "conformance/reliability.rs"]
