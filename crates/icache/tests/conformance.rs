@@ -316,6 +316,8 @@ mod fragments;
 mod guidance;
 #[path = "conformance/hardening.rs"]
 mod hardening;
+#[path = "conformance/instance.rs"]
+mod instance;
 #[path = "conformance/memcached_faults.rs"]
 mod memcached_faults;
 #[path = "conformance/near.rs"]
