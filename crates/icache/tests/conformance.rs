@@ -320,6 +320,8 @@ mod hardening;
 mod instance;
 #[path = "conformance/memcached_faults.rs"]
 mod memcached_faults;
+#[path = "conformance/messages.rs"]
+mod messages;
 #[path = "conformance/near.rs"]
 mod near;
 #[path = "conformance/reliability.rs"]
