@@ -104,6 +104,8 @@ const HARMLESS: &[&str] = &[
     "near",
     "max_lag_ms",
     "near_max_bytes",
+    "db",
+    "user",
 ];
 
 /// The URL for messages, `Debug` and `url()`: the password and the value of
@@ -205,6 +207,7 @@ const SCHEMES: &[&str] = &[
     "none",
     "redis",
     "rediss",
+    "redis+unix",
     "memcached",
     "redis+cluster",
     "rediss+cluster",
@@ -240,7 +243,10 @@ fn bad_part(e: url::ParseError, input: &str) -> String {
             }
         }
         P::EmptyHost => "the host is empty".to_owned(),
-        P::IdnaError | P::InvalidDomainCharacter | P::InvalidIpv4Address | P::InvalidIpv6Address => {
+        P::IdnaError
+        | P::InvalidDomainCharacter
+        | P::InvalidIpv4Address
+        | P::InvalidIpv6Address => {
             let host = authority.map(|a| match a.strip_prefix('[') {
                 Some(v6) => v6.split(']').next().unwrap_or(v6),
                 None => a.rsplit_once(':').map_or(a, |(h, _)| h),
@@ -293,7 +299,7 @@ fn near_option(
     if in_process && near.is_some_and(|n| n != Near::Off) {
         return Err(Error::config(format!(
             "option near= in {redacted}: this cache is in process already; near= is for \
-             redis://, rediss://, redis+cluster:// and memcached://"
+             redis://, rediss://, redis+unix://, redis+cluster:// and memcached://"
         )));
     }
     let near = near.unwrap_or(if in_process { Near::Off } else { Near::Entries });
@@ -432,16 +438,26 @@ impl Config {
                         }
                     }
                 }
-                "protocol" if scheme == "redis" || scheme == "rediss" => {
+                "protocol" if matches!(scheme.as_str(), "redis" | "rediss" | "redis+unix") => {
+                    passthrough.push((k.into_owned(), v.into_owned()))
+                }
+                // redis-rs's own options of a Unix socket URL (it has no
+                // host for a database path or a user and password).
+                "db" | "user" | "pass" if scheme == "redis+unix" => {
+                    if &*k == "db" && v.parse::<u16>().is_err() {
+                        return Err(Error::config(format!(
+                            "option db={v:?} in {redacted}: expected a database number"
+                        )));
+                    }
                     passthrough.push((k.into_owned(), v.into_owned()))
                 }
                 other => {
                     return Err(Error::config(format!(
                         "unknown option {other:?} in {redacted}; known: prefix, timeout_ms, connect_timeout_ms, pool_size{}",
-                        if scheme == "memory" {
-                            ", max_bytes"
-                        } else {
-                            ", near, max_lag_ms, near_max_bytes"
+                        match scheme.as_str() {
+                            "memory" => ", max_bytes",
+                            "redis+unix" => ", near, max_lag_ms, near_max_bytes, db, user, pass",
+                            _ => ", near, max_lag_ms, near_max_bytes",
                         }
                     )));
                 }
@@ -488,6 +504,34 @@ impl Config {
                 Target::Redis {
                     url: clean.to_string(),
                     ca_file,
+                }
+            }
+            "redis+unix" => {
+                if url.host_str().is_some_and(|h| !h.is_empty()) {
+                    return Err(Error::config(format!(
+                        "redis+unix:// takes a socket path, not a host (got {redacted}); \
+                         expected redis+unix:///path/to/redis.sock?db=0"
+                    )));
+                }
+                if matches!(url.path(), "" | "/") {
+                    return Err(Error::config(format!(
+                        "missing socket path in {redacted}; expected redis+unix:///path/to/redis.sock?db=0"
+                    )));
+                }
+                if url.username() != "" || url.password().is_some() || url.fragment().is_some() {
+                    return Err(Error::config(format!(
+                        "redis+unix:// takes its user and password as options (?user=…&pass=…), \
+                         and no #fragment (in {redacted})"
+                    )));
+                }
+                let mut clean = url.clone();
+                clean.set_query(None);
+                if !passthrough.is_empty() {
+                    clean.query_pairs_mut().extend_pairs(passthrough.iter());
+                }
+                Target::Redis {
+                    url: clean.to_string(),
+                    ca_file: None,
                 }
             }
             "memcached" => {
@@ -730,7 +774,10 @@ mod tests {
         for scheme in SCHEMES {
             let listed = format!("{scheme}://");
             assert!(e.contains(&listed), "{listed} missing from: {e}");
-            assert!(unknown.contains(&listed), "{listed} missing from: {unknown}");
+            assert!(
+                unknown.contains(&listed),
+                "{listed} missing from: {unknown}"
+            );
         }
     }
 }

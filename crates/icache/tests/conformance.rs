@@ -326,6 +326,8 @@ mod messages;
 mod near;
 #[path = "conformance/reliability.rs"]
 mod reliability;
+#[path = "conformance/unix.rs"]
+mod unix;
 #[path = "conformance/web.rs"]
 mod web;
 
