@@ -329,8 +329,13 @@ impl ICache {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
-        let gens = self.inner.core.incr_many(tokens)?;
-        crate::strict::after_bump(&self.inner.core.config);
+        let core = &self.inner.core;
+        if let Some(lease) = core.config.lease {
+            // Before the bump: a read racing it must not get an old body.
+            core.bumps.bumped(tokens, lease);
+        }
+        let gens = core.incr_many(tokens)?;
+        crate::strict::after_bump(&core.config);
         Ok(gens)
     }
 

@@ -83,6 +83,12 @@ pub(crate) struct Config {
     /// `?strict=true` (with `near=tracking`): a bump returns only `max_lag`
     /// after the server applied it, so no reader trusts a table without it.
     pub(crate) strict: bool,
+    /// `?fill=lease` (the default on network backends): who renders a miss
+    /// across processes; `None` for `fill=local` and in process.
+    pub(crate) lease: Option<Duration>,
+    /// `?stale=render`: serve the previous body while another render
+    /// holds the lease.
+    pub(crate) stale_render: bool,
     /// The URL with any password replaced by `***`, for messages.
     pub(crate) redacted: String,
 }
@@ -113,6 +119,9 @@ const HARMLESS: &[&str] = &[
     "db",
     "user",
     "strict",
+    "fill",
+    "lease_ms",
+    "stale",
 ];
 
 /// The URL for messages, `Debug` and `url()`: the password and the value of
@@ -378,6 +387,9 @@ impl Config {
         let mut near_max_bytes = DEFAULT_NEAR_MAX_BYTES;
         let mut near_max_bytes_given = false;
         let mut strict = None;
+        let mut fill = None;
+        let mut lease_ms = None;
+        let mut stale = None;
 
         for (k, v) in url.query_pairs() {
             match &*k {
@@ -451,6 +463,29 @@ impl Config {
                             )));
                         }
                     }
+                }
+                "fill" => {
+                    fill = Some(match &*v {
+                        "lease" => true,
+                        "local" => false,
+                        _ => {
+                            return Err(Error::config(format!(
+                                "option fill={v:?} in {redacted}: expected lease (the default) or local"
+                            )));
+                        }
+                    })
+                }
+                "lease_ms" => lease_ms = Some(parse_ms("lease_ms", &v, &redacted)?),
+                "stale" => {
+                    stale = Some(match &*v {
+                        "render" => true,
+                        "off" => false,
+                        _ => {
+                            return Err(Error::config(format!(
+                                "option stale={v:?} in {redacted}: expected render or off (the default)"
+                            )));
+                        }
+                    })
                 }
                 "strict" => {
                     strict = Some(match &*v {
@@ -653,6 +688,7 @@ impl Config {
                  other mode is never stale already"
             )));
         }
+        let (lease, stale_render) = fill_options(&target, fill, lease_ms, stale, &redacted)?;
         Ok(Config {
             target,
             prefix,
@@ -662,9 +698,64 @@ impl Config {
             near,
             near_max_bytes,
             strict: strict.unwrap_or(false),
+            lease,
+            stale_render,
             redacted,
         })
     }
+}
+
+/// Default `?lease_ms=`: how long others wait for a lease holder's render.
+pub(crate) const DEFAULT_LEASE: Duration = Duration::from_millis(3000);
+
+/// The largest `?lease_ms=`: a render slower than this is not worth waiting
+/// for.
+const LEASE_LIMIT: Duration = Duration::from_secs(60);
+
+/// Checks `?fill=`, `?lease_ms=` and `?stale=`: the lease (`None`: local
+/// fills only) and whether `stale=render` is on.
+fn fill_options(
+    target: &Target,
+    fill: Option<bool>,
+    lease_ms: Option<Duration>,
+    stale: Option<bool>,
+    redacted: &str,
+) -> Result<(Option<Duration>, bool)> {
+    if matches!(target, Target::Memory { .. } | Target::Nothing) {
+        if fill.is_some() || lease_ms.is_some() || stale.is_some() {
+            return Err(Error::config(format!(
+                "options fill=, lease_ms= and stale= in {redacted} are for caches shared by \
+                 several processes (redis://, memcached://, …); in process, one render per \
+                 miss is the default already"
+            )));
+        }
+        return Ok((None, false));
+    }
+    if let Some(ms) = lease_ms
+        && ms > LEASE_LIMIT
+    {
+        return Err(Error::config(format!(
+            "option lease_ms={} in {redacted}: expected at most 60000 (a minute)",
+            ms.as_millis()
+        )));
+    }
+    let lease = match (fill.unwrap_or(true), lease_ms) {
+        (true, ms) => Some(ms.unwrap_or(DEFAULT_LEASE)),
+        (false, Some(_)) => {
+            return Err(Error::config(format!(
+                "option lease_ms= in {redacted} is for fill=lease (the default), not fill=local"
+            )));
+        }
+        (false, None) => None,
+    };
+    let stale_render = stale.unwrap_or(false);
+    if stale_render && lease.is_none() {
+        return Err(Error::config(format!(
+            "option stale=render in {redacted} needs fill=lease (the default): the lease is \
+             what says another process is rendering the new version"
+        )));
+    }
+    Ok((lease, stale_render))
 }
 
 /// `redis+sentinel://`'s settings: where to ask, for which master, and how
@@ -941,5 +1032,29 @@ mod tests {
         assert!(err("redis://h?strict=true").contains("near=tracking"));
         assert!(err("memory://?strict=true").contains("strict"));
         assert!(err("redis://h?near=tracking&strict=yes").contains("strict=\"yes\""));
+    }
+
+    #[test]
+    fn fill_options() {
+        let c = Config::parse("redis://h").expect("parses");
+        assert_eq!(c.lease, Some(DEFAULT_LEASE));
+        assert!(!c.stale_render);
+        let c = Config::parse("memcached://h?lease_ms=500&stale=render").expect("parses");
+        assert_eq!(c.lease, Some(Duration::from_millis(500)));
+        assert!(c.stale_render);
+        assert!(c.redacted.contains("lease_ms=500"), "{}", c.redacted);
+        assert_eq!(
+            Config::parse("redis://h?fill=local").expect("parses").lease,
+            None
+        );
+        assert_eq!(Config::parse("memory://").expect("parses").lease, None);
+        assert!(err("redis://h?lease_ms=0").contains("lease_ms"));
+        assert!(err("redis://h?lease_ms=x").contains("lease_ms"));
+        assert!(err("redis://h?lease_ms=60001").contains("lease_ms"));
+        assert!(err("redis://h?fill=local&lease_ms=100").contains("lease_ms"));
+        assert!(err("redis://h?fill=maybe").contains("fill=\"maybe\""));
+        assert!(err("redis://h?fill=local&stale=render").contains("stale=render"));
+        assert!(err("redis://h?stale=yes").contains("stale=\"yes\""));
+        assert!(err("memory://?fill=lease").contains("fill="));
     }
 }

@@ -130,6 +130,7 @@ mod core;
 mod error;
 mod fragment;
 mod keys;
+mod lease;
 #[cfg(feature = "maud")]
 pub mod maud;
 #[cfg(feature = "minijinja")]

@@ -742,8 +742,11 @@ impl Memcached {
     /// up to a second, which only makes a later miss of the same (block,
     /// version) wait (at most `lease_ms`) rather than render at once.
     fn add_lease(&self, key: &str, ttl: Duration, check: Check<'_>) -> Result<Checked<bool>> {
-        let mut req = storage_line("add", key, exptime(Some(ttl), unix_now()), 1).into_bytes();
-        req.extend_from_slice(b"1\r\n");
+        let value = crate::lease::value();
+        let mut req =
+            storage_line("add", key, exptime(Some(ttl), unix_now()), value.len()).into_bytes();
+        req.extend_from_slice(&value);
+        req.extend_from_slice(b"\r\n");
         self.exchange("add", &[&req], check, |conn| match conn.line()?.as_str() {
             "STORED" => Ok(true),
             "NOT_STORED" => Ok(false),

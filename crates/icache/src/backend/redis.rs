@@ -595,7 +595,7 @@ impl Backend for Redis {
         let got: Option<String> = self.run("SET NX PX", |con| {
             redis::cmd("SET")
                 .arg(&k)
-                .arg(1)
+                .arg(crate::lease::value())
                 .arg("NX")
                 .arg("PX")
                 .arg(ms)
