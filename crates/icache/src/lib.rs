@@ -59,6 +59,7 @@
 //! | `redis://user:pass@host:port/db`, `rediss://…` | `redis` | single node; TLS through rustls |
 //! | `memcached://host:port` | `memcached` | one server, our own small client |
 //! | `redis+cluster://h1:p1,h2:p2` | `redis` | Redis Cluster, one round trip per hit |
+//! | `redis+sentinel://h1:p1,h2:p2/MASTER` | `redis` | Redis Sentinel: the master the sentinels name, followed across failovers |
 //! | `memcached://h1:p1,h2:p2,h3:p3` | `memcached` | a pool, rendezvous-hashed |
 //! | `none://` | always | caching off |
 //!
