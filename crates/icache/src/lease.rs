@@ -26,6 +26,7 @@
 //! render marks that render's dependencies unknown, so the outer block is
 //! not stored with it.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread;
@@ -57,6 +58,91 @@ pub(crate) fn value() -> Vec<u8> {
 /// The lease's name for one (block, version).
 fn lease_name(block: &str, version: u64) -> String {
     format!("{block}@{version}")
+}
+
+thread_local! {
+    /// The per-block `stale` choice for the next block this thread looks
+    /// up (set by the API that opens it, taken by the engine at once, so the
+    /// blocks nested in its body do not inherit it).
+    static BLOCK_STALE: Cell<Option<bool>> = const { Cell::new(None) };
+}
+
+/// Sets the `stale` choice of the next block this thread opens (`None`:
+/// the handle's `stale=`).
+pub(crate) fn choose_for_next_block(stale: Option<bool>) {
+    BLOCK_STALE.with(|c| c.set(stale));
+}
+
+/// The choice for the block being opened, cleared for the next one.
+pub(crate) fn take_block_choice() -> Option<bool> {
+    BLOCK_STALE.with(Cell::take)
+}
+
+/// Per-block choices for [`ICache::fragment_with`](crate::ICache::fragment_with).
+///
+/// # Example
+///
+/// ```
+/// let cache = icache::ICache::memory();
+/// let options = icache::BlockOptions::new().stale_render(true);
+/// let html = cache.fragment_with("top-movies", &["movies"], options, || {
+///     Ok::<_, std::fmt::Error>("<ol/>".to_string())
+/// })?;
+/// assert_eq!(html, "<ol/>");
+/// # Ok::<(), std::fmt::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[must_use]
+pub struct BlockOptions {
+    stale: Option<bool>,
+}
+
+impl BlockOptions {
+    /// The handle's choices for everything.
+    pub fn new() -> Self {
+        BlockOptions::default()
+    }
+
+    /// `true`: this block serves its previous body while another render
+    /// holds the lease for the new version (`stale=render` for this block
+    /// alone); `false`: it never does, even on a `stale=render` handle.
+    /// Needs `fill=lease` (the default on network backends); in process
+    /// there is no lease and this changes nothing.
+    pub fn stale_render(mut self, on: bool) -> Self {
+        self.stale = Some(on);
+        self
+    }
+}
+
+impl crate::ICache {
+    /// [`fragment`](Self::fragment) with per-block choices
+    /// ([`BlockOptions`]): for example stale-while-render for one hot block
+    /// of a handle that otherwise waits for fresh output.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::memory();
+    /// let fresh = icache::BlockOptions::new().stale_render(false);
+    /// let html = cache.fragment_with("cart", &["cart:42"], fresh, || {
+    ///     Ok::<_, std::fmt::Error>("<p>2 items</p>".to_string())
+    /// })?;
+    /// assert_eq!(html, "<p>2 items</p>");
+    /// # Ok::<(), std::fmt::Error>(())
+    /// ```
+    pub fn fragment_with<E, T: AsRef<str>>(
+        &self,
+        name: &str,
+        tokens: &[T],
+        options: BlockOptions,
+        render: impl FnOnce() -> Result<String, E>,
+    ) -> Result<String, E> {
+        choose_for_next_block(options.stale);
+        let out = self.fragment(name, tokens, render);
+        // Should the block never have been opened (no lookup at all).
+        choose_for_next_block(None);
+        out
+    }
 }
 
 /// What to do about a miss, after the lease.

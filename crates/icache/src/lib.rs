@@ -148,6 +148,7 @@ pub mod tera;
 pub use bytes::Bytes;
 pub use cache::{ICache, Value};
 pub use error::{Error, ErrorKind, Result};
+pub use lease::BlockOptions;
 pub use observe::{BlockEvent, NotStored, Outcome, observe};
 pub use stats::Stats;
 

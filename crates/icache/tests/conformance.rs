@@ -310,6 +310,8 @@ macro_rules! suite {
 mod bad_input;
 #[path = "conformance/engines.rs"]
 mod engines;
+#[path = "conformance/fleet.rs"]
+mod fleet;
 #[path = "conformance/fragments.rs"]
 mod fragments;
 #[path = "conformance/guidance.rs"]

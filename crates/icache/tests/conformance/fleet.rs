@@ -16,6 +16,21 @@ use std::time::{Duration, Instant};
 use icache::ICache;
 use icache_test_support::{MemcachedServer, RedisServer};
 
+/// The tests of this file take turns: each runs several processes of
+/// several threads, and their timing bounds mean nothing on a machine the
+/// others oversubscribe.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Time-outs for a loaded machine: a bump that times out is not what these
+/// tests are about.
+const SLACK: &str = "timeout_ms=1000";
+
 /// The environment variables that turn this test binary into a child.
 const CHILD_URL: &str = "ICACHE_TEST_FLEET_URL";
 const CHILD_MODE: &str = "ICACHE_TEST_FLEET_MODE";
@@ -31,7 +46,9 @@ fn render(db: &Path, renders: &AtomicU64) -> Result<String, std::io::Error> {
 
 /// What the body says: the data version it showed.
 fn shown(body: &str) -> u64 {
-    body.trim_start_matches("body ").parse().expect("a body we rendered")
+    body.trim_start_matches("body ")
+        .parse()
+        .expect("a body we rendered")
 }
 
 /// The child process. `readers`: 4 threads read the hot block until stdin
@@ -102,7 +119,12 @@ struct ChildProcess {
 impl ChildProcess {
     fn spawn(url: &str, mode: &str, db: &Path) -> ChildProcess {
         let mut child = Command::new(std::env::current_exe().expect("this test binary"))
-            .args(["fleet::fleet_child_process", "--exact", "--nocapture", "--test-threads=1"])
+            .args([
+                "fleet::fleet_child_process",
+                "--exact",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env(CHILD_URL, url)
             .env(CHILD_MODE, mode)
             .env(CHILD_DB, db)
@@ -214,31 +236,43 @@ fn renders_per_bump(url: &str) -> f64 {
 
 #[test]
 fn fill_lease_one_render_per_bump_redis() {
+    let _turn = turn();
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let per_bump = renders_per_bump(&redis.url());
-    assert!(per_bump <= 1.25, "{per_bump} renders per bump with fill=lease on Redis");
+    let per_bump = renders_per_bump(&format!("{}/?{SLACK}", redis.url()));
+    assert!(
+        per_bump <= 1.25,
+        "{per_bump} renders per bump with fill=lease on Redis"
+    );
 }
 
 #[test]
 fn fill_lease_one_render_per_bump_memcached() {
+    let _turn = turn();
     let Some(memcached) = MemcachedServer::start() else {
         return;
     };
-    let per_bump = renders_per_bump(&memcached.url());
-    assert!(per_bump <= 1.25, "{per_bump} renders per bump with fill=lease on memcached");
+    let per_bump = renders_per_bump(&format!("{}?{SLACK}", memcached.url()));
+    assert!(
+        per_bump <= 1.25,
+        "{per_bump} renders per bump with fill=lease on memcached"
+    );
 }
 
 /// `fill=local`: single-flight per process only, so each of the 4
 /// processes renders each bump (what the test above would catch).
 #[test]
 fn fill_local_renders_once_per_process() {
+    let _turn = turn();
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let per_bump = renders_per_bump(&format!("{}/?fill=local", redis.url()));
-    assert!(per_bump >= 2.5, "only {per_bump} renders per bump with fill=local");
+    let per_bump = renders_per_bump(&format!("{}/?fill=local&{SLACK}", redis.url()));
+    assert!(
+        per_bump >= 2.5,
+        "only {per_bump} renders per bump with fill=local"
+    );
 }
 
 /// A lease holder killed with SIGKILL mid-render: the other processes'
@@ -271,37 +305,50 @@ fn killed_holder(url: &str, lease_ms: u64) {
             "a reader took {took:?} with lease_ms={lease_ms} after the holder died"
         );
     }
-    assert_eq!(renders.load(Ordering::SeqCst), 1, "one render in this process");
-    assert_eq!(reader.stats().lease_waits, 1, "the reader waited for the dead holder");
+    assert_eq!(
+        renders.load(Ordering::SeqCst),
+        1,
+        "one render in this process"
+    );
+    assert_eq!(
+        reader.stats().lease_waits,
+        1,
+        "the reader waited for the dead holder"
+    );
 }
 
 #[test]
 fn killed_lease_holder_costs_at_most_lease_ms_redis() {
+    let _turn = turn();
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    killed_holder(&format!("{}/?lease_ms=800", redis.url()), 800);
+    killed_holder(&format!("{}/?lease_ms=800&{SLACK}", redis.url()), 800);
 }
 
 #[test]
 fn killed_lease_holder_costs_at_most_lease_ms_memcached() {
+    let _turn = turn();
     let Some(memcached) = MemcachedServer::start() else {
         return;
     };
-    killed_holder(&format!("{}?lease_ms=800", memcached.url()), 800);
+    killed_holder(&format!("{}?lease_ms=800&{SLACK}", memcached.url()), 800);
 }
 
 /// `stale=render`: two reader processes render the hot block (50 ms), and
 /// this process reads it from 4 threads while it is bumped 20 times. A read
-/// that did not render itself never waits longer than a hit's p99 + 10 ms;
+/// that did not render itself never waits longer than a hit + 10 ms (the
+/// slowest hit of the same run, so that the machine's own noise is on both
+/// sides);
 /// every body is the new version or the one before, and none is older once
 /// the new one was served; the handle that bumps always reads the new one.
 #[test]
 fn stale_render_serves_the_previous_body_and_no_older() {
+    let _turn = turn();
     let Some(redis) = RedisServer::start() else {
         return;
     };
-    let url = format!("{}/?stale=render", redis.url());
+    let url = format!("{}/?stale=render&{SLACK}", redis.url());
     let db = Db::new("stale");
     let mut children: Vec<ChildProcess> = (0..2)
         .map(|_| ChildProcess::spawn(&url, "readers", &db.path))
@@ -312,19 +359,11 @@ fn stale_render_serves_the_previous_body_and_no_older() {
     let reader = ICache::from_url(&url).expect("reader");
     let writer = ICache::from_url(&url).expect("writer");
     let renders = Arc::new(AtomicU64::new(0));
-    // A hit's latency, measured on the warm block.
-    let mut hits = Vec::new();
-    for _ in 0..200 {
-        let t = Instant::now();
-        reader
-            .fragment("hot", &["movies"], || render(&db.path, &renders))
-            .expect("warm");
-        hits.push(t.elapsed());
-    }
-    hits.sort();
-    let hit_p99 = hits[hits.len() * 99 / 100];
-    // (when it began, latency, value shown, rendered here)
-    let log: Arc<Mutex<Vec<(Instant, Duration, u64, bool)>>> = Arc::default();
+    reader
+        .fragment("hot", &["movies"], || render(&db.path, &renders))
+        .expect("warm");
+    // (when it began, latency, value shown, rendered here, a plain hit)
+    let log: Arc<Mutex<Vec<(Instant, Duration, u64, bool, bool)>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let threads: Vec<_> = (0..4)
         .map(|_| {
@@ -335,14 +374,18 @@ fn stale_render_serves_the_previous_body_and_no_older() {
                 while !stop.load(Ordering::SeqCst) {
                     let before = mine.load(Ordering::SeqCst);
                     let began = Instant::now();
-                    let body = reader
-                        .fragment("hot", &["movies"], || render(&path, &mine))
-                        .expect("a body");
+                    let (body, events) = icache::observe(|| {
+                        reader.fragment("hot", &["movies"], || render(&path, &mine))
+                    });
                     let took = began.elapsed();
+                    let body = body.expect("a body");
                     let rendered = mine.load(Ordering::SeqCst) != before;
+                    let hit = events
+                        .first()
+                        .is_some_and(|e| e.outcome == icache::Outcome::Hit);
                     log.lock()
                         .unwrap()
-                        .push((began, took, shown(&body), rendered));
+                        .push((began, took, shown(&body), rendered, hit));
                     thread::sleep(Duration::from_millis(1));
                 }
             })
@@ -371,35 +414,38 @@ fn stale_render_serves_the_previous_body_and_no_older() {
     }
     let log = log.lock().unwrap();
     let stale = reader.stats().stale_served;
-    assert!(stale > 0, "no stale body was served: the test shows nothing");
+    assert!(
+        stale > 0,
+        "no stale body was served: the test shows nothing"
+    );
+    let slowest_hit = log.iter().filter(|r| r.4).map(|r| r.1).max().expect("hits");
     // When each value was first served: from then on nothing older may be.
-    let first_seen = |v: u64| {
-        log.iter()
-            .filter(|(_, _, shown, _)| *shown >= v)
-            .map(|(began, took, _, _)| *began + *took)
-            .min()
-    };
+    let first_seen = |v: u64| log.iter().filter(|r| r.2 >= v).map(|r| r.0 + r.1).min();
     for (i, (value, bumped)) in bumps.iter().enumerate() {
         let next = bumps.get(i + 1).map(|(_, at)| *at);
         let seen = first_seen(*value);
-        for (began, took, shown, rendered) in log.iter() {
+        for (began, took, shown, rendered, _) in log.iter() {
             // Reads that began after this bump completed and before the next.
             if *began < *bumped || next.is_some_and(|n| *began >= n) {
                 continue;
             }
+            // Newer is fine (it began before the next bump completed).
             assert!(
-                *shown == *value || *shown + 1 == *value,
+                *shown + 1 >= *value,
                 "a read after bump {value} showed {shown}: older than the one before"
             );
             if let Some(seen) = seen
                 && *began > seen
             {
-                assert_eq!(*shown, *value, "an old body once the new one was stored");
+                assert!(
+                    *shown >= *value,
+                    "a read after bump {value} showed {shown} once the new body was stored"
+                );
             }
             if !rendered {
                 assert!(
-                    *took <= hit_p99 + Duration::from_millis(10),
-                    "a read waited {took:?} (a hit's p99: {hit_p99:?}) during a re-render"
+                    *took <= slowest_hit + Duration::from_millis(10),
+                    "a read waited {took:?} during a re-render (the slowest hit: {slowest_hit:?})"
                 );
             }
         }
