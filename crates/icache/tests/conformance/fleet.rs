@@ -451,3 +451,114 @@ fn stale_render_serves_the_previous_body_and_no_older() {
         }
     }
 }
+
+/// What the per-block test's bodies show, and how long they take.
+static VALUE: AtomicU64 = AtomicU64::new(0);
+static DELAY_MS: AtomicU64 = AtomicU64::new(0);
+
+fn data() -> String {
+    thread::sleep(Duration::from_millis(DELAY_MS.load(Ordering::SeqCst)));
+    format!("v{}", VALUE.load(Ordering::SeqCst))
+}
+
+/// The per-block `stale` choice, in the fragment API (`fragment_with` and
+/// `BlockOptions::stale_render`), a MiniJinja call block (`stale=true`) and
+/// the seed syntax (`{% icache 'movies' stale=true %}`), on handles
+/// without `stale=render`: while another handle's slow render of the new
+/// version holds the lease (as another process's would), the block gets its
+/// previous body at once (`Outcome::Stale`); the same block without the
+/// choice waits for the new one.
+#[test]
+fn stale_is_chosen_per_block_in_each_api() {
+    let _turn = turn();
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    let url = format!("{}/?{SLACK}", redis.url());
+    type Read = Box<dyn Fn(&ICache, bool) -> (String, Vec<icache::BlockEvent>) + Send + Sync>;
+    let env_for = |cache: &ICache| {
+        let mut env = minijinja::Environment::new();
+        icache::minijinja::register(&mut env, cache.clone());
+        env.add_function("data", data);
+        env.set_loader(icache::minijinja::loader(|name: &str| {
+            Ok(match name {
+                "call-stale" => Some(
+                    "{% call icache('t-call', name='call', stale=true) %}{{ data() }}{% endcall %}",
+                ),
+                "call-fresh" => Some(
+                    "{% call icache('t-call', name='call', stale=false) %}{{ data() }}{% endcall %}",
+                ),
+                "seed-stale" => {
+                    Some("{% load icache %}{% icache 't-seed' name='seed' stale=true %}{{ data() }}{% endicache %}")
+                }
+                "seed-fresh" => {
+                    Some("{% load icache %}{% icache 't-seed' name='seed' stale=false %}{{ data() }}{% endicache %}")
+                }
+                _ => None,
+            })
+        }));
+        env
+    };
+    let template = |which: &'static str| -> Read {
+        Box::new(move |cache: &ICache, stale: bool| {
+            let env = env_for(cache);
+            let name = format!("{which}-{}", if stale { "stale" } else { "fresh" });
+            let (out, events) = icache::observe(|| {
+                env.get_template(&name)
+                    .and_then(|t| t.render(()))
+                    .expect("renders")
+            });
+            (out, events)
+        })
+    };
+    let cases: Vec<(&str, &str, Read)> = vec![
+        (
+            "fragment_with",
+            "t-api",
+            Box::new(|cache: &ICache, stale: bool| {
+                icache::observe(|| {
+                    let options = icache::BlockOptions::new().stale_render(stale);
+                    cache
+                        .fragment_with("api", &["t-api"], options, || Ok::<_, String>(data()))
+                        .expect("renders")
+                })
+            }),
+        ),
+        ("MiniJinja call block", "t-call", template("call")),
+        ("seed syntax", "t-seed", template("seed")),
+    ];
+    let reader = ICache::from_url(&url).expect("reader");
+    let writer = ICache::from_url(&url).expect("writer");
+    for (api, token, read) in &cases {
+        for stale in [true, false] {
+            DELAY_MS.store(0, Ordering::SeqCst);
+            let before = read(&reader, stale).0;
+            VALUE.fetch_add(1, Ordering::SeqCst);
+            writer.incr(token).expect("bump");
+            let now = format!("v{}", VALUE.load(Ordering::SeqCst));
+            DELAY_MS.store(400, Ordering::SeqCst);
+            // Another handle renders the new version slowly, holding the lease.
+            let holder = ICache::from_url(&url).expect("holder");
+            let slow = thread::scope(|s| {
+                let slow = s.spawn(|| read(&holder, stale).0);
+                thread::sleep(Duration::from_millis(100));
+                let started = Instant::now();
+                let (got, events) = read(&reader, stale);
+                let took = started.elapsed();
+                if stale {
+                    assert_eq!(got, before, "{api}: stale=true gets the previous body");
+                    assert!(
+                        took < Duration::from_millis(200),
+                        "{api}: stale=true waited {took:?}"
+                    );
+                    assert_eq!(events[0].outcome, icache::Outcome::Stale, "{api}");
+                } else {
+                    assert_eq!(got, now, "{api}: stale=false waits for the new body");
+                    assert_ne!(events[0].outcome, icache::Outcome::Stale, "{api}");
+                }
+                slow.join().expect("the slow render")
+            });
+            assert_eq!(slow, now, "{api}: the holder rendered the new version");
+        }
+    }
+}
