@@ -452,6 +452,13 @@ fn stale_render_serves_the_previous_body_and_no_older() {
     }
 }
 
+/// The Askama case's template.
+#[derive(askama::Template)]
+#[template(source = "{{ v }}", ext = "txt")]
+struct Data {
+    v: String,
+}
+
 /// What the per-block test's bodies show, and how long they take.
 static VALUE: AtomicU64 = AtomicU64::new(0);
 static DELAY_MS: AtomicU64 = AtomicU64::new(0);
@@ -462,8 +469,9 @@ fn data() -> String {
 }
 
 /// The per-block `stale` choice, in the fragment API (`fragment_with` and
-/// `BlockOptions::stale_render`), a MiniJinja call block (`stale=true`) and
-/// the seed syntax (`{% icache 'movies' stale=true %}`), on handles
+/// `BlockOptions::stale_render`), Askama and maud (`.stale_render(true)`), a
+/// MiniJinja call block (`stale=true`) and the seed syntax
+/// (`{% icache 'movies' stale=true %}`), on handles
 /// without `stale=render`: while another handle's slow render of the new
 /// version holds the lease (as another process's would), the block gets its
 /// previous body at once (`Outcome::Stale`); the same block without the
@@ -521,6 +529,30 @@ fn stale_is_chosen_per_block_in_each_api() {
                     cache
                         .fragment_with("api", &["t-api"], options, || Ok::<_, String>(data()))
                         .expect("renders")
+                })
+            }),
+        ),
+        (
+            "Askama",
+            "t-askama",
+            Box::new(|cache: &ICache, stale: bool| {
+                icache::observe(|| {
+                    icache::askama::cached(cache, "askama", &["t-askama"], || Data { v: data() })
+                        .stale_render(stale)
+                        .to_string()
+                })
+            }),
+        ),
+        (
+            "maud",
+            "t-maud",
+            Box::new(|cache: &ICache, stale: bool| {
+                use maud::Render;
+                icache::observe(|| {
+                    icache::maud::cached(cache, "maud", &["t-maud"], || maud::html! { (data()) })
+                        .stale_render(stale)
+                        .render()
+                        .into_string()
                 })
             }),
         ),
