@@ -363,7 +363,7 @@ fn stale_render_serves_the_previous_body_and_no_older() {
         .fragment("hot", &["movies"], || render(&db.path, &renders))
         .expect("warm");
     // (when it began, latency, value shown, rendered here, a plain hit)
-    let log: Arc<Mutex<Vec<(Instant, Duration, u64, bool, bool)>>> = Arc::default();
+    let log: Arc<Mutex<Vec<Logged>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let threads: Vec<_> = (0..4)
         .map(|_| {
@@ -384,7 +384,7 @@ fn stale_render_serves_the_previous_body_and_no_older() {
                         .first()
                         .is_some_and(|e| e.outcome == icache::Outcome::Hit);
                     log.lock()
-                        .unwrap()
+                        .expect("not poisoned")
                         .push((began, took, shown(&body), rendered, hit));
                     thread::sleep(Duration::from_millis(1));
                 }
@@ -412,7 +412,7 @@ fn stale_render_serves_the_previous_body_and_no_older() {
     for c in &mut children {
         c.stop();
     }
-    let log = log.lock().unwrap();
+    let log = log.lock().expect("not poisoned");
     let stale = reader.stats().stale_served;
     assert!(
         stale > 0,
@@ -458,6 +458,10 @@ fn stale_render_serves_the_previous_body_and_no_older() {
 struct Data {
     v: String,
 }
+
+/// One read of the stale test: when it began, how long it took, the value
+/// it showed, whether this read rendered, whether it was a plain hit.
+type Logged = (Instant, Duration, u64, bool, bool);
 
 /// What the per-block test's bodies show, and how long they take.
 static VALUE: AtomicU64 = AtomicU64::new(0);

@@ -64,7 +64,7 @@ fn failover_keeps_reads_and_bumps_and_is_never_stale() {
             while !stop.load(Ordering::SeqCst) {
                 let value = db.fetch_add(1, Ordering::SeqCst) + 1; // the commit
                 if writer.incr("movies").is_ok() {
-                    completed.lock().unwrap().push((Instant::now(), value));
+                    completed.lock().expect("not poisoned").push((Instant::now(), value));
                     bumps_after += 1;
                 }
                 thread::sleep(Duration::from_millis(20));
@@ -85,7 +85,7 @@ fn failover_keeps_reads_and_bumps_and_is_never_stale() {
                     // The newest bump that completed before `began - lag`.
                     let floor = completed
                         .lock()
-                        .unwrap()
+                        .expect("not poisoned")
                         .iter()
                         .rev()
                         .find(|(at, _)| *at + lag <= began)
@@ -106,8 +106,8 @@ fn failover_keeps_reads_and_bumps_and_is_never_stale() {
     thread::sleep(Duration::from_millis(1500));
     group.kill_master();
     let took = group.wait_for_failover(Duration::from_secs(30));
-    *failed_over.lock().unwrap() = Some(Instant::now());
-    let before = completed.lock().unwrap().len();
+    *failed_over.lock().expect("not poisoned") = Some(Instant::now());
+    let before = completed.lock().expect("not poisoned").len();
     // Long enough for every circuit breaker (4 s at most) to let a probe
     // through to the new master.
     thread::sleep(Duration::from_secs(6));
@@ -126,15 +126,15 @@ fn failover_keeps_reads_and_bumps_and_is_never_stale() {
     );
 
     stop.store(true, Ordering::SeqCst);
-    let bumps = bumper.join().unwrap();
-    let after = completed.lock().unwrap().len() - before;
+    let bumps = bumper.join().expect("the thread ends");
+    let after = completed.lock().expect("not poisoned").len() - before;
     assert!(
         after > 20,
         "only {after} bumps completed after the failover ({bumps} in all; failover took {took:?})"
     );
-    let at = failed_over.lock().unwrap().expect("failed over");
+    let at = failed_over.lock().expect("not poisoned").expect("failed over");
     for (i, r) in reading.into_iter().enumerate() {
-        let (ok, stale) = r.join().unwrap();
+        let (ok, stale) = r.join().expect("the thread ends");
         assert!(
             stale.is_empty(),
             "reader {i} served stale values (value, floor): {stale:?}"
@@ -171,7 +171,7 @@ fn failover_to_a_lagging_replica_is_a_miss() {
         let version = cache.get_sum(&[&token]).expect("get_sum");
         cache.set_versioned(&key, "old", version).expect("stored");
         assert_eq!(
-            cache.get_versioned(&key, version).unwrap().as_deref(),
+            cache.get_versioned(&key, version).expect("get").as_deref(),
             Some("old")
         );
         before.push(version);
