@@ -383,9 +383,13 @@ fn stale_render_serves_the_previous_body_and_no_older() {
                     let hit = events
                         .first()
                         .is_some_and(|e| e.outcome == icache::Outcome::Hit);
-                    log.lock()
-                        .expect("not poisoned")
-                        .push((began, took, shown(&body), rendered, hit));
+                    log.lock().expect("not poisoned").push((
+                        began,
+                        took,
+                        shown(&body),
+                        rendered,
+                        hit,
+                    ));
                     thread::sleep(Duration::from_millis(1));
                 }
             })

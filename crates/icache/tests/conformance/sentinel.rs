@@ -64,7 +64,10 @@ fn failover_keeps_reads_and_bumps_and_is_never_stale() {
             while !stop.load(Ordering::SeqCst) {
                 let value = db.fetch_add(1, Ordering::SeqCst) + 1; // the commit
                 if writer.incr("movies").is_ok() {
-                    completed.lock().expect("not poisoned").push((Instant::now(), value));
+                    completed
+                        .lock()
+                        .expect("not poisoned")
+                        .push((Instant::now(), value));
                     bumps_after += 1;
                 }
                 thread::sleep(Duration::from_millis(20));
@@ -132,7 +135,10 @@ fn failover_keeps_reads_and_bumps_and_is_never_stale() {
         after > 20,
         "only {after} bumps completed after the failover ({bumps} in all; failover took {took:?})"
     );
-    let at = failed_over.lock().expect("not poisoned").expect("failed over");
+    let at = failed_over
+        .lock()
+        .expect("not poisoned")
+        .expect("failed over");
     for (i, r) in reading.into_iter().enumerate() {
         let (ok, stale) = r.join().expect("the thread ends");
         assert!(
