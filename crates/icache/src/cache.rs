@@ -26,6 +26,9 @@ pub enum Value {
     Text(Arc<str>),
     /// Stored as bytes (`set_versioned_bytes`).
     Bytes(Bytes),
+    /// Stored as a Python pickle ([`ICache::set_versioned_pickle`]); the
+    /// entry's header says so, so no `set_*_bytes` caller can make one.
+    Pickle(Bytes),
 }
 
 /// A handle to a timeout-less cache. Cheap to clone; all clones share one
@@ -435,6 +438,32 @@ impl ICache {
         self.store_versioned(key, Payload::Bytes(value.into()), version)
     }
 
+    /// [`set_versioned_bytes`](Self::set_versioned_bytes) for the Python
+    /// binding (`django_icache`): the entry's header marks `pickle` as a Python
+    /// pickle, the only kind of entry the binding unpickles. Bytes stored any
+    /// other way come back as bytes, whatever they start with. Rust readers
+    /// get the pickle's bytes from [`get_versioned_bytes`](Self::get_versioned_bytes),
+    /// and [`Value::Pickle`] from [`get_versioned_value`](Self::get_versioned_value).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::memory();
+    /// cache.set_versioned_pickle("k", &b"\x80\x05K\x01."[..], 1)?;
+    /// cache.set_versioned_bytes("j", &b"\x80\x05K\x01."[..], 1)?;
+    /// assert!(matches!(cache.get_versioned_value("k", 1)?, Some(icache::Value::Pickle(_))));
+    /// assert!(matches!(cache.get_versioned_value("j", 1)?, Some(icache::Value::Bytes(_))));
+    /// # Ok::<(), icache::Error>(())
+    /// ```
+    pub fn set_versioned_pickle(
+        &self,
+        key: &str,
+        pickle: impl Into<Bytes>,
+        version: u64,
+    ) -> Result<()> {
+        self.store_versioned(key, Payload::Pickle(pickle.into()), version)
+    }
+
     fn store_versioned(&self, key: &str, payload: Payload, version: u64) -> Result<()> {
         if let Some(near) = &self.inner.core.near {
             near.drop_body(Kind::Versioned, key);
@@ -501,6 +530,7 @@ impl ICache {
             .map(|payload| match payload {
                 Payload::Text(s) => Value::Text(s),
                 Payload::Bytes(b) => Value::Bytes(b),
+                Payload::Pickle(b) => Value::Pickle(b),
             }))
     }
 
