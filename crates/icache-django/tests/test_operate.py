@@ -30,6 +30,8 @@ def test_bump_and_version(use_url, backend_url):
     assert icache.handle.generations([a, b]) == [ga, gb]
     out = run("version", a, b)
     assert f"{a} {ga}" in out and f"sum {icache.get_sum([a, b])}" in out
+    # The typed forms are tokens like any other: the anonymous visitor's.
+    assert run("bump", "icache:none").startswith("icache:none ")
 
 
 def test_bump_invalidates_a_block(use_url, backend_url):

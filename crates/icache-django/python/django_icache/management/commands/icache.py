@@ -26,7 +26,9 @@ class Bump:
         parser.add_argument("tokens", nargs="+", metavar="TOKEN")
 
     def handle(self, command, options):
-        for tok, gen in zip(options["tokens"], icache.incr_many(options["tokens"])):
+        # Tokens as typed are the token strings themselves (icache:none, the
+        # anonymous user's, included): no conversion of Python values here.
+        for tok, gen in zip(options["tokens"], icache.handle.incr_many(options["tokens"])):
             command.stdout.write(f"{tok} {gen}")
 
 
@@ -41,7 +43,7 @@ class Version:
         gens = icache.handle.generations(tokens)
         for tok, gen in zip(tokens, gens):
             command.stdout.write(f"{tok} {gen}")
-        command.stdout.write(f"sum {icache.get_sum(tokens)}")
+        command.stdout.write(f"sum {icache.handle.get_sum(tokens)}")
 
 
 class Flush:
