@@ -7,13 +7,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 
 import pytest
 from conftest import (
-    TEMPLATES, Counter, Server, client_for, free_port, missing, render_named, unique, wait_port, _resp,
+    TEMPLATES, Server, free_port, missing, render_named, unique, wait_port, _resp,
 )
-from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
