@@ -66,7 +66,7 @@ def test_flush_makes_every_block_miss_once(use_url, backend_url):
 def test_stats_shows_the_backends_counters(use_url, redis_server):
     use_url(redis_server.url(unique("p")))
     out = run("stats")
-    assert "backend redis" in out and "used_memory" in out
+    assert "backend redis" in out and "used_memory" in out and "process.hits " in out
 
 
 def test_a_subcommand_is_required():

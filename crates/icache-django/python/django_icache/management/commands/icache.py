@@ -5,7 +5,8 @@ on the cache the settings name (``ICACHE_URL``/``ICACHE_CACHE``).
 - ``version TOKEN…``: each token's generation and their sum (a block's version).
 - ``flush``: one epoch bump: every block misses once (for what no digest or
   token sees). Entries are not deleted; they are overwritten as pages render.
-- ``stats``: the backend's own counters (Redis INFO, memcached stats…).
+- ``stats``: the backend's own counters (Redis INFO, memcached stats…), then
+  this process's (``process.hits``…).
 
 Subcommands are classes in ``SUBCOMMANDS`` (name → class with ``help``,
 ``add_arguments(parser)`` and ``handle(command, options)``): another part of
@@ -68,6 +69,10 @@ class Stats:
         command.stdout.write(f"backend {icache.backend}")
         for name, value in icache.handle.server_stats():
             command.stdout.write(f"{name} {value}")
+        # This process's own counters (a fresh manage.py has served nothing;
+        # they matter when the command runs inside a long-lived process).
+        for name, value in icache.stats().items():
+            command.stdout.write(f"process.{name} {value}")
 
 
 SUBCOMMANDS: dict[str, type] = {"bump": Bump, "version": Version, "flush": Flush, "stats": Stats}
