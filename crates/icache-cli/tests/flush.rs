@@ -9,7 +9,7 @@ use icache::ICache;
 
 fn block(cache: &ICache, ran: &Cell<u32>) -> String {
     cache
-        .fragment_named("flush-list", &["movies"], || {
+        .fragment("flush-list", &["movies"], || {
             ran.set(ran.get() + 1);
             Ok::<_, ()>("<ul/>".to_string())
         })

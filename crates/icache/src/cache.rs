@@ -361,12 +361,12 @@ impl ICache {
     /// ```
     /// let cache = icache::ICache::memory();
     /// let render = || Ok::<_, ()>("<ul/>".to_string());
-    /// cache.fragment_named("list", &["movies"], render)?;
+    /// cache.fragment("list", &["movies"], render)?;
     /// cache.flush()?;
     /// // Rendered once more, then a hit again.
     /// let mut ran = 0;
     /// for _ in 0..2 {
-    ///     cache.fragment_named("list", &["movies"], || { ran += 1; render() })?;
+    ///     cache.fragment("list", &["movies"], || { ran += 1; render() })?;
     /// }
     /// assert_eq!(ran, 1);
     /// # Ok::<(), Box<dyn std::error::Error>>(())
