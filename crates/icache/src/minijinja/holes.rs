@@ -285,7 +285,7 @@ mod tests {
         assert_eq!(holes, vec![(0, "a:1"), (3, "b"), (3, "c")]);
         assert_eq!(body, "xyz<p>");
         for bad in [
-            format!("{HEADER}"),
+            HEADER.to_string(),
             format!("{HEADER}1\u{0}"),
             format!("{HEADER}1\u{0}9:1:a\u{0}xy"),
             format!("{HEADER}2\u{0}1:1:a0:1:b\u{0}xy"),

@@ -414,12 +414,10 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
                 }
             };
             if let Some(block) = &block {
-                use std::hash::{BuildHasher, Hash, Hasher};
+                use std::hash::BuildHasher;
                 static SEED: std::sync::LazyLock<std::collections::hash_map::RandomState> =
                     std::sync::LazyLock::new(Default::default);
-                let mut h = SEED.build_hasher();
-                (block, &tokens).hash(&mut h);
-                if !render_state.positioned.insert(h.finish())
+                if !render_state.positioned.insert(SEED.hash_one((block, &tokens)))
                     && warned_blocks.first("repeated", block)
                 {
                     let missing = match scope.as_deref() {
