@@ -77,7 +77,15 @@ impl quick_cache::Weighter<Arc<str>, Arc<str>> for SourceBytes {
 
 /// Called by the rewrite for each hole.
 pub(super) fn register(id: &str, source: &str) {
-    SOURCES.insert(id.into(), source.into());
+    // Rendered as a template of its own, the source would lose a final
+    // newline (MiniJinja drops one unless told to keep it); inside its
+    // template it keeps it. An empty comment after it keeps it either way.
+    let source: Arc<str> = if source.ends_with('\n') {
+        format!("{source}{{# #}}").into()
+    } else {
+        source.into()
+    };
+    SOURCES.insert(id.into(), source);
 }
 
 fn source(id: &str) -> Option<Arc<str>> {

@@ -443,6 +443,39 @@ fn a_value_that_looks_like_a_hole_is_text() {
     }
 }
 
+/// A hole keeps its newlines and whitespace control, as it would inline.
+#[test]
+fn a_hole_renders_as_it_would_inline() {
+    const SRC: &str = "{% icache 'a' %}[{% nocache %}\n{{ v }}\n{% endnocache %}]({%- nocache -%}\n {{ v }} \n{%- endnocache -%})\n{% endicache %}";
+    let mut plain = Environment::new();
+    plain
+        .add_template_owned(
+            "t.txt",
+            SRC.replace("nocache", "if true")
+                .replace("icache 'a'", "if true")
+                .replace("endicache", "endif")
+                .replace("endif true", "endif"),
+        )
+        .expect("valid");
+    let expected = plain
+        .get_template("t.txt")
+        .and_then(|t| t.render(context! { v => 1 }))
+        .expect("renders");
+    assert_eq!(expected, "[\n1\n](1)\n");
+    for (path, make) in PATHS {
+        let cache = ICache::memory();
+        let env = make(&cache, &[("t.txt", SRC)]);
+        for _ in 0..2 {
+            assert_eq!(
+                render(&env, "t.txt", context! { v => 1 }),
+                expected,
+                "{path}"
+            );
+        }
+        assert_eq!(cache.stats().hits, 1, "{path}");
+    }
+}
+
 /// What a hole sees: the variables visible where its block opens (the
 /// render's context, a loop around the block), not those set inside the
 /// block; the same on a miss and on a hit.
