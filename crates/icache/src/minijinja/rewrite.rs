@@ -492,6 +492,17 @@ impl<'a> Rewriter<'a> {
                         let Some(args) = inner.strip_suffix(')') else {
                             return Err(self.err(at, "cannot read the arguments of call icache(…)"));
                         };
+                        // Checked here so that a bad argument is reported
+                        // with the user's text, not the rewritten call's.
+                        if let Err(detail) = self.check_expression(&format!("icache({args})")) {
+                            return Err(self.err(
+                                at,
+                                &format!(
+                                    "bad arguments in {}: {detail}",
+                                    shown(&self.src[tag.start..tag.end])
+                                ),
+                            ));
+                        }
                         calls.push(CallKind::Block);
                         self.open(&mut stack, &tag, args.trim().to_string(), false);
                     } else if let Some(inner) = call.strip_prefix("icache_nocache(") {
