@@ -197,7 +197,7 @@ fn check_report(report: &str) {
         check_row(report, label, 5, false);
     }
     // 5. Memory per entry (quick_cache alone has no "charged" figure).
-    check_row(report, "icache fragment (`fragment_named`)", 5, false);
+    check_row(report, "icache fragment (`fragment`)", 5, false);
     check_row(report, "icache `set_versioned`", 5, false);
     check_row(report, "quick_cache alone (`String` → `Arc<str>`)", 5, true);
     // 6. Bytes on the wire: the body on every hit with near=off, a few
