@@ -425,7 +425,15 @@ fn holes_in_nested_blocks_are_filled_on_outer_hits() {
         cache.incr("side").expect("bump the inner token");
         assert_eq!(page("again", 3), "[(again3)3]", "{path}: outer re-rendered");
         assert_eq!(page("more", 4), "[(more3)3]", "{path}");
-        // The inner block alone, elsewhere, with its hole.
+        // The outer re-rendered around an inner hit: the inner entry's hole
+        // becomes the outer's again.
+        cache.incr("page").expect("bump the outer token");
+        assert_eq!(
+            page("x", 5),
+            "[(x3)5]",
+            "{path}: inner hit in an outer miss"
+        );
+        assert_eq!(page("y", 6), "[(y3)5]", "{path}: outer hit");
     }
 }
 
@@ -593,4 +601,21 @@ fn hole_syntax_errors() {
     )
     .expect_err("Tera");
     assert!(err.to_string().contains("Per-request parts"), "{err}");
+}
+
+/// `render_async` (the render on tokio's blocking pool) fills holes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holes_work_through_render_async() {
+    let cache = ICache::memory();
+    let env = Arc::new(loader_env(&cache, &[("form.html", FORM)]));
+    for (csrf, n, want) in [("a", 1, "a\">1"), ("b", 2, "b\">1")] {
+        let page = icache::minijinja::render_async(env.clone(), "form.html", context! { csrf, n })
+            .await
+            .expect("renders");
+        assert!(
+            page.ends_with(&format!("{want}</p></form>").replace("\">", "\"><p>")),
+            "{page}"
+        );
+    }
+    assert_eq!(cache.stats().hits, 1);
 }
