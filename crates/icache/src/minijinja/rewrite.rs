@@ -635,8 +635,15 @@ impl<'a> Rewriter<'a> {
             #[cfg(feature = "tera")]
             Target::Tera => {
                 let mut tera = tera::Tera::new();
-                tera.add_raw_template("token", &format!("{{{{ {expr} }}}}"))
-                    .map_err(|e| e.to_string())
+                match tera.add_raw_template("token", &format!("{{{{ {expr} }}}}")) {
+                    // Only the syntax is the rewrite's business: filters and
+                    // functions the application registers later are unknown
+                    // to this empty Tera, and Tera checks them itself.
+                    Err(e) if matches!(e.kind(), tera::ErrorKind::SyntaxError(_)) => {
+                        Err(e.to_string())
+                    }
+                    _ => Ok(()),
+                }
             }
         }
     }
@@ -860,6 +867,13 @@ mod tests {
             rw("{% icache 'items' 'user:' ~ user.id user.name | upper name='x' %}X{% endicache %}");
         assert!(
             out.starts_with("{% call icache('items', ('user:' ~ user.id), (user.name | upper), name=('x'), __icache_block="),
+            "{out}"
+        );
+        // Filters and functions the application registers are not the
+        // parser's business.
+        let out = rw("{% icache x | my_filter(1) my_function() %}X{% endicache %}");
+        assert!(
+            out.starts_with("{% call icache((x | my_filter(1)), (my_function()), "),
             "{out}"
         );
         let err = rewrite(
@@ -1246,5 +1260,23 @@ mod tests {
                 prop_assert_eq!(rewrite("t", &src).map_err(|e| TestCaseError::fail(e.to_string()))?, src);
             }
         }
+    }
+}
+
+#[cfg(all(test, feature = "tera"))]
+mod tera_tests {
+    /// Tera's parser checks a token's syntax only: filters and functions
+    /// the application registers later are not known yet, and are fine.
+    #[test]
+    fn tera_tokens_may_use_the_applications_filters() {
+        let out = super::rewrite_for_tera(
+            "t.html",
+            "{% icache 'a' user | my_filter(x=1) my_function() %}b{% endicache %}",
+        )
+        .expect("rewrites");
+        assert!(
+            out.contains("tokens=['a', (user | my_filter(x=1)), (my_function())]"),
+            "{out}"
+        );
     }
 }
