@@ -110,7 +110,8 @@
 //! set **inside** the block (by a loop or a `{% set %}` in its body) are not,
 //! because a hit does not run the body: a hole shows
 //! the same on a miss and on a hit. Pass what it needs through the context,
-//! or open the cached block inside the loop. A hole's output is not passed
+//! or open the cached block inside the loop (the rewrite logs a warning for a
+//! hole that uses a name set inside its block). A hole's output is not passed
 //! through filters applied around it inside the block. It is escaped as the
 //! template it is written in escapes.
 //!

@@ -619,3 +619,33 @@ async fn holes_work_through_render_async() {
     }
     assert_eq!(cache.stats().hits, 1);
 }
+
+/// A hole that uses a name set inside its cached block (which a hit does
+/// not run) is warned about when the template is rewritten.
+#[test]
+fn a_hole_using_a_variable_set_inside_its_block_is_warned_about() {
+    let (out, log) = logged(|| {
+        icache::minijinja::rewrite(
+            "t.html",
+            "{% icache 'x' %}{% for u in users %}{% set tone = 'hi' %}{% nocache %}user {{ u }} {{ tone }} {{ csrf }}{% endnocache %}{% endfor %}{% endicache %}",
+        )
+    });
+    out.expect("rewrites");
+    let warning = log
+        .lines()
+        .find(|l| l.contains("nocache"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(warning.contains("tone, u"), "{log}");
+    assert!(
+        !warning.contains("csrf") && !warning.contains("user,"),
+        "{log}"
+    );
+    // Nothing to say when the hole uses what the block's opening sees.
+    let (_, log) = logged(|| {
+        icache::minijinja::rewrite(
+            "t.html",
+            "{% for u in users %}{% icache 'x' u %}{% nocache %}{{ u }}{% endnocache %}{% endicache %}{% endfor %}",
+        )
+    });
+    assert!(!log.contains("nocache"), "{log}");
+}
