@@ -228,6 +228,9 @@ pub(super) fn write_out(
     let mut out = String::with_capacity(body.len() + 64 * holes.len());
     let mut pos = 0;
     let mut ctx = None;
+    // One hole met many times (in a loop inside the block) sees the same
+    // variables each time, so it is rendered once per write-out.
+    let mut rendered: Vec<(&str, String)> = Vec::new();
     for &(at, id) in holes {
         out.push_str(&body[pos..at]);
         pos = at;
@@ -236,9 +239,13 @@ pub(super) fn write_out(
         };
         if nested {
             out.push_str(&holes_state.marker(id.into()));
+        } else if let Some((_, html)) = rendered.iter().find(|(seen, _)| *seen == id) {
+            out.push_str(html);
         } else {
             let ctx = ctx.get_or_insert_with(|| context(state));
-            out.push_str(&render(state, template_of(id), &src, ctx.clone())?);
+            let html = render(state, template_of(id), &src, ctx.clone())?;
+            out.push_str(&html);
+            rendered.push((id, html));
         }
     }
     out.push_str(&body[pos..]);

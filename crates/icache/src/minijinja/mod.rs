@@ -122,7 +122,9 @@
 //!
 //! **Cost**: a body with no hole is stored and served exactly as without
 //! this feature (a hit compares its first bytes, no scan). A hole costs a
-//! compile and a render of its own (small) source on every request.
+//! compile and a render of its own (small) source on every request (once
+//! per request when a loop inside the block meets it many times: it sees
+//! the same variables each time).
 //!
 //! **Why data cannot fake a hole**: stored bodies keep their holes as byte
 //! offsets in a header beside the text, never as markers in it, so a hit
