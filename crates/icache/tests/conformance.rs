@@ -310,6 +310,8 @@ macro_rules! suite {
 mod bad_input;
 #[path = "conformance/engines.rs"]
 mod engines;
+#[path = "conformance/flush.rs"]
+mod flush;
 #[path = "conformance/fragments.rs"]
 mod fragments;
 #[path = "conformance/guidance.rs"]
@@ -334,6 +336,11 @@ mod rust_api;
 mod unix;
 #[path = "conformance/web.rs"]
 mod web;
+
+suite!(flushing = crate::flush:
+    flush_makes_every_block_miss_once_across_handles,
+    salt_changes_every_block_key,
+);
 
 suite!(object = crate::object_cases:
     incr_adds_one,
