@@ -153,9 +153,9 @@
 //! be invalidated by a bump: it shows its first render until the backend
 //! evicts it. It works, and is logged once per block, saying how to flush it:
 //! give it a token for what it shows and bump that (`cache.incr("movies")`,
-//! or `icache bump movies`); editing the block's source also gives it a new
-//! entry, and clearing the backend (`FLUSHDB`, a memcached restart, a process
-//! restart for `memory://`) removes it.
+//! or `icache bump movies`). To refresh it as it is, flush: `cache.flush()`
+//! (or `icache flush`) makes every cached block miss once; editing the
+//! block's source also gives it a new entry.
 //!
 //! # Undefined tokens
 //!
@@ -426,9 +426,9 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
                         "icache block {place} has no tokens, so no bump can ever invalidate it: it \
                          shows its first render until the entry is evicted. Give it a token for the \
                          data it shows and bump that after a change (`cache.incr(\"movies\")`, or \
-                         `icache bump movies` from the command line); editing the block's source also \
-                         gives it a new entry, and clearing the backend (FLUSHDB, a memcached or \
-                         process restart for memory://) empties it (this warning once per block)"
+                         `icache bump movies` from the command line). To refresh it as it is, flush: \
+                         `cache.flush()` (or `icache flush`) makes every cached block miss once; editing \
+                         the block's source also gives it a new entry (this warning once per block)"
                     );
                 }
             };

@@ -866,7 +866,8 @@ impl<'a> Rewriter<'a> {
                 "icache: the Tera block in {:?} line {} col {} has no tokens, so no bump can \
                  invalidate it (unless blocks inside it have tokens): give it a token for the data \
                  it shows and bump that after a change (`cache.incr(\"movies\")`, or `icache bump \
-                 movies`); editing the block gives it a new entry, and clearing the backend empties it",
+                 movies`); `cache.flush()` (or `icache flush`) makes every block miss once, and \
+                 editing the block gives it a new entry",
                 self.name,
                 open.line,
                 open.col
