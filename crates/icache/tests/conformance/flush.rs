@@ -12,7 +12,7 @@ use crate::Ctx;
 /// The block these tests cache; `ran` counts its renders.
 fn block(cache: &ICache, name: &str, tokens: &[&str], ran: &AtomicU64) -> String {
     cache
-        .fragment_named(name, tokens, || {
+        .fragment(name, tokens, || {
             ran.fetch_add(1, Ordering::SeqCst);
             Ok::<_, ()>(format!("<p>{name}</p>"))
         })
