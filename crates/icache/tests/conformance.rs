@@ -322,10 +322,10 @@ mod hardening;
 mod instance;
 #[path = "conformance/memcached_faults.rs"]
 mod memcached_faults;
-#[path = "conformance/minijinja_seed.rs"]
-mod minijinja_seed;
 #[path = "conformance/messages.rs"]
 mod messages;
+#[path = "conformance/minijinja_seed.rs"]
+mod minijinja_seed;
 #[path = "conformance/near.rs"]
 mod near;
 #[path = "conformance/reliability.rs"]
