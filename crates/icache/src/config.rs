@@ -89,6 +89,8 @@ pub(crate) struct Config {
     /// `?stale=render`: serve the previous body while another render
     /// holds the lease.
     pub(crate) stale_render: bool,
+    /// `?salt=`: mixed into every block's key (a deploy salt).
+    pub(crate) salt: Option<String>,
     /// The URL with any password replaced by `***`, for messages.
     pub(crate) redacted: String,
 }
@@ -390,10 +392,20 @@ impl Config {
         let mut fill = None;
         let mut lease_ms = None;
         let mut stale = None;
+        let mut salt = None;
 
         for (k, v) in url.query_pairs() {
             match &*k {
                 "prefix" => prefix = key_prefix(&v),
+                "salt" => {
+                    if v.is_empty() {
+                        return Err(Error::config(format!(
+                            "option salt= in {redacted} is empty; expected any non-empty string \
+                             (e.g. the deploy's id), or no salt= at all"
+                        )));
+                    }
+                    salt = Some(v.into_owned());
+                }
                 "timeout_ms" => timeout = parse_ms("timeout_ms", &v, &redacted)?,
                 "connect_timeout_ms" => {
                     connect_timeout = parse_ms("connect_timeout_ms", &v, &redacted)?
@@ -513,7 +525,7 @@ impl Config {
                 }
                 other => {
                     return Err(Error::config(format!(
-                        "unknown option {other:?} in {redacted}; known: prefix, timeout_ms, connect_timeout_ms, pool_size{}",
+                        "unknown option {other:?} in {redacted}; known: prefix, salt, timeout_ms, connect_timeout_ms, pool_size{}",
                         match scheme.as_str() {
                             "memory" => ", max_bytes",
                             "redis+unix" => ", near, max_lag_ms, near_max_bytes, db, user, pass",
@@ -700,6 +712,7 @@ impl Config {
             strict: strict.unwrap_or(false),
             lease,
             stale_render,
+            salt,
             redacted,
         })
     }

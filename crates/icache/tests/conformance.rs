@@ -312,6 +312,8 @@ mod bad_input;
 mod engines;
 #[path = "conformance/fleet.rs"]
 mod fleet;
+#[path = "conformance/flush.rs"]
+mod flush;
 #[path = "conformance/fragments.rs"]
 mod fragments;
 #[path = "conformance/guidance.rs"]
@@ -340,6 +342,11 @@ mod strict;
 mod unix;
 #[path = "conformance/web.rs"]
 mod web;
+
+suite!(flushing = crate::flush:
+    flush_makes_every_block_miss_once_across_handles,
+    salt_changes_every_block_key,
+);
 
 suite!(object = crate::object_cases:
     incr_adds_one,
