@@ -73,6 +73,7 @@ impl ICache {
     /// | `memcached://host[:port]` | memcached (feature `memcached`) |
     /// | `memcached://h1:p1,h2:p2,…` | a memcached pool (rendezvous hashing) |
     /// | `redis+cluster://h1:p1,h2:p2,…` | Redis Cluster (feature `redis`) |
+    /// | `redis+sentinel://[password@]h1:p1,h2:p2/MASTER_NAME[/db]` | Redis Sentinel: the master it names (feature `redis`) |
     /// | `none://` | no cache: every block renders, nothing is stored |
     ///
     /// Options for every scheme: `prefix=` (keeps apps apart on a shared
@@ -91,6 +92,14 @@ impl ICache {
     /// staleness bound of `near=tracking`, default 100). `near=tracking`
     /// needs a single Redis node; on memcached or a cluster it is a
     /// [`Config`](crate::ErrorKind::Config) error.
+    ///
+    /// `strict=true` (with `near=tracking`): bumps return `max_lag_ms`
+    /// after the server applied them, so reads are never stale again
+    /// ([`max_lag`](Self::max_lag) is zero). `fill=lease|local` (default
+    /// `lease`: one render per block and version across processes, others
+    /// wait at most `lease_ms=`, default 3000) and `stale=render` (serve the
+    /// previous body while another process renders); see the README's
+    /// "A fleet of app servers".
     ///
     /// Network backends connect lazily: opening never blocks, and a server that
     /// is down shows up as an error of the first operation. After a failure
