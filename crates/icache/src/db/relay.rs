@@ -339,9 +339,11 @@ impl Relay {
     }
 
     /// Stops the relay: the batch in hand is finished (bumped and deleted,
-    /// or left for the next relay), then its threads are joined.
-    pub fn stop(mut self) {
+    /// or left for the next relay), then its threads are joined. Returns
+    /// its final [`stats`](Self::stats).
+    pub fn stop(mut self) -> RelayStats {
         self.shutdown();
+        self.stats()
     }
 
     fn shutdown(&mut self) {

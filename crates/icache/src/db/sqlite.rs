@@ -141,7 +141,12 @@ impl Admin for SqliteAdmin {
     }
 
     fn probe(&mut self, sql: &str) -> Result<(), String> {
-        self.conn.prepare(sql).map(drop).map_err(|e| e.to_string())
+        self.conn.prepare(sql).map(drop).map_err(|e| match e {
+            // The message alone: the probe's SQL is ours, not the user's.
+            rusqlite::Error::SqlInputError { msg, .. } => msg,
+            rusqlite::Error::SqliteFailure(_, Some(msg)) => msg,
+            e => e.to_string(),
+        })
     }
 
     fn first_row(&mut self, sql: &str, n: usize) -> Result<Option<Vec<Option<String>>>, DbError> {
