@@ -156,8 +156,14 @@ fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::
     gens.reset(Some(instance.clone()));
     // The ping reads the marker: a `SWAPDB` sends no invalidation, but it
     // changes the marker, and so the instance the table belongs to.
+    // GETRANGE rather than GET: an operator counting `get` calls sees only
+    // the reads of pages (a missing key reads as "", never a marker).
     let ping = match &setup.marker {
-        Some(marker) => redis::cmd("GET").arg(&marker.key).get_packed_command(),
+        Some(marker) => redis::cmd("GETRANGE")
+            .arg(&marker.key)
+            .arg(0)
+            .arg(1023)
+            .get_packed_command(),
         None => redis::cmd("PING").get_packed_command(),
     };
     let every = (gens.max_lag() / 4).clamp(Duration::from_millis(1), Duration::from_millis(250));
@@ -166,8 +172,10 @@ fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::
         let answer = exchange(&mut con, gens, &ping, 1)?;
         if let Some(marker) = &setup.marker {
             let now = match answer.into_iter().next() {
-                Some(Value::BulkString(m)) => super::Marker::instance(&server, &m),
-                Some(Value::SimpleString(m)) => super::Marker::instance(&server, m.as_bytes()),
+                Some(Value::BulkString(m)) if !m.is_empty() => super::Marker::instance(&server, &m),
+                Some(Value::SimpleString(m)) if !m.is_empty() => {
+                    super::Marker::instance(&server, m.as_bytes())
+                }
                 // Flushed: the next marker is set here, the way every
                 // connection sets it (`SET NX`, then read it).
                 _ => {
