@@ -64,6 +64,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod postgres;
+pub use postgres::PostgresServer;
+
 /// How long a server may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many times a start is tried (each time on a new port).
@@ -720,6 +723,11 @@ impl RedisServer {
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port())
+    }
+
+    /// The server's process id while it runs (to SIGSTOP/SIGCONT it).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.child.as_ref().map(Child::id)
     }
 
     /// Kills the server (SIGKILL) and waits for it to exit.
