@@ -301,6 +301,12 @@ impl Cache {
         })
     }
 
+    /// The backend's own counters as `(name, value)` pairs (Redis `INFO`,
+    /// memcached `stats`, …), for `manage.py icache stats`.
+    fn server_stats(&self, py: Python<'_>) -> PyResult<Vec<(String, String)>> {
+        detached(py, || self.inner.server_stats()).map_err(|e| to_py("server_stats", e))
+    }
+
     /// Checks that the backend answers (raises `CacheError` if not).
     fn ping(&self, py: Python<'_>) -> PyResult<()> {
         detached(py, || self.inner.ping()).map_err(|e| to_py("ping", e))

@@ -156,15 +156,20 @@ def _fill_hole(hole: list, context) -> str:
     if kind == "nocache" and len(hole) == 3:
         template_name, key = hole[1], hole[2]
         node = _NOCACHE.get(key)
+        loaded = None
         if node is None and template_name and context.template is not None:
+            # Its template was not loaded in this process yet (or was freed):
+            # loading it registers the node (kept alive by `loaded` here).
             try:
-                context.template.engine.get_template(template_name)
-            except template.TemplateDoesNotExist:
+                loaded = context.template.engine.get_template(template_name)
+            except (template.TemplateDoesNotExist, template.TemplateSyntaxError):
                 pass
             node = _NOCACHE.get(key)
         if node is None:
             raise _Unfillable(f"{{% nocache %}} of {template_name} is not in the template any more")
-        return node.nodelist.render(context)
+        out = node.nodelist.render(context)
+        del loaded
+        return out
     raise _Unfillable(f"unknown hole {kind!r}")
 
 
@@ -269,7 +274,11 @@ def _per_user_reads(tokens) -> set[str]:
                 depth = max(0, depth - 1)
         if depth or t.token_type not in (TokenType.VAR, TokenType.BLOCK):
             continue
-        for m in _PER_USER.finditer(t.contents):
+        # A tag's own name is not a read ({% csrf_token %} is a hole).
+        contents = t.contents.split(None, 1)[1] if t.token_type == TokenType.BLOCK and " " in t.contents.strip() else (
+            "" if t.token_type == TokenType.BLOCK else t.contents
+        )
+        for m in _PER_USER.finditer(contents):
             found.add(m.group(1))
     return found
 
