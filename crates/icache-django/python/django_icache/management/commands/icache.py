@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from ... import CacheError, icache
+from ... import CacheError, icache, outbox_commands
 
 
 class Bump:
@@ -26,7 +26,7 @@ class Bump:
         parser.add_argument("tokens", nargs="+", metavar="TOKEN")
 
     def handle(self, command, options):
-        for tok, gen in zip(options["tokens"], icache.incr_many(options["tokens"])):
+        for tok, gen in zip(options["tokens"], icache.incr_many(options["tokens"], raise_errors=True)):
             command.stdout.write(f"{tok} {gen}")
 
 
@@ -72,6 +72,7 @@ class Stats:
 
 
 SUBCOMMANDS: dict[str, type] = {"bump": Bump, "version": Version, "flush": Flush, "stats": Stats}
+SUBCOMMANDS.update(outbox_commands.SUBCOMMANDS)  # install, relay
 
 
 class Command(BaseCommand):
