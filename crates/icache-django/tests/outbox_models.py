@@ -35,7 +35,7 @@ class ObOdd(models.Model):
     flag = models.BooleanField(default=False)
     when = models.DateTimeField(null=True)
     tags = models.ManyToManyField(ObFilm)
-    weird = models.CharField(max_length=20, db_column='we"ird', default="")
+    weird = models.CharField(max_length=20, db_column="Weird Col", default="")
 
     class Meta:
         app_label = "movieapp"

@@ -189,7 +189,7 @@ def database(alias: str, conf: dict):
     from django.conf import settings
     from django.db import connections
 
-    full = connections.configure_settings({alias: dict(conf)})[alias]
+    full = connections.configure_settings({"default": {}, alias: dict(conf)})[alias]
     connections.settings[alias] = full
     settings.DATABASES[alias] = full
     try:

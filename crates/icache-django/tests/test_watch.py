@@ -34,7 +34,10 @@ def test_templates_become_expressions_over_real_columns():
 def test_quotes_braces_proxies_and_odd_columns():
     out = exprs({"movieapp.ObFilmProxy": ["it's {{{pk}}}"], "movieapp.ObOdd": ["{weird}", "{flag}"]})
     assert out["movieapp.ObFilmProxy"] == ["'it''s {' || COALESCE(CAST(\"id\" AS TEXT), 'icache:none') || '}'"]
-    assert out["movieapp.ObOdd"][0] == "COALESCE(CAST(\"we\"\"ird\" AS TEXT), 'icache:none')"
+    assert out["movieapp.ObOdd"][0] == "COALESCE(CAST(\"Weird Col\" AS TEXT), 'icache:none')"
+    from django_icache.watch import ident
+
+    assert ident('we"ird') == '"we""ird"'
 
 
 def evaluate(expr, columns, row):

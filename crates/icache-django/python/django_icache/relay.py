@@ -363,7 +363,14 @@ def _execute_wrapper(execute, sql, params, many, context):
             from .outbox import watched_tables
 
             if "icache_outbox" in sql or any(t in sql for t in watched_tables()):
-                flush_on_commit(context["connection"])
+                conn = context["connection"]
+                if conn.vendor == "sqlite" and "RETURNING" in sql and not conn.in_atomic_block:
+                    # SQLite commits an autocommit statement when it is
+                    # reset, after the caller fetched what it returns (a
+                    # save()'s new id): flush at its post_save instead.
+                    conn._icache_flush_after_fetch = True
+                else:
+                    flush_on_commit(conn)
     except Exception:  # noqa: BLE001 - never fail the caller's query
         logger.debug("django_icache: read-your-writes hook failed", exc_info=True)
     return result
@@ -381,6 +388,17 @@ def on_connection_created(sender, connection, **kwargs) -> None:
         return
     if _execute_wrapper not in connection.execute_wrappers:
         connection.execute_wrappers.append(_execute_wrapper)
+
+
+def on_saved(sender, using=None, **kwargs) -> None:
+    from django.db import connections
+
+    if using is None or using not in connections:
+        return
+    conn = connections[using]
+    if getattr(conn, "_icache_flush_after_fetch", False):
+        conn._icache_flush_after_fetch = False
+        flush_on_commit(conn)
 
 
 def on_request_started(sender, **kwargs) -> None:
@@ -403,8 +421,10 @@ def connect_signals() -> None:
 
     from django.core.signals import request_started, setting_changed
     from django.db.backends.signals import connection_created
+    from django.db.models.signals import post_save
 
     connection_created.connect(on_connection_created, dispatch_uid="django_icache.relay.connection")
     request_started.connect(on_request_started, dispatch_uid="django_icache.relay.request")
+    post_save.connect(on_saved, dispatch_uid="django_icache.relay.saved")
     setting_changed.connect(on_setting_changed, dispatch_uid="django_icache.relay.settings")
     atexit.register(stop_all)

@@ -1,0 +1,322 @@
+"""The outbox from Django, on a real PostgreSQL and a SQLite file, with
+Redis: ICACHE_WATCH triggers made by `manage.py icache install`, the relay
+in the process (ICACHE_RELAY = "thread") or in the foreground
+(`manage.py icache relay`), and read-your-writes: when a write returns, its
+bumps are applied.
+
+Every writer counts, not only our code: QuerySet.update(), bulk_create,
+delete(), the admin's save inside atomic(), raw SQL from another client.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import sqlite3
+import threading
+import time
+
+import pytest
+from conftest import unique
+from django.contrib import admin
+from django.contrib.auth.models import User
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import CommandError, call_command
+from django.db import connection as default_connection
+from django.db import router, transaction
+from django.test import Client
+from django.test.utils import override_settings
+from django.urls import path
+
+import outbox_models  # noqa: F401 - registers the models
+from django_icache import ICache, relay
+from outbox_models import ObFilm, ObOdd, ObRating, ObSpecialFilm, ObViewer
+from outbox_support import PersistentRedis, create_tables, database, start_postgres, wait_for
+
+ALIAS = "outbox"
+WATCH = {"movieapp.ObFilm": ["movies", "movie:{pk}"], "movieapp.ObRating": ["movies", "{user_id}"]}
+
+# ---- the admin, on the outbox database ------------------------------------------
+
+site = admin.AdminSite(name="outbox_admin")
+site.register(ObFilm)
+urlpatterns = [path("admin/", site.urls)]
+
+
+class Router:
+    """The Ob* models live in the outbox database (so the admin's atomic()
+    is opened there, as on a site with one database)."""
+
+    def _route(self, model, **hints):
+        return ALIAS if model._meta.model_name.startswith("ob") else None
+
+    db_for_read = db_for_write = _route
+
+    def allow_relation(self, a, b, **hints):
+        return True
+
+
+@pytest.fixture(scope="module")
+def pg():
+    server = start_postgres()
+    yield server
+    server.stop()
+
+
+class Env:
+    def __init__(self, kind, conn, icache, other, url, pg=None, path=None):
+        self.kind, self.conn, self.icache, self.other, self.url = kind, conn, icache, other, url
+        self.pg, self.path, self.dbname = pg, path, conn.settings_dict["NAME"]
+
+    def sql(self, statement: str) -> str:
+        """Runs SQL as another client of the database (psql, or Python's
+        sqlite3 on the file): no code of ours runs."""
+        if self.kind == "postgres":
+            return self.pg.psql(statement, db=self.dbname)
+        db = sqlite3.connect(self.path, timeout=10, isolation_level=None)
+        try:
+            rows = db.execute(statement).fetchall()
+        finally:
+            db.close()
+        return "\n".join("|".join(str(c) for c in r) for r in rows)
+
+    def pending(self) -> int:
+        return int(self.sql("SELECT count(*) FROM icache_outbox"))
+
+    def gen(self, *tokens) -> int:
+        return self.other.get_sum(list(tokens))
+
+    def block(self, value, tokens=("movies",)) -> str:
+        return self.icache.fragment("films", list(tokens), lambda: value)
+
+
+def _open(request, kind, tmp_path):
+    if kind == "postgres":
+        server = request.getfixturevalue("pg")
+        name = unique("db")
+        server.psql(f"CREATE DATABASE {name}")
+        conf, path = server.settings(name), None
+    else:
+        server, path = None, str(tmp_path / "app.db")
+        conf = {"ENGINE": "django.db.backends.sqlite3", "NAME": path}
+    return server, conf, path
+
+
+@pytest.fixture(params=["postgres", "sqlite"])
+def env(request, tmp_path, use_url, redis_server):
+    kind = request.param
+    server, conf, path = _open(request, kind, tmp_path)
+    url = redis_server.url(unique("ob"))
+    icache = use_url(url)
+    overrides = override_settings(
+        ICACHE_DATABASE=ALIAS, ICACHE_RELAY="thread", ICACHE_WATCH=WATCH,
+        ICACHE_RELAY_POLL=0.2, ROOT_URLCONF=__name__,
+    )
+    overrides.enable()
+    router.__dict__["routers"] = [Router()]
+    try:
+        with database(ALIAS, conf) as conn:
+            create_tables(conn, ObViewer, ObFilm, ObRating, ObSpecialFilm, ObOdd)
+            call_command("icache", "install", database=ALIAS, stdout=io.StringIO())
+            yield Env(kind, conn, icache, ICache(url), url, server, path)
+            relay.stop_all()
+    finally:
+        router.__dict__.pop("routers", None)
+        overrides.disable()
+        relay.stop_all()
+
+
+def test_install_is_idempotent_and_raw_sql_from_another_client_invalidates(env):
+    out = io.StringIO()
+    call_command("icache", "install", database=ALIAS, stdout=out)  # again: nothing breaks
+    assert "movieapp.ObFilm" in out.getvalue() and "installed" in out.getvalue()
+    film = ObFilm.objects.create(title="Alien")
+    assert env.block("v1") == "v1" and env.block("v2") == "v1"  # cached
+    g0, m0 = env.gen("movies"), env.gen(f"movie:{film.pk}")
+    env.sql(f"UPDATE movieapp_obfilm SET title = 'Aliens' WHERE id = {film.pk}")
+    wait_for(lambda: env.gen("movies") > g0, what="the relay applying psql's update")
+    assert env.gen(f"movie:{film.pk}") > m0
+    assert env.block("v3") == "v3"
+    wait_for(lambda: env.pending() == 0, what="an empty outbox")
+
+
+def test_update_bulk_create_and_delete_invalidate_at_once(env):
+    films = ObFilm.objects.bulk_create([ObFilm(title=f"f{i}") for i in range(3)])
+    shown = env.block("initial")
+    for step, write in enumerate(
+        [
+            lambda: ObFilm.objects.filter(title__startswith="f").update(title="g"),
+            lambda: ObFilm.objects.bulk_create([ObFilm(title="new")]),
+            lambda: ObFilm.objects.filter(title="new").delete(),
+            lambda: ObFilm.objects.all().delete(),
+        ]
+    ):
+        assert env.block("stale") == shown  # cached
+        write()
+        # Read your own writes: applied before the write returned.
+        shown = f"after {step}"
+        assert env.block(shown) == shown, f"step {step} did not invalidate"
+    assert not ObFilm.objects.exists() and films
+
+
+def test_an_admin_save_inside_atomic_invalidates_before_the_response(env):
+    film = ObFilm.objects.create(title="Alien")
+    user = User.objects.create_superuser(unique("admin"), "a@example.com", "pw")
+    client = Client()
+    client.force_login(user)
+    assert env.block("old title") == "old title"
+    g = env.gen(f"movie:{film.pk}")
+    response = client.post(f"/admin/movieapp/obfilm/{film.pk}/change/", {"title": "Aliens"})
+    assert response.status_code == 302, response.content[:500]
+    assert ObFilm.objects.get(pk=film.pk).title == "Aliens"
+    assert env.gen(f"movie:{film.pk}") > g  # applied before the response
+    assert env.block("new title") == "new title"
+
+
+def test_a_rollback_invalidates_nothing(env):
+    film = ObFilm.objects.create(title="Alien")
+    assert env.block("v1") == "v1"
+    g0 = env.gen("movies", f"movie:{film.pk}")
+    with pytest.raises(RuntimeError):
+        with transaction.atomic(using=ALIAS):
+            ObFilm.objects.filter(pk=film.pk).update(title="never")
+            env.icache.incr("movies")
+            raise RuntimeError("rollback")
+    assert relay.flush(ALIAS, timeout=5)
+    assert env.pending() == 0
+    assert env.gen("movies", f"movie:{film.pk}") == g0
+    assert env.block("v2") == "v1"
+
+
+def test_a_rating_moved_between_users_invalidates_both(env):
+    a, b = ObViewer.objects.create(name="a"), ObViewer.objects.create(name="b")
+    film = ObFilm.objects.create(title="Alien")
+    rating = ObRating.objects.create(user=a, film=film, stars=3)
+    ga, gb = env.gen(str(a.pk)), env.gen(str(b.pk))
+    ObRating.objects.filter(pk=rating.pk).update(user=b)
+    assert env.gen(str(a.pk)) > ga and env.gen(str(b.pk)) > gb
+    # A NULL user is the token of None (django_icache.token(None)).
+    gn = env.gen(None)
+    ObRating.objects.filter(pk=rating.pk).update(user=None)
+    assert env.gen(None) > gn
+
+
+def test_incr_inside_atomic_goes_through_the_outbox(env):
+    before = env.icache.stats()["bumps_to_outbox"]
+    g0 = env.gen("custom")
+    with transaction.atomic(using=ALIAS):
+        ObViewer.objects.create(name="x")
+        assert env.icache.incr("custom") is None
+        assert env.gen("custom") == g0  # a reader in between: the old version
+    assert env.gen("custom") == g0 + 1  # applied by the relay before atomic() returned
+    assert env.icache.stats()["bumps_to_outbox"] == before + 1
+    assert env.pending() == 0
+
+
+def test_redis_killed_during_an_admin_save_the_save_succeeds_and_the_relay_applies_it_later(env, use_url):
+    redis = PersistentRedis()
+    try:
+        relay.stop_all()
+        url = redis.url(unique("kill"))
+        icache = use_url(url)
+        film = ObFilm.objects.create(title="Alien")
+        user = User.objects.create_superuser(unique("admin"), "a@example.com", "pw")
+        client = Client()
+        client.force_login(user)
+        g0 = ICache(url).get_sum([f"movie:{film.pk}"])
+        redis.kill()
+        started = time.monotonic()
+        response = client.post(f"/admin/movieapp/obfilm/{film.pk}/change/", {"title": "Aliens"})
+        assert response.status_code == 302
+        assert time.monotonic() - started < 5  # the flush does not hang the response
+        assert ObFilm.objects.get(pk=film.pk).title == "Aliens"
+        assert env.pending() > 0  # the bumps wait in the outbox
+        redis.start()
+        assert ICache(url).get_sum([f"movie:{film.pk}"]) == g0  # the data survived; the bump is not there yet
+        wait_for(lambda: env.pending() == 0, timeout=15, what="the relay draining the outbox")
+        assert ICache(url).get_sum([f"movie:{film.pk}"]) > g0
+        assert icache is not None
+    finally:
+        redis.stop()
+
+
+def test_relay_command_runs_in_the_foreground_until_sigterm(env, request):
+    relay.stop_all()
+    with override_settings(ICACHE_RELAY=None):
+        film = ObFilm.objects.create(title="Alien")
+        g0 = env.gen(f"movie:{film.pk}")
+        env.sql(f"DELETE FROM movieapp_obfilm WHERE id = {film.pk}")
+        assert env.pending() > 0  # nobody relays
+        done = threading.Event()
+
+        def stop_when_applied():
+            try:
+                wait_for(lambda: env.gen(f"movie:{film.pk}") > g0, timeout=15, what="the relay command")
+            finally:
+                done.set()
+                os.kill(os.getpid(), signal.SIGTERM)
+
+        t = threading.Thread(target=stop_when_applied)
+        t.start()
+        out = io.StringIO()
+        call_command("icache", "relay", database=ALIAS, poll=0.2, stdout=out)
+        t.join()
+        assert done.is_set()
+        assert "relaying" in out.getvalue() and "stopped" in out.getvalue()
+        assert env.gen(f"movie:{film.pk}") > g0
+        assert env.pending() == 0
+
+
+def test_the_migration_operation_installs_the_same_triggers(env):
+    from django.apps import apps
+    from django.db.migrations.state import ProjectState
+
+    from django_icache.operations import InstallOutbox
+
+    call_command("icache", "install", database=ALIAS, stdout=io.StringIO())
+    op = InstallOutbox(watch={"movieapp.ObViewer": ["viewer:{pk}"]})
+    state = ProjectState.from_apps(apps)
+    with env.conn.schema_editor() as editor:
+        op.database_forwards("movieapp", editor, state, state)
+    v = ObViewer.objects.create(name="x")
+    g = env.gen(f"viewer:{v.pk}")
+    env.sql(f"UPDATE movieapp_obviewer SET name = 'y' WHERE id = {v.pk}")
+    wait_for(lambda: env.gen(f"viewer:{v.pk}") > g, what="the migration's trigger")
+    with env.conn.schema_editor() as editor:
+        op.database_backwards("movieapp", editor, state, state)
+    relay.flush(ALIAS, 5)
+    g = env.gen(f"viewer:{v.pk}")
+    env.sql(f"UPDATE movieapp_obviewer SET name = 'z' WHERE id = {v.pk}")
+    assert relay.flush(ALIAS, 5)
+    assert env.gen(f"viewer:{v.pk}") == g  # unwatched
+    assert op.deconstruct()[2] == {"watch": {"movieapp.ObViewer": ["viewer:{pk}"]}}
+
+
+def test_other_engines_are_improperly_configured_by_name():
+    with database("elsewhere", {"ENGINE": "django.db.backends.dummy"}):
+        with pytest.raises(CommandError, match="django.db.backends.dummy"):
+            call_command("icache", "install", database="elsewhere", stdout=io.StringIO())
+        with override_settings(ICACHE_RELAY="thread", ICACHE_DATABASE="elsewhere"):
+            with pytest.raises(ImproperlyConfigured, match="django.db.backends.dummy.*PostgreSQL.*SQLite"):
+                relay.get()
+    with override_settings(ICACHE_RELAY="process"):
+        with pytest.raises(ImproperlyConfigured, match="ICACHE_RELAY = 'process'"):
+            relay.mode()
+    with override_settings(ICACHE_RELAY="thread"):  # the suite's default database is in memory
+        with pytest.raises(ImproperlyConfigured, match="in-memory"):
+            relay.database_url(default_connection)
+
+
+def test_database_urls_from_databases_settings():
+    from types import SimpleNamespace
+
+    def url(**s):
+        return relay.database_url(SimpleNamespace(vendor="postgresql", alias="default", settings_dict=s))
+
+    assert url(NAME="app", USER="u", PASSWORD="p@ss", HOST="db.local", PORT="5433") == \
+        "postgresql://u:p%40ss@db.local:5433/app"
+    assert url(NAME="app", USER="u") == "postgresql://u@/app?host=%2Fvar%2Frun%2Fpostgresql"
+    assert url(NAME="app", HOST="/run/pg", PORT="6000", OPTIONS={"sslmode": "disable"}) == \
+        "postgresql:///app?host=%2Frun%2Fpg&port=6000&sslmode=disable"
+    assert url(NAME="app", HOST="::1") == "postgresql://[::1]/app"
