@@ -18,7 +18,7 @@ import threading
 import time
 
 import pytest
-from conftest import unique
+from conftest import missing, unique
 from django.contrib import admin
 from django.contrib.auth.models import User
 from django.core.exceptions import ImproperlyConfigured
@@ -59,6 +59,10 @@ class Router:
 
 @pytest.fixture(scope="module")
 def pg():
+    try:
+        import psycopg  # noqa: F401 - Django's PostgreSQL driver
+    except ImportError:
+        missing("psycopg (pip install 'psycopg[binary]')")
     server = start_postgres()
     yield server
     server.stop()
@@ -320,3 +324,26 @@ def test_database_urls_from_databases_settings():
     assert url(NAME="app", HOST="/run/pg", PORT="6000", OPTIONS={"sslmode": "disable"}) == \
         "postgresql:///app?host=%2Frun%2Fpg&port=6000&sslmode=disable"
     assert url(NAME="app", HOST="::1") == "postgresql://[::1]/app"
+
+
+def test_a_forked_worker_runs_its_own_relay(env):
+    """gunicorn --preload, multiprocessing: the parent's relay threads do
+    not exist in a forked child; it starts its own on first use (and never
+    joins the parent's)."""
+    parent = relay.get()
+    film = ObFilm.objects.create(title="Alien")
+    g0 = env.gen(f"movie:{film.pk}")
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest, no cleanup, an exit code only
+        code = 1
+        try:
+            mine = relay.get()
+            env.sql(f"UPDATE movieapp_obfilm SET title = 'forked' WHERE id = {film.pk}")
+            if mine is not parent and relay.flush(ALIAS, 10) and ICache(env.url).get_sum([f"movie:{film.pk}"]) > g0:
+                code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert relay.get() is parent
+    assert env.gen(f"movie:{film.pk}") > g0
