@@ -91,3 +91,22 @@ def test_multi_table_child_pk_is_its_own_column():
     out = exprs({"movieapp.ObSpecialFilm": ["{pk}", "{extra}"]})
     pk = apps.get_model("movieapp.ObSpecialFilm")._meta.pk.column
     assert pk in out["movieapp.ObSpecialFilm"][0] and "extra" in out["movieapp.ObSpecialFilm"][1]
+
+
+def test_manage_py_check_reports_bad_outbox_settings():
+    from django.core.checks import run_checks
+    from django.test.utils import override_settings
+
+    def ids(**s):
+        with override_settings(**s):
+            return {(e.id, e.msg.split(":")[1].strip() if ":" in e.msg else e.msg)
+                    for e in run_checks(tags=["database"], databases=None) if e.id.startswith("django_icache.E01")}
+
+    assert ids() == set()
+    found = ids(ICACHE_WATCH={"movieapp.ObFilm": ["{nope}"]})
+    assert [i for i, _ in found] == ["django_icache.E010"]
+    assert ids(ICACHE_WATCH={"movieapp.ObFilm": ["movies", "movie:{pk}"]}) == set()
+    assert [i for i, _ in ids(ICACHE_RELAY="yes")] == ["django_icache.E011"]
+    # The suite's default database is SQLite in memory: no relay can share it.
+    assert [i for i, _ in ids(ICACHE_RELAY="thread")] == ["django_icache.E011"]
+    assert [i for i, _ in ids(ICACHE_RELAY="thread", ICACHE_DATABASE="nope")] == ["django_icache.E011"]

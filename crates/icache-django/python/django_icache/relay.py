@@ -428,3 +428,6 @@ def connect_signals() -> None:
     post_save.connect(on_saved, dispatch_uid="django_icache.relay.saved")
     setting_changed.connect(on_setting_changed, dispatch_uid="django_icache.relay.settings")
     atexit.register(stop_all)
+    from . import outbox_checks
+
+    outbox_checks.register()
