@@ -9,6 +9,7 @@
 //! icache [--url URL] version TOKEN...   # `TOKEN GENERATION` per token, then `version SUM`
 //! icache [--url URL] get KEY            # the plain value stored by `set()`, as is
 //! icache [--url URL] stats              # `backend`, `url`, then the server's counters
+//! icache [--url URL] flush              # every cached block misses once; prints `icache:flush NEW_GENERATION`
 //! ```
 //!
 //! The URL comes from `--url` or the `ICACHE_URL` environment variable. It is
@@ -99,6 +100,13 @@ enum Command {
     /// own counters, one `name value` per line (Redis INFO, memcached stats).
     #[command(after_help = EXIT_CODES)]
     Stats,
+    /// Make every cached block miss once, in every process that shares
+    /// this cache and prefix (after a deploy that changed what no token or
+    /// template digest sees): one bump of the flush token `icache:flush`,
+    /// part of every block's version. Nothing is deleted. Prints
+    /// `icache:flush NEW_GENERATION`.
+    #[command(after_help = EXIT_CODES)]
+    Flush,
 }
 
 /// Why a command did not succeed.
@@ -197,6 +205,10 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             Some(value) => out.write_all(&value)?,
             None => return Err(Failure::NotFound(key.clone())),
         },
+        Command::Flush => {
+            let generation = cache.flush()?;
+            writeln!(out, "{} {generation}", ICache::FLUSH_TOKEN)?;
+        }
         Command::Stats => {
             // Ask first: an unreachable server prints nothing to stdout.
             let stats = cache.server_stats()?;

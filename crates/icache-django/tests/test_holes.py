@@ -125,3 +125,20 @@ def test_a_block_without_holes_stores_its_html(site, redis_server, use_url):
     keys = redis_command(redis_server, "KEYS", f"{prefix}*")
     values = [redis_command(redis_server, "GET", k.decode()) for k in keys]
     assert any(v and v.endswith(b"\x01<ul>plain</ul>") for v in values), values
+
+
+def test_csrf_token_variable_in_a_block_is_a_hole_too(site):
+    page = unique("ajax") + ".html"
+    TEMPLATES[page] = (
+        "{% load icache %}{% icache 'ajax' %}<meta name='csrf' content='{{ csrf_token }}'>"
+        "{% if csrf_token %}yes{% endif %}{% endicache %}"
+    )
+    meta = re.compile(r"content='([^']+)'")
+    ann, bob = client_for(unique("ann")), client_for(unique("bob"))
+    ann_token = meta.findall(ann.get(f"/page/{page}").content.decode())[0]
+    bob_body = bob.get(f"/page/{page}").content.decode()
+    bob_token = meta.findall(bob_body)[0]
+    assert bob_body.endswith("yes")
+    assert _unmask_cipher_token(ann_token) != _unmask_cipher_token(bob_token)
+    assert bob.post("/post", {"csrfmiddlewaretoken": bob_token}).status_code == 200
+    assert bob.post("/post", {"csrfmiddlewaretoken": ann_token}).status_code == 403

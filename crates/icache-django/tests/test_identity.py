@@ -160,3 +160,18 @@ def test_a_block_reading_messages_or_the_user_without_a_user_token_warns_once(si
     assert len(warnings) == 1, warnings
     assert f"{bad}:1" in warnings[0] and "messages" in warnings[0] and "request.user" in warnings[0]
     assert "\x1f" not in warnings[0]
+
+
+def test_icache_salt_starts_every_block_afresh_across_a_deploy(redis_server, tmp_path):
+    """A template included by a variable name is not followed (documented):
+    a new ICACHE_SALT at deploy time is what starts such blocks afresh."""
+    url = redis_server.url(unique("p"))
+    (tmp_path / "item.html").write_text("<li>old markup</li>")
+    (tmp_path / "page.html").write_text(
+        "{% load icache %}{% icache 'list' %}<ul>{% include item %}</ul>{% endicache %}"
+    )
+    assert _run_site(tmp_path, url, salt="deploy-1") == "<ul><li>old markup</li></ul>"
+    (tmp_path / "item.html").write_text("<li>new markup</li>")
+    assert _run_site(tmp_path, url, salt="deploy-1") == "<ul><li>old markup</li></ul>"
+    assert _run_site(tmp_path, url, salt="deploy-2") == "<ul><li>new markup</li></ul>"
+    assert _run_site(tmp_path, url, salt="deploy-2") == "<ul><li>new markup</li></ul>"

@@ -194,3 +194,40 @@ def test_manage_py_check_reports_unsupported_backends_and_warns_of_locmem():
         assert "per process" in msgs[0].msg or "one per process" in msgs[0].msg
     with override_settings(CACHES={"default": {"BACKEND": REDIS, "LOCATION": "redis://127.0.0.1:6379"}}):
         assert check_icache_settings() == []
+
+
+@pytest.mark.parametrize("conf, url", [
+    ({"BACKEND": REDIS, "LOCATION": "redis://h:6379", "OPTIONS": {"db": 3, "password": "p w"}},
+     "redis://:p%20w@h:6379/3"),
+    ({"BACKEND": DJANGO_REDIS, "LOCATION": "redis://h:6379/0",
+      "OPTIONS": {"PASSWORD": "pw", "SOCKET_TIMEOUT": 0.05, "SOCKET_CONNECT_TIMEOUT": 1, "SERIALIZER": "x.Json"}},
+     "redis://:pw@h:6379/0?timeout_ms=50&connect_timeout_ms=1000"),
+    ({"BACKEND": REDIS, "LOCATION": "redis://h:6379", "OPTIONS": {"username": "u", "password": "p", "ssl": True,
+                                                               "ssl_cert_reqs": None}},
+     "rediss://u:p@h:6379#insecure"),
+    ({"BACKEND": REDIS, "LOCATION": "rediss://h:6380", "OPTIONS": {"ssl_ca_certs": "/ca.pem"}},
+     "rediss://h:6380?ca_file=%2Fca.pem"),
+    ({"BACKEND": REDIS, "LOCATION": "unix:///run/redis.sock?db=2", "KEY_PREFIX": "k"},
+     "redis+unix:///run/redis.sock?db=2&prefix=k"),
+    ({"BACKEND": REDIS, "LOCATION": "redis://h:6379", "KEY_PREFIX": "shop", "VERSION": 3},
+     "redis://h:6379?prefix=shop%3Av3"),
+    ({"BACKEND": PYMEMCACHE, "LOCATION": "h:1", "OPTIONS": {"max_pool_size": 8}}, "memcached://h:1?pool_size=8"),
+])
+def test_settings_map_to_icache_urls(conf, url):
+    from django.conf import settings
+
+    from django_icache.conf import cache_url
+
+    with override_settings(CACHES={"default": conf}):
+        assert cache_url(settings) == url
+
+
+def test_icache_salt_is_added_to_the_url():
+    from django.conf import settings
+
+    from django_icache.conf import cache_url
+
+    with override_settings(CACHES={"default": {"BACKEND": LOCMEM}}, ICACHE_SALT="git 1a2b"):
+        assert cache_url(settings) == "memory://?salt=git%201a2b"
+    with override_settings(ICACHE_URL="redis://h:1/0?prefix=x", ICACHE_SALT="s"):
+        assert cache_url(settings) == "redis://h:1/0?prefix=x&salt=s"

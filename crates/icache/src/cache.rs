@@ -69,6 +69,7 @@ impl ICache {
     /// | `memory://` , `memory://?max_bytes=N` | in-process, bounded by bytes (default 64 MiB) |
     /// | `redis://[user:password@]host[:port][/db]` | Redis (feature `redis`) |
     /// | `rediss://…` (`#insecure` to skip certificate checks) | Redis over TLS (feature `redis`) |
+    /// | `redis+unix:///path/redis.sock[?db=N&user=U&pass=P]` | Redis over a Unix socket (feature `redis`) |
     /// | `memcached://host[:port]` | memcached (feature `memcached`) |
     /// | `memcached://h1:p1,h2:p2,…` | a memcached pool (rendezvous hashing) |
     /// | `redis+cluster://h1:p1,h2:p2,…` | Redis Cluster (feature `redis`) |
@@ -79,7 +80,10 @@ impl ICache {
     /// kept verbatim at the start of every key, anything else is hashed),
     /// `timeout_ms=` (one answer,
     /// default 100), `connect_timeout_ms=` (default 100), `pool_size=` (idle
-    /// connections kept, default 8).
+    /// connections kept, default 8), `salt=` (a deploy salt, any string: mixed
+    /// into every block's key, so another salt makes every block miss, while
+    /// tokens, bumps and versioned entries stay shared; its value is not
+    /// shown).
     ///
     /// Options of network backends: `near=entries|tracking|off` (what is also
     /// kept in process; default `entries`, see the crate docs' "near cache"),
@@ -329,6 +333,89 @@ impl ICache {
             return Ok(Vec::new());
         }
         self.inner.core.incr_many(tokens)
+    }
+
+    /// The token every cached block depends on besides its own:
+    /// [`flush`](Self::flush) bumps it (so `icache bump icache:flush` is a
+    /// flush too). Add it to the tokens of your own versioned entries for
+    /// `flush` to reach them.
+    pub const FLUSH_TOKEN: &'static str = "icache:flush";
+
+    /// Makes **every cached block miss once**, on every handle and process
+    /// that shares this backend and prefix: one bump of
+    /// [`FLUSH_TOKEN`](Self::FLUSH_TOKEN), whose generation is part of every
+    /// block's version (read with the block's own generations: no extra
+    /// round trip; kept and invalidated like any token under
+    /// `near=tracking`). For what no token or digest can see: a deploy that
+    /// changed a helper, a fix in a template's data. Nothing is deleted:
+    /// entries are replaced by the next render, or evicted.
+    ///
+    /// Versioned entries ([`set_versioned`](Self::set_versioned)) carry the
+    /// version their caller computed, so a flush reaches them only if that
+    /// version includes `FLUSH_TOKEN`; plain `set` values are not touched.
+    /// Returns the flush token's new generation. Errors and replays as
+    /// [`incr`](Self::incr).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::memory();
+    /// let render = || Ok::<_, ()>("<ul/>".to_string());
+    /// cache.fragment_named("list", &["movies"], render)?;
+    /// cache.flush()?;
+    /// // Rendered once more, then a hit again.
+    /// let mut ran = 0;
+    /// for _ in 0..2 {
+    ///     cache.fragment_named("list", &["movies"], || { ran += 1; render() })?;
+    /// }
+    /// assert_eq!(ran, 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn flush(&self) -> Result<u64> {
+        self.incr(Self::FLUSH_TOKEN)
+    }
+
+    /// A block's identity and tokens as the engine keys them: the handle's
+    /// `?salt=` first in the identity (another salt, another key), the
+    /// flush token after the tokens (a flush, another version). No
+    /// allocation for short lists.
+    pub(crate) fn keyed<R>(
+        &self,
+        identity: &[&str],
+        tokens: &[&str],
+        f: impl FnOnce(&[&str], &[&str]) -> R,
+    ) -> R {
+        const N: usize = 8;
+        let salt = self.inner.core.config.salt.as_deref();
+        let (mut ibuf, ivec): ([&str; N], Vec<&str>);
+        let identity: &[&str] = match salt {
+            None => identity,
+            Some(salt) if identity.len() + 2 <= N => {
+                ibuf = [""; N];
+                ibuf[0] = "salt";
+                ibuf[1] = salt;
+                ibuf[2..2 + identity.len()].copy_from_slice(identity);
+                &ibuf[..2 + identity.len()]
+            }
+            Some(salt) => {
+                ivec = ["salt", salt]
+                    .into_iter()
+                    .chain(identity.iter().copied())
+                    .collect();
+                &ivec
+            }
+        };
+        let (mut tbuf, tvec): ([&str; N], Vec<&str>);
+        let tokens: &[&str] = if tokens.len() < N {
+            tbuf = [""; N];
+            tbuf[..tokens.len()].copy_from_slice(tokens);
+            tbuf[tokens.len()] = Self::FLUSH_TOKEN;
+            &tbuf[..=tokens.len()]
+        } else {
+            tvec = tokens.iter().copied().chain([Self::FLUSH_TOKEN]).collect();
+            &tvec
+        };
+        f(identity, tokens)
     }
 
     /// Drops a token's generation, as an eviction or a server restart would.
@@ -821,14 +908,19 @@ impl ICache {
     /// here, concurrent misses merged.
     async fn block_async<E, F, Fut>(
         &self,
-        identity: Vec<String>,
-        tokens: Vec<String>,
+        mut identity: Vec<String>,
+        mut tokens: Vec<String>,
         render: F,
     ) -> Result<String, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<String, E>>,
     {
+        // Keyed as the sync engine keys blocks (see `keyed`).
+        if let Some(salt) = &self.inner.core.config.salt {
+            identity.splice(0..0, ["salt".to_owned(), salt.clone()]);
+        }
+        tokens.push(Self::FLUSH_TOKEN.to_owned());
         let name = fragment_name(&borrowed(&identity), &borrowed(&tokens));
         let counters = &self.inner.core.counters;
         let lookup = {
@@ -921,9 +1013,11 @@ impl ICache {
         tokens: &[&str],
         render: impl FnOnce() -> Result<String, E>,
     ) -> Result<Html, E> {
-        self.inner
-            .blocks
-            .block_html(&self.inner.core, identity, tokens, render)
+        self.keyed(identity, tokens, |identity, tokens| {
+            self.inner
+                .blocks
+                .block_html(&self.inner.core, identity, tokens, render)
+        })
     }
 }
 
@@ -1005,6 +1099,11 @@ impl ICache {
     pub async fn incr_async(&self, token: &str) -> Result<u64> {
         let token = token.to_owned();
         self.off_executor(move |c| c.incr(&token)).await
+    }
+
+    /// Async [`flush`](Self::flush).
+    pub async fn flush_async(&self) -> Result<u64> {
+        self.off_executor(|c| c.flush()).await
     }
 
     /// Async [`incr_many`](Self::incr_many).

@@ -77,6 +77,8 @@ pub(crate) struct Config {
     pub(crate) near: Near,
     /// `?near_max_bytes=`.
     pub(crate) near_max_bytes: u64,
+    /// `?salt=`: mixed into every block's key (a deploy salt).
+    pub(crate) salt: Option<String>,
     /// The URL with any password replaced by `***`, for messages.
     pub(crate) redacted: String,
 }
@@ -364,10 +366,20 @@ impl Config {
         let mut max_lag = None;
         let mut near_max_bytes = DEFAULT_NEAR_MAX_BYTES;
         let mut near_max_bytes_given = false;
+        let mut salt = None;
 
         for (k, v) in url.query_pairs() {
             match &*k {
                 "prefix" => prefix = key_prefix(&v),
+                "salt" => {
+                    if v.is_empty() {
+                        return Err(Error::config(format!(
+                            "option salt= in {redacted} is empty; expected any non-empty string \
+                             (e.g. the deploy's id), or no salt= at all"
+                        )));
+                    }
+                    salt = Some(v.into_owned());
+                }
                 "timeout_ms" => timeout = parse_ms("timeout_ms", &v, &redacted)?,
                 "connect_timeout_ms" => {
                     connect_timeout = parse_ms("connect_timeout_ms", &v, &redacted)?
@@ -453,7 +465,7 @@ impl Config {
                 }
                 other => {
                     return Err(Error::config(format!(
-                        "unknown option {other:?} in {redacted}; known: prefix, timeout_ms, connect_timeout_ms, pool_size{}",
+                        "unknown option {other:?} in {redacted}; known: prefix, salt, timeout_ms, connect_timeout_ms, pool_size{}",
                         match scheme.as_str() {
                             "memory" => ", max_bytes",
                             "redis+unix" => ", near, max_lag_ms, near_max_bytes, db, user, pass",
@@ -628,6 +640,7 @@ impl Config {
             pool_size,
             near,
             near_max_bytes,
+            salt,
             redacted,
         })
     }

@@ -505,7 +505,9 @@ fn readable_name(name: &str) -> String {
             parts.push(tail.get(..len)?);
             rest = tail.get(len..)?;
         }
-        let tokens = parts.split_off(count.min(parts.len()));
+        let mut tokens = parts.split_off(count.min(parts.len()));
+        // Every block has it (`ICache::flush`): noise in a log line.
+        tokens.retain(|t| *t != crate::ICache::FLUSH_TOKEN);
         Some((parts, tokens))
     };
     let mut out = match parse() {
@@ -588,7 +590,11 @@ impl Blocks {
             |outcome: Outcome, version: Option<u64>, invalidated: bool, took: Option<Duration>| {
                 observe::emit(|| BlockEvent {
                     identity: identity.iter().map(|s| (*s).to_owned()).collect(),
-                    tokens: tokens.iter().map(|s| (*s).to_owned()).collect(),
+                    tokens: tokens
+                        .iter()
+                        .filter(|t| **t != crate::ICache::FLUSH_TOKEN)
+                        .map(|s| (*s).to_owned())
+                        .collect(),
                     version,
                     outcome,
                     invalidated,

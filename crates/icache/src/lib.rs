@@ -57,14 +57,17 @@
 //! |---|---|---|
 //! | `memory://?max_bytes=N` | always | in-process, bounded by bytes (default 64 MiB) |
 //! | `redis://user:pass@host:port/db`, `rediss://…` | `redis` | single node; TLS through rustls |
+//! | `redis+unix:///path/redis.sock?db=N` | `redis` | single node over a Unix socket (`user=`, `pass=` options) |
 //! | `memcached://host:port` | `memcached` | one server, our own small client |
 //! | `redis+cluster://h1:p1,h2:p2` | `redis` | Redis Cluster, one round trip per hit |
 //! | `memcached://h1:p1,h2:p2,h3:p3` | `memcached` | a pool, rendezvous-hashed |
 //! | `none://` | always | caching off |
 //!
 //! Every scheme takes `?prefix=` (keeps apps apart on a shared server),
-//! `timeout_ms=`, `connect_timeout_ms=` and `pool_size=`. See
-//! [`ICache::from_url`].
+//! `salt=` (a deploy salt mixed into every block's key), `timeout_ms=`,
+//! `connect_timeout_ms=` and `pool_size=`. See [`ICache::from_url`].
+//! [`ICache::flush`] makes every block miss once (`icache flush` on the
+//! command line).
 //!
 //! ## The near cache
 //!

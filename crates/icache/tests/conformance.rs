@@ -310,6 +310,8 @@ macro_rules! suite {
 mod bad_input;
 #[path = "conformance/engines.rs"]
 mod engines;
+#[path = "conformance/flush.rs"]
+mod flush;
 #[path = "conformance/fragments.rs"]
 mod fragments;
 #[path = "conformance/guidance.rs"]
@@ -330,6 +332,11 @@ mod reliability;
 mod unix;
 #[path = "conformance/web.rs"]
 mod web;
+
+suite!(flushing = crate::flush:
+    flush_makes_every_block_miss_once_across_handles,
+    salt_changes_every_block_key,
+);
 
 suite!(object = crate::object_cases:
     incr_adds_one,

@@ -103,6 +103,12 @@ class ICache:
         """Raises CacheError when the backend does not answer."""
         self.handle.ping()
 
+    def flush(self) -> int:
+        """Every block misses once (one epoch bump in the backend, seen by
+        every process on this cache; nothing is deleted): for the changes no
+        token or digest sees. Returns the new epoch."""
+        return self.handle.flush()
+
     # ---- the seed's five methods ------------------------------------------------
 
     def incr(self, value: Any, *, using: str | None = None, raise_errors: bool | None = None) -> int | None:

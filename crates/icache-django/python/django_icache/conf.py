@@ -233,11 +233,12 @@ def _redis_url(alias, server, opts, problems) -> str | None:
         else:
             problems.append(Problem("error", "django_icache.E002", f"{where} OPTIONS[{k!r}] cannot be honoured by icache", "remove it, or set ICACHE_URL to an icache URL"))
     if scheme == "redis+unix":
-        if user or password:
-            problems.append(Problem("error", "django_icache.E002", f"{where}: a password over a Unix socket cannot be honoured by icache", "set ICACHE_URL"))
         url = f"redis+unix://{path}"
-        if db not in (None, ""):
-            pairs.insert(0, ("db", str(db)))
+        # redis-rs' form: database, user and password are query options.
+        head = [("db", str(db))] if db not in (None, "") else []
+        head += [("user", user)] if user else []
+        head += [("pass", password)] if password else []
+        pairs = head + pairs
     else:
         auth = ""
         if user or password:

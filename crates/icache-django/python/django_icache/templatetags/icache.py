@@ -25,8 +25,8 @@ it is equal):
   active language and time zone;
 - its tokens' values.
 
-**Holes.** ``{% csrf_token %}`` inside a block, anywhere in its body
-(included templates too), and everything between ``{% nocache %}`` and
+**Holes.** ``{% csrf_token %}`` (and ``{{ csrf_token }}``) inside a block,
+anywhere in its body (included templates too), and everything between ``{% nocache %}`` and
 ``{% endnocache %}`` are never stored: the entry keeps their positions in its
 own header (not a marker in the text), and they are rendered for each
 request, with Django's own CSRF masking, on hits and misses alike. A
@@ -51,6 +51,7 @@ from django import template
 from django.template.base import TokenType, Variable, VariableDoesNotExist
 from django.template.defaulttags import CsrfTokenNode
 from django.template.loader_tags import BLOCK_CONTEXT_KEY, BlockNode, ExtendsNode, IncludeNode
+from django.utils.html import conditional_escape
 from django.utils.safestring import SafeString
 
 from .. import icache
@@ -149,10 +150,30 @@ def install_csrf_hole() -> None:
 install_csrf_hole()
 
 
+class _CsrfValue:
+    """``{{ csrf_token }}`` inside a block being rendered: each use is a
+    hole, filled with the request's own (masked) token."""
+
+    __slots__ = ("_collector",)
+
+    def __init__(self, collector: _Collector):
+        self._collector = collector
+
+    def __str__(self) -> str:
+        return self._collector.placeholder(["csrf_value"])
+
+    __html__ = __str__
+
+    def __bool__(self) -> bool:
+        return True
+
+
 def _fill_hole(hole: list, context) -> str:
     kind = hole[0]
     if kind == "csrf":
         return _csrf_render(CsrfTokenNode(), context)
+    if kind == "csrf_value":
+        return conditional_escape(str(context.get("csrf_token", "")))
     if kind == "nocache" and len(hole) == 3:
         template_name, key = hole[1], hole[2]
         node = _NOCACHE.get(key)
@@ -283,7 +304,7 @@ def _per_user_reads(tokens) -> set[str]:
     return found
 
 
-_PER_USER = re.compile(r"(?<![\w.])(request\.user|user\.|user(?=\s*(?:\||$))|messages|perms|csrf_token)(?!\w)")
+_PER_USER = re.compile(r"(?<![\w.])(request\.user|user\.|user(?=\s*(?:\||$))|messages|perms)(?!\w)")
 _USER_TOKEN = re.compile(r"^(?:request\.)?user(?:$|[.|])")
 
 _warned_blocks: set[str] = set()
@@ -396,7 +417,12 @@ class ICacheNode(template.Node):
         collector = _Collector()
         reset = _current.set(collector)
         try:
-            html = self.nodelist.render(context)
+            if "csrf_token" in context:
+                # {{ csrf_token }} read in the body is a hole too.
+                with context.push(csrf_token=_CsrfValue(collector)):
+                    html = self.nodelist.render(context)
+            else:
+                html = self.nodelist.render(context)
         finally:
             _current.reset(reset)
         return collector.store(html)
