@@ -303,6 +303,12 @@ impl Cache {
         })
     }
 
+    /// Every block misses once (one epoch bump, `ICache::flush`); returns the
+    /// new epoch.
+    fn flush(&self, py: Python<'_>) -> PyResult<u64> {
+        detached(py, || self.inner.flush()).map_err(|e| to_py("flush", e))
+    }
+
     /// The backend's own counters as `(name, value)` pairs (Redis `INFO`,
     /// memcached `stats`, …), for `manage.py icache stats`.
     fn server_stats(&self, py: Python<'_>) -> PyResult<Vec<(String, String)>> {

@@ -175,3 +175,22 @@ def test_icache_salt_starts_every_block_afresh_across_a_deploy(redis_server, tmp
     assert _run_site(tmp_path, url, salt="deploy-1") == "<ul><li>old markup</li></ul>"
     assert _run_site(tmp_path, url, salt="deploy-2") == "<ul><li>new markup</li></ul>"
     assert _run_site(tmp_path, url, salt="deploy-2") == "<ul><li>new markup</li></ul>"
+
+
+def test_the_per_user_warning_reads_the_blocks_source(site, caplog):
+    cases = {
+        "{% icache 'x' %}{{ user.username }}{% endicache %}": "user",
+        "{% icache 'x' %}{% if perms.movieapp %}p{% endif %}{% endicache %}": "perms",
+        "{% icache 'x' %}{% for user in users %}{{ user }}{% endfor %}{% endicache %}": None,
+        "{% icache 'x' %}{% nocache %}{{ user.username }}{% endnocache %}{% endicache %}": None,
+        "{% icache 'x' request.user.pk %}{{ request.user.username }}{% endicache %}": None,
+    }
+    for src, word in cases.items():
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="django_icache"):
+            render("{% load icache %}" + src, {"users": ["a"]})
+        warned = [r.getMessage() for r in caplog.records if "differ per user" in r.getMessage()]
+        if word is None:
+            assert not warned, (src, warned)
+        else:
+            assert len(warned) == 1 and f"reads {word}," in warned[0], (src, warned)

@@ -285,7 +285,7 @@ def _static_digest(nodelist, engine, seen: set[str]) -> list[str]:
 def _per_user_reads(tokens) -> set[str]:
     """Per-user or per-request names the block's own source reads outside
     ``{% nocache %}``."""
-    found, depth = set(), 0
+    found, bound, depth = set(), set(), 0
     for t in tokens:
         if t.token_type == TokenType.BLOCK:
             word = t.contents.split(None, 1)[0] if t.contents.strip() else ""
@@ -296,15 +296,32 @@ def _per_user_reads(tokens) -> set[str]:
         if depth or t.token_type not in (TokenType.VAR, TokenType.BLOCK):
             continue
         # A tag's own name is not a read ({% csrf_token %} is a hole).
-        contents = t.contents.split(None, 1)[1] if t.token_type == TokenType.BLOCK and " " in t.contents.strip() else (
-            "" if t.token_type == TokenType.BLOCK else t.contents
-        )
+        contents = t.contents
+        if t.token_type == TokenType.BLOCK:
+            parts = contents.split(None, 1)
+            contents = parts[1] if len(parts) > 1 else ""
+        if t.token_type == TokenType.BLOCK:
+            bound.update(_bound_names(t.contents))
         for m in _PER_USER.finditer(contents):
             found.add(m.group(1))
-    return found
+    # A name the block binds itself ({% for user in users %}) is its own.
+    return found - bound
 
 
-_PER_USER = re.compile(r"(?<![\w.])(request\.user|user\.|user(?=\s*(?:\||$))|messages|perms)(?!\w)")
+def _bound_names(contents: str) -> set[str]:
+    names = set()
+    m = re.match(r"for\s+(.+?)\s+in\s", contents)
+    if m:
+        names.update(n.strip() for n in m.group(1).split(","))
+    if contents.startswith("with"):
+        names.update(re.findall(r"(\w+)=", contents))
+    m = re.search(r"\bas\s+(\w+)\s*$", contents)
+    if m:
+        names.add(m.group(1))
+    return {n for n in names if n in ("user", "messages", "perms")}
+
+
+_PER_USER = re.compile(r"(?<![\w.])(request\.user|user(?=\.|\s*\||\s*$)|messages|perms)(?!\w)")
 _USER_TOKEN = re.compile(r"^(?:request\.)?user(?:$|[.|])")
 
 _warned_blocks: set[str] = set()
@@ -514,11 +531,7 @@ def do_icache(parser, token):
     ident = _sha(name, str(token.lineno), str(seq), _source_digest([token, *consumed]))
     leaks = _per_user_reads(consumed)
     if any(_USER_TOKEN.match(b) for b in bits[1:]):
-        leaks.discard("request.user")
-        leaks.discard("user.")
-        leaks.discard("user")
-        leaks.discard("perms")
-    leaks = {"user" if w == "user." else w for w in leaks}
+        leaks -= {"request.user", "user", "perms"}
     return ICacheNode(nodelist, exprs, ident, f"{name}:{token.lineno}", leaks)
 
 

@@ -51,11 +51,8 @@ class Flush:
         pass
 
     def handle(self, command, options):
-        flush = getattr(icache.handle, "flush", None)
-        if flush is None:
-            raise CommandError("this build of django_icache has no flush (rebuild it from a core with ICache::flush)")
-        flush()
-        command.stdout.write(f"flushed {icache.url}: every block renders again once")
+        epoch = icache.flush()
+        command.stdout.write(f"flushed {icache.url} (epoch {epoch}): every block renders again once")
 
 
 class Stats:
