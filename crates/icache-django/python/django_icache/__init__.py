@@ -118,7 +118,10 @@ class ICache:
         bump waits for the commit (``None`` is returned) and a rollback
         cancels it; a cache failure is logged, not raised, unless
         ``raise_errors=True`` (see :mod:`django_icache.outbox`)."""
-        done = self.incr_many([value], using=using, raise_errors=raise_errors)
+        from . import outbox
+
+        raise_errors = self._raise_errors if raise_errors is None else raise_errors
+        done = outbox.bump(self, [token(value)], using, raise_errors, single=True)
         return done[0] if done else None
 
     def incr_many(

@@ -134,12 +134,14 @@ def outbox_insert(connection, tokens: list[str]) -> None:
 # ---- the bump -------------------------------------------------------------------
 
 
-def apply(cache, tokens: list[str], raise_errors: bool):
+def apply(cache, tokens: list[str], raise_errors: bool, single: bool = False):
     """Bumps now. A cache failure is remembered by the core (replayed before
     the next read), logged, counted, and raised only if asked."""
     from ._core import CacheError
 
     try:
+        if single:  # incr(): its own call, so an error names incr("token")
+            return [cache.handle.incr(tokens[0])]
         return cache.handle.incr_many(tokens)
     except CacheError as e:
         _count("bumps_failed", len(tokens))
@@ -157,7 +159,7 @@ def apply(cache, tokens: list[str], raise_errors: bool):
         return None
 
 
-def bump(cache, tokens: list[str], using: str | None, raise_errors: bool):
+def bump(cache, tokens: list[str], using: str | None, raise_errors: bool, single: bool = False):
     """``incr_many`` with the transaction rules of the module docs. Returns
     the new generations when bumped at once, ``None`` when deferred (or
     failed without ``raise_errors``)."""
@@ -171,7 +173,7 @@ def bump(cache, tokens: list[str], using: str | None, raise_errors: bool):
     else:
         open_ = [c for c in connections.all(initialized_only=True) if c.in_atomic_block]
     if not open_:
-        return apply(cache, tokens, raise_errors)
+        return apply(cache, tokens, raise_errors, single)
     for conn in open_:
         if conn.alias == database_alias() and outbox_installed(conn):
             try:
