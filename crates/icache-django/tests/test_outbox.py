@@ -347,3 +347,20 @@ def test_a_forked_worker_runs_its_own_relay(env):
     assert os.waitstatus_to_exitcode(status) == 0
     assert relay.get() is parent
     assert env.gen(f"movie:{film.pk}") > g0
+
+
+def test_install_reports_and_prunes_tables_no_longer_in_icache_watch(env):
+    with override_settings(ICACHE_WATCH={"movieapp.ObFilm": WATCH["movieapp.ObFilm"]}):
+        out = io.StringIO()
+        call_command("icache", "install", database=ALIAS, stdout=out)
+        assert "movieapp_obrating: still watched" in out.getvalue()
+        out = io.StringIO()
+        call_command("icache", "install", "--prune", database=ALIAS, stdout=out)
+        assert "movieapp_obrating: unwatched" in out.getvalue()
+        a = ObViewer.objects.create(name="a")
+        film = ObFilm.objects.create(title="Alien")
+        ga = env.gen(str(a.pk))
+        ObRating.objects.create(user=a, film=film)
+        assert relay.flush(ALIAS, 5)
+        assert env.gen(str(a.pk)) == ga  # ratings bump nothing any more
+        assert env.sql("SELECT DISTINCT table_name FROM icache_watch") == "movieapp_obfilm"

@@ -201,10 +201,11 @@ def bump(cache, tokens: list[str], using: str | None, raise_errors: bool, single
 # ---- install --------------------------------------------------------------------
 
 
-def install(connection, apps=None, settings=None, verbosity: int = 1, stdout=None) -> list:
+def install(connection, apps=None, settings=None, verbosity: int = 1, stdout=None, prune: bool = False) -> list:
     """Creates the outbox on ``connection``'s database and the triggers of
     every model in ``ICACHE_WATCH`` (replacing earlier ones): idempotent,
-    one transaction. Returns the watched models
+    one transaction. Tables watched before but no longer in the setting are
+    reported, and unwatched with ``prune=True``. Returns the watched models
     (:class:`django_icache.watch.Watched`)."""
     from django.db import transaction
 
@@ -230,6 +231,17 @@ def install(connection, apps=None, settings=None, verbosity: int = 1, stdout=Non
                 if stdout is not None and verbosity >= 1:
                     stdout.write(f"  {w.label} ({w.table}): every insert, update and delete bumps "
                                  + ", ".join(w.expressions))
+            c.execute("SELECT DISTINCT table_name FROM icache_watch ORDER BY table_name")
+            stale = [t for (t,) in c.fetchall() if t not in {w.table for w in models}]
+            for table in stale:
+                if prune:
+                    for sql in _core.outbox_unwatch_sql(d, table):
+                        c.execute(sql)
+                if stdout is not None:
+                    stdout.write(
+                        f"  {table}: unwatched (not in ICACHE_WATCH)" if prune else
+                        f"  {table}: still watched, but not in ICACHE_WATCH (--prune unwatches it)"
+                    )
     _installed[connection.alias] = (True, time.monotonic())
     return models
 

@@ -21,6 +21,8 @@ class Install:
 
     def add_arguments(self, parser):
         parser.add_argument("--database", help="the DATABASES alias (default: ICACHE_DATABASE, else 'default')")
+        parser.add_argument("--prune", action="store_true",
+                            help="also drop the triggers of tables watched before but no longer in ICACHE_WATCH")
 
     def handle(self, command, options):
         from django.db import DatabaseError, connections
@@ -32,7 +34,8 @@ class Install:
             raise CommandError(f"icache install: DATABASES has no alias {alias!r}")
         connection = connections[alias]
         try:
-            models = outbox.install(connection, verbosity=options.get("verbosity", 1), stdout=command.stdout)
+            models = outbox.install(connection, verbosity=options.get("verbosity", 1), stdout=command.stdout,
+                                    prune=options.get("prune", False))
         except (ImproperlyConfigured, ValueError) as e:
             raise CommandError(f"icache install: {e}") from None
         except DatabaseError as e:
