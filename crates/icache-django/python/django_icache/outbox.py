@@ -56,8 +56,21 @@ def _count(name: str, n: int = 1) -> None:
 
 
 def counts() -> dict:
+    """The bump counters, and this process's relay's (``relay_rows``,
+    ``relay_bumps``, ``relay_errors``, ``relay_pending``…) when one runs."""
     with _counts_lock:
-        return dict(_counts)
+        out = dict(_counts)
+    from . import relay
+
+    try:
+        r = relay.get(start=False)
+    except ImproperlyConfigured:
+        r = None
+    if r is not None:
+        for k, v in r.stats().items():
+            if k != "last_error":
+                out[f"relay_{k}"] = v
+    return out
 
 
 # ---- settings ---------------------------------------------------------------
