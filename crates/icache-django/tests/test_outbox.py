@@ -366,3 +366,44 @@ def test_install_reports_and_prunes_tables_no_longer_in_icache_watch(env):
         assert relay.flush(ALIAS, 5)
         assert env.gen(str(a.pk)) == ga  # ratings bump nothing any more
         assert env.sql("SELECT DISTINCT table_name FROM icache_watch") == "movieapp_obfilm"
+
+
+def _child_connection() -> None:
+    """In a forked child: a connection of its own. The parent's is kept
+    referenced (never closed here: closing would end the parent's session)."""
+    from django.db import connections
+
+    conn = connections[ALIAS]
+    _kept.append(conn.connection)
+    conn.connection = None
+
+
+_kept: list = []
+
+
+def test_a_writer_killed_right_after_its_commit_loses_no_bump(env):
+    """incr inside atomic() with the outbox installed writes the token in the
+    transaction itself: a process SIGKILLed right after COMMIT, before any
+    code of ours runs, still bumps (through this process's relay)."""
+    from django.conf import settings
+
+    relay.get()
+    g0 = env.gen("killed")
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _child_connection()
+            settings.ICACHE_RELAY = None  # no read-your-writes wait: nothing of ours after COMMIT
+            with transaction.atomic(using=ALIAS):
+                # The first callback after COMMIT kills the process: a bump
+                # deferred to on_commit would never run.
+                transaction.on_commit(lambda: os.kill(os.getpid(), signal.SIGKILL), using=ALIAS)
+                ObViewer.objects.create(name="doomed writer")
+                env.icache.incr("killed")
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    assert ObViewer.objects.filter(name="doomed writer").exists()
+    assert relay.flush(ALIAS, 10)
+    assert env.gen("killed") == g0 + 1
