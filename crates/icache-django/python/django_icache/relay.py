@@ -337,9 +337,13 @@ def _flush_callback() -> None:
 def flush_on_commit(connection) -> None:
     """After ``connection``'s transaction commits, waits for its bumps
     (once per transaction)."""
-    from .outbox import database_alias
+    from .outbox import database_alias, outbox_installed
 
     if connection.alias != database_alias() or mode() != "thread":
+        return
+    if not outbox_installed(connection):
+        # Triggers without an outbox cannot exist; `install` not run yet:
+        # nothing to wait for.
         return
     if not connection.in_atomic_block:
         if connection.get_autocommit():
