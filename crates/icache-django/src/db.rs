@@ -125,7 +125,14 @@ impl Relay {
     /// `False` on time-out (the rows stay and are applied later) or when
     /// the relay is stopped.
     fn flush(&self, py: Python<'_>, timeout: f64) -> bool {
-        let timeout = Duration::try_from_secs_f64(timeout.max(0.0)).unwrap_or(Duration::MAX);
+        // Bounded: a deadline past `Instant`'s range would overflow (an
+        // infinite time-out is a day here).
+        let secs = if timeout.is_nan() {
+            0.0
+        } else {
+            timeout.clamp(0.0, 86_400.0)
+        };
+        let timeout = Duration::from_secs_f64(secs);
         detached(py, || self.with(|r| r.flush(timeout).is_ok())).unwrap_or(false)
     }
 

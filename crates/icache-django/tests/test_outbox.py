@@ -407,3 +407,29 @@ def test_a_writer_killed_right_after_its_commit_loses_no_bump(env):
     assert ObViewer.objects.filter(name="doomed writer").exists()
     assert relay.flush(ALIAS, 10)
     assert env.gen("killed") == g0 + 1
+
+
+def test_the_native_relay_names_bad_urls_and_survives_a_database_that_is_down(use_url):
+    from conftest import free_port
+
+    from django_icache import _core
+
+    icache = use_url("memory://")
+    with pytest.raises(ValueError, match="mysql"):
+        _core.Relay("mysql://root:secret@db/app", icache.handle)
+    with pytest.raises(ValueError) as e:
+        _core.Relay("postgresql://u:hunter2@127.0.0.1:notaport/app", icache.handle)
+    assert "hunter2" not in str(e.value)
+    with pytest.raises(ValueError, match="dialect"):
+        _core.outbox_install_sql("mysql")
+    # Nothing listens there: the relay starts anyway and retries.
+    r = _core.Relay(f"postgresql://postgres@127.0.0.1:{free_port()}/app", icache.handle, 50)
+    try:
+        assert r.flush(float("nan")) is False
+        assert r.flush(0.05) is False
+        wait_for(lambda: r.stats()["errors"] > 0, what="a failed connect")
+        assert r.stats()["last_error"]
+    finally:
+        r.stop()
+    assert r.flush(1.0) is False  # stopped
+    r.stop()  # twice is fine
