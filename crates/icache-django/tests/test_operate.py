@@ -30,6 +30,8 @@ def test_bump_and_version(use_url, backend_url):
     assert icache.handle.generations([a, b]) == [ga, gb]
     out = run("version", a, b)
     assert f"{a} {ga}" in out and f"sum {icache.get_sum([a, b])}" in out
+    # The typed forms are tokens like any other: the anonymous visitor's.
+    assert run("bump", "icache:none").startswith("icache:none ")
 
 
 def test_bump_invalidates_a_block(use_url, backend_url):
@@ -64,7 +66,7 @@ def test_flush_makes_every_block_miss_once(use_url, backend_url):
 def test_stats_shows_the_backends_counters(use_url, redis_server):
     use_url(redis_server.url(unique("p")))
     out = run("stats")
-    assert "backend redis" in out and "used_memory" in out
+    assert "backend redis" in out and "used_memory" in out and "process.hits " in out
 
 
 def test_a_subcommand_is_required():

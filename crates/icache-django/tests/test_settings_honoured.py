@@ -7,13 +7,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 
 import pytest
 from conftest import (
-    TEMPLATES, Counter, Server, client_for, free_port, missing, render_named, unique, wait_port, _resp,
+    TEMPLATES, Server, free_port, missing, render_named, unique, wait_port, _resp,
 )
-from django.core import checks
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
@@ -231,3 +229,17 @@ def test_icache_salt_is_added_to_the_url():
         assert cache_url(settings) == "memory://?salt=git%201a2b"
     with override_settings(ICACHE_URL="redis://h:1/0?prefix=x", ICACHE_SALT="s"):
         assert cache_url(settings) == "redis://h:1/0?prefix=x&salt=s"
+
+
+def test_location_query_options_are_checked_like_options():
+    from django.conf import settings
+
+    from django_icache.conf import cache_url
+
+    conf = {"BACKEND": REDIS, "LOCATION": "rediss://:pw@h:6380/0?ssl_cert_reqs=none"}
+    with override_settings(CACHES={"default": conf}):
+        assert cache_url(settings) == "rediss://:pw@h:6380/0#insecure"
+    conf = {"BACKEND": REDIS, "LOCATION": "redis://h:6379?frobnicate=1"}
+    with override_settings(CACHES={"default": conf}):
+        with pytest.raises(ImproperlyConfigured, match="frobnicate"):
+            cache_url(settings)

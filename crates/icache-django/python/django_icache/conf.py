@@ -171,11 +171,10 @@ def _redis_url(alias, server, opts, problems) -> str | None:
         db = path.strip("/") or query.pop("db", None)
         path = ""
     pairs: list[tuple[str, str]] = []
-    for k in [k for k in query]:
-        if k in ("socket_timeout", "socket_connect_timeout"):
-            opts.setdefault(k, query.pop(k))
-    for k in query:
-        problems.append(Problem("error", "django_icache.E002", f"{where} LOCATION option {k}= cannot be honoured by icache", "move it to OPTIONS if it is one icache knows, or set ICACHE_URL"))
+    # redis-py takes options in LOCATION's query too (?ssl_cert_reqs=none):
+    # they are checked like OPTIONS.
+    for k, v in query.items():
+        opts.setdefault(k.lower(), None if v.lower() == "none" and k.lower() == "ssl_cert_reqs" else v)
 
     userinfo_user = unquote(urlsplit(f"x://{netloc}").username or "") if "@" in netloc else ""
     userinfo_pass = unquote(urlsplit(f"x://{netloc}").password or "") if "@" in netloc else ""

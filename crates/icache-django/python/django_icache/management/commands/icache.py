@@ -5,7 +5,8 @@ on the cache the settings name (``ICACHE_URL``/``ICACHE_CACHE``).
 - ``version TOKEN…``: each token's generation and their sum (a block's version).
 - ``flush``: one epoch bump: every block misses once (for what no digest or
   token sees). Entries are not deleted; they are overwritten as pages render.
-- ``stats``: the backend's own counters (Redis INFO, memcached stats…).
+- ``stats``: the backend's own counters (Redis INFO, memcached stats…), then
+  this process's (``process.hits``…).
 
 Subcommands are classes in ``SUBCOMMANDS`` (name → class with ``help``,
 ``add_arguments(parser)`` and ``handle(command, options)``): another part of
@@ -26,7 +27,9 @@ class Bump:
         parser.add_argument("tokens", nargs="+", metavar="TOKEN")
 
     def handle(self, command, options):
-        for tok, gen in zip(options["tokens"], icache.incr_many(options["tokens"], raise_errors=True)):
+        # Tokens as typed are the token strings themselves (icache:none, the
+        # anonymous user's, included): no conversion of Python values here.
+        for tok, gen in zip(options["tokens"], icache.handle.incr_many(options["tokens"])):
             command.stdout.write(f"{tok} {gen}")
 
 
@@ -41,7 +44,7 @@ class Version:
         gens = icache.handle.generations(tokens)
         for tok, gen in zip(tokens, gens):
             command.stdout.write(f"{tok} {gen}")
-        command.stdout.write(f"sum {icache.get_sum(tokens)}")
+        command.stdout.write(f"sum {icache.handle.get_sum(tokens)}")
 
 
 class Flush:
@@ -66,6 +69,10 @@ class Stats:
         command.stdout.write(f"backend {icache.backend}")
         for name, value in icache.handle.server_stats():
             command.stdout.write(f"{name} {value}")
+        # This process's own counters (a fresh manage.py has served nothing;
+        # they matter when the command runs inside a long-lived process).
+        for name, value in icache.stats().items():
+            command.stdout.write(f"process.{name} {value}")
 
 
 SUBCOMMANDS: dict[str, type] = {"bump": Bump, "version": Version, "flush": Flush, "stats": Stats}
