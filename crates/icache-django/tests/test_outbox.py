@@ -247,7 +247,8 @@ def test_redis_killed_during_an_admin_save_the_save_succeeds_and_the_relay_appli
         redis.stop()
 
 
-def test_relay_command_runs_in_the_foreground_until_sigterm(env, request):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_relay_command_runs_in_the_foreground_until_sigterm(env, signum):
     relay.stop_all()
     with override_settings(ICACHE_RELAY=None):
         film = ObFilm.objects.create(title="Alien")
@@ -261,7 +262,7 @@ def test_relay_command_runs_in_the_foreground_until_sigterm(env, request):
                 wait_for(lambda: env.gen(f"movie:{film.pk}") > g0, timeout=15, what="the relay command")
             finally:
                 done.set()
-                os.kill(os.getpid(), signal.SIGTERM)
+                os.kill(os.getpid(), signum)
 
         t = threading.Thread(target=stop_when_applied)
         t.start()
