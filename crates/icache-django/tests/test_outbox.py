@@ -292,10 +292,12 @@ def test_the_migration_operation_installs_the_same_triggers(env):
     wait_for(lambda: env.gen(f"viewer:{v.pk}") > g, what="the migration's trigger")
     with env.conn.schema_editor() as editor:
         op.database_backwards("movieapp", editor, state, state)
-    relay.flush(ALIAS, 5)
+    assert env.sql("SELECT count(*) FROM icache_watch WHERE table_name = 'movieapp_obviewer'") == "0"
+    wait_for(lambda: env.pending() == 0, what="an empty outbox")
     g = env.gen(f"viewer:{v.pk}")
     env.sql(f"UPDATE movieapp_obviewer SET name = 'z' WHERE id = {v.pk}")
-    assert relay.flush(ALIAS, 5)
+    assert env.pending() == 0  # no trigger wrote a row
+    assert relay.flush(ALIAS, 5), relay.get().stats()
     assert env.gen(f"viewer:{v.pk}") == g  # unwatched
     assert op.deconstruct()[2] == {"watch": {"movieapp.ObViewer": ["viewer:{pk}"]}}
 
@@ -434,3 +436,56 @@ def test_the_native_relay_names_bad_urls_and_survives_a_database_that_is_down(us
         r.stop()
     assert r.flush(1.0) is False  # stopped
     r.stop()  # twice is fine
+
+
+def test_in_memory_sqlite_applies_its_outbox_at_each_commit(use_url, redis_server):
+    """Django's default test database is SQLite in memory, which no relay
+    thread or command can open: its outbox is applied through Django's own
+    connection right after each commit, with or without ICACHE_RELAY."""
+    from django.db import connection
+
+    from django_icache import outbox
+
+    url = redis_server.url(unique("mem"))
+    icache, other = use_url(url), ICache(url)
+    block = lambda v: icache.fragment("films", ["movies"], lambda: v)  # noqa: E731
+    watch = {"movieapp.ObFilm": ["movies", "movie:{pk}"], "movieapp.ObRating": ["movies", "{user_id}"]}
+    models = (ObViewer, ObFilm, ObRating, ObSpecialFilm, ObOdd)
+    for relay_mode in ("thread", None):
+        with override_settings(ICACHE_WATCH=watch, ICACHE_RELAY=relay_mode, ROOT_URLCONF=__name__):
+            create_tables(connection, *models)
+            try:
+                call_command("icache", "install", stdout=io.StringIO())
+                film = ObFilm.objects.create(title="Alien")
+                shown = block(f"{relay_mode} 0")
+                for step, write in enumerate([
+                    lambda: ObFilm.objects.filter(pk=film.pk).update(title="Aliens"),
+                    lambda: ObFilm.objects.bulk_create([ObFilm(title="new")]),
+                    lambda: ObFilm.objects.filter(title="new").delete(),
+                ]):
+                    assert block("stale") == shown
+                    write()
+                    shown = f"{relay_mode} {step + 1}"
+                    assert block(shown) == shown, f"step {step} did not invalidate"
+                g = other.get_sum(["movies"])
+                with pytest.raises(RuntimeError):
+                    with transaction.atomic():
+                        ObFilm.objects.update(title="never")
+                        raise RuntimeError("rollback")
+                assert other.get_sum(["movies"]) == g
+                client = Client()
+                client.force_login(User.objects.create_superuser(unique("admin"), "a@example.com", "pw"))
+                response = client.post(f"/admin/movieapp/obfilm/{film.pk}/change/", {"title": "Admin's"})
+                assert response.status_code == 302
+                assert other.get_sum(["movies"]) > g
+                with connection.cursor() as c:
+                    c.execute("SELECT count(*) FROM icache_outbox")
+                    assert c.fetchone()[0] == 0
+            finally:
+                with connection.schema_editor() as editor:
+                    for m in reversed(models):
+                        editor.delete_model(m)
+                with connection.cursor() as c:
+                    c.execute("DROP TABLE IF EXISTS icache_outbox")
+                    c.execute("DROP TABLE IF EXISTS icache_watch")
+                outbox.forget_installed()

@@ -285,16 +285,18 @@ def get(alias: str | None = None, start: bool = True):
     ``ICACHE_RELAY = "thread"``, started on first use; else ``None``."""
     if mode() != "thread":
         return None
+    from django.db import connections
+
     from .outbox import database_alias
 
     alias = alias or database_alias()
+    if alias in connections and in_memory(connections[alias]):
+        return None  # applied at each commit instead (drain_inline)
     if _pid[0] != os.getpid():
         _after_fork_in_child()
     relay = _relays.get(alias)
     if relay is not None or not start:
         return relay
-    from django.db import connections
-
     with _lock:
         relay = _relays.get(alias)
         if relay is None:
@@ -316,15 +318,24 @@ def flush(alias: str | None = None, timeout: float | None = None) -> bool:
     this process's relay. ``True`` when applied (or when there is no relay
     here); ``False`` after the timeout (the bumps stay in the outbox and are
     applied when the cache answers)."""
+    from django.db import connections
+
+    from .outbox import database_alias, outbox_installed
+
+    name = alias or database_alias()
+    if name in connections and in_memory(connections[name]):
+        conn = connections[name]
+        return drain_inline(conn) if outbox_installed(conn) else True
     relay = get(alias)
     if relay is None:
         return True
+    timeout = flush_timeout() if timeout is None else timeout
     if relay.stats().get("last_error"):
-        # The cache (or the database) is failing: do not make every write
-        # wait out the timeout; the relay retries on its own.
-        relay.wake()
-        return False
-    ok = relay.flush(flush_timeout() if timeout is None else timeout)
+        # The last attempt failed: the cache (or the database) may be down.
+        # The wake-up retries at once, which heals a passing error; a real
+        # outage must not make every write wait out the whole time-out.
+        timeout = min(timeout, 0.2)
+    ok = relay.flush(timeout)
     if not ok:
         logger.warning("django_icache: the relay did not apply this commit's bumps in time; they stay in the outbox")
     return ok
@@ -334,12 +345,67 @@ def _flush_callback() -> None:
     flush()
 
 
+def in_memory(connection) -> bool:
+    """An in-memory SQLite database: no other connection can see it."""
+    return connection.vendor == "sqlite" and connection.is_in_memory_db()
+
+
+_draining = threading.local()
+_drain_warned = [0.0]
+
+
+def drain_inline(connection) -> bool:
+    """Applies the outbox through ``connection`` itself, at once: the relay
+    of an in-memory SQLite database (Django's default test database), which
+    no relay thread or command can open. Rows are deleted only after their
+    bump; a failure leaves them for the next commit. ``True`` when empty."""
+    from django.db import DatabaseError
+
+    from . import icache
+    from ._core import CacheError
+
+    if getattr(_draining, "on", False):
+        return True  # our own DELETE, seen by the execute wrapper
+    _draining.on = True
+    try:
+        while True:
+            with connection.cursor() as c:
+                c.execute("SELECT seq, token FROM icache_outbox ORDER BY seq LIMIT 1000")
+                rows = c.fetchall()
+            if not rows:
+                return True
+            icache.handle.incr_many(list(dict.fromkeys(t for _, t in rows)))
+            with connection.cursor() as c:
+                c.execute("DELETE FROM icache_outbox WHERE seq <= %s", [rows[-1][0]])
+    except (CacheError, DatabaseError) as e:
+        now = time.monotonic()
+        if now - _drain_warned[0] >= 10.0:
+            _drain_warned[0] = now
+            logger.warning("django_icache: outbox of %r not applied yet (%s); retried after the next commit",
+                           connection.alias, e)
+        return False
+    finally:
+        _draining.on = False
+
+
+def _drain_callback() -> None:
+    from django.db import connections
+
+    from .outbox import database_alias
+
+    drain_inline(connections[database_alias()])
+
+
 def flush_on_commit(connection) -> None:
     """After ``connection``'s transaction commits, waits for its bumps
-    (once per transaction)."""
+    (once per transaction): through this process's relay, or, on an
+    in-memory SQLite database, by applying them at once."""
     from .outbox import database_alias, outbox_installed
 
-    if connection.alias != database_alias() or mode() != "thread":
+    if connection.alias != database_alias() or getattr(_draining, "on", False):
+        return
+    memory = in_memory(connection)
+    if not memory and mode() != "thread":
         return
     if not outbox_installed(connection):
         # Triggers without an outbox cannot exist; `install` not run yet:
@@ -347,13 +413,14 @@ def flush_on_commit(connection) -> None:
         return
     if not connection.in_atomic_block:
         if connection.get_autocommit():
-            flush()
+            drain_inline(connection) if memory else flush()
         return
-    if any(cb is _flush_callback for _, cb, _ in connection.run_on_commit):
+    callback = _drain_callback if memory else _flush_callback
+    if any(cb is callback for _, cb, _ in connection.run_on_commit):
         return
     from django.db import transaction
 
-    transaction.on_commit(_flush_callback, using=connection.alias, robust=True)
+    transaction.on_commit(callback, using=connection.alias, robust=True)
 
 
 WRITES = ("INSERT", "UPDATE", "DELETE", "TRUNCA", "REPLAC", "WITH", "MERGE")
@@ -381,15 +448,9 @@ def _execute_wrapper(execute, sql, params, many, context):
 
 
 def on_connection_created(sender, connection, **kwargs) -> None:
-    """Hooks every new connection of ``ICACHE_DATABASE`` so that a commit
-    that wrote a watched table waits for its bumps."""
-    try:
-        from .outbox import database_alias
-
-        if connection.alias != database_alias() or mode() != "thread":
-            return
-    except ImproperlyConfigured:
-        return
+    """Hooks every new connection so that a commit that wrote a watched
+    table of ``ICACHE_DATABASE`` waits for its bumps (the hook itself looks
+    at the settings, which tests change)."""
     if _execute_wrapper not in connection.execute_wrappers:
         connection.execute_wrappers.append(_execute_wrapper)
 
