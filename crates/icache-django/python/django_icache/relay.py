@@ -24,7 +24,9 @@ bumped at least once and deleted only after its bump succeeded.
 The database URL comes from ``DATABASES``: PostgreSQL's ``HOST``,
 ``PORT``, ``USER``, ``PASSWORD``, ``NAME`` (and ``OPTIONS["sslmode"]``,
 ``connect_timeout``, ``application_name``); SQLite's ``NAME``, which must be
-a file (an in-memory database cannot be shared with a relay).
+a file. An in-memory SQLite database (Django's test database) cannot be
+opened by a relay: its outbox is applied through Django's own connection
+right after each commit (:func:`drain_inline`), whatever ``ICACHE_RELAY``.
 """
 
 from __future__ import annotations
