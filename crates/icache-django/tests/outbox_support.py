@@ -28,6 +28,11 @@ from conftest import free_port, missing, wait_port
 
 PG_USER = "postgres"
 
+# Generous time-outs for the cache: these tests check what is stored and
+# bumped, and a shared machine under load can miss the default 100 ms (the
+# block would then render uncached, fail-open, and look like a miss).
+SLOW_MACHINE = "&timeout_ms=2000&connect_timeout_ms=2000"
+
 
 def _pg_bin() -> Path | None:
     initdb = shutil.which("initdb")
@@ -153,7 +158,7 @@ class PersistentRedis:
         self.start()
 
     def url(self, prefix: str) -> str:
-        return f"redis://127.0.0.1:{self.port}/0?prefix={prefix}&timeout_ms=200&connect_timeout_ms=200"
+        return f"redis://127.0.0.1:{self.port}/0?prefix={prefix}&timeout_ms=1000&connect_timeout_ms=1000"
 
     def start(self) -> None:
         log = open(os.path.join(self.tmp, "stdio.log"), "ab")

@@ -32,7 +32,7 @@ from django.urls import path
 import outbox_models  # noqa: F401 - registers the models
 from django_icache import ICache, relay
 from outbox_models import ObFilm, ObOdd, ObRating, ObSpecialFilm, ObViewer
-from outbox_support import PersistentRedis, create_tables, database, start_postgres, wait_for
+from outbox_support import SLOW_MACHINE, PersistentRedis, create_tables, database, start_postgres, wait_for
 
 ALIAS = "outbox"
 WATCH = {"movieapp.ObFilm": ["movies", "movie:{pk}"], "movieapp.ObRating": ["movies", "{user_id}"]}
@@ -111,7 +111,7 @@ def _open(request, kind, tmp_path):
 def env(request, tmp_path, use_url, redis_server):
     kind = request.param
     server, conf, path = _open(request, kind, tmp_path)
-    url = redis_server.url(unique("ob"))
+    url = redis_server.url(unique("ob")) + SLOW_MACHINE
     icache = use_url(url)
     overrides = override_settings(
         ICACHE_DATABASE=ALIAS, ICACHE_RELAY="thread", ICACHE_WATCH=WATCH,
@@ -446,7 +446,7 @@ def test_in_memory_sqlite_applies_its_outbox_at_each_commit(use_url, redis_serve
 
     from django_icache import outbox
 
-    url = redis_server.url(unique("mem"))
+    url = redis_server.url(unique("mem")) + SLOW_MACHINE
     icache, other = use_url(url), ICache(url)
     block = lambda v: icache.fragment("films", ["movies"], lambda: v)  # noqa: E731
     watch = {"movieapp.ObFilm": ["movies", "movie:{pk}"], "movieapp.ObRating": ["movies", "{user_id}"]}

@@ -16,7 +16,7 @@ from django.urls import path
 from movieapp.models import Movie
 
 from django_icache import CacheError, ICache, outbox
-from outbox_support import PersistentRedis, wait_for
+from outbox_support import SLOW_MACHINE, PersistentRedis, wait_for
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +34,7 @@ def movies_table():
 def cache(use_url, redis_server):
     """The app's icache on a fresh prefix, and a second handle (another
     process's view of the same cache)."""
-    url = redis_server.url(unique("tx"))
+    url = redis_server.url(unique("tx")) + SLOW_MACHINE
     return use_url(url), ICache(url)
 
 
