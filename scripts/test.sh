@@ -58,6 +58,9 @@ pyneed=()
 "$py" -c 'import maturin' >/dev/null 2>&1 || pyneed+=("maturin>=1.9,<2")
 "$py" -c 'import django, sys; sys.exit(django.VERSION[:2] != (5, 2))' >/dev/null 2>&1 || pyneed+=("Django==5.2.*")
 "$py" -c 'import pytest' >/dev/null 2>&1 || pyneed+=(pytest)
+# psycopg 3 (with its libpq wheel): Django's PostgreSQL driver, for the
+# outbox tests of django_icache on a real server.
+"$py" -c 'import psycopg' >/dev/null 2>&1 || pyneed+=("psycopg[binary]>=3.1")
 if [ ${#pyneed[@]} -gt 0 ]; then
   echo "scripts/test.sh: installing ${pyneed[*]} (pip, into $venv)" >&2
   "$py" -m pip install -q "${pyneed[@]}"
