@@ -237,7 +237,11 @@ fn check_report(report: &str) {
     } else {
         40
     };
-    assert_eq!(targets.len(), expected, "expected every target twice: {targets:#?}");
+    assert_eq!(
+        targets.len(),
+        expected,
+        "expected every target twice: {targets:#?}"
+    );
     for line in &targets {
         let measured = line
             .split_once(" — met (measured ")

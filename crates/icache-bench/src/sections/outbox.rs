@@ -41,7 +41,7 @@ fn plan(settings: &Settings) -> Plan {
         Plan {
             lag_commits: 400,
             single_updates: 2_000,
-            rounds: 3,
+            rounds: 5,
             backlog: 100_000,
         }
     }
@@ -97,11 +97,17 @@ pub(crate) fn outbox(servers: &Servers<'_>, settings: &Settings) -> Section {
     db::watch(&url, "items", &exprs).unwrap_or_else(|e| panic!("watch: {e}"));
     let mut lag = Table::new(&["case", "p50", "p99", "commits"]);
     progress("7/7 … relay lag, PostgreSQL (LISTEN)");
-    let pg_lag = measure_lag(&redis_url, &url, Duration::from_secs(1), plan.lag_commits, |id| {
-        client
-            .execute("UPDATE items SET n = n + 1 WHERE id = $1", &[&id])
-            .unwrap_or_else(|e| panic!("update: {e}"));
-    });
+    let pg_lag = measure_lag(
+        &redis_url,
+        &url,
+        Duration::from_secs(1),
+        plan.lag_commits,
+        |id| {
+            client
+                .execute("UPDATE items SET n = n + 1 WHERE id = $1", &[&id])
+                .unwrap_or_else(|e| panic!("update: {e}"));
+        },
+    );
     lag.row(&[
         "PostgreSQL, LISTEN/NOTIFY (poll 1 s)".into(),
         ms(percentile(&pg_lag, 0.5)),
@@ -147,7 +153,8 @@ pub(crate) fn outbox(servers: &Servers<'_>, settings: &Settings) -> Section {
         section: 7,
         what: "SQLite: relay lag p99 ÷ (poll interval + 5 ms)".into(),
         goal: Goal::AtMost(1.0),
-        measured: percentile(&lite_lag, 0.99).as_secs_f64() / (poll + Duration::from_millis(5)).as_secs_f64(),
+        measured: percentile(&lite_lag, 0.99).as_secs_f64()
+            / (poll + Duration::from_millis(5)).as_secs_f64(),
     });
     for t in &targets {
         md.push_str(&t.line());
@@ -251,13 +258,15 @@ pub(crate) fn outbox(servers: &Servers<'_>, settings: &Settings) -> Section {
         },
         Target {
             section: 7,
-            what: "PostgreSQL: 10,000-row UPDATE (shared tokens) throughput with watch ÷ without".into(),
+            what: "PostgreSQL: 10,000-row UPDATE (shared tokens) throughput with watch ÷ without"
+                .into(),
             goal: Goal::AtLeast(0.5),
             measured: plain_shared.as_secs_f64() / watched_shared.as_secs_f64(),
         },
         Target {
             section: 7,
-            what: "PostgreSQL: 10,000-row UPDATE (a token per row) throughput with watch ÷ without".into(),
+            what: "PostgreSQL: 10,000-row UPDATE (a token per row) throughput with watch ÷ without"
+                .into(),
             goal: Goal::AtLeast(0.5),
             measured: plain_bulk.as_secs_f64() / watched_bulk.as_secs_f64(),
         },
@@ -296,7 +305,10 @@ pub(crate) fn outbox(servers: &Servers<'_>, settings: &Settings) -> Section {
         let rate = plan.backlog as f64 / took.as_secs_f64();
         rates.push(rate);
         through.row(&[
-            format!("PostgreSQL → redis, batches of {}", report::count(batch as f64)),
+            format!(
+                "PostgreSQL → redis, batches of {}",
+                report::count(batch as f64)
+            ),
             report::count(plan.backlog as f64),
             ms(took),
             report::count(rate),
@@ -323,13 +335,44 @@ pub(crate) fn outbox(servers: &Servers<'_>, settings: &Settings) -> Section {
         missed_notes.push(match t.what.as_str() {
             w if w.contains("a token per row") => format!(
                 "**7. {w}**: a token per row (`'item:' || id`) must write one outbox row per \
-                 changed row: 10,000 rows of outbox for a 10,000-row statement. Batching \
+                 changed row: 10,000 outbox rows for a 10,000-row statement. Batching \
                  removes the duplicates (old and new rows, the shared tokens), not the \
-                 distinct tokens. Shared tokens only (the row above) cost far less."
+                 distinct tokens; with shared tokens only (the row below it) the same \
+                 statement costs far less."
+            ),
+            w if w.contains("shared tokens") => format!(
+                "**7. {w}**: the statement writes only 101 outbox rows here; the gap is \
+                 the triggers' fixed work per statement (capturing the old and new rows \
+                 in transition tables, one DISTINCT over 60,000 computed tokens) and \
+                 this shared 2-CPU machine's noise (compare the two \"without\" times \
+                 of the same statement above)."
+            ),
+            w if w.contains("single-row UPDATE") => format!(
+                "**7. {w}**: each watched one-row transaction also writes three outbox \
+                 rows (one per token) and a NOTIFY, on a server run with `fsync=off`, \
+                 where a commit costs no disk flush: the triggers' work is compared with \
+                 almost nothing. With durable commits the flush dominates both sides. \
+                 Fewer tokens per row cost less."
+            ),
+            w if w.contains("SQLite: relay lag") => format!(
+                "**7. {w}**: SQLite has no NOTIFY: another process's commit waits for the \
+                 relay's next poll (here every 100 ms), so the lag is spread over the \
+                 whole interval, and its tail adds the claim and the bump on this shared \
+                 2-CPU machine. A commit in the relay's own process wakes it at once \
+                 (`Relay::flush`, as the demo does)."
+            ),
+            w if w.contains("relay lag") => format!(
+                "**7. {w}**: the p50 is far below the bound; the tail is this shared \
+                 2-CPU machine (load average around 20 during the run), where the \
+                 database, Redis, the writer and the relay's two threads wait for a CPU."
             ),
             w => format!(
-                "**7. {w}**: measured on this shared 2-CPU machine, with the database, the \
-                 cache and the writer on the same CPUs as the relay."
+                "**7. {w}**: one relay, one connection, batches in sequence, on this \
+                 shared 2-CPU machine with PostgreSQL and Redis on the same CPUs. Each \
+                 batch of 1,000 costs about 11 ms in PostgreSQL alone (`DELETE … \
+                 RETURNING` locks and deletes every row: EXPLAIN ANALYZE here), so one \
+                 relay tops out below 90,000/s before the bump; several relays drain a \
+                 backlog in parallel (SKIP LOCKED)."
             ),
         });
     }

@@ -475,6 +475,7 @@ impl Worker {
         let mut outbox: Option<Box<dyn Outbox>> = None;
         let mut backoff = Backoff::new();
         let mut last_look: Option<Instant> = None;
+        let mut held: Option<(u64, i64)> = None;
         while !self.shared.stopped() {
             let Some(db) = outbox.as_mut() else {
                 // (Re)connected below, then drained in full: rows committed
@@ -488,19 +489,26 @@ impl Worker {
                 }
                 continue;
             };
-            let wanted = {
-                let state = self.shared.flush_state();
-                (state.requested > state.done).then_some(state.requested)
-            };
-            let mark = match wanted.map(|_| db.max_seq()).transpose() {
-                Ok(mark) => mark,
-                Err(e) => {
-                    self.failed(&format!("database: {e}"));
-                    outbox = None;
-                    self.pause(backoff.next());
-                    continue;
+            // The flushes asked for so far, and the last seq committed
+            // before this relay saw them: kept until served, so a stream of
+            // new commits cannot move the goal away from them.
+            if held.is_none() {
+                let wanted = {
+                    let state = self.shared.flush_state();
+                    (state.requested > state.done).then_some(state.requested)
+                };
+                if let Some(wanted) = wanted {
+                    match db.max_seq() {
+                        Ok(mark) => held = Some((wanted, mark)),
+                        Err(e) => {
+                            self.failed(&format!("database: {e}"));
+                            outbox = None;
+                            self.pause(backoff.next());
+                            continue;
+                        }
+                    }
                 }
-            };
+            }
             match self.drain(db.as_mut()) {
                 Ok(()) => {}
                 Err(BatchError::Db(e)) => {
@@ -517,7 +525,7 @@ impl Worker {
             }
             backoff.reset();
             self.shared.set_error(None);
-            if let (Some(wanted), Some(mark)) = (wanted, mark) {
+            if let Some((wanted, mark)) = held {
                 match db.any_up_to(mark) {
                     // Another relay holds them: it deletes them once bumped.
                     Ok(true) => {
@@ -525,10 +533,16 @@ impl Worker {
                         continue;
                     }
                     Ok(false) => {
+                        held = None;
                         let mut state = self.shared.flush_state();
                         state.done = state.done.max(wanted);
+                        let more = state.requested > state.done;
                         drop(state);
                         self.shared.flushed.notify_all();
+                        if more {
+                            // Asked for while this one was served.
+                            continue;
+                        }
                     }
                     Err(e) => {
                         self.failed(&format!("database: {e}"));

@@ -152,7 +152,7 @@ fn sqlite_flush_after_commit_is_immediate_and_polls_catch_the_rest() {
     let file = File::new();
     watched(&file);
     let cache = ICache::memory();
-    let poll = Duration::from_millis(200);
+    let poll = Duration::from_millis(500);
     let relay = Relay::builder(&file.url(), cache.clone())
         .expect("builder")
         .poll_interval(poll)
@@ -181,7 +181,8 @@ fn sqlite_flush_after_commit_is_immediate_and_polls_catch_the_rest() {
     let took = crate::wait_for(Duration::from_secs(5), "polled bump", || {
         !block.served(&cache)
     });
-    assert!(took < poll + Duration::from_millis(100), "{took:?}");
+    // One poll interval, plus slack for a loaded machine.
+    assert!(took < poll * 2, "{took:?}");
     relay.stop();
 }
 
