@@ -33,7 +33,6 @@ use crate::db::Db;
 use crate::faults::{Fault, Injector};
 use crate::rng::Rng;
 use crate::tally::Tally;
-use crate::topology::Topology;
 
 /// The token expressions the table is watched with: the item's token, which
 /// readers' blocks depend on, and one that names the committed value (see
@@ -246,22 +245,18 @@ impl Procs {
     }
 }
 
-/// The backend's own faults, plus SIGKILLs of writers and relays.
-pub(crate) struct DbInjector<'a> {
-    pub(crate) topology: &'a mut Topology,
-    pub(crate) procs: &'a mut Procs,
-}
-
-impl Injector for DbInjector<'_> {
+/// The database mode's own schedule: SIGKILLs of writers and relays (the
+/// backend's faults run beside it, on the topology).
+impl Injector for Procs {
     fn inject(&mut self, fault: Fault, rng: &mut Rng) -> Result<String, String> {
         let (role, slots) = match fault {
-            Fault::KillWriter => (Role::Writer, self.procs.writers.len()),
-            Fault::KillRelay => (Role::Relay, self.procs.relays.len()),
-            other => return self.topology.inject(other, rng),
+            Fault::KillWriter => (Role::Writer, self.writers.len()),
+            Fault::KillRelay => (Role::Relay, self.relays.len()),
+            other => return Err(format!("{} is not a process fault", other.name())),
         };
         let i = rng.below(slots);
         let down = rng.millis(0, 400);
-        self.procs.kill_restart(role, i, down)?;
+        self.kill_restart(role, i, down)?;
         Ok(format!(
             "{} process {i} killed (-9), restarted after {} ms",
             role.name(),
@@ -269,9 +264,7 @@ impl Injector for DbInjector<'_> {
         ))
     }
 
-    fn heal(&mut self) {
-        self.topology.heal();
-    }
+    fn heal(&mut self) {}
 }
 
 /// Waits for `child` until `deadline` (kills it after that); its `REPORT`

@@ -634,32 +634,49 @@ fn run_backend(o: &Options, backend: Backend) -> (Tally, Vec<String>) {
         // can reach an in-process cache.
         thread::sleep(schedule);
     } else {
-        // The database mode draws the kills twice as often as each backend
-        // fault: they are what it is about.
-        let kinds = match &procs {
-            Some(_) => faults::select_from(
-                backend,
-                &[backend.faults(), &Fault::DB, &Fault::DB].concat(),
-                o.faults.as_deref(),
-            ),
-            None => faults::select(backend, o.faults.as_deref()),
+        // The database mode runs a second schedule beside the backend's:
+        // SIGKILLs of writers and relays, so that they also land during
+        // cache faults (a relay killed while it retries, a writer killed
+        // while the cache is down).
+        let all: Vec<Fault> = match &procs {
+            Some(_) => [backend.faults(), &Fault::DB].concat(),
+            None => backend.faults().to_vec(),
         };
-        match kinds {
+        match faults::select_from(backend, &all, o.faults.as_deref()) {
             Ok(kinds) => {
-                let mut db_injector;
-                let injector: &mut dyn faults::Injector = match procs.as_mut() {
-                    Some(procs) => {
-                        db_injector = dbmode::DbInjector {
-                            topology: &mut topology,
-                            procs,
-                        };
-                        &mut db_injector
+                let (kills, backend_kinds): (Vec<Fault>, Vec<Fault>) =
+                    kinds.into_iter().partition(|f| Fault::DB.contains(f));
+                thread::scope(|s| {
+                    let killer = procs.as_mut().filter(|_| !kills.is_empty()).map(|procs| {
+                        let kills = &kills;
+                        s.spawn(move || {
+                            let mut t = Tally::default();
+                            let seed = rng::Rng::derive(o.seed, "db-kills", 0).next_u64();
+                            faults::run_schedule(
+                                backend, kills, seed, schedule, origin, procs, &mut t,
+                            );
+                            t
+                        })
+                    });
+                    if backend_kinds.is_empty() {
+                        thread::sleep(schedule);
+                    } else {
+                        faults::run_schedule(
+                            backend,
+                            &backend_kinds,
+                            o.seed,
+                            schedule,
+                            origin,
+                            &mut topology,
+                            &mut tally,
+                        );
                     }
-                    None => &mut topology,
-                };
-                faults::run_schedule(
-                    backend, &kinds, o.seed, schedule, origin, injector, &mut tally,
-                );
+                    match killer.map(|k| k.join()) {
+                        Some(Ok(t)) => tally.merge(&t),
+                        Some(Err(_)) => tally.add("harness_errors", 1),
+                        None => {}
+                    }
+                });
             }
             Err(e) => {
                 eprintln!("[{}] {e}", backend.name());
