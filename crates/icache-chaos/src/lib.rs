@@ -599,12 +599,11 @@ fn run_backend(o: &Options, backend: Backend) -> (Tally, Vec<String>) {
         match spawn_child(
             o,
             backend,
-            &url,
+            (&url, db_url),
             &dir,
             index,
             (writers, readers),
             origin_ms,
-            db_url,
         ) {
             Ok(child) => children.push(child),
             Err(e) => {
@@ -719,12 +718,12 @@ fn unix_ms() -> u64 {
 fn spawn_child(
     o: &Options,
     backend: Backend,
-    url: &str,
+    // The cache's, and with `--writers db` the database's.
+    (url, db_url): (&str, Option<&str>),
     dir: &Path,
     index: usize,
     (writers, readers): (usize, usize),
     origin_ms: u64,
-    db_url: Option<&str>,
 ) -> std::io::Result<Child> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
