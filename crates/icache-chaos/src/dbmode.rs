@@ -446,10 +446,18 @@ pub(crate) fn writer_main(args: ProcArgs) -> ! {
         );
         threads.push(thread::spawn(move || -> Result<(), String> {
             while !stop.exists() && parent_alive() {
-                let a = rng.below(items) as i32;
-                let b = rng.below(items) as i32;
+                // Two rows always locked in id order: transactions that
+                // took them in opposite orders would deadlock (PostgreSQL
+                // then aborts one, an error here).
+                let (a, b) = {
+                    let (x, y) = (rng.below(items) as i32, rng.below(items) as i32);
+                    (x.min(y), x.max(y))
+                };
                 let update = "UPDATE items SET v = v + 1 WHERE id = $1";
-                let e = |e: postgres::Error| format!("commit: {e}");
+                let e = |e: postgres::Error| match e.as_db_error() {
+                    Some(db) => format!("commit: {}: {}", db.code().code(), db.message()),
+                    None => format!("commit: {e}"),
+                };
                 if rng.chance(850) {
                     client.execute(update, &[&a]).map_err(e)?;
                     writes.fetch_add(1, Ordering::Relaxed);

@@ -127,6 +127,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
     let (mut url, mut dir, mut index, mut in_process, mut origin_ms) =
         (None, None, 0u64, false, 0u64);
     let (mut db_url, mut db_role, mut generation) = (None, None, 0u64);
+    let mut backends_named = false;
     let mut i = 0;
     while i < args.len() {
         let mut takes_value = true;
@@ -134,6 +135,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
             "-h" | "--help" => return Ok(Mode::Help),
             "--backend" => {
                 let list: String = value(args, i)?;
+                backends_named = list != "all";
                 o.backends = if list == "all" {
                     Backend::ALL.to_vec()
                 } else {
@@ -208,6 +210,16 @@ fn parse(args: &[String]) -> Result<Mode, String> {
         return Err(String::from(
             "--processes, --writers, --readers, --items and --backend must not be 0 or empty",
         ));
+    }
+    // Relays run in processes of their own, which an in-process cache
+    // cannot be shared with: `all` means every network backend here.
+    if o.db_writers && db_role.is_none() && !child {
+        if backends_named && o.backends.contains(&Backend::Memory) {
+            return Err(String::from(
+                "--writers db needs network backends (memory is per process)",
+            ));
+        }
+        o.backends.retain(|b| *b != Backend::Memory);
     }
     o.seed = seed.unwrap_or_else(|| {
         let nanos = SystemTime::now()
