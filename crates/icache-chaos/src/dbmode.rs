@@ -366,6 +366,16 @@ pub(crate) fn finish(
             }
         }
     }
+    // Every life's counts, the killed ones' included.
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.path().extension().is_some_and(|x| x == "counts")
+                && let Ok(line) = std::fs::read_to_string(entry.path())
+            {
+                tally.merge(&Tally::parse(&line));
+            }
+        }
+    }
 }
 
 /// Every item read through the cache (the same block the readers cache)
@@ -556,21 +566,30 @@ pub(crate) fn relay_main(args: ProcArgs) -> ! {
             std::process::exit(2);
         }
     };
-    let counts = Arc::new(Mutex::new(Tally::default()));
-    let hook_counts = Arc::clone(&counts);
+    // The counts of this life, rewritten after every batch (a rename: a
+    // SIGKILL leaves the previous whole file), so that killed relays count.
+    let counts_file = args
+        .dir
+        .join(format!("relay-{}-{}.counts", args.index, args.generation));
+    let counts = Mutex::new(Tally::default());
     let relay = icache::db::Relay::builder(&args.db_url, cache).and_then(|b| {
         b.poll_interval(Duration::from_millis(100))
             // Small batches: more of them, so kills land mid-batch.
             .batch_size(64)
             .after_bump(move |tokens| {
                 let recorded = applied(&db, tokens)?;
-                let mut c = hook_counts.lock().unwrap_or_else(PoisonError::into_inner);
+                let mut c = counts.lock().unwrap_or_else(PoisonError::into_inner);
                 c.add("relay.batches", 1);
                 c.add(
                     "bumps_ok",
                     tokens.iter().filter(|t| t.starts_with("item:")).count() as u64,
                 );
                 c.add("relay.applied_records", recorded);
+                // Counts only: a failed write must not fail the batch.
+                let tmp = counts_file.with_extension("tmp");
+                if std::fs::write(&tmp, c.to_line()).is_ok() {
+                    let _ = std::fs::rename(&tmp, &counts_file);
+                }
                 Ok(())
             })
             .spawn()
@@ -587,10 +606,7 @@ pub(crate) fn relay_main(args: ProcArgs) -> ! {
         thread::sleep(Duration::from_millis(20));
     }
     let stats = relay.stop();
-    let mut tally = counts
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
+    let mut tally = Tally::default();
     tally.add("relay.errors", stats.errors);
     report(&tally)
 }

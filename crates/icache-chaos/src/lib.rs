@@ -488,7 +488,7 @@ fn print_summary(o: &Options, backend: Backend, t: &Tally, failures: &[String]) 
     );
     if t.get("db.mode") == 1 {
         println!(
-            "  db      {} commits in PostgreSQL ({} rollbacks by writers that finished), writers killed {}, relays killed {}; relays: {} batches, {} item bumps, {} oracle records, {} errors (relays that finished); drain {} ms, outbox left {}; final reads {} ({} stale, oracle behind on {})",
+            "  db      {} commits in PostgreSQL ({} rollbacks by writers that finished), writers killed {}, relays killed {}; relays: {} batches, {} item bumps, {} oracle records, {} errors (of relays not killed); drain {} ms, outbox left {}; final reads {} ({} stale, oracle behind on {})",
             t.get("writes"),
             t.get("db.rollbacks"),
             t.get("fault.kill9_writer"),
