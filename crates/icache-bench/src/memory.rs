@@ -186,13 +186,13 @@ pub fn child(spec: &str) -> Result<String, String> {
             // All entries plus the generations (`movies`, and for blocks the
             // flush token every block reads), nothing evicted: otherwise the
             // growth would be for fewer entries than we divide by.
-            let generations = if kind == Kind::Fragment { 2 } else { 1 };
-            if stat("entries") != entries as u64 + generations || stat("evictions") != 0 {
+            let gens = if kind == Kind::Fragment { 2 } else { 1 };
+            if stat("entries") != (entries + gens) as u64 || stat("evictions") != 0 {
                 return Err(format!(
                     "the memory backend holds {} entries after {} inserts ({} evicted): \
                      lower the entry count or payload",
                     stat("entries"),
-                    entries,
+                    entries + gens,
                     stat("evictions")
                 ));
             }

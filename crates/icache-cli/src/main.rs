@@ -10,7 +10,16 @@
 //! icache [--url URL] get KEY            # the plain value stored by `set()`, as is
 //! icache [--url URL] stats              # `backend`, `url`, then the server's counters
 //! icache [--url URL] flush              # every cached block misses once; prints `icache:flush NEW_GENERATION`
+//! icache db install --db DB_URL         # the outbox (and icache_bump on PostgreSQL)
+//! icache db watch --db DB_URL TABLE TOKEN_EXPR...   # triggers; prints what changes bump
+//! icache db unwatch --db DB_URL TABLE   # drops them
+//! icache db status --db DB_URL          # pending rows, oldest, watched tables
+//! icache --url URL relay --db DB_URL    # outbox -> cache until SIGINT/SIGTERM
 //! ```
+//!
+//! `DB_URL` is `postgres://…`, `postgresql://…` or `sqlite:///absolute/path.db`;
+//! the `db` commands and `relay` exit 1 for database or cache trouble and 2
+//! for usage (a bad URL part, a missing table or column).
 //!
 //! The URL comes from `--url` or the `ICACHE_URL` environment variable. It is
 //! meant for `redis://` and `memcached://`: `memory://` (the default) is the
@@ -26,6 +35,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use icache::ICache;
+
+mod db;
 
 /// Exit status: backend trouble (and output that could not be written).
 const EXIT_BACKEND: u8 = 1;
@@ -107,6 +118,13 @@ enum Command {
     /// `icache:flush NEW_GENERATION`.
     #[command(after_help = EXIT_CODES)]
     Flush,
+    /// The outbox in the database (install, watch, unwatch, status): bumps
+    /// written inside the writer's own transaction.
+    #[command(subcommand)]
+    Db(db::DbCommand),
+    /// Move the outbox's bumps to the cache (--url) until SIGINT/SIGTERM.
+    #[command(after_help = db::DB_EXIT_CODES)]
+    Relay(db::RelayArgs),
 }
 
 /// Why a command did not succeed.
@@ -132,6 +150,11 @@ impl From<io::Error> for Failure {
 fn main() -> ExitCode {
     // Usage errors exit 2; --help and --version exit 0.
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Db(command) => return db::run_db(command),
+        Command::Relay(args) => return db::run_relay(&cli.url, args),
+        _ => {}
+    }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Cache(e)) => {
@@ -218,6 +241,8 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 writeln!(out, "{name} {value}")?;
             }
         }
+        // Run by main() before a cache is opened.
+        Command::Db(_) | Command::Relay(_) => {}
     }
     out.flush()?;
     Ok(())

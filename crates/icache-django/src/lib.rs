@@ -19,6 +19,8 @@
 //! `django_icache` when a call returns to Python. The core already limits its
 //! warnings to one every 10 s.
 
+mod db;
+
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -375,5 +377,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Cache>()?;
     m.add("CacheError", m.py().get_type::<CacheError>())?;
     m.add_function(wrap_pyfunction!(flush_log, m)?)?;
+    db::register(m)?;
     Ok(())
 }

@@ -39,6 +39,7 @@ settings.configure(
         "django.contrib.contenttypes",
         "django.contrib.sessions",
         "django.contrib.messages",
+        "django.contrib.admin",  # test_outbox.py saves through the admin
         "django_icache",
         "movieapp",
     ],

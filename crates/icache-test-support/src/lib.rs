@@ -69,8 +69,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod postgres;
 mod sentinel;
 mod slow;
+pub use postgres::PostgresServer;
 pub use sentinel::RedisSentinel;
 pub use slow::SlowProxy;
 
@@ -730,6 +732,11 @@ impl RedisServer {
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port())
+    }
+
+    /// The server's process id while it runs (to SIGSTOP/SIGCONT it).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.child.as_ref().map(Child::id)
     }
 
     /// Kills the server (SIGKILL) and waits for it to exit.

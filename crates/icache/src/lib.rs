@@ -131,6 +131,8 @@ mod cache;
 mod codec;
 mod config;
 mod core;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub mod db;
 mod error;
 mod fragment;
 mod keys;

@@ -1,4 +1,4 @@
-//! Section 7 of the report: a bump under load. N app processes (this tool
+//! Section 8 of the report: a bump under load. N app processes (this tool
 //! spawned again, hidden flag `--bump-child`) read the demo's hot block from
 //! 4 threads each while the parent bumps its token once a second; the
 //! renders per bump and the latency in the second after each bump, for
@@ -183,7 +183,7 @@ pub(crate) fn bump_under_load(
     let mut targets = Vec::new();
     for processes in [2usize, 4] {
         for (label, option) in modes {
-            progress(&format!("7/7 … {processes} processes, {label}"));
+            progress(&format!("8/8 … {processes} processes, {label}"));
             let url = format!("{}?timeout_ms=2000&{option}", servers.redis.url());
             let r = run(exe, &url, processes, bumps);
             let calm99 = percentile(&r.calm, 99);
@@ -197,7 +197,7 @@ pub(crate) fn bump_under_load(
             ]);
             if option == "fill=lease" {
                 targets.push(Target {
-                    section: 7,
+                    section: 8,
                     what: format!("{processes} processes, fill=lease: renders per bump"),
                     goal: Goal::AtMost(1.25),
                     measured: r.renders_per_bump,
@@ -205,7 +205,7 @@ pub(crate) fn bump_under_load(
             }
             if option == "stale=render" && calm99 > 0 {
                 targets.push(Target {
-                    section: 7,
+                    section: 8,
                     what: format!(
                         "{processes} processes, stale=render: p99 after a bump ÷ a hit's p99"
                     ),
@@ -217,7 +217,7 @@ pub(crate) fn bump_under_load(
     }
     let strict = strict_rows(servers);
     let mut md = format!(
-        "## 7. A bump under load\n\n\
+        "## 8. A bump under load\n\n\
          N app processes (this tool spawned again) read the demo's hot block \
          (4 KB, its token `movies`, {} ms to render on a miss) from 4 threads each, \
          one read every ~2 ms per thread, on Redis; the parent bumps `movies` once \
@@ -240,7 +240,7 @@ pub(crate) fn bump_under_load(
         .filter(|t| !t.met())
         .map(|t| {
             format!(
-                "**7. {}** ({}): see section 7; a shared 2-CPU machine running 4 \
+                "**8. {}** ({}): see section 8; a shared 2-CPU machine running 4 \
                  processes of 4 threads plus the server makes tail latencies noisy.",
                 t.what,
                 report::ratio(t.measured)
@@ -263,7 +263,7 @@ fn strict_rows(servers: &Servers<'_>) -> (String, Vec<Target>) {
     let mut targets = Vec::new();
     let mut plain_bump = 0u64;
     for strict in [false, true] {
-        progress(&format!("7/7 … near=tracking strict={strict}"));
+        progress(&format!("8/8 … near=tracking strict={strict}"));
         let proxy = Proxy::start(servers.port("redis"));
         let url = format!(
             "redis://127.0.0.1:{}?timeout_ms=2000&near=tracking&max_lag_ms={MAX_LAG_MS}{}",
@@ -303,7 +303,7 @@ fn strict_rows(servers: &Servers<'_>) -> (String, Vec<Target>) {
         ]);
         if strict {
             targets.push(Target {
-                section: 7,
+                section: 8,
                 what: "strict=true: bump p50 ÷ (max_lag_ms + a plain bump)".to_owned(),
                 goal: Goal::AtMost(1.25),
                 measured: p50 as f64 / (MAX_LAG_MS as f64 * 1000.0 + plain_bump as f64),

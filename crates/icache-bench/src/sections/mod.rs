@@ -251,6 +251,7 @@ mod growth;
 mod hit_vs_bare;
 mod hit_vs_render;
 mod memory_per_entry;
+mod outbox;
 mod pages;
 mod wire;
 
@@ -259,5 +260,6 @@ pub(crate) use growth::growth;
 pub(crate) use hit_vs_bare::hit_vs_bare;
 pub(crate) use hit_vs_render::hit_vs_render;
 pub(crate) use memory_per_entry::memory_per_entry;
+pub(crate) use outbox::outbox;
 pub(crate) use pages::pages;
 pub(crate) use wire::wire;

@@ -36,8 +36,9 @@ class ICache:
     """The original app's ``icache`` object, with the fixed semantics of the
     Rust core. Lazy: the backend is opened on first use, from the settings."""
 
-    def __init__(self, url: str | None = None):
+    def __init__(self, url: str | None = None, raise_errors: bool = False):
         self._url = url
+        self._raise_errors = raise_errors
         self._handle: Cache | None = None
         self._lock = threading.Lock()
         _instances.add(self)
@@ -92,8 +93,11 @@ class ICache:
         return self.handle.backend
 
     def stats(self) -> dict:
-        """This process's counters: hits, misses, stores, errors, …"""
-        return self.handle.stats()
+        """This process's counters: hits, misses, stores, errors, …, and the
+        bumps failed, deferred to a commit or written to the outbox."""
+        from . import outbox
+
+        return {**self.handle.stats(), **outbox.counts()}
 
     def ping(self) -> None:
         """Raises CacheError when the backend does not answer."""
@@ -107,15 +111,28 @@ class ICache:
 
     # ---- the seed's five methods ------------------------------------------------
 
-    def incr(self, value: Any) -> int:
+    def incr(self, value: Any, *, using: str | None = None, raise_errors: bool | None = None) -> int | None:
         """Bumps a token's generation (atomically, in the backend) and returns
         the new one. A token with no generation gets a fresh random one, never
-        0: the first bump is never lost."""
-        return self.handle.incr(token(value))
+        0: the first bump is never lost. Inside ``transaction.atomic()`` the
+        bump waits for the commit (``None`` is returned) and a rollback
+        cancels it; a cache failure is logged, not raised, unless
+        ``raise_errors=True`` (see :mod:`django_icache.outbox`)."""
+        from . import outbox
 
-    def incr_many(self, tokens: Iterable[Any]) -> list[int]:
-        """Bumps several tokens in one round trip."""
-        return self.handle.incr_many(_tokens(tokens))
+        raise_errors = self._raise_errors if raise_errors is None else raise_errors
+        done = outbox.bump(self, [token(value)], using, raise_errors, single=True)
+        return done[0] if done else None
+
+    def incr_many(
+        self, tokens: Iterable[Any], *, using: str | None = None, raise_errors: bool | None = None
+    ) -> list[int] | None:
+        """Bumps several tokens in one round trip (transactions and failures
+        as :meth:`incr`)."""
+        from . import outbox
+
+        raise_errors = self._raise_errors if raise_errors is None else raise_errors
+        return outbox.bump(self, _tokens(tokens), using, raise_errors)
 
     def get_sum(self, tokens: Iterable[Any]) -> int:
         """The version of a set of tokens: the sum of their generations."""

@@ -14,6 +14,9 @@ class DjangoICacheConfig(AppConfig):
         # rendered before the tag library is first loaded elsewhere.
         install_csrf_hole()
         setting_changed.connect(_reset_on_change, dispatch_uid="django_icache.reset")
+        from . import relay
+
+        relay.connect_signals()  # the outbox relay (ICACHE_RELAY) and read-your-writes
 
 
 def _reset_on_change(setting, **kwargs):

@@ -195,7 +195,7 @@ pub(crate) fn fetch_keys(prefix: &str, tokens: &[&str], entries: &[Key<'_>]) -> 
 }
 
 /// [`assemble`] for values that all came from one server instance.
-#[cfg(any(feature = "redis", feature = "memcached"))]
+#[cfg(feature = "redis")]
 pub(crate) fn assemble_from(
     values: Vec<Option<Vec<u8>>>,
     tokens: usize,

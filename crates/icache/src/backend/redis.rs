@@ -374,8 +374,23 @@ fn renew_marker(
     ensure_marker(con, marker, server)
 }
 
-/// The instance under `marker`, setting the marker first if it is missing.
-pub(crate) fn ensure_marker(
+/// The instance under `marker`, read first: a server that refuses writes
+/// (full, under `noeviction`) still serves reads when the marker is there.
+fn ensure_marker(
+    con: &mut redis::Connection,
+    marker: &Marker,
+    server: &str,
+) -> redis::RedisResult<Arc<str>> {
+    let now: Option<Vec<u8>> = redis::cmd("GET").arg(&marker.key).query(con)?;
+    match now {
+        Some(m) => Ok(Marker::instance(server, &m)),
+        None => set_marker(con, marker, server),
+    }
+}
+
+/// The instance under `marker`, which was missing: set it unless another
+/// client just did, then read it.
+fn set_marker(
     con: &mut redis::Connection,
     marker: &Marker,
     server: &str,
@@ -445,7 +460,7 @@ impl Backend for Redis {
                     Some(m) => Marker::instance(&c.server, &m),
                     // Flushed, or swapped for unmarked data: what this
                     // read found was stored under no marker we know.
-                    None => ensure_marker(&mut c.con, marker, &c.server)?,
+                    None => set_marker(&mut c.con, marker, &c.server)?,
                 };
             }
             Ok((v, c.instance.clone()))
@@ -563,7 +578,7 @@ impl Backend for Redis {
                 .query(&mut c.con)?;
             c.instance = match now {
                 Some(m) => Marker::instance(&c.server, &m),
-                None => ensure_marker(&mut c.con, marker, &c.server)?,
+                None => set_marker(&mut c.con, marker, &c.server)?,
             };
             if c.instance == stored_on {
                 return Ok(true);
@@ -620,7 +635,7 @@ impl Backend for Redis {
             let now: Option<Vec<u8>> = redis::cmd("GET").arg(&marker.key).query(&mut c.con)?;
             c.instance = match now {
                 Some(m) => Marker::instance(&c.server, &m),
-                None => ensure_marker(&mut c.con, marker, &c.server)?,
+                None => set_marker(&mut c.con, marker, &c.server)?,
             };
             Ok(Some(c.instance.clone()))
         })

@@ -163,7 +163,9 @@ fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::
     // Tracking is on from here: fills may begin.
     gens.reset(Some(instance.clone()));
     // The ping reads the marker: a `SWAPDB` sends no invalidation, but it
-    // changes the marker, and so the instance the table belongs to. Under
+    // changes the marker, and so the instance the table belongs to.
+    // GETRANGE rather than GET: an operator counting `get` calls sees only
+    // the reads of pages (a missing key reads as "", never a marker). Under
     // Sentinel it asks `ROLE` first (as ordered as any command): a master
     // demoted by a failover, whose table would follow a lagging copy, ends
     // the session, and the next one tracks the new master.
@@ -172,7 +174,7 @@ fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::
         ping.cmd("ROLE");
     }
     match &setup.marker {
-        Some(marker) => ping.cmd("GET").arg(&marker.key),
+        Some(marker) => ping.cmd("GETRANGE").arg(&marker.key).arg(0).arg(1023),
         None => ping.cmd("PING"),
     };
     let replies = 1 + usize::from(setup.sentinel.is_some());
@@ -192,8 +194,10 @@ fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::
         }
         if let Some(marker) = &setup.marker {
             let now = match answer.into_iter().next() {
-                Some(Value::BulkString(m)) => super::Marker::instance(&server, &m),
-                Some(Value::SimpleString(m)) => super::Marker::instance(&server, m.as_bytes()),
+                Some(Value::BulkString(m)) if !m.is_empty() => super::Marker::instance(&server, &m),
+                Some(Value::SimpleString(m)) if !m.is_empty() => {
+                    super::Marker::instance(&server, m.as_bytes())
+                }
                 // Flushed: the next marker is set here, the way every
                 // connection sets it (`SET NX`, then read it).
                 _ => {

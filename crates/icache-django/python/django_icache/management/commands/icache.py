@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from ... import CacheError, icache
+from ... import CacheError, icache, outbox_commands
 
 
 class Bump:
@@ -76,6 +76,7 @@ class Stats:
 
 
 SUBCOMMANDS: dict[str, type] = {"bump": Bump, "version": Version, "flush": Flush, "stats": Stats}
+SUBCOMMANDS.update(outbox_commands.SUBCOMMANDS)  # install, relay
 
 
 class Command(BaseCommand):
