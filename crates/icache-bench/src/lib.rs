@@ -172,16 +172,7 @@ pub fn run(options: &Options) -> Result<PathBuf, Error> {
     let outbox = sections::outbox(&servers, &settings);
     progress("8/8 a bump under load (several processes)");
     let bump = sections::bump_under_load(&servers, &options.exe, options.quick);
-    let sections = [
-        hit_vs_render,
-        bare,
-        growth,
-        pages,
-        memory,
-        wire,
-        outbox,
-        bump,
-    ];
+    let sections = [hit_vs_render, bare, growth, pages, memory, wire, outbox, bump];
     let report = assemble(options, &settings, &sections, &servers, started.elapsed());
     if let Some(dir) = options.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::Write(dir.to_path_buf(), e))?;

@@ -192,14 +192,6 @@ fn redis_near_tracking() {
     chaos_with("redis", &["--url-options", "near=tracking"]);
 }
 
-/// `near=tracking&strict=true`: bumps wait `max_lag_ms`, so `max_lag()` is
-/// zero and every read is checked with the never-stale oracle (the bumps
-/// that completed before it began), as with `near=off`.
-#[test]
-fn redis_near_tracking_strict() {
-    chaos_with("redis", &["--url-options", "near=tracking&strict=true"]);
-}
-
 /// `--writers db` (issue 18): the bumps come from PostgreSQL's outbox. Writer
 /// processes only commit UPDATEs to a watched table (the triggers write the
 /// tokens in the same transaction), three relay processes bump Redis, and
@@ -228,4 +220,12 @@ fn redis_db_writers() {
     assert_eq!(t.get("final_reads"), 16, "every item read at the end");
     assert_eq!(t.get("final_stale"), 0);
     assert_eq!(t.get("outbox_left"), 0);
+}
+
+/// `near=tracking&strict=true`: bumps wait `max_lag_ms`, so `max_lag()` is
+/// zero and every read is checked with the never-stale oracle (the bumps
+/// that completed before it began), as with `near=off`.
+#[test]
+fn redis_near_tracking_strict() {
+    chaos_with("redis", &["--url-options", "near=tracking&strict=true"]);
 }

@@ -70,9 +70,9 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 mod postgres;
+pub use postgres::PostgresServer;
 mod sentinel;
 mod slow;
-pub use postgres::PostgresServer;
 pub use sentinel::RedisSentinel;
 pub use slow::SlowProxy;
 

@@ -163,12 +163,12 @@ fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::
     // Tracking is on from here: fills may begin.
     gens.reset(Some(instance.clone()));
     // The ping reads the marker: a `SWAPDB` sends no invalidation, but it
-    // changes the marker, and so the instance the table belongs to.
-    // GETRANGE rather than GET: an operator counting `get` calls sees only
-    // the reads of pages (a missing key reads as "", never a marker). Under
+    // changes the marker, and so the instance the table belongs to. Under
     // Sentinel it asks `ROLE` first (as ordered as any command): a master
     // demoted by a failover, whose table would follow a lagging copy, ends
-    // the session, and the next one tracks the new master.
+    // the session, and the next one tracks the new master. GETRANGE rather
+    // than GET: an operator counting `get` calls sees only the reads of
+    // pages (a missing key reads as "", never a marker).
     let mut ping = redis::pipe();
     if setup.sentinel.is_some() {
         ping.cmd("ROLE");
