@@ -221,3 +221,11 @@ fn redis_db_writers() {
     assert_eq!(t.get("final_stale"), 0);
     assert_eq!(t.get("outbox_left"), 0);
 }
+
+/// `near=tracking&strict=true`: bumps wait `max_lag_ms`, so `max_lag()` is
+/// zero and every read is checked with the never-stale oracle (the bumps
+/// that completed before it began), as with `near=off`.
+#[test]
+fn redis_near_tracking_strict() {
+    chaos_with("redis", &["--url-options", "near=tracking&strict=true"]);
+}

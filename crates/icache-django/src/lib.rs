@@ -288,18 +288,28 @@ impl Cache {
     /// waiting and I/O happen without it. Blocks rendered inside `render` on
     /// this thread become dependencies of this one. Backend trouble renders
     /// uncached (fail-open); an exception from `render` propagates unchanged
-    /// and nothing is stored.
+    /// and nothing is stored. `stale`: this block's `stale=render` choice
+    /// (`None`: the handle's).
+    #[pyo3(signature = (name, tokens, render, stale=None))]
     fn fragment(
         &self,
         py: Python<'_>,
         name: &str,
         tokens: Vec<String>,
         render: Py<PyAny>,
+        stale: Option<bool>,
     ) -> PyResult<String> {
         detached(py, || {
-            self.inner.fragment(name, &tokens, || {
-                Python::attach(|py| render.bind(py).call0()?.extract::<String>())
-            })
+            let body = || Python::attach(|py| render.bind(py).call0()?.extract::<String>());
+            match stale {
+                None => self.inner.fragment(name, &tokens, body),
+                Some(on) => self.inner.fragment_with(
+                    name,
+                    &tokens,
+                    icache::BlockOptions::new().stale_render(on),
+                    body,
+                ),
+            }
         })
     }
 
@@ -339,6 +349,8 @@ impl Cache {
         d.set_item("body_fetches", s.body_fetches)?;
         d.set_item("tracked_hits", s.tracked_hits)?;
         d.set_item("near_bytes", s.near_bytes)?;
+        d.set_item("lease_waits", s.lease_waits)?;
+        d.set_item("stale_served", s.stale_served)?;
         Ok(d)
     }
 

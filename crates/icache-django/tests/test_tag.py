@@ -241,3 +241,20 @@ def test_icache_fragment_in_python_code(use_url, backend_url):
     assert icache.fragment("list", [tok], body) == "<ul>1</ul>"
     icache.incr(tok)
     assert icache.fragment("list", [tok], body) == "<ul>2</ul>"
+
+
+def test_stale_option_parses_and_renders(use_url, backend_url):
+    # `stale=True`/`False` is an option, not a token; anything else is a
+    # syntax error naming it. (The cross-process behaviour is tested in Rust:
+    # conformance fleet::stale_is_chosen_per_block_in_each_api.)
+    from django.template import engines
+
+    django_engine = engines["django"]
+    for option in ("stale=True", "stale=False"):
+        t = django_engine.from_string(
+            "{% load icache %}{% icache 'stale-opt' " + option + " %}<p>x</p>{% endicache %}"
+        )
+        assert t.render({}) == "<p>x</p>"
+        assert t.render({}) == "<p>x</p>"
+    with pytest.raises(TemplateSyntaxError, match="stale="):
+        django_engine.from_string("{% load icache %}{% icache 'stale-opt' stale=maybe %}x{% endicache %}")

@@ -73,6 +73,7 @@ impl ICache {
     /// | `memcached://host[:port]` | memcached (feature `memcached`) |
     /// | `memcached://h1:p1,h2:p2,…` | a memcached pool (rendezvous hashing) |
     /// | `redis+cluster://h1:p1,h2:p2,…` | Redis Cluster (feature `redis`) |
+    /// | `redis+sentinel://[password@]h1:p1,h2:p2/MASTER_NAME[/db]` | Redis Sentinel: the master it names (feature `redis`) |
     /// | `none://` | no cache: every block renders, nothing is stored |
     ///
     /// Options for every scheme: `prefix=` (keeps apps apart on a shared
@@ -91,6 +92,14 @@ impl ICache {
     /// staleness bound of `near=tracking`, default 100). `near=tracking`
     /// needs a single Redis node; on memcached or a cluster it is a
     /// [`Config`](crate::ErrorKind::Config) error.
+    ///
+    /// `strict=true` (with `near=tracking`): bumps return `max_lag_ms`
+    /// after the server applied them, so reads are never stale again
+    /// ([`max_lag`](Self::max_lag) is zero). `fill=lease|local` (default
+    /// `lease`: one render per block and version across processes, others
+    /// wait at most `lease_ms=`, default 3000) and `stale=render` (serve the
+    /// previous body while another process renders); see the README's
+    /// "A fleet of app servers".
     ///
     /// Network backends connect lazily: opening never blocks, and a server that
     /// is down shows up as an error of the first operation. After a failure
@@ -126,7 +135,7 @@ impl ICache {
             Target::Memory { max_bytes } => Box::new(backend::memory::Memory::new(*max_bytes)?),
             Target::Nothing => Box::new(backend::none::Nothing),
             #[cfg(feature = "redis")]
-            Target::Redis { .. } => {
+            Target::Redis { .. } | Target::RedisSentinel(_) => {
                 let redis = backend::redis::Redis::new(&config)?;
                 if let Some(gens) = near.as_ref().and_then(|n| n.gens.clone()) {
                     let thread = backend::redis::tracking::start(redis.tracking_setup()?, gens)?;
@@ -147,7 +156,9 @@ impl ICache {
             #[allow(unreachable_patterns)]
             _ => {
                 let feature = match &config.target {
-                    Target::Redis { .. } | Target::RedisCluster { .. } => "redis",
+                    Target::Redis { .. }
+                    | Target::RedisCluster { .. }
+                    | Target::RedisSentinel(_) => "redis",
                     _ => "memcached",
                 };
                 return Err(Error::config(format!(
@@ -231,6 +242,8 @@ impl ICache {
     /// ```
     pub fn max_lag(&self) -> Duration {
         match self.inner.core.config.near {
+            // strict=true: a bump returns only once no reader can miss it.
+            crate::config::Near::Tracking { .. } if self.inner.core.config.strict => Duration::ZERO,
             crate::config::Near::Tracking { max_lag } => max_lag,
             _ => Duration::ZERO,
         }
@@ -332,7 +345,14 @@ impl ICache {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
-        self.inner.core.incr_many(tokens)
+        let core = &self.inner.core;
+        if let Some(lease) = core.config.lease {
+            // Before the bump: a read racing it must not get an old body.
+            core.bumps.bumped(tokens, lease);
+        }
+        let gens = core.incr_many(tokens)?;
+        crate::strict::after_bump(&core.config);
+        Ok(gens)
     }
 
     /// The token every cached block depends on besides its own:

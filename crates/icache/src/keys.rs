@@ -20,6 +20,8 @@ pub(crate) enum Space {
     Plain,
     /// A cached fragment (`fragment`, template blocks).
     Fragment,
+    /// A fill lease: who renders one (block, version) (`fill=lease`).
+    Lease,
 }
 
 impl Space {
@@ -29,6 +31,7 @@ impl Space {
             Space::Versioned => ('v', 'V'),
             Space::Plain => ('k', 'K'),
             Space::Fragment => ('f', 'F'),
+            Space::Lease => ('l', 'L'),
         }
     }
 }
@@ -56,6 +59,12 @@ impl<'a> Key<'a> {
     pub(crate) fn fragment(name: &'a str) -> Self {
         Key {
             space: Space::Fragment,
+            name,
+        }
+    }
+    pub(crate) fn lease(name: &'a str) -> Self {
+        Key {
+            space: Space::Lease,
             name,
         }
     }

@@ -60,6 +60,7 @@
 //! | `redis+unix:///path/redis.sock?db=N` | `redis` | single node over a Unix socket (`user=`, `pass=` options) |
 //! | `memcached://host:port` | `memcached` | one server, our own small client |
 //! | `redis+cluster://h1:p1,h2:p2` | `redis` | Redis Cluster, one round trip per hit |
+//! | `redis+sentinel://h1:p1,h2:p2/MASTER` | `redis` | Redis Sentinel: the master the sentinels name, followed across failovers |
 //! | `memcached://h1:p1,h2:p2,h3:p3` | `memcached` | a pool, rendezvous-hashed |
 //! | `none://` | always | caching off |
 //!
@@ -135,6 +136,7 @@ pub mod db;
 mod error;
 mod fragment;
 mod keys;
+mod lease;
 #[cfg(feature = "maud")]
 pub mod maud;
 #[cfg(feature = "minijinja")]
@@ -144,12 +146,14 @@ mod observe;
 #[cfg(any(feature = "redis", feature = "memcached"))]
 mod pool;
 mod stats;
+mod strict;
 #[cfg(feature = "tera")]
 pub mod tera;
 
 pub use bytes::Bytes;
 pub use cache::{ICache, Value};
 pub use error::{Error, ErrorKind, Result};
+pub use lease::BlockOptions;
 pub use observe::{BlockEvent, NotStored, Outcome, observe};
 pub use stats::Stats;
 

@@ -310,6 +310,8 @@ macro_rules! suite {
 mod bad_input;
 #[path = "conformance/engines.rs"]
 mod engines;
+#[path = "conformance/fleet.rs"]
+mod fleet;
 #[path = "conformance/flush.rs"]
 mod flush;
 #[path = "conformance/fragments.rs"]
@@ -332,6 +334,10 @@ mod near;
 mod reliability;
 #[path = "conformance/rust_api.rs"]
 mod rust_api;
+#[path = "conformance/sentinel.rs"]
+mod sentinel;
+#[path = "conformance/strict.rs"]
+mod strict;
 #[path = "conformance/unix.rs"]
 mod unix;
 #[path = "conformance/web.rs"]

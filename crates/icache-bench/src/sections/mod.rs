@@ -245,6 +245,7 @@ impl Direct {
     }
 }
 
+pub(crate) mod bump;
 mod engines;
 mod growth;
 mod hit_vs_bare;
@@ -254,6 +255,7 @@ mod outbox;
 mod pages;
 mod wire;
 
+pub(crate) use bump::bump_under_load;
 pub(crate) use growth::growth;
 pub(crate) use hit_vs_bare::hit_vs_bare;
 pub(crate) use hit_vs_render::hit_vs_render;

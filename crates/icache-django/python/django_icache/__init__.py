@@ -170,13 +170,23 @@ class ICache:
 
     # ---- cached blocks in Python code ------------------------------------------
 
-    def fragment(self, name: str, tokens: Iterable[Any], render: Callable[[], str]) -> str:
+    def fragment(
+        self,
+        name: str,
+        tokens: Iterable[Any],
+        render: Callable[[], str],
+        stale: bool | None = None,
+    ) -> str:
         """A cached block outside templates (Rust's ``fragment``):
         ``render()`` runs only on a miss, once per process for concurrent
         misses; the output is kept until a token is bumped. A Rust service
         using ``fragment(name, tokens, …)`` on the same cache shares the
-        entry."""
-        return self.handle.fragment(str(name), _tokens(tokens), render)
+        entry. ``stale=True`` serves the block's previous body while another
+        process renders the new one (``stale=render`` for this block);
+        ``None`` keeps the cache's choice."""
+        if stale is None:
+            return self.handle.fragment(str(name), _tokens(tokens), render)
+        return self.handle.fragment(str(name), _tokens(tokens), render, stale=bool(stale))
 
     def __repr__(self) -> str:
         h = self._handle

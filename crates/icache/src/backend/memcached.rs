@@ -781,6 +781,23 @@ impl Memcached {
         })
     }
 
+    /// `add` a fill lease expiring after `ttl`; `true` if it was stored.
+    /// Whole seconds, rounded up: a lease may outlive `ttl` on the server by
+    /// up to a second, which only makes a later miss of the same (block,
+    /// version) wait (at most `lease_ms`) rather than render at once.
+    fn add_lease(&self, key: &str, ttl: Duration, check: Check<'_>) -> Result<Checked<bool>> {
+        let value = crate::lease::value();
+        let mut req =
+            storage_line("add", key, exptime(Some(ttl), unix_now()), value.len()).into_bytes();
+        req.extend_from_slice(&value);
+        req.extend_from_slice(b"\r\n");
+        self.exchange("add", &[&req], check, |conn| match conn.line()?.as_str() {
+            "STORED" => Ok(true),
+            "NOT_STORED" => Ok(false),
+            other => Err(server_error(other.to_owned())),
+        })
+    }
+
     fn delete_key(&self, key: &str, check: Check<'_>) -> Result<Checked<bool>> {
         let req = format!("delete {key}\r\n");
         self.exchange("delete", &[req.as_bytes()], check, |conn| {
@@ -969,6 +986,10 @@ impl Backend for Memcached {
 
     fn delete(&self, key: Key<'_>) -> Result<bool> {
         unchecked(self.delete_key(&self.key(key), Check::default())?)
+    }
+
+    fn lease(&self, key: Key<'_>, ttl: Duration) -> Result<bool> {
+        unchecked(self.add_lease(&self.key(key), ttl, Check::default())?)
     }
 
     fn ping(&self) -> Result<()> {

@@ -375,6 +375,9 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
             let name: Option<String> = kwargs.get("name")?;
             let block: Option<String> = kwargs.get(BLOCK_KW)?;
             let scope: Option<String> = kwargs.get(LOOP_KW)?;
+            // `stale=true`: serve the previous body while another render
+            // holds the lease (`stale=render` for this block).
+            let stale: Option<bool> = kwargs.get("stale")?;
             kwargs.assert_all_used()?;
             let template = state.name().to_owned();
             if let Some(i) = args.iter().position(|v| v.is_undefined() || v.is_none()) {
@@ -479,6 +482,7 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
                 block.as_deref().unwrap_or(""),
                 name.as_deref().unwrap_or(""),
             ];
+            crate::lease::choose_for_next_block(stale);
             let html = cache.block_html(&identity, &tokens, || {
                 rendering(state, 1);
                 let body = caller.call(state, &[]).map(body_text);

@@ -29,8 +29,9 @@ use crate::keys::sha256_hex;
 /// tokens (whitespace around operators, `~`, filters, tests, `in`,
 /// `and`/`or` and a ternary `if … else` is not a separator). Adjacent string
 /// literals stay separate tokens, and a bracket after whitespace starts a
-/// new one (`'a' (b)` is two tokens). `name='…'` is an option, as in the
-/// call-block form. Each block gets its identity
+/// new one (`'a' (b)` is two tokens). `name='…'` and `stale=true` (serve
+/// the previous body while another render holds the lease) are options, as
+/// in the call-block form. Each block gets its identity
 /// (template, line, column, digest of its source); hand-written
 /// `{% call icache(…) %}` blocks get one too. Lines are kept, so template
 /// errors point at the right line. `{% raw %}` sections, comments and string
@@ -639,12 +640,12 @@ impl<'a> Rewriter<'a> {
                 ));
             }
             match arg.keyword {
-                Some("name") if self.target == Target::MiniJinja => {
-                    keywords.push(format!("name=({})", arg.text));
+                Some(kw @ ("name" | "stale")) if self.target == Target::MiniJinja => {
+                    keywords.push(format!("{kw}=({})", arg.text));
                 }
                 Some(other) => {
                     let known = if self.target == Target::MiniJinja {
-                        "the only option is name="
+                        "the options are name= and stale="
                     } else {
                         "Tera blocks take no options (their position identifies them)"
                     };

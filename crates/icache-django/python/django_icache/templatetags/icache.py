@@ -347,9 +347,11 @@ _undefined_at: dict[str, float] = {}
 class ICacheNode(template.Node):
     child_nodelists = ("nodelist",)
 
-    def __init__(self, nodelist, tokens, ident, where, leaks):
+    def __init__(self, nodelist, tokens, ident, where, leaks, stale=None):
         self.nodelist = nodelist
         self.tokens = tokens
+        # ``stale=True``/``False`` on the tag; None: the cache's ``stale=``.
+        self.stale = stale
         # Template name, position and source digest, hashed.
         self.ident = ident
         # "template.html:12", for people (log lines, block names).
@@ -459,7 +461,10 @@ class ICacheNode(template.Node):
         if values is None:
             return self.nodelist.render(context)
         try:
-            stored = icache.handle.fragment(self._name(context), values, lambda: self._miss(context))
+            options = {} if self.stale is None else {"stale": self.stale}
+            stored = icache.handle.fragment(
+                self._name(context), values, lambda: self._miss(context), **options
+            )
             return SafeString(_fill(stored, context))
         except _Mangled:
             logger.warning(
@@ -524,6 +529,17 @@ def do_icache(parser, token):
         raise template.TemplateSyntaxError(
             "'icache' needs at least one token: {% icache 'movies' user.id %}…{% endicache %}"
         )
+    # ``stale=True`` (last): serve the previous body while another process
+    # renders the new one. Never a token: a filter expression has no ``=``.
+    stale = None
+    if len(bits) > 2 and bits[-1].startswith("stale="):
+        value = bits.pop()[len("stale=") :]
+        if value not in ("True", "False"):
+            raise template.TemplateSyntaxError(
+                f"'icache' option stale= takes True or False, not {value!r}: "
+                "{% icache 'movies' stale=True %}…{% endicache %}"
+            )
+        stale = value == "True"
     exprs = [parser.compile_filter(b) for b in bits[1:]]
     nodelist, consumed = _parse_body(parser, "endicache")
     name = _template_name(parser)
@@ -532,7 +548,7 @@ def do_icache(parser, token):
     leaks = _per_user_reads(consumed)
     if any(_USER_TOKEN.match(b) for b in bits[1:]):
         leaks -= {"request.user", "user", "perms"}
-    return ICacheNode(nodelist, exprs, ident, f"{name}:{token.lineno}", leaks)
+    return ICacheNode(nodelist, exprs, ident, f"{name}:{token.lineno}", leaks, stale)
 
 
 @register.tag("nocache")
