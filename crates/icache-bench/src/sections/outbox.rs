@@ -418,8 +418,8 @@ fn measure_lag(
         let committed = Instant::now();
         loop {
             let (at, tokens) = rx
-                .recv_timeout(Duration::from_secs(10))
-                .unwrap_or_else(|e| panic!("no bump of {token} within 10 s: {e}"));
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|e| panic!("no bump of {token} within 30 s: {e}"));
             if tokens.contains(&token) {
                 lags.push(at.saturating_duration_since(committed));
                 break;
