@@ -1,0 +1,1 @@
+//! Purger (in the next commit).
