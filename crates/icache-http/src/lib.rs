@@ -40,7 +40,7 @@
 mod key;
 mod layer;
 mod manifest;
-
+mod purge;
 mod shim;
 
 pub use key::surrogate_key;
@@ -48,5 +48,5 @@ pub use layer::{
     DEFAULT_HEADER_BUDGET, DEFAULT_MANIFEST_BYTES, PageLayer, PageService, PageStats,
     ResponseFuture, SurrogateHeader,
 };
-
+pub use purge::{CLOUDFLARE_API, FASTLY_API, PurgeError, PurgeErrorKind, PurgeStats, Purger};
 pub use shim::PageEvents;

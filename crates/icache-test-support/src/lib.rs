@@ -64,6 +64,9 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod varnish;
+pub use varnish::{VarnishServer, repo_vcl};
+
 /// How long a server may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many times a start is tried (each time on a new port).
