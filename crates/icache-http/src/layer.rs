@@ -161,6 +161,15 @@ impl std::fmt::Debug for PageLayer {
 impl PageLayer {
     /// A layer over `cache` (the handle the pages' blocks use).
     pub fn new(cache: ICache) -> PageLayer {
+        // On /metrics from the start, not from the first event.
+        for name in [
+            "icache_http_not_modified_total",
+            "icache_http_manifest_hits_total",
+            "icache_http_manifest_misses_total",
+            "icache_http_over_budget_total",
+        ] {
+            metrics::counter!(name).increment(0);
+        }
         PageLayer {
             opts: Options {
                 header: SurrogateHeader::default(),

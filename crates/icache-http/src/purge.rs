@@ -1,8 +1,8 @@
 //! [`Purger`]: for every bumped token, the purge its proxy understands.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use icache::ICache;
@@ -113,7 +113,13 @@ struct Inner {
     agent: ureq::Agent,
     ok: AtomicU64,
     failed: AtomicU64,
+    /// Tokens whose purge failed: sent again with the next purge.
+    pending: Mutex<Vec<String>>,
 }
+
+/// Most tokens remembered for a later purge (beyond it the oldest are
+/// dropped, with a warning: those pages stay at the proxy until purged).
+const MAX_PENDING: usize = 100_000;
 
 /// Sends, for every bumped token, the purge of its
 /// [`surrogate_key`](crate::surrogate_key) to the proxy in front of the
@@ -192,12 +198,17 @@ fn check_http_url(url: &str) -> Result<String, PurgeError> {
 
 impl Purger {
     fn with(target: Target) -> Purger {
+        // On /metrics from the start, not from the first purge.
+        for result in ["ok", "error"] {
+            metrics::counter!("icache_http_purges_total", "result" => result).increment(0);
+        }
         Purger {
             inner: Arc::new(Inner {
                 target,
                 agent: agent(Duration::from_secs(2)),
                 ok: AtomicU64::new(0),
                 failed: AtomicU64::new(0),
+                pending: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -339,16 +350,62 @@ impl Purger {
         }
     }
 
-    /// Purges every page that read one of `tokens`. Blocking (call it from
-    /// the relay's thread, a blocking task, or after `incr`).
+    /// Tokens whose purge failed and that the next [`purge`](Self::purge)
+    /// sends again.
+    pub fn pending(&self) -> usize {
+        self.inner
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Purges every page that read one of `tokens`, and the tokens of
+    /// earlier purges that failed. Blocking (call it from the relay's
+    /// thread, a blocking task, or after `incr`).
     ///
     /// # Errors
     ///
     /// [`PurgeErrorKind::Purge`] when a request still failed after its
-    /// retries; the message names the proxy and its answer. Batches before
-    /// it were purged: purging again is harmless.
+    /// retries; the message names the proxy and its answer. The tokens are
+    /// then remembered and sent again with the next purge (purging twice is
+    /// harmless).
     pub fn purge<S: AsRef<str>>(&self, tokens: &[S]) -> Result<(), PurgeError> {
-        let mut keys: Vec<String> = tokens.iter().map(|t| surrogate_key(t.as_ref())).collect();
+        let mut all: Vec<String> = tokens.iter().map(|t| t.as_ref().to_owned()).collect();
+        all.append(
+            &mut self
+                .inner
+                .pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        all.sort_unstable();
+        all.dedup();
+        let out = self.purge_now(&all);
+        if out.is_err() {
+            let mut pending = self
+                .inner
+                .pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            pending.extend(all);
+            pending.sort_unstable();
+            pending.dedup();
+            if pending.len() > MAX_PENDING {
+                let dropped = pending.len() - MAX_PENDING;
+                pending.drain(..dropped);
+                tracing::warn!(
+                    dropped,
+                    "icache-http: too many purges pending; the oldest dropped (their pages stay \
+                     at the proxy until purged again)"
+                );
+            }
+        }
+        out
+    }
+
+    fn purge_now(&self, tokens: &[String]) -> Result<(), PurgeError> {
+        let mut keys: Vec<String> = tokens.iter().map(|t| surrogate_key(t)).collect();
         keys.sort_unstable();
         keys.dedup();
         if keys.is_empty() {

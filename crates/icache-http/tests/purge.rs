@@ -261,3 +261,19 @@ fn bad_purge_urls_name_the_bad_part() {
         assert!(err.to_string().contains(part), "{url}: {err}");
     }
 }
+
+#[test]
+fn a_failed_purge_is_sent_again_with_the_next_one() {
+    let r = Recorder::start(&[503, 503, 503, 200]);
+    let p = Purger::varnish(&r.url).expect("url");
+    let err = p.purge(&["movies"]).expect_err("three 503s");
+    assert!(err.to_string().contains("503"), "{err}");
+    assert_eq!(p.pending(), 1);
+    p.purge(&["7"]).expect("purged");
+    let seen = r.seen();
+    assert_eq!(seen.len(), 4);
+    let mut keys: Vec<&str> = seen[3].header("xkey-purge").split(' ').collect();
+    keys.sort_unstable();
+    assert_eq!(keys, sorted_keys(&["movies".into(), "7".into()]));
+    assert_eq!(p.pending(), 0);
+}
