@@ -167,7 +167,9 @@ pub fn run(options: &Options) -> Result<PathBuf, Error> {
 
     progress("6/6 bytes on the wire per hit");
     let wire = sections::wire(&servers);
-    let sections = [hit_vs_render, bare, growth, pages, memory, wire];
+    progress("7/7 pages at the edge (Varnish, 304s, bump to fresh)");
+    let edge = sections::edge(&settings, options.quick);
+    let sections = [hit_vs_render, bare, growth, pages, memory, wire, edge];
     let report = assemble(options, &settings, &sections, &servers, started.elapsed());
     if let Some(dir) = options.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::Write(dir.to_path_buf(), e))?;

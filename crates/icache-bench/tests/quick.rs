@@ -122,6 +122,7 @@ fn check_report(report: &str) {
         "## 4. Page level",
         "## 5. Memory per entry",
         "## 6. Bytes on the wire per hit",
+        "## 7. Pages at the edge",
         "## Missed targets",
     ] {
         assert!(
@@ -198,6 +199,21 @@ fn check_report(report: &str) {
     }
     // 5. Memory per entry (quick_cache alone has no "charged" figure).
     check_row(report, "icache fragment (`fragment_named`)", 5, false);
+    // 7. Pages at the edge.
+    check_row(report, "user page through Varnish (Varnish hit)", 4, false);
+    check_row(
+        report,
+        "user page straight from the app (block hits)",
+        4,
+        false,
+    );
+    check_row(report, "304 from the layer (handler not run)", 4, false);
+    check_row(
+        report,
+        "`incr` returned → first GET showing the new data",
+        2,
+        false,
+    );
     check_row(report, "icache `set_versioned`", 5, false);
     check_row(report, "quick_cache alone (`String` → `Arc<str>`)", 5, true);
     // 6. Bytes on the wire: the body on every hit with near=off, a few
@@ -230,7 +246,7 @@ fn check_report(report: &str) {
     // Every target, once in the summary and once in its section, each with
     // a plain verdict and the measured ratio.
     let targets: Vec<&str> = report.lines().filter(|l| l.contains("target: ")).collect();
-    assert_eq!(targets.len(), 28, "expected 14 targets twice: {targets:#?}");
+    assert_eq!(targets.len(), 34, "expected 17 targets twice: {targets:#?}");
     for line in &targets {
         let measured = line
             .split_once(" — met (measured ")

@@ -330,10 +330,10 @@ impl AppState {
     /// The bump's error.
     pub fn bump(&self, tokens: &[&str]) -> icache::Result<Vec<u64>> {
         let gens = self.0.cache.incr_many(tokens)?;
-        if let Some(purger) = self.0.purger.get() {
-            if let Err(e) = purger.purge(tokens) {
-                tracing::error!(error = %e, "bumped, but the proxy could not be purged yet");
-            }
+        if let Some(purger) = self.0.purger.get()
+            && let Err(e) = purger.purge(tokens)
+        {
+            tracing::error!(error = %e, "bumped, but the proxy could not be purged yet");
         }
         Ok(gens)
     }

@@ -245,6 +245,7 @@ impl Direct {
     }
 }
 
+mod edge;
 mod engines;
 mod growth;
 mod hit_vs_bare;
@@ -253,6 +254,7 @@ mod memory_per_entry;
 mod pages;
 mod wire;
 
+pub(crate) use edge::edge;
 pub(crate) use growth::growth;
 pub(crate) use hit_vs_bare::hit_vs_bare;
 pub(crate) use hit_vs_render::hit_vs_render;
