@@ -14,7 +14,7 @@ use icache::ICache;
 /// What is inserted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// `fragment_named(name_i, ["movies"], …)`: a cached block per entry.
+    /// `fragment(name_i, ["movies"], …)`: a cached block per entry.
     Fragment,
     /// `set_versioned(key_i, …, version)`.
     Versioned,
@@ -37,7 +37,7 @@ impl Kind {
     /// How the report names it.
     pub fn label(self) -> &'static str {
         match self {
-            Kind::Fragment => "icache fragment (`fragment_named`)",
+            Kind::Fragment => "icache fragment (`fragment`)",
             Kind::Versioned => "icache `set_versioned`",
             Kind::QuickCache => "quick_cache alone (`String` → `Arc<str>`)",
         }
@@ -165,8 +165,8 @@ pub fn child(spec: &str) -> Result<String, String> {
             for i in 0..entries {
                 let key = kind.key(i);
                 if kind == Kind::Fragment {
-                    let got = cache
-                        .fragment_named(&key, &["movies"], || Ok::<_, String>(html.clone()))?;
+                    let got =
+                        cache.fragment(&key, &["movies"], || Ok::<_, String>(html.clone()))?;
                     black_box(got);
                 } else {
                     cache

@@ -198,7 +198,7 @@ fn check_report(report: &str) {
         check_row(report, label, 5, false);
     }
     // 5. Memory per entry (quick_cache alone has no "charged" figure).
-    check_row(report, "icache fragment (`fragment_named`)", 5, false);
+    check_row(report, "icache fragment (`fragment`)", 5, false);
     // 7. Pages at the edge.
     check_row(report, "user page through Varnish (Varnish hit)", 4, false);
     check_row(

@@ -587,21 +587,19 @@ fn reader(shared: &Shared, db: &Db, mut rng: Rng, slot: &CallSlot, tally: &mut T
             },
             || {
                 catch_unwind(AssertUnwindSafe(|| match read.page {
-                    Some(p) => cache.fragment_named("page", &[&page_token(p)], || {
+                    Some(p) => cache.fragment("page", &[&page_token(p)], || {
                         outer_ran.set(true);
                         let mut out = String::new();
                         for &i in &read.items {
-                            out.push_str(&cache.fragment_named(
-                                "item",
-                                &[&item_token(i)],
-                                || render_item(i),
-                            )?);
+                            out.push_str(
+                                &cache.fragment("item", &[&item_token(i)], || render_item(i))?,
+                            );
                         }
                         Ok(out)
                     }),
                     None => {
                         let i = read.items[0];
-                        cache.fragment_named("item", &[&item_token(i)], || {
+                        cache.fragment("item", &[&item_token(i)], || {
                             outer_ran.set(true);
                             render_item(i)
                         })

@@ -2,9 +2,10 @@
 //!
 //! Flags (or environment): `--addr` (`ICACHE_DEMO_ADDR`, default
 //! 127.0.0.1:3000), `--data-dir` (`ICACHE_DEMO_DATA`, default `./data`), and
-//! `ICACHE_URL` for the cache (default: in-process), `ICACHE_PURGE_URL` for
-//! the proxy in front to purge after each bump (Varnish:
-//! `http://127.0.0.1:PORT`; see `icache_http::Purger::from_url`).
+//! `--cache-url` (`ICACHE_URL`) for the cache (default: in-process), and
+//! `--purge-url` (`ICACHE_PURGE_URL`) for the proxy in front to purge after
+//! each bump (Varnish: `http://127.0.0.1:PORT`; see
+//! `icache_http::Purger::from_url`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! rust_peer URL incr TOKEN...                  bump; prints each new generation
-//! rust_peer URL fragment NAME BODY TOKEN...    fragment_named(NAME, TOKENS, || BODY);
+//! rust_peer URL fragment NAME BODY TOKEN...    fragment(NAME, TOKENS, || BODY);
 //!                                              prints the output; stderr says
 //!                                              "rendered" when BODY was used
 //! rust_peer URL get-versioned KEY TOKEN...     get_versioned(KEY, get_sum(TOKENS));
@@ -39,7 +39,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
         }
         ("fragment", [name, body, tokens @ ..]) => {
             let mut rendered = false;
-            let out = cache.fragment_named(name, tokens, || {
+            let out = cache.fragment(name, tokens, || {
                 rendered = true;
                 Ok::<_, String>((*body).to_string())
             })?;

@@ -242,7 +242,7 @@ impl Cache {
         render: Py<PyAny>,
     ) -> PyResult<String> {
         detached(py, || {
-            self.inner.fragment_named(name, &refs(&tokens), || {
+            self.inner.fragment(name, &tokens, || {
                 Python::attach(|py| render.bind(py).call0()?.extract::<String>())
             })
         })

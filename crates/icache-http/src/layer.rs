@@ -129,7 +129,7 @@ struct Shared {
 /// let cache = icache::ICache::memory();
 /// let c = cache.clone();
 /// let handler = tower::service_fn(move |_req: http::Request<()>| {
-///     let html = c.fragment_named("list", &["movies"], || Ok::<_, String>("<ul/>".into()));
+///     let html = c.fragment("list", &["movies"], || Ok::<_, String>("<ul/>".into()));
 ///     async move { Ok::<_, String>(http::Response::new(html.unwrap_or_default())) }
 /// });
 /// let layer = icache_http::PageLayer::new(cache.clone());
@@ -290,10 +290,12 @@ where
         let handed = PageEvents::default();
         req.extensions_mut().insert(handed.clone());
         Box::pin(async move {
-            if let Some(inm) = headers.get(IF_NONE_MATCH) {
-                if let Some(resp) = layer.from_manifest(&uri, &headers, inm.as_bytes()).await {
-                    return Ok(resp);
-                }
+            if let Some(inm) = headers.get(IF_NONE_MATCH)
+                && let Some(resp) = layer
+                    .answer_from_manifest(&uri, &headers, inm.as_bytes())
+                    .await
+            {
+                return Ok(resp);
             }
             let (resp, events) = shim::observe_async(move || inner.call(req), handed).await;
             let resp = resp?;
@@ -360,7 +362,7 @@ pub(crate) fn page_key(uri: &str, vary: &[HeaderName], request: &HeaderMap) -> [
 impl PageLayer {
     /// A 304 from the manifest, if the page's tokens are where they were and
     /// the client holds its tag.
-    async fn from_manifest<B: Default>(
+    async fn answer_from_manifest<B: Default>(
         &self,
         uri: &str,
         headers: &HeaderMap,
@@ -414,13 +416,21 @@ impl PageLayer {
         let Some(vary) = vary_names(h) else {
             return resp;
         };
-        let Some(reads) = shim::reads(&self.shared.cache, events).await else {
+        let Some(reads) = shim::reads(events) else {
             return resp;
         };
         if reads.is_empty() {
             return resp;
         }
-        let identities: Vec<Vec<String>> = events.iter().map(|e| e.identity.clone()).collect();
+        // The outermost blocks only: an inner block's output is part of its
+        // outer block's (whose reads include the inner tokens), and it is not
+        // even seen when the outer block is a hit, so counting it would give
+        // the same page two tags.
+        let identities: Vec<Vec<String>> = events
+            .iter()
+            .filter(|e| e.depth == 0)
+            .map(|e| e.identity.clone())
+            .collect();
         let page = page_key(uri, &vary, request);
         let etag = key::etag(&page, &reads, &identities);
         let Ok(etag_value) = HeaderValue::from_str(&etag) else {

@@ -32,7 +32,7 @@
 //! let app: Router = Router::new()
 //!     .route("/", get(move || {
 //!         let c = c.clone();
-//!         async move { c.fragment_named("list", &["movies"], || Ok::<_, String>("<ul/>".into())).unwrap_or_default() }
+//!         async move { c.fragment("list", &["movies"], || Ok::<_, String>("<ul/>".into())).unwrap_or_default() }
 //!     }))
 //!     .layer(icache_http::PageLayer::new(cache));
 //! ```

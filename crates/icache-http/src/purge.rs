@@ -186,12 +186,13 @@ fn check_http_url(url: &str) -> Result<String, PurgeError> {
     if host.is_empty() {
         return Err(bad("no host"));
     }
-    if let Some((_, port)) = host.rsplit_once(':') {
-        if !host.ends_with(']') && port.parse::<u16>().is_err() {
-            return Err(bad(&format!(
-                "port {port:?} is not a number from 0 to 65535"
-            )));
-        }
+    if let Some((_, port)) = host.rsplit_once(':')
+        && !host.ends_with(']')
+        && port.parse::<u16>().is_err()
+    {
+        return Err(bad(&format!(
+            "port {port:?} is not a number from 0 to 65535"
+        )));
     }
     Ok(url.trim_end_matches('/').to_owned())
 }

@@ -1,22 +1,18 @@
-//! TEMPORARY SHIM, to be removed when `BlockEvent::reads` and
-//! `icache::observe_async` land in `icache` (issue 22, engineer i22core).
+//! What a page's blocks read.
 //!
-//! * [`observe_async`]: observes the handler's future poll by poll (blocks
-//!   rendered on the polling thread) and collects what a handler hands over
-//!   through [`PageEvents`] (blocks rendered in `spawn_blocking`).
-//! * [`reads`]: the generations each block read. Until events carry them,
-//!   they are read once more after the render and kept **only if** every
-//!   block's recorded version (read before it rendered) is the sum of those
-//!   generations: then they are the ones the block read (up to the 2^-62
-//!   chance of the version model). Any other outcome (a bump meanwhile, a
-//!   nested block whose recorded tokens are not in its event) gives no
-//!   reads, so no ETag: never an ETag for new generations over old content.
+//! * [`observe_async`], TEMPORARY until `icache::observe_async` lands (issue
+//!   22): observes the handler's future poll by poll (blocks rendered on the
+//!   polling thread) and collects what a handler hands over through
+//!   [`PageEvents`] (blocks rendered in `spawn_blocking`).
+//! * [`reads`]: the generations each block read before it rendered
+//!   (`BlockEvent::reads`), never re-read after the render: a tag for new
+//!   generations over old content would validate that content forever.
 
 use std::future::Future;
 use std::pin::pin;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use icache::{BlockEvent, ICache, Outcome};
+use icache::{BlockEvent, Outcome};
 
 /// Where a handler hands over the blocks it rendered off the polled thread
 /// (`spawn_blocking`): found in the request's extensions.
@@ -29,7 +25,7 @@ use icache::{BlockEvent, ICache, Outcome};
 /// ```
 /// let events = icache_http::PageEvents::default();
 /// let cache = icache::ICache::memory();
-/// let (_, seen) = icache::observe(|| cache.fragment_named("b", &["t"], || Ok::<_, ()>("x".into())));
+/// let (_, seen) = icache::observe(|| cache.fragment("b", &["t"], || Ok::<_, ()>("x".into())));
 /// events.record(seen);
 /// ```
 #[derive(Clone, Default, Debug)]
@@ -68,46 +64,25 @@ pub(crate) async fn observe_async<F: Future>(
     (out, seen)
 }
 
-/// Every token the page's blocks read with its generation, or `None` when
-/// any block was not served from known generations.
-pub(crate) async fn reads(cache: &ICache, events: &[BlockEvent]) -> Option<Vec<(String, u64)>> {
-    let mut tokens: Vec<&str> = Vec::new();
+/// Every token the page's blocks read with its generation (as each block
+/// read it before rendering: `BlockEvent::reads`), or `None` when any block
+/// was not served from known generations (rendered uncached, caching off,
+/// an inner block unknown, or no token at all).
+pub(crate) fn reads(events: &[BlockEvent]) -> Option<Vec<(String, u64)>> {
+    let mut all = Vec::new();
     for e in events {
         if !matches!(
             e.outcome,
             Outcome::Hit | Outcome::Stored | Outcome::Shared | Outcome::NotStored(_)
-        ) {
+        ) || e.reads.is_empty()
+        {
             return None;
         }
-        e.version?;
-        tokens.extend(e.tokens.iter().map(String::as_str));
+        all.extend(e.reads.iter().cloned());
     }
-    tokens.sort_unstable();
-    tokens.dedup();
-    if tokens.is_empty() {
-        return Some(Vec::new());
-    }
-    let gens = cache.generations_async(&tokens).await.ok()?;
-    let of = |t: &str| {
-        tokens
-            .binary_search(&t)
-            .ok()
-            .and_then(|i| gens.get(i).copied())
-    };
-    for e in events {
-        let mut sum = 0u64;
-        for t in &e.tokens {
-            sum = sum.wrapping_add(of(t)?);
-        }
-        if Some(sum) != e.version {
-            return None;
-        }
-    }
-    Some(
-        tokens
-            .iter()
-            .map(|t| (*t).to_owned())
-            .zip(gens.iter().copied())
-            .collect(),
-    )
+    // The same token read at two generations (a bump between two blocks)
+    // stays twice: such a page is never current, so never a 304.
+    all.sort_unstable();
+    all.dedup();
+    Some(all)
 }

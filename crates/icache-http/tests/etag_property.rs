@@ -24,7 +24,7 @@ fn etag_of(rt: &tokio::runtime::Runtime, cache: &ICache, layer: &PageLayer, page
         for (name, tokens) in blocks {
             let tokens: Vec<String> = tokens.iter().map(|t| format!("t{t}")).collect();
             let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
-            let out = c.fragment_named(&format!("b{name}"), &tokens, || {
+            let out = c.fragment(&format!("b{name}"), &tokens, || {
                 Ok::<_, String>(format!("<p>{name}</p>"))
             });
             html.push_str(&out.unwrap_or_default());

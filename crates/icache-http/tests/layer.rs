@@ -31,12 +31,12 @@ fn site_with(cache: ICache, layer: PageLayer) -> Site {
             n.fetch_add(1, Ordering::SeqCst);
             let user = req.uri().path().trim_start_matches("/users/").to_owned();
             let list = c
-                .fragment_named("list", &["movies", &user], || {
+                .fragment("list", &["movies", &user], || {
                     Ok::<_, String>(format!("<ul>{user}</ul>"))
                 })
                 .unwrap_or_default();
             let top = c
-                .fragment_named("top", &["movies"], || Ok::<_, String>("<ol/>".into()))
+                .fragment("top", &["movies"], || Ok::<_, String>("<ol/>".into()))
                 .unwrap_or_default();
             let mut resp = format!("{list}{top}").into_response();
             let extra: &[(&str, &str)] = match req.uri().query() {
@@ -69,7 +69,7 @@ fn site_with(cache: ICache, layer: PageLayer) -> Site {
                 .expect("PageEvents");
             tokio::task::spawn_blocking(move || {
                 let (html, events) = icache::observe(|| {
-                    c.fragment_named("b", &["movies"], || Ok::<_, String>("<p/>".into()))
+                    c.fragment("b", &["movies"], || Ok::<_, String>("<p/>".into()))
                 });
                 handed.record(events);
                 html.unwrap_or_default()
@@ -83,12 +83,25 @@ fn site_with(cache: ICache, layer: PageLayer) -> Site {
         let (c, n) = (c.clone(), n.clone());
         async move {
             n.fetch_add(1, Ordering::SeqCst);
-            c.fragment_named("none", &[], || Ok::<_, String>("x".into()))
+            c.fragment("none", &[] as &[&str], || Ok::<_, String>("x".into()))
                 .unwrap_or_default()
+        }
+    };
+    let (c, n) = (cache.clone(), calls.clone());
+    let nested = move || {
+        let (c, n) = (c.clone(), n.clone());
+        async move {
+            n.fetch_add(1, Ordering::SeqCst);
+            c.fragment("outer", &["a"], || {
+                let inner = c.fragment("inner", &["b"], || Ok::<_, String>("<i/>".into()))?;
+                Ok::<_, String>(format!("<o>{inner}</o>"))
+            })
+            .unwrap_or_default()
         }
     };
     let app = Router::new()
         .route("/users/{id}", get(page))
+        .route("/nested", get(nested))
         .route("/blocking", get(blocking))
         .route("/tokenless", get(tokenless))
         .route("/plain", get(|| async { "no blocks" }))
@@ -365,4 +378,29 @@ async fn the_keys_header_is_selectable() {
     let tags = header(r.headers(), "cache-tag");
     assert_eq!(tags.split(',').count(), 2, "{tags}");
     assert!(r.headers().get("surrogate-key").is_none());
+}
+
+#[tokio::test]
+async fn a_nested_blocks_tokens_are_in_the_tag_even_when_the_outer_block_is_a_hit() {
+    let s = site();
+    let first = s.get("/nested").await;
+    let etag = header(first.headers(), "etag");
+    let keys = header(first.headers(), "surrogate-key");
+    assert!(
+        keys.contains(&surrogate_key("a")) && keys.contains(&surrogate_key("b")),
+        "{keys}"
+    );
+    // The outer block is a hit now (the inner one does not run): same tag.
+    let again = s.get("/nested").await;
+    assert_eq!(header(again.headers(), "etag"), etag);
+    assert_eq!(header(again.headers(), "surrogate-key"), keys);
+    assert_eq!(
+        s.revalidate("/nested", &etag).await.status(),
+        StatusCode::NOT_MODIFIED
+    );
+    // Only the inner token moves: not modified no more.
+    s.cache.incr("b").expect("bump");
+    let r = s.revalidate("/nested", &etag).await;
+    assert_eq!(r.status(), 200);
+    assert_ne!(header(r.headers(), "etag"), etag);
 }

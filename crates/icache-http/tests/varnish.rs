@@ -28,7 +28,7 @@ impl App {
         let data = self.data.clone();
         let user = user.to_owned();
         self.cache
-            .fragment_named("list", &["movies", &user], || {
+            .fragment("list", &["movies", &user], || {
                 let shown = data
                     .lock()
                     .expect("data")

@@ -92,14 +92,14 @@ fn benches(c: &mut Criterion) {
         // fragment() without a template engine around it, for the bare cost.
         let html = want.clone();
         cache
-            .fragment_named("t", &["movies-personal-rating", "movies", "42"], || {
+            .fragment("t", &["movies-personal-rating", "movies", "42"], || {
                 Ok::<_, ()>(html.clone())
             })
             .expect("f");
         g.bench_function(format!("fragment_hit/{name}"), |b| {
             b.iter(|| {
                 cache
-                    .fragment_named("t", &["movies-personal-rating", "movies", "42"], || {
+                    .fragment("t", &["movies-personal-rating", "movies", "42"], || {
                         Ok::<_, ()>(String::new())
                     })
                     .expect("hit")

@@ -262,7 +262,7 @@ impl ICache {
     /// ```
     /// let cache = icache::ICache::memory();
     /// for _ in 0..2 {
-    ///     cache.fragment(&["movies"], || Ok::<_, std::convert::Infallible>("<ul/>".to_string()))?;
+    ///     cache.fragment("list", &["movies"], || Ok::<_, std::convert::Infallible>("<ul/>".to_string()))?;
     /// }
     /// let stats = cache.stats();
     /// assert_eq!((stats.hits, stats.misses), (1, 1));
@@ -663,19 +663,23 @@ impl ICache {
     /// is read before `render` runs; on a hit `render` is not called at all.
     /// On a miss it runs once per process for all the threads that miss the
     /// same fragment at once, and its output is stored only if no token moved
-    /// while it ran. Fragments rendered inside `render` (nested blocks, on the
-    /// same thread) add their tokens to this one's.
+    /// while it ran. Fragments rendered inside `render` (nested blocks) add
+    /// their tokens to this one's.
     ///
     /// Backend trouble never becomes an error here: the body is rendered
     /// uncached (fail-open), a warning is logged at most every 10 s, and
     /// [`Stats::errors`](crate::Stats::errors) counts it. The closure's own
     /// error comes back unchanged and nothing is stored.
     ///
-    /// **What identifies the block:** its call site (file, line and column
-    /// of this call) and its tokens. Two call sites never share an entry,
-    /// even with the same tokens; to share one entry between call sites, or
-    /// to keep a block's entries across edits that move it, use
-    /// [`fragment_named`](Self::fragment_named).
+    /// **What identifies the block:** `name` and the tokens, nothing else,
+    /// as every cache takes a key. Blocks with different names never share
+    /// an entry, whatever their tokens (so a helper of yours that wraps this
+    /// call keeps its callers' blocks apart by the name they pass); calls
+    /// with the same name and tokens share one entry wherever they are.
+    ///
+    /// `tokens` is any slice of strings: `&["movies", &user_id]`, a
+    /// `&Vec<String>`, a `&[String; N]`. Up to 16 tokens are looked up
+    /// without a heap allocation.
     ///
     /// # Example
     ///
@@ -685,44 +689,29 @@ impl ICache {
     /// let cache = icache::ICache::memory();
     /// let user_id = 42.to_string();
     /// let page = |render: &dyn Fn() -> Result<String, std::fmt::Error>| {
-    ///     cache.fragment(&["movies-personal-rating", "movies", &user_id], || render())
+    ///     cache.fragment("movie-list", &["movies", &user_id], || render())
     /// };
     /// let html = page(&|| render_list(&db))?;
     /// assert_eq!(html, "<ul>movies</ul>");
     /// // Hit: the closure is not called.
     /// assert_eq!(page(&|| unreachable!())?, html);
+    /// // Another name is another block, with the same tokens.
+    /// let count = cache.fragment("movie-count", &["movies", &user_id], || Ok::<_, std::fmt::Error>("3".into()))?;
+    /// assert_eq!(count, "3");
+    /// // Owned tokens work as they are.
+    /// let owned: Vec<String> = vec!["movies".into(), user_id.clone()];
+    /// assert_eq!(cache.fragment("movie-list", &owned, || render_list("not run"))?, html);
     /// # Ok::<(), std::fmt::Error>(())
     /// ```
-    #[track_caller]
-    pub fn fragment<E>(
-        &self,
-        tokens: &[&str],
-        render: impl FnOnce() -> Result<String, E>,
-    ) -> Result<String, E> {
-        let site = call_site(std::panic::Location::caller());
-        self.block(&["fragment", &site], tokens, render)
-    }
-
-    /// [`fragment`](Self::fragment) for a block with its own identity: the
-    /// name and the tokens, nothing else. Blocks with different names never
-    /// share an entry, whatever their tokens; calls with the same name and
-    /// tokens share one wherever they are.
-    ///
-    /// # Example
-    ///
-    /// ```
-    /// let cache = icache::ICache::memory();
-    /// let list = cache.fragment_named("list", &["movies"], || Ok::<_, ()>("<ul/>".to_string()));
-    /// let count = cache.fragment_named("count", &["movies"], || Ok::<_, ()>("3".to_string()));
-    /// assert_eq!((list, count), (Ok("<ul/>".to_string()), Ok("3".to_string())));
-    /// ```
-    pub fn fragment_named<E>(
+    pub fn fragment<E, T: AsRef<str>>(
         &self,
         name: &str,
-        tokens: &[&str],
+        tokens: &[T],
         render: impl FnOnce() -> Result<String, E>,
     ) -> Result<String, E> {
-        self.block(&["named", name], tokens, render)
+        with_strs(tokens, |tokens| {
+            self.block(&["named", name], tokens, render)
+        })
     }
 
     /// The async form of [`fragment`](Self::fragment), for a body that awaits.
@@ -732,12 +721,10 @@ impl ICache {
     /// block are merged as in the sync API: one task renders, the others wait
     /// (without blocking a thread) and take its output; a task that is itself
     /// rendering an async block never waits for another one (it renders), so
-    /// async blocks nested in each other cannot deadlock. Blocks rendered
-    /// *inside* the async body are not recorded as its dependencies (the body
-    /// may move between threads at every `.await`): give the outer block all
-    /// the tokens its content depends on.
+    /// async blocks nested in each other cannot deadlock.
     ///
-    /// Identified like [`fragment`](Self::fragment): call site and tokens.
+    /// Identified like [`fragment`](Self::fragment): `name` and tokens (the
+    /// sync and the async form of one name share entries).
     ///
     /// # Example
     ///
@@ -748,43 +735,28 @@ impl ICache {
     /// let cache = icache::ICache::memory();
     /// let user_id = "42".to_string();
     /// let html = cache
-    ///     .fragment_async(&["movies-personal-rating", "movies", &user_id], || async { render_list_async().await })
+    ///     .fragment_async("movie-list", &["movies", &user_id], || async { render_list_async().await })
     ///     .await?;
     /// assert_eq!(html, "<ul/>");
     /// # Ok(()) }
     /// ```
-    #[track_caller]
-    pub fn fragment_async<'a, E, F, Fut>(
+    pub fn fragment_async<'a, E, F, Fut, T>(
         &'a self,
-        tokens: &[&str],
+        name: &str,
+        tokens: &[T],
         render: F,
     ) -> impl Future<Output = Result<String, E>> + 'a
     where
+        T: AsRef<str>,
         F: FnOnce() -> Fut + 'a,
         Fut: Future<Output = Result<String, E>> + 'a,
         E: 'a,
     {
-        let site = call_site(std::panic::Location::caller());
-        self.block_async(vec!["fragment".to_owned(), site], owned(tokens), render)
-    }
-
-    /// The async form of [`fragment_named`](Self::fragment_named).
-    pub async fn fragment_named_async<E, F, Fut>(
-        &self,
-        name: &str,
-        tokens: &[&str],
-        render: F,
-    ) -> Result<String, E>
-    where
-        F: FnOnce() -> Fut,
-        Fut: Future<Output = Result<String, E>>,
-    {
         self.block_async(
             vec!["named".to_owned(), name.to_owned()],
-            owned(tokens),
+            tokens.iter().map(|t| t.as_ref().to_owned()).collect(),
             render,
         )
-        .await
     }
 
     /// The async engine: lookup and store off the executor, the body awaited
@@ -1120,7 +1092,17 @@ fn borrowed(items: &[String]) -> Vec<&str> {
     items.iter().map(String::as_str).collect()
 }
 
-/// `file:line:column` of a call, as part of a block's identity.
-fn call_site(loc: &std::panic::Location<'_>) -> String {
-    format!("{}:{}:{}", loc.file(), loc.line(), loc.column())
+/// Runs `f` with `tokens` as `&[&str]`: on the stack for the usual handful
+/// (a hit allocates nothing), in a `Vec` beyond.
+pub(crate) fn with_strs<T: AsRef<str>, R>(tokens: &[T], f: impl FnOnce(&[&str]) -> R) -> R {
+    const ON_STACK: usize = 16;
+    if tokens.len() <= ON_STACK {
+        let mut buf = [""; ON_STACK];
+        for (slot, t) in buf.iter_mut().zip(tokens) {
+            *slot = t.as_ref();
+        }
+        f(&buf[..tokens.len()])
+    } else {
+        f(&tokens.iter().map(AsRef::as_ref).collect::<Vec<&str>>())
+    }
 }

@@ -104,6 +104,8 @@ const HARMLESS: &[&str] = &[
     "near",
     "max_lag_ms",
     "near_max_bytes",
+    "db",
+    "user",
 ];
 
 /// The URL for messages, `Debug` and `url()`: the password and the value of
@@ -205,10 +207,59 @@ const SCHEMES: &[&str] = &[
     "none",
     "redis",
     "rediss",
+    "redis+unix",
     "memcached",
     "redis+cluster",
     "rediss+cluster",
 ];
+
+/// Every scheme, for messages: one list wherever a scheme is expected.
+fn expected_schemes() -> String {
+    let all: Vec<String> = SCHEMES.iter().map(|s| format!("{s}://")).collect();
+    match all.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => all.concat(),
+    }
+}
+
+/// Which part of `input` the URL parser refused, named without echoing
+/// anything that could be a password.
+fn bad_part(e: url::ParseError, input: &str) -> String {
+    use url::ParseError as P;
+    // The authority's host and port: after the scheme and any userinfo.
+    let authority = input
+        .split_once("://")
+        .map(|(_, rest)| &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())])
+        .map(|a| a.rsplit_once('@').map_or(a, |(_, host)| host));
+    match e {
+        P::InvalidPort => {
+            let port = authority
+                .and_then(|a| a.rsplit_once(':'))
+                .map(|(_, p)| p)
+                .filter(|p| !p.contains(']'));
+            match port {
+                Some(p) => format!("the port {p:?} is not a number from 0 to 65535"),
+                None => "the port is not a number from 0 to 65535".to_owned(),
+            }
+        }
+        P::EmptyHost => "the host is empty".to_owned(),
+        P::IdnaError
+        | P::InvalidDomainCharacter
+        | P::InvalidIpv4Address
+        | P::InvalidIpv6Address => {
+            let host = authority.map(|a| match a.strip_prefix('[') {
+                Some(v6) => v6.split(']').next().unwrap_or(v6),
+                None => a.rsplit_once(':').map_or(a, |(h, _)| h),
+            });
+            match host {
+                Some(h) if !h.is_empty() => format!("the host {h:?} is not valid ({e})"),
+                _ => format!("the host is not valid ({e})"),
+            }
+        }
+        P::RelativeUrlWithoutBase => "it has no scheme (like redis://)".to_owned(),
+        other => other.to_string(),
+    }
+}
 
 /// The known scheme a mistyped one most likely meant (`memcache` →
 /// `memcached`, `redis-cluster` → `redis+cluster`): within two edits.
@@ -248,7 +299,7 @@ fn near_option(
     if in_process && near.is_some_and(|n| n != Near::Off) {
         return Err(Error::config(format!(
             "option near= in {redacted}: this cache is in process already; near= is for \
-             redis://, rediss://, redis+cluster:// and memcached://"
+             redis://, rediss://, redis+unix://, redis+cluster:// and memcached://"
         )));
     }
     let near = near.unwrap_or(if in_process { Near::Off } else { Near::Entries });
@@ -287,9 +338,12 @@ impl Config {
             (input.to_string(), Vec::new())
         };
         let url = Url::parse(&input).map_err(|e| {
-            // The input may hold a password: never echo it back.
+            // The input may hold a password: never echo it back, only the
+            // part that is wrong.
             Error::config(format!(
-                "cache URL does not parse ({e}); expected memory://, redis://, rediss:// or memcached://"
+                "cache URL does not parse: {}; expected {}",
+                bad_part(e, &input),
+                expected_schemes()
             ))
         })?;
         let mut redacted = redact(&url);
@@ -384,16 +438,26 @@ impl Config {
                         }
                     }
                 }
-                "protocol" if scheme == "redis" || scheme == "rediss" => {
+                "protocol" if matches!(scheme.as_str(), "redis" | "rediss" | "redis+unix") => {
+                    passthrough.push((k.into_owned(), v.into_owned()))
+                }
+                // redis-rs's own options of a Unix socket URL (it has no
+                // host for a database path or a user and password).
+                "db" | "user" | "pass" if scheme == "redis+unix" => {
+                    if &*k == "db" && v.parse::<u16>().is_err() {
+                        return Err(Error::config(format!(
+                            "option db={v:?} in {redacted}: expected a database number"
+                        )));
+                    }
                     passthrough.push((k.into_owned(), v.into_owned()))
                 }
                 other => {
                     return Err(Error::config(format!(
                         "unknown option {other:?} in {redacted}; known: prefix, timeout_ms, connect_timeout_ms, pool_size{}",
-                        if scheme == "memory" {
-                            ", max_bytes"
-                        } else {
-                            ", near, max_lag_ms, near_max_bytes"
+                        match scheme.as_str() {
+                            "memory" => ", max_bytes",
+                            "redis+unix" => ", near, max_lag_ms, near_max_bytes, db, user, pass",
+                            _ => ", near, max_lag_ms, near_max_bytes",
                         }
                     )));
                 }
@@ -440,6 +504,34 @@ impl Config {
                 Target::Redis {
                     url: clean.to_string(),
                     ca_file,
+                }
+            }
+            "redis+unix" => {
+                if url.host_str().is_some_and(|h| !h.is_empty()) {
+                    return Err(Error::config(format!(
+                        "redis+unix:// takes a socket path, not a host (got {redacted}); \
+                         expected redis+unix:///path/to/redis.sock?db=0"
+                    )));
+                }
+                if matches!(url.path(), "" | "/") {
+                    return Err(Error::config(format!(
+                        "missing socket path in {redacted}; expected redis+unix:///path/to/redis.sock?db=0"
+                    )));
+                }
+                if url.username() != "" || url.password().is_some() || url.fragment().is_some() {
+                    return Err(Error::config(format!(
+                        "redis+unix:// takes its user and password as options (?user=…&pass=…), \
+                         and no #fragment (in {redacted})"
+                    )));
+                }
+                let mut clean = url.clone();
+                clean.set_query(None);
+                if !passthrough.is_empty() {
+                    clean.query_pairs_mut().extend_pairs(passthrough.iter());
+                }
+                Target::Redis {
+                    url: clean.to_string(),
+                    ca_file: None,
                 }
             }
             "memcached" => {
@@ -515,7 +607,8 @@ impl Config {
                     .map(|s| format!(" (did you mean {s}://?)"))
                     .unwrap_or_default();
                 return Err(Error::config(format!(
-                    "unknown scheme {other:?} in {redacted}{hint}; expected memory://, redis://, rediss://, memcached://, redis+cluster:// or none://"
+                    "unknown scheme {other:?} in {redacted}{hint}; expected {}",
+                    expected_schemes()
                 )));
             }
         };
@@ -662,5 +755,29 @@ mod tests {
         assert!(!e.contains("hunter2"), "{e}");
         let e = err("memcached://a:1,b:2?auth=hunter2");
         assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    /// A URL that does not parse names the part that is wrong (never the
+    /// password), and every error that lists schemes lists all of them.
+    #[test]
+    fn parse_errors_name_the_part_and_list_every_scheme() {
+        let e = err("redis://127.0.0.1:abc");
+        assert!(e.contains("the port \"abc\""), "{e}");
+        let e = err("redis://user:s3cret@127.0.0.1:99999/0");
+        assert!(e.contains("the port \"99999\""), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+        let e = err("memcached://[::1/");
+        assert!(e.contains("host"), "{e}");
+        let e = err("not a url");
+        assert!(e.contains("no scheme"), "{e}");
+        let unknown = err("redsi://127.0.0.1");
+        for scheme in SCHEMES {
+            let listed = format!("{scheme}://");
+            assert!(e.contains(&listed), "{listed} missing from: {e}");
+            assert!(
+                unknown.contains(&listed),
+                "{listed} missing from: {unknown}"
+            );
+        }
     }
 }

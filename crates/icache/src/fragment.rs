@@ -1,4 +1,4 @@
-//! The block engine ([`Blocks`]) behind `fragment`, `fragment_named`,
+//! The block engine ([`Blocks`]) behind `fragment`,
 //! `fragment_async` (in `cache.rs`) and the template integrations. It owns its
 //! state (renders in flight, nested-token hints) and works on the shared
 //! [`Core`]; it does not know `ICache`.
@@ -519,10 +519,10 @@ fn readable_name(name: &str) -> String {
     out
 }
 
-/// Is a render collecting nested dependencies on this thread? (Only then
-/// does a hit need to report what it read.)
-fn in_frame() -> bool {
-    FRAMES.with(|f| !f.borrow().is_empty())
+/// Does anyone want what a hit read: an enclosing render collecting nested
+/// dependencies, or an observer? (Otherwise nothing is built.)
+fn wants_reads() -> bool {
+    FRAMES.with(|f| !f.borrow().is_empty()) || observe::observing()
 }
 
 /// Membership in a block's own tokens: a scan for the usual handful, a hash
@@ -584,18 +584,22 @@ impl Blocks {
         let name = fragment_name(identity, tokens);
         let counters = &core.counters;
         // Tells an `observe`r what happened (nothing is built otherwise).
-        let event =
-            |outcome: Outcome, version: Option<u64>, invalidated: bool, took: Option<Duration>| {
-                observe::emit(|| BlockEvent {
-                    identity: identity.iter().map(|s| (*s).to_owned()).collect(),
-                    tokens: tokens.iter().map(|s| (*s).to_owned()).collect(),
-                    version,
-                    outcome,
-                    invalidated,
-                    render_time: took,
-                    depth: FRAMES.with(|f| f.borrow().len()),
-                });
-            };
+        let event = |outcome: Outcome,
+                     version: Option<u64>,
+                     invalidated: bool,
+                     took: Option<Duration>,
+                     reads: &[(Box<str>, u64)]| {
+            observe::emit(|| BlockEvent {
+                identity: identity.iter().map(|s| (*s).to_owned()).collect(),
+                tokens: tokens.iter().map(|s| (*s).to_owned()).collect(),
+                version,
+                outcome,
+                invalidated,
+                render_time: took,
+                depth: FRAMES.with(|f| f.borrow().len()),
+                reads: reads.iter().map(|(t, g)| (t.to_string(), *g)).collect(),
+            });
+        };
         // A render of this thread's own: reported to the enclosing render
         // and to an observer.
         let finish = |rendered: &Rendered, off: bool, invalidated: bool| {
@@ -610,6 +614,7 @@ impl Blocks {
                 Some(rendered.version),
                 invalidated,
                 Some(rendered.took),
+                if off { &[] } else { &rendered.reads },
             );
         };
         let miss = match self.lookup(core, &name, tokens) {
@@ -620,7 +625,7 @@ impl Blocks {
             } => {
                 counters.count(Event::Hit);
                 report(&reads);
-                event(Outcome::Hit, Some(version), false, None);
+                event(Outcome::Hit, Some(version), false, None, &reads);
                 return Ok(Html::Cached(html));
             }
             Lookup::Down => {
@@ -629,7 +634,7 @@ impl Blocks {
                 let out = render();
                 let took = started.elapsed();
                 counters.rendered(took);
-                event(Outcome::Uncached, None, false, Some(took));
+                event(Outcome::Uncached, None, false, Some(took), &[]);
                 return out.map(Html::Rendered);
             }
             Lookup::Miss(miss) => miss,
@@ -673,7 +678,13 @@ impl Blocks {
                 {
                     counters.count(Event::Shared);
                     rendered.report();
-                    event(Outcome::Shared, Some(rendered.version), invalidated, None);
+                    event(
+                        Outcome::Shared,
+                        Some(rendered.version),
+                        invalidated,
+                        None,
+                        &rendered.reads,
+                    );
                     return Ok(Html::Rendered(rendered.html.clone()));
                 }
                 let rendered = self.render_and_store(core, &name, tokens, miss, render)?;
@@ -1071,7 +1082,7 @@ impl Blocks {
                     html,
                     // What it read, for an enclosing render; nothing to build
                     // when there is none (the common case of a top-level block).
-                    reads: if in_frame() {
+                    reads: if wants_reads() {
                         let mut reads = own_reads();
                         reads.extend(entry.deps.iter().cloned().zip(dep_gens));
                         reads
@@ -1134,7 +1145,7 @@ fn near_lookup(core: &Core, tokens: &[&str], held: near::Held) -> Result<Option<
     Ok(Some(Lookup::Hit {
         html: html.clone(),
         version,
-        reads: if in_frame() {
+        reads: if wants_reads() {
             all.iter().map(|t| Box::from(*t)).zip(gens).collect()
         } else {
             Vec::new()

@@ -112,6 +112,18 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     out
 }
 
+/// The key of a Redis database's instance marker for `prefix` (a
+/// [`key_prefix`]): `[prefix:]ic:g:ic:instance`, under the readable
+/// generation tag (so `near=tracking`'s key prefixes cover it) with a name
+/// no token can have (readable names never start with `ic:`).
+#[cfg(feature = "redis")]
+pub(crate) fn instance_marker(prefix: &str) -> String {
+    let mut key = encode(prefix, Key::gen_("x"));
+    key.pop();
+    key.push_str("ic:instance");
+    key
+}
+
 /// The key as remote backends store it: `[prefix:]ic:<tag>:<name or hash>`,
 /// `prefix` being a [`key_prefix`].
 ///

@@ -92,9 +92,9 @@
 //!
 //! ## Cached blocks and template engines
 //!
-//! [`ICache::fragment`] (identified by its call site and tokens),
-//! [`ICache::fragment_named`] and their `_async` forms cache any renderer's
-//! output; [`observe`] says what each block of a render did. Integrations,
+//! [`ICache::fragment`] (identified by the name you give it and its
+//! tokens, as any cache takes a key) and [`ICache::fragment_async`] cache any
+//! renderer's output; [`observe`] says what each block of a render did. Integrations,
 //! one cargo feature each:
 //!
 //! | feature | module | what |

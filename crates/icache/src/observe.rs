@@ -23,8 +23,8 @@ thread_local! {
 pub struct BlockEvent {
     /// What identifies the block besides its tokens: for MiniJinja blocks
     /// `["minijinja", template, escape mode, position and digest, name]`,
-    /// for [`fragment_named`](crate::ICache::fragment_named) `["named", name]`,
-    /// for [`fragment`](crate::ICache::fragment) `["fragment", call site]`.
+    /// for [`fragment`](crate::ICache::fragment) `["named", name]`, for
+    /// Askama `["askama", template type, name]`, for maud `["maud", name]`.
     pub identity: Vec<String>,
     /// The block's tokens, as strings.
     pub tokens: Vec<String>,
@@ -40,6 +40,12 @@ pub struct BlockEvent {
     pub render_time: Option<Duration>,
     /// How many cached blocks this one was inside (0: top level).
     pub depth: usize,
+    /// Every token the served or stored output was computed from (the
+    /// block's own and those of the blocks nested in it) with the
+    /// generation it was computed at; empty when unknown (rendered uncached,
+    /// caching off). What a page's validator (an HTTP `ETag`) can be built
+    /// from: the same reads give the same output.
+    pub reads: Vec<(String, u64)>,
 }
 
 /// What happened to a block.
@@ -117,7 +123,7 @@ impl Outcome {
 ///
 /// ```
 /// let cache = icache::ICache::memory();
-/// let render = || cache.fragment_named("list", &["movies"], || Ok::<_, ()>("<ul/>".to_string()));
+/// let render = || cache.fragment("list", &["movies"], || Ok::<_, ()>("<ul/>".to_string()));
 /// let (_, first) = icache::observe(render);
 /// let (_, second) = icache::observe(render);
 /// assert_eq!(first[0].outcome, icache::Outcome::Stored);

@@ -16,6 +16,33 @@ use std::time::Duration;
 use metrics::{Counter, Histogram};
 
 /// A snapshot of one cache handle's counters (shared by its clones).
+///
+/// What each counter counts, for cached blocks (`fragment*`, template
+/// blocks; `get_versioned` and plain `get` count nothing here). Every block
+/// lookup is exactly one of a **hit**, a **miss** or an uncached render
+/// (counted in **errors**); what happens to a miss's render is one of
+/// **stores**, **outdated**, **too_large** (or an error).
+///
+/// | counter | metric | counts | e.g. after |
+/// |---|---|---|---|
+/// | `hits` | `icache_hits_total` | lookups served from the cache: the body did not run | a second view of an unchanged page |
+/// | `misses` | `icache_misses_total` | lookups that found no usable entry, so the body rendered: the first render, an evicted entry, **and** every mismatch | any render |
+/// | `mismatches` | `icache_mismatches_total` | the part of `misses` where an entry was there but stored under another version: a re-render because a token was bumped | `incr("movies")`, then the page |
+/// | `outdated` | `icache_outdated_total` | renders **not stored** because a token moved *while* the body rendered (the output still goes to that request); not a bump seen before the render, which is a mismatch | a bump racing a slow render |
+/// | `stores` | `icache_stores_total` | renders stored | each miss that was stored |
+/// | `too_large` | `icache_too_large_total` | renders not stored because the backend refused their size | a block above memcached's `-I` |
+/// | `errors` | `icache_errors_total` | backend operations that failed; the block rendered uncached | a dead or hung server |
+/// | `shared_renders` | `icache_shared_renders_total` | lookups that waited for another thread's render of the same block (single-flight) instead of rendering | a burst of requests on a cold block |
+/// | `evictions` | `icache_evictions_total` | entries the memory backend's byte bound pushed out (a replaced entry is not one; network backends count their own, see `server_stats`) | `memory://?max_bytes=` too small |
+/// | `near_hits` | `icache_near_hits_total` | hits whose body came from this process (`?near=`) | the default `near=entries` |
+/// | `near_misses` | `icache_near_misses_total` | lookups with no body in process (body and generations came together) | a process's first view of a block |
+/// | `body_fetches` | `icache_body_fetches_total` | lookups whose body in process was for another version (a second round trip fetched the body) | another process re-rendered after a bump |
+/// | `tracked_hits` | `icache_tracked_hits_total` | near hits with no round trip at all (`near=tracking`) | |
+/// | `near_bytes` | `icache_near_bytes` (gauge) | bytes held in process now | |
+/// | `render_time` | `icache_render_seconds` (histogram) | time spent rendering block bodies | |
+///
+/// So "a bump made the block re-render" shows as `misses` + 1 and
+/// `mismatches` + 1 (and `stores` + 1), with `outdated` unchanged.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {

@@ -41,6 +41,13 @@
 //! its source and its tokens, and an undefined or `none` token renders the
 //! block uncached.
 //!
+//! Tokens are template expressions, split where one complete expression ends
+//! as in the MiniJinja form (`{% icache 'items' 'user:' ~ user %}` has two);
+//! each is checked with Tera's parser, and a bad one is an error naming the
+//! template, line and the text written. `{% nocache %}` holes are MiniJinja's
+//! only: the rewrite rejects them here (see the README, "Per-request parts in
+//! Askama, maud and Tera", for the placeholder pattern).
+//!
 //! **What Tera cannot do here: single-flight.** The body is rendered by
 //! Tera's VM between the lookup and the store, not by a closure icache
 //! could run once and share, so concurrent misses of one block each render

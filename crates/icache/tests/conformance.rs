@@ -316,12 +316,22 @@ mod fragments;
 mod guidance;
 #[path = "conformance/hardening.rs"]
 mod hardening;
+#[path = "conformance/instance.rs"]
+mod instance;
 #[path = "conformance/memcached_faults.rs"]
 mod memcached_faults;
+#[path = "conformance/minijinja_seed.rs"]
+mod minijinja_seed;
+#[path = "conformance/messages.rs"]
+mod messages;
 #[path = "conformance/near.rs"]
 mod near;
 #[path = "conformance/reliability.rs"]
 mod reliability;
+#[path = "conformance/rust_api.rs"]
+mod rust_api;
+#[path = "conformance/unix.rs"]
+mod unix;
 #[path = "conformance/web.rs"]
 mod web;
 

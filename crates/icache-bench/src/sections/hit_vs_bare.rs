@@ -53,7 +53,7 @@ pub(crate) fn hit_vs_bare(servers: &Servers<'_>, settings: &Settings) -> Section
     let gets = TOKENS.len() + 1;
     let mut md = format!(
         "## 2. Hit vs the bare minimum\n\n\
-         A fragment hit (`fragment_named()`) of {size} of HTML with {n} tokens (as the demo's block), \
+         A fragment hit (`fragment()`) of {size} of HTML with {n} tokens (as the demo's block), \
          one client thread. **Memory**: the bare minimum is the {gets} lookups a hit \
          needs ({n} generations and the entry) made directly on quick_cache, the \
          crate under the memory backend, with the same key strings; the second row \

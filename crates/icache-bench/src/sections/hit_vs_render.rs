@@ -110,7 +110,7 @@ pub(crate) fn hit_vs_render(servers: &Servers<'_>, settings: &Settings) -> Secti
          cache (query and template every time); a *block hit* renders the same \
          block, `{{% icache 'movies-personal-rating' 'movies' user.id page %}}` (page 1) \
          included, through the demo's MiniJinja environment, served from the \
-         cache. A *fragment hit* is the same HTML served by `fragment_named()` (the \
+         cache. A *fragment hit* is the same HTML served by `fragment()` (the \
          block API for any renderer), without a template engine around it. \
          One client thread.\n\n",
         report::bytes(plain.len())

@@ -153,18 +153,18 @@ impl AllHits {
     }
 }
 
-/// A fragment hit. Every measurement names its fragment (`fragment_named`,
+/// A fragment hit. Every measurement names its fragment (`fragment` takes a name,
 /// which only adds the name to the key), so entries of different sections
 /// never meet on the shared servers. The body never runs on a hit, and
 /// `AllHits` checks there was no miss.
 fn hit(cache: &ICache, name: &str, tokens: &[&str]) -> String {
-    let html = cache.fragment_named(name, tokens, || Ok::<_, Infallible>(String::new()));
+    let html = cache.fragment(name, tokens, || Ok::<_, Infallible>(String::new()));
     html.unwrap_or_else(|never| match never {})
 }
 
 /// Stores `html` as fragment `name` and checks it is served.
 fn fill(cache: &ICache, name: &str, tokens: &[&str], html: &str) {
-    let stored = cache.fragment_named(name, tokens, || Ok::<_, Infallible>(html.to_owned()));
+    let stored = cache.fragment(name, tokens, || Ok::<_, Infallible>(html.to_owned()));
     let again = hit(cache, name, tokens);
     assert!(
         stored.is_ok() && again == html,
@@ -216,7 +216,7 @@ impl Direct {
                 Item::Gen(Arc::new(AtomicU64::new(i as u64 + 1))),
             );
         }
-        // The name icache gives a `fragment_named()` entry: the count of
+        // The name icache gives a `fragment()` entry: the count of
         // identity parts, then every part length-prefixed.
         let mut entry = String::from("2|5:named");
         for part in std::iter::once(&name).chain(tokens) {

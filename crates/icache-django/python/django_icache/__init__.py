@@ -150,10 +150,10 @@ class ICache:
     # ---- cached blocks in Python code ------------------------------------------
 
     def fragment(self, name: str, tokens: Iterable[Any], render: Callable[[], str]) -> str:
-        """A cached block outside templates (Rust's ``fragment_named``):
+        """A cached block outside templates (Rust's ``fragment``):
         ``render()`` runs only on a miss, once per process for concurrent
         misses; the output is kept until a token is bumped. A Rust service
-        using ``fragment_named(name, tokens, …)`` on the same cache shares the
+        using ``fragment(name, tokens, …)`` on the same cache shares the
         entry."""
         return self.handle.fragment(str(name), _tokens(tokens), render)
 

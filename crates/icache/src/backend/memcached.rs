@@ -203,7 +203,26 @@ impl From<std::io::Error> for Fail {
 type Answer<T> = std::result::Result<T, Fail>;
 
 fn protocol(line: &str) -> Fail {
+    if looks_like_redis(line) {
+        return Fail::Server(
+            "the server answered in Redis's protocol (RESP), not memcached's: is this a Redis \
+             port? Use redis://host:port for Redis"
+                .to_owned(),
+        );
+    }
     Fail::Server(format!("unexpected answer {:?}", truncate(line)))
+}
+
+/// A RESP reply where a memcached line was expected: Redis answers our
+/// inline `stats` with `-ERR unknown command …`, other commands with
+/// `+`, `:`, `$` or `*` replies.
+fn looks_like_redis(line: &str) -> bool {
+    line.starts_with("-ERR ")
+        || line.starts_with("-WRONGTYPE")
+        || line.starts_with("-NOAUTH")
+        || (line.len() > 1
+            && matches!(line.as_bytes()[0], b'$' | b'*' | b':')
+            && line[1..].bytes().all(|b| b.is_ascii_digit() || b == b'-'))
 }
 
 fn truncate(s: &str) -> &str {

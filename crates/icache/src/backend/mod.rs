@@ -13,6 +13,18 @@
 //! instance is a miss. A fragment is stored only on the instance its version
 //! was read from (`set`'s `guard`).
 //!
+//! On a single Redis node the id is `run_id/marker`: the marker is a random
+//! value each database holds under the handle's prefix (set once with
+//! `SET NX`, read in the same `MGET` as the generations, so a hit costs no
+//! extra round trip). Data replaced while the server runs (`SWAPDB`,
+//! `FLUSHALL`/`FLUSHDB`) brings another marker or none, and the old entries
+//! become misses; where `INFO` has no `run_id`, the first connection of a
+//! server life renews the marker (a script loaded once per life tells;
+//! scripts are not persisted), so a restart from an old snapshot is still
+//! caught. memcached needs no marker: it has no `SWAPDB` and no snapshots,
+//! `flush_all` leaves nothing that could match, and a restart (warm restarts
+//! included) changes its pid or start time.
+//!
 //! The trait is deliberately narrow: everything icache does is built from
 //! "fetch generations and entries together", "initialise missing generations",
 //! "bump generations atomically", "set" and "delete". Each method is one round

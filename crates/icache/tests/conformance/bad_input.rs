@@ -74,13 +74,13 @@ pub mod cases {
                 "key {i}"
             );
             let f = c
-                .fragment_named("t", &[k], || Ok::<_, ()>(format!("f{i}")))
+                .fragment("t", &[k], || Ok::<_, ()>(format!("f{i}")))
                 .expect("fragment");
             assert_eq!(f, format!("f{i}"));
         }
         for (i, k) in refs.iter().enumerate() {
             let f = c
-                .fragment_named("t", &[k], || Ok::<_, ()>("rendered again".to_string()))
+                .fragment("t", &[k], || Ok::<_, ()>("rendered again".to_string()))
                 .expect("fragment");
             assert_eq!(
                 f,
@@ -112,13 +112,13 @@ pub mod cases {
                 .expect("hit");
             assert_eq!(got.len(), size);
             let f = c
-                .fragment_named("t", &["sized", &size.to_string()], || {
+                .fragment("t", &["sized", &size.to_string()], || {
                     Ok::<_, ()>(value.clone())
                 })
                 .expect("fragment");
             assert_eq!(f.len(), size);
             let hit = c
-                .fragment_named("t", &["sized", &size.to_string()], || {
+                .fragment("t", &["sized", &size.to_string()], || {
                     Ok::<_, ()>(String::new())
                 })
                 .expect("fragment");
@@ -151,10 +151,10 @@ pub mod cases {
                 .collect();
             let (a, b) = (&a[..], &b[..]);
             let fa = c
-                .fragment_named("t", a, || Ok::<_, ()>(format!("A{n}")))
+                .fragment("t", a, || Ok::<_, ()>(format!("A{n}")))
                 .expect("a");
             let fb = c
-                .fragment_named("t", b, || Ok::<_, ()>(format!("B{n}")))
+                .fragment("t", b, || Ok::<_, ()>(format!("B{n}")))
                 .expect("b");
             assert_eq!(
                 (fa.as_str(), fb.as_str()),
@@ -162,10 +162,10 @@ pub mod cases {
                 "pair {n}"
             );
             let fa = c
-                .fragment_named("t", a, || Ok::<_, ()>("miss".into()))
+                .fragment("t", a, || Ok::<_, ()>("miss".into()))
                 .expect("a");
             let fb = c
-                .fragment_named("t", b, || Ok::<_, ()>("miss".into()))
+                .fragment("t", b, || Ok::<_, ()>("miss".into()))
                 .expect("b");
             assert_eq!(
                 (fa, fb),
@@ -177,10 +177,10 @@ pub mod cases {
         let long_a = format!("{}a", "u".repeat(100_000));
         let long_b = format!("{}b", "u".repeat(100_000));
         let fa = c
-            .fragment_named("t", &[&long_a], || Ok::<_, ()>("A".into()))
+            .fragment("t", &[&long_a], || Ok::<_, ()>("A".into()))
             .expect("a");
         let fb = c
-            .fragment_named("t", &[&long_b], || Ok::<_, ()>("B".into()))
+            .fragment("t", &[&long_b], || Ok::<_, ()>("B".into()))
             .expect("b");
         assert_eq!((fa.as_str(), fb.as_str()), ("A", "B"));
     }
@@ -189,12 +189,12 @@ pub mod cases {
         let one = ctx.open("prefix=app-one");
         let two = ctx.open("prefix=app-two");
         assert_eq!(
-            one.fragment_named("t", &["movies"], || Ok::<_, ()>("one".into()))
+            one.fragment("t", &["movies"], || Ok::<_, ()>("one".into()))
                 .expect("f"),
             "one"
         );
         assert_eq!(
-            two.fragment_named("t", &["movies"], || Ok::<_, ()>("two".into()))
+            two.fragment("t", &["movies"], || Ok::<_, ()>("two".into()))
                 .expect("f"),
             "two"
         );
@@ -202,7 +202,7 @@ pub mod cases {
         two.incr("movies").expect("incr");
         assert_eq!(one.generations(&["movies"]).expect("g"), g1);
         assert_eq!(
-            one.fragment_named("t", &["movies"], || Ok::<_, ()>("miss".into()))
+            one.fragment("t", &["movies"], || Ok::<_, ()>("miss".into()))
                 .expect("f"),
             "one"
         );
@@ -219,7 +219,7 @@ fn memcached_item_limit_is_a_clear_skip() {
     let c = ICache::from_url(&format!("{}?timeout_ms=2000", server.url())).expect("open");
     let big = "b".repeat(2 << 20);
     let out = c
-        .fragment_named("t", &["big"], || Ok::<_, ()>(big.clone()))
+        .fragment("t", &["big"], || Ok::<_, ()>(big.clone()))
         .expect("served");
     assert_eq!(out.len(), big.len());
     let s = c.stats();

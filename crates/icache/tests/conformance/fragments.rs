@@ -67,22 +67,16 @@ pub mod cases {
         let user_id = "42".to_string();
         let args = ["movies-personal-rating", "movies", user_id.as_str()];
         assert_eq!(
-            c.fragment_named("t", &args, body).expect("render"),
+            c.fragment("t", &args, body).expect("render"),
             "<ul>list</ul>"
         );
-        assert_eq!(
-            c.fragment_named("t", &args, body).expect("hit"),
-            "<ul>list</ul>"
-        );
-        assert_eq!(
-            c.fragment_named("t", &args, body).expect("hit"),
-            "<ul>list</ul>"
-        );
+        assert_eq!(c.fragment("t", &args, body).expect("hit"), "<ul>list</ul>");
+        assert_eq!(c.fragment("t", &args, body).expect("hit"), "<ul>list</ul>");
         assert_eq!(renders.load(Ordering::SeqCst), 1);
         c.incr("movies").expect("incr");
-        c.fragment_named("t", &args, body).expect("render");
+        c.fragment("t", &args, body).expect("render");
         assert_eq!(renders.load(Ordering::SeqCst), 2);
-        c.fragment_named("t", &args, body).expect("hit");
+        c.fragment("t", &args, body).expect("hit");
         assert_eq!(renders.load(Ordering::SeqCst), 2);
     }
 
@@ -90,8 +84,7 @@ pub mod cases {
         let c = &ctx.cache;
         let out = |args: &[&str]| {
             let s = format!("{args:?}");
-            c.fragment_named("t", args, || Ok::<_, ()>(s))
-                .expect("fragment")
+            c.fragment("t", args, || Ok::<_, ()>(s)).expect("fragment")
         };
         assert_eq!(out(&["a", "b"]), "[\"a\", \"b\"]");
         assert_eq!(out(&["a", "c"]), "[\"a\", \"c\"]");
@@ -103,7 +96,7 @@ pub mod cases {
         // Bumping "b" invalidates ["a","b"] only.
         let renders = AtomicUsize::new(0);
         let count = |args: &[&str]| {
-            c.fragment_named("t", args, || {
+            c.fragment("t", args, || {
                 renders.fetch_add(1, Ordering::SeqCst);
                 Ok::<_, ()>(String::new())
             })
@@ -118,10 +111,10 @@ pub mod cases {
         assert_eq!(renders.load(Ordering::SeqCst), 1);
         // Named blocks never share an entry with each other.
         let a = c
-            .fragment_named("one", &["t"], || Ok::<_, ()>("one".into()))
+            .fragment("one", &["t"], || Ok::<_, ()>("one".into()))
             .expect("f");
         let b = c
-            .fragment_named("two", &["t"], || Ok::<_, ()>("two".into()))
+            .fragment("two", &["t"], || Ok::<_, ()>("two".into()))
             .expect("f");
         assert_eq!((a.as_str(), b.as_str()), ("one", "two"));
     }
@@ -131,11 +124,11 @@ pub mod cases {
         #[derive(Debug, PartialEq)]
         struct MyError(u32);
         let e = c
-            .fragment_named("t", &["err"], || Err::<String, _>(MyError(7)))
+            .fragment("t", &["err"], || Err::<String, _>(MyError(7)))
             .expect_err("error");
         assert_eq!(e, MyError(7));
         let out = c
-            .fragment_named("t", &["err"], || Ok::<_, MyError>("fine".into()))
+            .fragment("t", &["err"], || Ok::<_, MyError>("fine".into()))
             .expect("ok");
         assert_eq!(out, "fine");
     }
@@ -145,7 +138,7 @@ pub mod cases {
         let before = c.stats();
         // A writer bumps the token while the block renders.
         let out = c
-            .fragment_named("t", &["racy"], || {
+            .fragment("t", &["racy"], || {
                 c.incr("racy").map_err(|e| e.to_string())?;
                 Ok::<_, String>("rendered during a change".into())
             })
@@ -156,7 +149,7 @@ pub mod cases {
         assert_eq!(after.stores, before.stores);
         // So the next request renders again (and stores this time).
         let renders = AtomicUsize::new(0);
-        c.fragment_named("t", &["racy"], || {
+        c.fragment("t", &["racy"], || {
             renders.fetch_add(1, Ordering::SeqCst);
             Ok::<_, ()>("fresh".into())
         })
@@ -174,7 +167,7 @@ pub mod cases {
                 let (c, renders, barrier) = (c.clone(), renders.clone(), barrier.clone());
                 thread::spawn(move || {
                     barrier.wait();
-                    c.fragment_named("t", &["herd", "movies"], || {
+                    c.fragment("t", &["herd", "movies"], || {
                         renders.fetch_add(1, Ordering::SeqCst);
                         thread::sleep(Duration::from_millis(300));
                         Ok::<_, ()>("the list".to_string())
@@ -197,10 +190,10 @@ pub mod cases {
         let c = &ctx.cache;
         let outer_renders = AtomicUsize::new(0);
         let page = || {
-            c.fragment_named("t", &["page"], || {
+            c.fragment("t", &["page"], || {
                 outer_renders.fetch_add(1, Ordering::SeqCst);
                 let inner =
-                    c.fragment_named("t", &["inner-token"], || Ok::<_, ()>("inner".to_string()))?;
+                    c.fragment("t", &["inner-token"], || Ok::<_, ()>("inner".to_string()))?;
                 Ok::<_, ()>(format!("<main>{inner}</main>"))
             })
             .expect("page")
@@ -220,7 +213,7 @@ pub mod cases {
             let renders = AtomicUsize::new(0);
             let render = || {
                 other
-                    .fragment_named("t", &["page"], || {
+                    .fragment("t", &["page"], || {
                         renders.fetch_add(1, Ordering::SeqCst);
                         Ok::<_, ()>(String::new())
                     })
@@ -418,11 +411,15 @@ pub mod cases {
             let user_id = "42".to_string();
             for _ in 0..3 {
                 let html = c
-                    .fragment_async(&["movies-personal-rating", "movies", &user_id], || async {
-                        renders.fetch_add(1, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                        Ok::<_, std::io::Error>("<ul/>".to_string())
-                    })
+                    .fragment_async(
+                        "list",
+                        &["movies-personal-rating", "movies", &user_id],
+                        || async {
+                            renders.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(Duration::from_millis(1)).await;
+                            Ok::<_, std::io::Error>("<ul/>".to_string())
+                        },
+                    )
                     .await
                     .expect("fragment_async");
                 assert_eq!(html, "<ul/>");
@@ -430,7 +427,7 @@ pub mod cases {
             assert_eq!(renders.load(Ordering::SeqCst), 1);
             c.incr_async("movies").await.expect("incr");
             let e = c
-                .fragment_async(&["movies"], || async {
+                .fragment_async("list", &["movies"], || async {
                     Err::<String, _>(std::io::Error::other("db down"))
                 })
                 .await
@@ -442,7 +439,7 @@ pub mod cases {
     pub fn stats_count_what_happened(ctx: &Ctx) {
         let c = ctx.open("prefix=stats");
         let f = |t: &str| {
-            c.fragment_named("t", &[t], || {
+            c.fragment("t", &[t], || {
                 thread::sleep(Duration::from_millis(2));
                 Ok::<_, ()>("x".into())
             })
@@ -474,7 +471,7 @@ pub mod cases {
         };
         let big = "y".repeat(size);
         let out = c
-            .fragment_named("t", &["big"], || Ok::<_, ()>(big.clone()))
+            .fragment("t", &["big"], || Ok::<_, ()>(big.clone()))
             .expect("served");
         assert_eq!(out.len(), size);
         let s = c.stats();
@@ -502,9 +499,8 @@ fn one_round_trip_per_hit() {
         ))
         .expect("open");
         let page = || {
-            c.fragment_named("t", &["movies-personal-rating", "movies", "42"], || {
-                let inner =
-                    c.fragment_named("t", &["inner", "x"], || Ok::<_, ()>("i".to_string()))?;
+            c.fragment("t", &["movies-personal-rating", "movies", "42"], || {
+                let inner = c.fragment("t", &["inner", "x"], || Ok::<_, ()>("i".to_string()))?;
                 Ok::<_, ()>(format!("<ul>{inner}</ul>"))
             })
             .expect("page")
@@ -521,7 +517,7 @@ fn one_round_trip_per_hit() {
             );
         }
         let plain = || {
-            c.fragment_named("t", &["a", "b", "c", "d"], || Ok::<_, ()>("p".to_string()))
+            c.fragment("t", &["a", "b", "c", "d"], || Ok::<_, ()>("p".to_string()))
                 .expect("f")
         };
         plain();
@@ -553,7 +549,7 @@ fn fail_open_when_the_backend_is_down_or_hanging() {
         let page = || {
             let t = Instant::now();
             let out = c
-                .fragment_named("t", &["movies"], || {
+                .fragment("t", &["movies"], || {
                     renders.fetch_add(1, Ordering::SeqCst);
                     Ok::<_, ()>("list".to_string())
                 })
@@ -611,7 +607,7 @@ fn none_backend_renders_every_time() {
     let renders = AtomicUsize::new(0);
     for _ in 0..3 {
         let out = c
-            .fragment_named("t", &["movies"], || {
+            .fragment("t", &["movies"], || {
                 renders.fetch_add(1, Ordering::SeqCst);
                 Ok::<_, ()>("x".to_string())
             })
@@ -634,10 +630,9 @@ fn outer_block_is_not_stored_when_an_inner_block_failed_open() {
     let renders = AtomicUsize::new(0);
     let page = || {
         outer
-            .fragment_named("t", &["page"], || {
+            .fragment("t", &["page"], || {
                 renders.fetch_add(1, Ordering::SeqCst);
-                let inner =
-                    down.fragment_named("t", &["data"], || Ok::<_, ()>("inner".to_string()))?;
+                let inner = down.fragment("t", &["data"], || Ok::<_, ()>("inner".to_string()))?;
                 Ok::<_, ()>(format!("<main>{inner}</main>"))
             })
             .expect("page")
@@ -661,9 +656,8 @@ fn a_block_nested_in_itself_does_not_deadlock() {
     std::thread::spawn(move || {
         let c = ICache::memory();
         let out = c
-            .fragment_named("tree", &["cats"], || {
-                let inner =
-                    c.fragment_named("tree", &["cats"], || Ok::<_, ()>("leaf".to_string()))?;
+            .fragment("tree", &["cats"], || {
+                let inner = c.fragment("tree", &["cats"], || Ok::<_, ()>("leaf".to_string()))?;
                 Ok::<_, ()>(format!("<ul>{inner}</ul>"))
             })
             .expect("renders");

@@ -41,7 +41,7 @@ fn too_large_blocks_are_named_once() {
     let log = logged(|| {
         for _ in 0..5 {
             let html = cache
-                .fragment_named("huge-list", &["movies", "7"], || Ok::<_, ()>(big.clone()))
+                .fragment("huge-list", &["movies", "7"], || Ok::<_, ()>(big.clone()))
                 .expect("served");
             assert_eq!(html.len(), big.len());
         }
@@ -103,9 +103,9 @@ fn observe_tells_what_each_block_did() {
     let proxy = crate::support::Proxy::start(redis.port());
     let page = |cache: &ICache| {
         cache
-            .fragment_named("page", &["movies"], || {
-                let inner = cache
-                    .fragment_named("item", &["movie:1"], || Ok::<_, ()>("<li/>".to_owned()))?;
+            .fragment("page", &["movies"], || {
+                let inner =
+                    cache.fragment("item", &["movie:1"], || Ok::<_, ()>("<li/>".to_owned()))?;
                 Ok::<_, ()>(format!("<ul>{inner}</ul>"))
             })
             .expect("render")
@@ -206,7 +206,7 @@ fn log_users_see_fail_open_warnings() {
     let cache =
         ICache::from_url("redis://127.0.0.1:1?timeout_ms=50&connect_timeout_ms=50").expect("open");
     let html = cache
-        .fragment_named("t", &["logged"], || Ok::<_, ()>("<p/>".to_owned()))
+        .fragment("t", &["logged"], || Ok::<_, ()>("<p/>".to_owned()))
         .expect("fail-open");
     assert_eq!(html, "<p/>");
     let lines = CAPTURE.0.lock().expect("captured").clone();

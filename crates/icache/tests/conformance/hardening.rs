@@ -123,14 +123,14 @@ fn every_bump_lost_in_an_outage_is_replayed() {
         for t in tokens {
             assert_eq!(
                 cache
-                    .fragment_named("t", &[t], || ok(format!("{t}=old")))
+                    .fragment("t", &[t], || ok(format!("{t}=old")))
                     .expect("render"),
                 format!("{t}=old")
             );
             // Cached: the body does not run.
             assert_eq!(
                 cache
-                    .fragment_named("t", &[t], || ok("body ran".into()))
+                    .fragment("t", &[t], || ok("body ran".into()))
                     .expect("hit"),
                 format!("{t}=old")
             );
@@ -150,7 +150,7 @@ fn every_bump_lost_in_an_outage_is_replayed() {
         eventually(Duration::from_secs(10), || cache.get_sum(&["lost-a"]).ok());
         for t in tokens {
             let html = cache
-                .fragment_named("t", &[t], || ok(format!("{t}=new")))
+                .fragment("t", &[t], || ok(format!("{t}=new")))
                 .expect("render");
             assert_eq!(
                 html,
@@ -158,7 +158,7 @@ fn every_bump_lost_in_an_outage_is_replayed() {
                 "{net:?}: the failed bump of {t} was lost"
             );
             let again = cache
-                .fragment_named("t", &[t], || ok("body ran".into()))
+                .fragment("t", &[t], || ok("body ran".into()))
                 .expect("hit");
             assert_eq!(
                 again,
@@ -186,12 +186,12 @@ fn crosswise_nesting_never_deadlocks() {
                 let (cache, both) = (cache.clone(), both.clone());
                 thread::spawn(move || {
                     cache
-                        .fragment_named("t", &[&outer], || {
+                        .fragment("t", &[&outer], || {
                             // Both outer renders are under way before either
                             // asks for its inner block.
                             both.wait();
-                            let inner_html = cache
-                                .fragment_named("t", &[&inner], || ok(format!("<{inner}>")))?;
+                            let inner_html =
+                                cache.fragment("t", &[&inner], || ok(format!("<{inner}>")))?;
                             ok(format!("<{outer}>{inner_html}"))
                         })
                         .expect("render")
@@ -230,9 +230,9 @@ fn a_waiting_reader_never_takes_a_render_with_unknown_nested_tokens() {
         let (cache, data) = (cache.clone(), data.clone());
         thread::spawn(move || {
             cache
-                .fragment_named("t", &["outer-u"], || {
+                .fragment("t", &["outer-u"], || {
                     inner_go.recv().expect("inner go");
-                    let inner = cache.fragment_named("t", &["inner-u"], || {
+                    let inner = cache.fragment("t", &["inner-u"], || {
                         ok(format!("inner-v{}", data.load(Ordering::SeqCst)))
                     })?;
                     inner_done.send(()).expect("inner done");
@@ -256,8 +256,8 @@ fn a_waiting_reader_never_takes_a_render_with_unknown_nested_tokens() {
         let (cache, data) = (cache.clone(), data.clone());
         thread::spawn(move || {
             cache
-                .fragment_named("t", &["outer-u"], || {
-                    let inner = cache.fragment_named("t", &["inner-u"], || {
+                .fragment("t", &["outer-u"], || {
+                    let inner = cache.fragment("t", &["inner-u"], || {
                         ok(format!("inner-v{}", data.load(Ordering::SeqCst)))
                     })?;
                     ok(format!("outer[{inner}]"))
@@ -284,7 +284,7 @@ fn a_hung_server_neither_serialises_nor_slows_renders() {
         let Some(p) = Proxied::start(net) else { return };
         let cache = p.through(200);
         cache
-            .fragment_named("t", &["hung"], || ok("warm".into()))
+            .fragment("t", &["hung"], || ok("warm".into()))
             .expect("warm up");
         p.proxy.set_fault(Fault::Hang);
         assert!(cache.incr("hung").is_err(), "the bump cannot be answered");
@@ -295,7 +295,7 @@ fn a_hung_server_neither_serialises_nor_slows_renders() {
                 thread::spawn(move || {
                     for j in 0..5 {
                         let html = cache
-                            .fragment_named("t", &["hung", &format!("{i}-{j}")], || {
+                            .fragment("t", &["hung", &format!("{i}-{j}")], || {
                                 ok(format!("fresh {i}-{j}"))
                             })
                             .expect("render");
@@ -331,13 +331,13 @@ fn a_hung_server_neither_serialises_nor_slows_renders() {
         eventually(Duration::from_secs(10), || cache.get_sum(&["hung"]).ok());
         assert_eq!(
             cache
-                .fragment_named("t", &["hung"], || ok("after".into()))
+                .fragment("t", &["hung"], || ok("after".into()))
                 .expect("render"),
             "after"
         );
         assert_eq!(
             cache
-                .fragment_named("t", &["hung"], || ok("body ran".into()))
+                .fragment("t", &["hung"], || ok("body ran".into()))
                 .expect("hit"),
             "after"
         );
@@ -356,7 +356,7 @@ fn none_never_merges_renders_across_a_bump() {
         let (cache, data) = (cache.clone(), data.clone());
         thread::spawn(move || {
             cache
-                .fragment_named("t", &["kill-switch"], || {
+                .fragment("t", &["kill-switch"], || {
                     let v = data.load(Ordering::SeqCst);
                     started_tx.send(()).expect("started");
                     go.recv().expect("go");
@@ -372,7 +372,7 @@ fn none_never_merges_renders_across_a_bump() {
         let (cache, data) = (cache.clone(), data.clone());
         thread::spawn(move || {
             cache
-                .fragment_named("t", &["kill-switch"], || {
+                .fragment("t", &["kill-switch"], || {
                     ok(format!("v{}", data.load(Ordering::SeqCst)))
                 })
                 .expect("render")
@@ -538,14 +538,14 @@ fn thousands_of_nested_blocks() {
         let n = if url.starts_with("memory") { 3000 } else { 300 };
         fn page(cache: &ICache, n: usize, tag: &str) -> String {
             cache
-                .fragment_named("t", &["page"], || {
+                .fragment("t", &["page"], || {
                     let mut out = String::new();
                     for i in 0..n {
-                        out.push_str(&cache.fragment_named(
-                            "t",
-                            &[&format!("item-{i}")],
-                            || ok(format!("{tag}{i},")),
-                        )?);
+                        out.push_str(
+                            &cache.fragment("t", &[&format!("item-{i}")], || {
+                                ok(format!("{tag}{i},"))
+                            })?,
+                        );
                     }
                     ok(out)
                 })

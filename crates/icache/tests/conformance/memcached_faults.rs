@@ -612,14 +612,14 @@ fn a_hung_server_never_brings_an_old_fragment_back() {
         .find(|t| {
             let before = fragments_on_s();
             cache
-                .fragment_named("t", &[t.as_str()], || Ok::<_, ()>("v1".to_owned()))
+                .fragment("t", &[t.as_str()], || Ok::<_, ()>("v1".to_owned()))
                 .expect("fragment");
             holds(s, &format!("ic:g:{t}")) && fragments_on_s() > before
         })
         .expect("a token with its generation and fragment on S");
     let block = |out: &str| {
         cache
-            .fragment_named("t", &[&token], || Ok::<_, ()>(out.to_owned()))
+            .fragment("t", &[&token], || Ok::<_, ()>(out.to_owned()))
             .expect("fragment")
     };
     assert_eq!(block("x"), "v1");
@@ -733,7 +733,7 @@ fn a_pool_hit_is_one_round_trip_per_server() {
     let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
     let page = || {
         cache
-            .fragment_named("t", &refs, || Ok::<_, ()>("page".to_owned()))
+            .fragment("t", &refs, || Ok::<_, ()>("page".to_owned()))
             .expect("fragment")
     };
     page();
@@ -799,7 +799,7 @@ fn with_failover_off_keys_never_move() {
     );
     assert_eq!(
         cache
-            .fragment_named("t", &[&token], || Ok::<_, ()>("v1".to_owned()))
+            .fragment("t", &[&token], || Ok::<_, ()>("v1".to_owned()))
             .expect("render"),
         "v1"
     );
@@ -820,7 +820,7 @@ fn with_failover_off_keys_never_move() {
     );
     assert_eq!(
         cache
-            .fragment_named("t", &[&token], || Ok::<_, ()>("uncached".to_owned()))
+            .fragment("t", &[&token], || Ok::<_, ()>("uncached".to_owned()))
             .expect("render"),
         "uncached"
     );
@@ -839,7 +839,7 @@ fn with_failover_off_keys_never_move() {
     });
     assert_eq!(
         cache
-            .fragment_named("t", &[&token], || Ok::<_, ()>("v2".to_owned()))
+            .fragment("t", &[&token], || Ok::<_, ()>("v2".to_owned()))
             .expect("render"),
         "v2",
         "the fragment from before the failed bump came back"

@@ -16,7 +16,7 @@ use crate::{raw_redis, redis_calls};
 /// A block of `size` bytes whose body records that it ran.
 fn block(cache: &ICache, tokens: &[&str], body: &str, ran: &AtomicU64) -> String {
     cache
-        .fragment_named("near", tokens, || {
+        .fragment("near", tokens, || {
             ran.fetch_add(1, Ordering::SeqCst);
             Ok::<_, ()>(body.to_string())
         })

@@ -13,38 +13,32 @@ fn ok(s: &str) -> Result<String, std::convert::Infallible> {
     Ok(s.to_owned())
 }
 
-/// Two call sites with the same tokens used to share the first one's HTML.
+/// Two blocks with the same tokens used to share the first one's HTML
+/// (call-site identity); names keep them apart on every backend.
 #[test]
-fn two_call_sites_never_share_an_entry() {
+fn two_names_never_share_an_entry() {
     let Some(redis) = RedisServer::start() else {
         return;
     };
     for url in ["memory://".to_string(), redis.url()] {
         let cache = ICache::from_url(&url).expect("open");
         let list = cache
-            .fragment(&["items"], || ok("<ul>list</ul>"))
+            .fragment("list", &["items"], || ok("<ul>list</ul>"))
             .expect("list");
-        let count = cache.fragment(&["items"], || ok("3 items")).expect("count");
+        let count = cache
+            .fragment("count", &["items"], || ok("3 items"))
+            .expect("count");
         assert_eq!(
             (list.as_str(), count.as_str()),
             ("<ul>list</ul>", "3 items"),
             "{url}"
         );
-        // Each site hits its own entry.
-        for _ in 0..2 {
-            assert_eq!(cache.fragment(&["items"], || ok("x")).expect("site 3"), "x");
-        }
-        let again = |render: &dyn Fn() -> Result<String, std::convert::Infallible>| {
-            cache.fragment(&["items"], render)
-        };
-        assert_eq!(again(&|| ok("first")).expect("site 4"), "first");
-        assert_eq!(again(&|| ok("second")).expect("site 4, a hit"), "first");
-        // Named blocks are shared by name, wherever they are.
+        // Blocks are shared by name, wherever they are.
         let a = cache
-            .fragment_named("shared", &["items"], || ok("named"))
+            .fragment("shared", &["items"], || ok("named"))
             .expect("named");
         let b = cache
-            .fragment_named("shared", &["items"], || ok("other"))
+            .fragment("shared", &["items"], || ok("other"))
             .expect("named again");
         assert_eq!((a.as_str(), b.as_str()), ("named", "named"));
     }
@@ -71,7 +65,7 @@ fn fragment_async_merges_concurrent_misses() {
                     let (cache, renders) = (cache.clone(), renders.clone());
                     tokio::spawn(async move {
                         cache
-                            .fragment_named_async("slow", &["list"], || async {
+                            .fragment_async("slow", &["list"], || async {
                                 renders.fetch_add(1, Ordering::SeqCst);
                                 tokio::time::sleep(Duration::from_millis(300)).await;
                                 ok("<ul/>")
@@ -111,10 +105,10 @@ fn crosswise_async_blocks_never_deadlock() {
             let cache = cache.clone();
             tokio::spawn(async move {
                 cache
-                    .fragment_named_async(outer, &[outer], || async {
+                    .fragment_async(outer, &[outer], || async {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                         let inner_html = cache
-                            .fragment_named_async(inner, &[inner], || async {
+                            .fragment_async(inner, &[inner], || async {
                                 tokio::time::sleep(Duration::from_millis(100)).await;
                                 ok(inner)
                             })
@@ -171,7 +165,7 @@ fn a_stalled_redis_never_stalls_the_executor() {
                 tokio::spawn(async move {
                     let token = format!("stalled-{i}");
                     cache
-                        .fragment_named_async("page", &[&token], || async { ok("<p/>") })
+                        .fragment_async("page", &[&token], || async { ok("<p/>") })
                         .await
                 })
             })
@@ -231,7 +225,7 @@ fn every_operation_has_an_async_twin() {
             assert!(c.forget_token_async("t").await.expect("forget"));
             assert!(!c.server_stats_async().await.expect("stats").is_empty());
             let named = c
-                .fragment_named_async("n", &["t"], || async { ok("<b/>") })
+                .fragment_async("n", &["t"], || async { ok("<b/>") })
                 .await
                 .expect("named");
             assert_eq!(named, "<b/>");

@@ -9,8 +9,9 @@
 //! applied (replies and pushes arrive in order on one connection), so
 //! [`Gens`] trusts its table only while a ping sent at most `max_lag` ago has
 //! been answered. A stalled connection (no answer within the time-out), a
-//! dropped one, a restart (another `run_id`) and `FLUSHALL`/`FLUSHDB` (the
-//! null invalidation) all empty the table.
+//! dropped one, a restart (another `run_id`), `FLUSHALL`/`FLUSHDB` (the
+//! null invalidation) and a `SWAPDB` (no invalidation, but the instance
+//! marker the ping reads changes) all empty the table.
 //!
 //! Why our own loop rather than redis-rs's client-side cache: that cache is
 //! async-only and experimental; the sync `Connection` gives us exactly what we
@@ -51,6 +52,8 @@ impl std::fmt::Debug for Tracking {
 /// What the thread needs.
 pub(crate) struct Setup {
     pub(crate) client: redis::Client,
+    /// The database's instance marker (`None`: the server's life alone).
+    pub(crate) marker: Option<super::Marker>,
     pub(crate) timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) redacted: String,
@@ -136,11 +139,13 @@ fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::
             .max(Duration::from_secs(1)),
     ))?;
     con.set_write_timeout(Some(setup.timeout))?;
-    let info: String = redis::cmd("INFO").arg("server").query(&mut con)?;
-    let run_id = info
-        .lines()
-        .find_map(|l| l.trim_end().strip_prefix("run_id:"))
-        .unwrap_or("unknown");
+    let server = super::server_life(&mut con)?;
+    // The same instance the pooled connections report: the table is
+    // trusted only while they agree.
+    let mut instance = match &setup.marker {
+        Some(marker) => super::first_instance(&mut con, marker, &server)?,
+        None => server.clone(),
+    };
     let mut track = redis::cmd("CLIENT");
     track.arg("TRACKING").arg("ON").arg("BCAST");
     for prefix in gens.key_prefixes() {
@@ -148,22 +153,42 @@ fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::
     }
     track.query::<()>(&mut con)?;
     // Tracking is on from here: fills may begin.
-    gens.reset(Some(Arc::from(run_id)));
-    let ping = redis::cmd("PING").get_packed_command();
+    gens.reset(Some(instance.clone()));
+    // The ping reads the marker: a `SWAPDB` sends no invalidation, but it
+    // changes the marker, and so the instance the table belongs to.
+    let ping = match &setup.marker {
+        Some(marker) => redis::cmd("GET").arg(&marker.key).get_packed_command(),
+        None => redis::cmd("PING").get_packed_command(),
+    };
     let every = (gens.max_lag() / 4).clamp(Duration::from_millis(1), Duration::from_millis(250));
     loop {
         let sent = gens.now();
-        con.send_packed_command(&ping)?;
-        loop {
-            match con.recv_response()? {
-                Value::Push { kind, data } => {
-                    if kind == redis::PushKind::Invalidate {
-                        invalidated(gens, data);
+        let answer = exchange(&mut con, gens, &ping, 1)?;
+        if let Some(marker) = &setup.marker {
+            let now = match answer.into_iter().next() {
+                Some(Value::BulkString(m)) => super::Marker::instance(&server, &m),
+                Some(Value::SimpleString(m)) => super::Marker::instance(&server, m.as_bytes()),
+                // Flushed: the next marker is set here, the way every
+                // connection sets it (`SET NX`, then read it).
+                _ => {
+                    let fresh = crate::backend::fresh_generation().to_string();
+                    let set = redis::pipe()
+                        .cmd("SET")
+                        .arg(&marker.key)
+                        .arg(&fresh)
+                        .arg("NX")
+                        .cmd("GET")
+                        .arg(&marker.key)
+                        .get_packed_pipeline();
+                    match exchange(&mut con, gens, &set, 2)?.pop() {
+                        Some(Value::BulkString(m)) => super::Marker::instance(&server, &m),
+                        _ => super::Marker::instance(&server, fresh.as_bytes()),
                     }
                 }
-                Value::ServerError(e) => return Err(e.into()),
-                // The answer to the ping.
-                _ => break,
+            };
+            if now != instance {
+                instance = now;
+                gens.reset(Some(instance.clone()));
             }
         }
         gens.answered(sent);
@@ -171,6 +196,30 @@ fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::
             return Ok(());
         }
     }
+}
+
+/// Sends `packed` and reads its `replies` answers, applying the
+/// invalidations that come before them.
+fn exchange(
+    con: &mut redis::Connection,
+    gens: &Gens,
+    packed: &[u8],
+    replies: usize,
+) -> redis::RedisResult<Vec<Value>> {
+    con.send_packed_command(packed)?;
+    let mut out = Vec::with_capacity(replies);
+    while out.len() < replies {
+        match con.recv_response()? {
+            Value::Push { kind, data } => {
+                if kind == redis::PushKind::Invalidate {
+                    invalidated(gens, data);
+                }
+            }
+            Value::ServerError(e) => return Err(e.into()),
+            answer => out.push(answer),
+        }
+    }
+    Ok(out)
 }
 
 /// Applies one invalidation push: the keys it names, or everything (`FLUSHALL`,
