@@ -44,6 +44,7 @@ pub struct Cached<'a, F> {
     name: &'a str,
     tokens: &'a [&'a str],
     body: F,
+    stale: Option<bool>,
 }
 
 /// A block named `name` with `tokens`, whose HTML is `body()` on a miss.
@@ -61,6 +62,17 @@ where
         name,
         tokens,
         body,
+        stale: None,
+    }
+}
+
+impl<F> Cached<'_, F> {
+    /// This block's `stale` choice, whatever the handle's `stale=`: `true`
+    /// serves its previous body while another render holds the lease for
+    /// the new version (see [`BlockOptions`](crate::BlockOptions)).
+    pub fn stale_render(mut self, on: bool) -> Self {
+        self.stale = Some(on);
+        self
     }
 }
 
@@ -69,6 +81,7 @@ where
     F: Fn() -> Markup,
 {
     fn render_to(&self, buffer: &mut String) {
+        crate::lease::choose_for_next_block(self.stale);
         let out = self
             .cache
             .block_html(&["maud", self.name], self.tokens, || {

@@ -39,6 +39,8 @@ use metrics::{Counter, Histogram};
 /// | `body_fetches` | `icache_body_fetches_total` | lookups whose body in process was for another version (a second round trip fetched the body) | another process re-rendered after a bump |
 /// | `tracked_hits` | `icache_tracked_hits_total` | near hits with no round trip at all (`near=tracking`) | |
 /// | `near_bytes` | `icache_near_bytes` (gauge) | bytes held in process now | |
+/// | `lease_waits` | `icache_lease_waits_total` | misses that waited for another process's render under its fill lease (`fill=lease`) instead of rendering | a bump seen by several app servers at once |
+/// | `stale_served` | `icache_stale_served_total` | misses answered with the block's previous body while another render holds the lease (`stale=render`) | a bump of a hot block under load |
 /// | `render_time` | `icache_render_seconds` (histogram) | time spent rendering block bodies | |
 ///
 /// So "a bump made the block re-render" shows as `misses` + 1 and
@@ -79,6 +81,11 @@ pub struct Stats {
     pub tracked_hits: u64,
     /// Bytes the near cache holds now (bounded by `?near_max_bytes=`).
     pub near_bytes: u64,
+    /// Misses that waited for another process's render (`fill=lease`).
+    pub lease_waits: u64,
+    /// Misses answered with the block's previous body while another render
+    /// held the lease (`stale=render`).
+    pub stale_served: u64,
 }
 
 impl Stats {
@@ -129,6 +136,8 @@ pub(crate) struct Counters {
     near_misses: Pair,
     body_fetches: Pair,
     tracked_hits: Pair,
+    lease_waits: Pair,
+    stale_served: Pair,
     near_bytes: metrics::Gauge,
     render_nanos: AtomicU64,
     render_hist: Histogram,
@@ -148,6 +157,8 @@ pub(crate) enum Event {
     NearMiss,
     BodyFetch,
     TrackedHit,
+    LeaseWait,
+    StaleServed,
 }
 
 impl Counters {
@@ -165,6 +176,8 @@ impl Counters {
             near_misses: Pair::new("icache_near_misses_total", backend),
             body_fetches: Pair::new("icache_body_fetches_total", backend),
             tracked_hits: Pair::new("icache_tracked_hits_total", backend),
+            lease_waits: Pair::new("icache_lease_waits_total", backend),
+            stale_served: Pair::new("icache_stale_served_total", backend),
             near_bytes: metrics::gauge!("icache_near_bytes", "backend" => backend),
             render_nanos: AtomicU64::new(0),
             render_hist: metrics::histogram!("icache_render_seconds", "backend" => backend),
@@ -185,6 +198,8 @@ impl Counters {
             Event::NearMiss => &self.near_misses,
             Event::BodyFetch => &self.body_fetches,
             Event::TrackedHit => &self.tracked_hits,
+            Event::LeaseWait => &self.lease_waits,
+            Event::StaleServed => &self.stale_served,
         }
         .add(1);
     }
@@ -217,6 +232,8 @@ impl Counters {
             body_fetches: self.body_fetches.get(),
             tracked_hits: self.tracked_hits.get(),
             near_bytes,
+            lease_waits: self.lease_waits.get(),
+            stale_served: self.stale_served.get(),
         }
     }
 }

@@ -140,11 +140,10 @@ impl tera::Function<Result<Value, Error>> for Get {
             .map(|t| t.as_str().map_or_else(|| t.to_string(), str::to_owned))
             .collect();
         let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
-        match self
-            .0
-            .blocks()
-            .begin(self.0.core(), &["tera", &block], &refs)
-        {
+        let begun = self.0.keyed(&["tera", &block], &refs, |identity, tokens| {
+            self.0.blocks().begin(self.0.core(), identity, tokens)
+        });
+        match begun {
             Begun::Hit(html) => {
                 let mut m: HashMap<&str, Value> = HashMap::new();
                 m.insert("hit", Value::from(true));

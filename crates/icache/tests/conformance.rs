@@ -310,6 +310,10 @@ macro_rules! suite {
 mod bad_input;
 #[path = "conformance/engines.rs"]
 mod engines;
+#[path = "conformance/fleet.rs"]
+mod fleet;
+#[path = "conformance/flush.rs"]
+mod flush;
 #[path = "conformance/fragments.rs"]
 mod fragments;
 #[path = "conformance/guidance.rs"]
@@ -320,20 +324,29 @@ mod hardening;
 mod instance;
 #[path = "conformance/memcached_faults.rs"]
 mod memcached_faults;
-#[path = "conformance/minijinja_seed.rs"]
-mod minijinja_seed;
 #[path = "conformance/messages.rs"]
 mod messages;
+#[path = "conformance/minijinja_seed.rs"]
+mod minijinja_seed;
 #[path = "conformance/near.rs"]
 mod near;
 #[path = "conformance/reliability.rs"]
 mod reliability;
 #[path = "conformance/rust_api.rs"]
 mod rust_api;
+#[path = "conformance/sentinel.rs"]
+mod sentinel;
+#[path = "conformance/strict.rs"]
+mod strict;
 #[path = "conformance/unix.rs"]
 mod unix;
 #[path = "conformance/web.rs"]
 mod web;
+
+suite!(flushing = crate::flush:
+    flush_makes_every_block_miss_once_across_handles,
+    salt_changes_every_block_key,
+);
 
 suite!(object = crate::object_cases:
     incr_adds_one,

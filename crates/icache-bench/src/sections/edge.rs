@@ -79,7 +79,7 @@ pub(crate) fn edge(settings: &Settings, quick: bool) -> Section {
             // A different case first each round.
             let c = (k + round as usize) % cases.len();
             let (label, port, requests, expect) = cases[c];
-            progress(&format!("7/7 … {label} (round {} of {rounds})", round + 1));
+            progress(&format!("9/9 … {label} (round {} of {rounds})", round + 1));
             let hits = cache.stats().hits;
             let not_modified = site.state.pages().stats().not_modified;
             let l = load::run_requests(port, settings.page_clients, requests, expect, warm, slice)
@@ -123,7 +123,7 @@ pub(crate) fn edge(settings: &Settings, quick: bool) -> Section {
     // Bump → fresh page at Varnish: commit a new rating, bump (the clock
     // starts when `incr` returns), purge, GET through Varnish until the page
     // shows it (the first GET does, unless the purge was lost).
-    progress("7/7 … bump → fresh page at Varnish");
+    progress("9/9 … bump → fresh page at Varnish");
     let samples = if quick {
         FRESH_SAMPLES_QUICK
     } else {
@@ -206,7 +206,7 @@ pub(crate) fn edge(settings: &Settings, quick: bool) -> Section {
     let mb_per_s = through.rps * page_bytes as f64 / 1e6;
     if !targets[0].met() {
         missed_notes.push(format!(
-            "**7. {}** ({}): the load generator, the app and Varnish share this \
+            "**9. {}** ({}): the load generator, the app and Varnish share this \
              VM's CPUs. A user page is {kb:.0} KB, so Varnish's hits move \
              {mb_per_s:.0} MB/s over loopback, every byte copied by the kernel \
              and read by the generator on the same CPUs: that copying, not \
@@ -220,7 +220,7 @@ pub(crate) fn edge(settings: &Settings, quick: bool) -> Section {
     }
     if !targets[1].met() {
         missed_notes.push(format!(
-            "**7. {}** ({}): a 304 still costs the app its HTTP handling \
+            "**9. {}** ({}): a 304 still costs the app its HTTP handling \
              (hyper, 2 runtime workers), a manifest lookup and one read of the \
              page's generations; the full page adds the render around the block \
              and {kb:.0} KB of copying. The generator runs on the same CPUs, and \
@@ -233,7 +233,7 @@ pub(crate) fn edge(settings: &Settings, quick: bool) -> Section {
     }
     if !targets[2].met() {
         missed_notes.push(format!(
-            "**7. {}** ({}): the time is the purge's round trip to Varnish plus \
+            "**9. {}** ({}): the time is the purge's round trip to Varnish plus \
              one page rendered by the app on a miss (p50 {}); the tail is the \
              scheduling of three processes on this VM's CPUs.",
             targets[2].what,
@@ -243,7 +243,7 @@ pub(crate) fn edge(settings: &Settings, quick: bool) -> Section {
     }
 
     let mut md = format!(
-        "## 7. Pages at the edge\n\n\
+        "## 9. Pages at the edge\n\n\
          The demo (memory backend) behind `icache_http::PageLayer`, and a real \
          Varnish 7 with `deploy/varnish/icache.vcl` in front of it (vmod xkey, \
          no TTL), both on free loopback ports; {clients} client threads of the \

@@ -92,6 +92,15 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug + 'static {
     /// Removes an entry; `true` if something was there.
     fn delete(&self, key: Key<'_>) -> Result<bool>;
 
+    /// Takes the fill lease `key` for `ttl` unless another client holds it
+    /// (`SET … NX PX` on Redis, `add` with an expiry on memcached): `true`
+    /// if this call took it. A lease only decides who renders, never what
+    /// is served (see `lease.rs`). In process it is always granted: the
+    /// process's own single-flight is the whole fleet.
+    fn lease(&self, _key: Key<'_>, _ttl: Duration) -> Result<bool> {
+        Ok(true)
+    }
+
     /// Does the backend answer? One cheap round trip.
     fn ping(&self) -> Result<()>;
 
@@ -186,7 +195,7 @@ pub(crate) fn fetch_keys(prefix: &str, tokens: &[&str], entries: &[Key<'_>]) -> 
 }
 
 /// [`assemble`] for values that all came from one server instance.
-#[cfg(any(feature = "redis", feature = "memcached"))]
+#[cfg(feature = "redis")]
 pub(crate) fn assemble_from(
     values: Vec<Option<Vec<u8>>>,
     tokens: usize,
@@ -240,6 +249,11 @@ pub(crate) trait Sharded {
         let out = self.per_shard(&[key], |s, group, _| {
             Ok(vec![s.set(group[0], entry.clone(), ttl, None)?])
         })?;
+        Ok(out.first().copied().unwrap_or(false))
+    }
+
+    fn sharded_lease(&self, key: Key<'_>, ttl: Duration) -> Result<bool> {
+        let out = self.per_shard(&[key], |s, group, _| Ok(vec![s.lease(group[0], ttl)?]))?;
         Ok(out.first().copied().unwrap_or(false))
     }
 

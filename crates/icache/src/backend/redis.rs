@@ -22,6 +22,7 @@ use crate::keys::{self, Key};
 use crate::pool::Pool;
 
 pub(crate) mod cluster;
+pub(crate) mod sentinel;
 pub(crate) mod tracking;
 
 /// A connection and the server instance it talks to.
@@ -94,6 +95,8 @@ pub(crate) struct Redis {
     /// `None` on a cluster node (no `SWAPDB` there, one database, and the
     /// cluster's fetch reads no marker).
     marker: Option<Marker>,
+    /// `redis+sentinel://`: connections go to the master it names.
+    sentinel: Option<Arc<sentinel::Sentinel>>,
 }
 
 impl std::fmt::Debug for Redis {
@@ -106,6 +109,18 @@ impl std::fmt::Debug for Redis {
 
 impl Redis {
     pub(crate) fn new(config: &Config) -> Result<Self> {
+        if let Target::RedisSentinel(settings) = &config.target {
+            let sentinel = Arc::new(sentinel::Sentinel::new(settings, config));
+            let mut redis = Redis::open(
+                &sentinel.placeholder_url(),
+                None,
+                config,
+                config.redacted.clone(),
+            )?;
+            redis.marker = Some(Marker::new(&redis.prefix, i64::from(settings.db)));
+            redis.sentinel = Some(sentinel);
+            return Ok(redis);
+        }
         let Target::Redis { url, ca_file } = &config.target else {
             return Err(Error::config("not a redis:// URL"));
         };
@@ -148,6 +163,7 @@ impl Redis {
             connect_timeout: config.connect_timeout,
             redacted,
             marker: None,
+            sentinel: None,
         })
     }
 
@@ -177,17 +193,24 @@ impl Redis {
             timeout: self.timeout,
             connect_timeout: self.connect_timeout,
             redacted: self.redacted.clone(),
+            sentinel: self.sentinel.clone(),
         })
     }
 
     fn connect(&self) -> Result<Conn> {
-        let mut con = self
-            .client
-            .get_connection_with_timeout(self.connect_timeout)
-            .map_err(|e| self.error("connect", e))?;
-        con.set_read_timeout(Some(self.timeout))
-            .and_then(|()| con.set_write_timeout(Some(self.timeout)))
-            .map_err(|e| self.error("connect", e))?;
+        let mut con = match &self.sentinel {
+            Some(sentinel) => sentinel.connect(false)?,
+            None => {
+                let con = self
+                    .client
+                    .get_connection_with_timeout(self.connect_timeout)
+                    .map_err(|e| self.error("connect", e))?;
+                con.set_read_timeout(Some(self.timeout))
+                    .and_then(|()| con.set_write_timeout(Some(self.timeout)))
+                    .map_err(|e| self.error("connect", e))?;
+                con
+            }
+        };
         // Which server life is this? Asked once per connection: a restart
         // drops every connection.
         let server = server_life(&mut con).map_err(|e| self.error("INFO server", e))?;
@@ -221,7 +244,13 @@ impl Redis {
     fn error(&self, op: &str, e: redis::RedisError) -> Error {
         let kind = if e.is_timeout() {
             ErrorKind::Timeout
-        } else if e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped() {
+        } else if e.is_io_error()
+            || e.is_connection_refusal()
+            || e.is_connection_dropped()
+            // A write that reached a master demoted by a failover: this
+            // connection is done; a new one finds the new master.
+            || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        {
             ErrorKind::Unavailable
         } else {
             ErrorKind::Backend
@@ -246,6 +275,9 @@ impl Redis {
 
     /// "host:port" of this server.
     fn node_addr(&self) -> String {
+        if let Some(sentinel) = &self.sentinel {
+            return sentinel.last_master();
+        }
         let info = self.client.get_connection_info();
         match info.addr() {
             redis::ConnectionAddr::Tcp(h, p)
@@ -342,8 +374,23 @@ fn renew_marker(
     ensure_marker(con, marker, server)
 }
 
-/// The instance under `marker`, setting the marker first if it is missing.
-pub(crate) fn ensure_marker(
+/// The instance under `marker`, read first: a server that refuses writes
+/// (full, under `noeviction`) still serves reads when the marker is there.
+fn ensure_marker(
+    con: &mut redis::Connection,
+    marker: &Marker,
+    server: &str,
+) -> redis::RedisResult<Arc<str>> {
+    let now: Option<Vec<u8>> = redis::cmd("GET").arg(&marker.key).query(con)?;
+    match now {
+        Some(m) => Ok(Marker::instance(server, &m)),
+        None => set_marker(con, marker, server),
+    }
+}
+
+/// The instance under `marker`, which was missing: set it unless another
+/// client just did, then read it.
+fn set_marker(
     con: &mut redis::Connection,
     marker: &Marker,
     server: &str,
@@ -413,7 +460,7 @@ impl Backend for Redis {
                     Some(m) => Marker::instance(&c.server, &m),
                     // Flushed, or swapped for unmarked data: what this
                     // read found was stored under no marker we know.
-                    None => ensure_marker(&mut c.con, marker, &c.server)?,
+                    None => set_marker(&mut c.con, marker, &c.server)?,
                 };
             }
             Ok((v, c.instance.clone()))
@@ -531,7 +578,7 @@ impl Backend for Redis {
                 .query(&mut c.con)?;
             c.instance = match now {
                 Some(m) => Marker::instance(&c.server, &m),
-                None => ensure_marker(&mut c.con, marker, &c.server)?,
+                None => set_marker(&mut c.con, marker, &c.server)?,
             };
             if c.instance == stored_on {
                 return Ok(true);
@@ -557,6 +604,21 @@ impl Backend for Redis {
         Ok(n > 0)
     }
 
+    fn lease(&self, key: Key<'_>, ttl: Duration) -> Result<bool> {
+        let k = self.key(key);
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let got: Option<String> = self.run("SET NX PX", |con| {
+            redis::cmd("SET")
+                .arg(&k)
+                .arg(crate::lease::value())
+                .arg("NX")
+                .arg("PX")
+                .arg(ms)
+                .query(con)
+        })?;
+        Ok(got.is_some())
+    }
+
     fn ping(&self) -> Result<()> {
         self.run("PING", |con| redis::cmd("PING").query::<String>(con))
             .map(|_| ())
@@ -573,7 +635,7 @@ impl Backend for Redis {
             let now: Option<Vec<u8>> = redis::cmd("GET").arg(&marker.key).query(&mut c.con)?;
             c.instance = match now {
                 Some(m) => Marker::instance(&c.server, &m),
-                None => ensure_marker(&mut c.con, marker, &c.server)?,
+                None => set_marker(&mut c.con, marker, &c.server)?,
             };
             Ok(Some(c.instance.clone()))
         })

@@ -77,7 +77,15 @@ impl quick_cache::Weighter<Arc<str>, Arc<str>> for SourceBytes {
 
 /// Called by the rewrite for each hole.
 pub(super) fn register(id: &str, source: &str) {
-    SOURCES.insert(id.into(), source.into());
+    // Rendered as a template of its own, the source would lose a final
+    // newline (MiniJinja drops one unless told to keep it); inside its
+    // template it keeps it. An empty comment after it keeps it either way.
+    let source: Arc<str> = if source.ends_with('\n') {
+        format!("{source}{{# #}}").into()
+    } else {
+        source.into()
+    };
+    SOURCES.insert(id.into(), source);
 }
 
 fn source(id: &str) -> Option<Arc<str>> {
@@ -220,6 +228,9 @@ pub(super) fn write_out(
     let mut out = String::with_capacity(body.len() + 64 * holes.len());
     let mut pos = 0;
     let mut ctx = None;
+    // One hole met many times (in a loop inside the block) sees the same
+    // variables each time, so it is rendered once per write-out.
+    let mut rendered: Vec<(&str, String)> = Vec::new();
     for &(at, id) in holes {
         out.push_str(&body[pos..at]);
         pos = at;
@@ -228,9 +239,13 @@ pub(super) fn write_out(
         };
         if nested {
             out.push_str(&holes_state.marker(id.into()));
+        } else if let Some((_, html)) = rendered.iter().find(|(seen, _)| *seen == id) {
+            out.push_str(html);
         } else {
             let ctx = ctx.get_or_insert_with(|| context(state));
-            out.push_str(&render(state, template_of(id), &src, ctx.clone())?);
+            let html = render(state, template_of(id), &src, ctx.clone())?;
+            out.push_str(&html);
+            rendered.push((id, html));
         }
     }
     out.push_str(&body[pos..]);
@@ -285,7 +300,7 @@ mod tests {
         assert_eq!(holes, vec![(0, "a:1"), (3, "b"), (3, "c")]);
         assert_eq!(body, "xyz<p>");
         for bad in [
-            format!("{HEADER}"),
+            HEADER.to_string(),
             format!("{HEADER}1\u{0}"),
             format!("{HEADER}1\u{0}9:1:a\u{0}xy"),
             format!("{HEADER}2\u{0}1:1:a0:1:b\u{0}xy"),

@@ -99,9 +99,10 @@
 //! thing; both need the template to go through [`loader`] or [`rewrite()`],
 //! which records each hole's source (MiniJinja does not hand a function the
 //! source of its body). Outside a cached block a hole is plain template text.
-//! Inside a cached block of a template that skipped the rewrite,
-//! `icache_nocache` is an error saying so, never a per-request value cached
-//! for everyone.
+//! Inside a cached block of a template that skipped the rewrite, a hole
+//! could not be rendered again on a hit: the blocks around it render
+//! uncached (output right, nothing stored), with a warning once per
+//! template; a per-request value is never cached for everyone.
 //!
 //! **What a hole sees**: the variables visible at the opening tag of the
 //! outermost cached block around it: the render's context, globals, imports,
@@ -110,7 +111,8 @@
 //! set **inside** the block (by a loop or a `{% set %}` in its body) are not,
 //! because a hit does not run the body: a hole shows
 //! the same on a miss and on a hit. Pass what it needs through the context,
-//! or open the cached block inside the loop. A hole's output is not passed
+//! or open the cached block inside the loop (the rewrite logs a warning for a
+//! hole that uses a name set inside its block). A hole's output is not passed
 //! through filters applied around it inside the block. It is escaped as the
 //! template it is written in escapes.
 //!
@@ -120,7 +122,9 @@
 //!
 //! **Cost**: a body with no hole is stored and served exactly as without
 //! this feature (a hit compares its first bytes, no scan). A hole costs a
-//! compile and a render of its own (small) source on every request.
+//! compile and a render of its own (small) source on every request (once
+//! per request when a loop inside the block meets it many times: it sees
+//! the same variables each time).
 //!
 //! **Why data cannot fake a hole**: stored bodies keep their holes as byte
 //! offsets in a header beside the text, never as markers in it, so a hit
@@ -149,9 +153,9 @@
 //! be invalidated by a bump: it shows its first render until the backend
 //! evicts it. It works, and is logged once per block, saying how to flush it:
 //! give it a token for what it shows and bump that (`cache.incr("movies")`,
-//! or `icache bump movies`); editing the block's source also gives it a new
-//! entry, and clearing the backend (`FLUSHDB`, a memcached restart, a process
-//! restart for `memory://`) removes it.
+//! or `icache bump movies`). To refresh it as it is, flush: `cache.flush()`
+//! (or `icache flush`) makes every cached block miss once; editing the
+//! block's source also gives it a new entry.
 //!
 //! # Undefined tokens
 //!
@@ -288,6 +292,20 @@ struct RenderState {
     met: std::cell::Cell<u64>,
     /// `{% nocache %}` sections met, and blocks rendering.
     holes: holes::Holes,
+    /// Holes met inside a block being rendered that cannot be rendered
+    /// again on a hit (their template skipped the rewrite, so their source
+    /// is unknown): every block around them renders uncached.
+    unstorable: std::cell::Cell<u64>,
+}
+
+/// Why a block's body is not returned as a body to store.
+enum BodyError {
+    /// The template's own error.
+    Template(Error),
+    /// The body holds a hole that cannot be rendered again on a hit: shown
+    /// to this request, never stored (an error to the block engine, which
+    /// then stores nothing and tells the blocks around it).
+    Unstorable(String),
 }
 
 /// A block body as MiniJinja hands it back.
@@ -357,6 +375,9 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
             let name: Option<String> = kwargs.get("name")?;
             let block: Option<String> = kwargs.get(BLOCK_KW)?;
             let scope: Option<String> = kwargs.get(LOOP_KW)?;
+            // `stale=true`: serve the previous body while another render
+            // holds the lease (`stale=render` for this block).
+            let stale: Option<bool> = kwargs.get("stale")?;
             kwargs.assert_all_used()?;
             let template = state.name().to_owned();
             if let Some(i) = args.iter().position(|v| v.is_undefined() || v.is_none()) {
@@ -386,6 +407,7 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
             render_state.met.set(render_state.met.get() + 1);
             let met_before = render_state.met.get();
             let holes_before = render_state.holes.count();
+            let unstorable_before = render_state.unstorable.get();
             // Warns about a block with no token at all (own or nested): it
             // is told after a render, the only time its nested blocks are
             // known.
@@ -407,19 +429,17 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
                         "icache block {place} has no tokens, so no bump can ever invalidate it: it \
                          shows its first render until the entry is evicted. Give it a token for the \
                          data it shows and bump that after a change (`cache.incr(\"movies\")`, or \
-                         `icache bump movies` from the command line); editing the block's source also \
-                         gives it a new entry, and clearing the backend (FLUSHDB, a memcached or \
-                         process restart for memory://) empties it (this warning once per block)"
+                         `icache bump movies` from the command line). To refresh it as it is, flush: \
+                         `cache.flush()` (or `icache flush`) makes every cached block miss once; editing \
+                         the block's source also gives it a new entry (this warning once per block)"
                     );
                 }
             };
             if let Some(block) = &block {
-                use std::hash::{BuildHasher, Hash, Hasher};
+                use std::hash::BuildHasher;
                 static SEED: std::sync::LazyLock<std::collections::hash_map::RandomState> =
                     std::sync::LazyLock::new(Default::default);
-                let mut h = SEED.build_hasher();
-                (block, &tokens).hash(&mut h);
-                if !render_state.positioned.insert(h.finish())
+                if !render_state.positioned.insert(SEED.hash_one((block, &tokens)))
                     && warned_blocks.first("repeated", block)
                 {
                     let missing = match scope.as_deref() {
@@ -462,19 +482,29 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
                 block.as_deref().unwrap_or(""),
                 name.as_deref().unwrap_or(""),
             ];
+            crate::lease::choose_for_next_block(stale);
             let html = cache.block_html(&identity, &tokens, || {
                 rendering(state, 1);
                 let body = caller.call(state, &[]).map(body_text);
                 rendering(state, -1);
                 tokenless(state);
-                let body = body?;
+                let body = body.map_err(BodyError::Template)?;
+                let Some(r) = state.get_extension::<RenderState>() else {
+                    return Ok(body);
+                };
                 // Holes met while it rendered leave the body as markers:
                 // stored as a header of hole offsets beside the text.
-                Ok::<_, Error>(match state.get_extension::<RenderState>() {
-                    Some(r) => r.holes.store_form(body, holes_before),
-                    None => body,
-                })
-            })?;
+                let body = r.holes.store_form(body, holes_before);
+                if r.unstorable.get() != unstorable_before {
+                    return Err(BodyError::Unstorable(body));
+                }
+                Ok(body)
+            });
+            let html = match html {
+                Ok(html) => html,
+                Err(BodyError::Template(e)) => return Err(e),
+                Err(BodyError::Unstorable(body)) => Html::Rendered(body),
+            };
             let stored: &str = match &html {
                 Html::Rendered(s) => s,
                 Html::Cached(s) => s,
@@ -532,20 +562,34 @@ fn nocache(state: &mut State, kwargs: Kwargs) -> Result<Value, Error> {
             .map(|v| Value::from_safe_string(body_text(v)));
     }
     let Some(hole) = hole else {
-        return Err(Error::new(
-            ErrorKind::InvalidOperation,
-            format!(
-                "a {{% call icache_nocache() %}} section inside a cached block of template {:?} needs \
-                 the template to go through icache::minijinja::loader or icache::minijinja::rewrite: \
-                 only then is its source known, to render it again on every hit",
-                state.name()
-            ),
-        ));
+        // The template skipped the rewrite, so the hole's source is unknown
+        // and a hit could not render it: the blocks around it render
+        // uncached, and the per-request part is never stored.
+        render_state
+            .unstorable
+            .set(render_state.unstorable.get() + 1);
+        let template = state.name().to_owned();
+        if NOCACHE_WARNED.first("nocache-without-rewrite", &template) {
+            tracing::warn!(
+                "icache: a {{% call icache_nocache() %}} section inside a cached block of template \
+                 {template:?}, which did not go through icache::minijinja::loader or \
+                 icache::minijinja::rewrite: its source is unknown, so it could not be rendered again \
+                 on a hit, and the blocks around it render uncached on every request. Load the \
+                 template through the loader (or add it with rewrite()) to cache them (this warning \
+                 once per template)"
+            );
+        }
+        return caller
+            .call(state, &[])
+            .map(|v| Value::from_safe_string(body_text(v)));
     };
     Ok(Value::from_safe_string(
         render_state.holes.marker(hole.into()),
     ))
 }
+
+/// Templates warned about for holes that skipped the rewrite.
+static NOCACHE_WARNED: std::sync::LazyLock<Warned> = std::sync::LazyLock::new(Warned::default);
 
 fn token_string(v: &Value) -> String {
     if let Some(s) = v.as_str() {

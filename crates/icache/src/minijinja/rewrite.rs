@@ -29,8 +29,9 @@ use crate::keys::sha256_hex;
 /// tokens (whitespace around operators, `~`, filters, tests, `in`,
 /// `and`/`or` and a ternary `if … else` is not a separator). Adjacent string
 /// literals stay separate tokens, and a bracket after whitespace starts a
-/// new one (`'a' (b)` is two tokens). `name='…'` is an option, as in the
-/// call-block form. Each block gets its identity
+/// new one (`'a' (b)` is two tokens). `name='…'` and `stale=true` (serve
+/// the previous body while another render holds the lease) are options, as
+/// in the call-block form. Each block gets its identity
 /// (template, line, column, digest of its source); hand-written
 /// `{% call icache(…) %}` blocks get one too. Lines are kept, so template
 /// errors point at the right line. `{% raw %}` sections, comments and string
@@ -274,6 +275,9 @@ struct OpenBlock {
     /// mention: named in the warning when the block is met twice in one
     /// render with the same tokens.
     unused_scope: Vec<String>,
+    /// Names bound inside its body (loops, macros, `{% set %}`): a hole in
+    /// it cannot see them (it sees what the block's opening sees).
+    inner_names: Vec<String>,
 }
 
 /// What an open `{% call %}` is, so its `{% endcall %}` closes the right thing.
@@ -322,6 +326,24 @@ fn identifiers(text: &str) -> impl Iterator<Item = &str> {
                 .next()
                 .is_some_and(|c| c.is_alphabetic() || c == '_')
         })
+}
+
+/// The insides of the `{{ … }}` and `{% … %}` in `body` (roughly: for a
+/// warning about the names they use, not for rewriting).
+fn template_code(body: &str) -> impl Iterator<Item = &str> {
+    let mut rest = body;
+    std::iter::from_fn(move || {
+        let at = rest.find("{{").into_iter().chain(rest.find("{%")).min()?;
+        let close = if rest[at..].starts_with("{{") {
+            "}}"
+        } else {
+            "%}"
+        };
+        let inside = &rest[at + 2..];
+        let end = inside.find(close).unwrap_or(inside.len());
+        rest = &inside[end..];
+        Some(&inside[..end])
+    })
 }
 
 /// The names a `{% for … in … %}` binds (`item`, or `k, v`).
@@ -441,7 +463,11 @@ impl<'a> Rewriter<'a> {
                     let Some(open) = hole.take().filter(|h| h.seed_form) else {
                         return Err(self.err(at, "{% endnocache %} without an open {% nocache %}"));
                     };
-                    self.close_hole(open, &tag);
+                    let inner = stack
+                        .first()
+                        .map(|b| b.inner_names.clone())
+                        .unwrap_or_default();
+                    self.close_hole(open, &tag, &inner);
                 }
                 "load" if args.split_whitespace().any(|a| a == "icache") => {
                     let others: Vec<&str> =
@@ -492,6 +518,17 @@ impl<'a> Rewriter<'a> {
                         let Some(args) = inner.strip_suffix(')') else {
                             return Err(self.err(at, "cannot read the arguments of call icache(…)"));
                         };
+                        // Checked here so that a bad argument is reported
+                        // with the user's text, not the rewritten call's.
+                        if let Err(detail) = self.check_expression(&format!("icache({args})")) {
+                            return Err(self.err(
+                                at,
+                                &format!(
+                                    "bad arguments in {}: {detail}",
+                                    shown(&self.src[tag.start..tag.end])
+                                ),
+                            ));
+                        }
                         calls.push(CallKind::Block);
                         self.open(&mut stack, &tag, args.trim().to_string(), false);
                     } else if let Some(inner) = call.strip_prefix("icache_nocache(") {
@@ -507,7 +544,11 @@ impl<'a> Rewriter<'a> {
                 "endcall" => match calls.pop() {
                     Some(CallKind::Hole) => {
                         if let Some(open) = hole.take() {
-                            self.close_hole(open, &tag);
+                            let inner = stack
+                                .first()
+                                .map(|b| b.inner_names.clone())
+                                .unwrap_or_default();
+                            self.close_hole(open, &tag, &inner);
                         }
                     }
                     Some(CallKind::Block) => {
@@ -524,14 +565,26 @@ impl<'a> Rewriter<'a> {
                     }
                     _ => {}
                 },
-                "for" => self.scopes.push(Scope {
-                    macro_: false,
-                    names: for_targets(args),
-                }),
-                "macro" => self.scopes.push(Scope {
-                    macro_: true,
-                    names: macro_args(args),
-                }),
+                "for" | "macro" => {
+                    let macro_ = word == "macro";
+                    let names = if macro_ {
+                        macro_args(args)
+                    } else {
+                        for_targets(args)
+                    };
+                    if let Some(outer) = stack.first_mut() {
+                        outer.inner_names.extend(names.iter().cloned());
+                    }
+                    self.scopes.push(Scope { macro_, names });
+                }
+                "set" => {
+                    if let Some(outer) = stack.first_mut() {
+                        let target = args.split_once('=').map_or(args, |(t, _)| t);
+                        outer
+                            .inner_names
+                            .extend(identifiers(target).map(str::to_owned));
+                    }
+                }
                 // An unbalanced end tag is MiniJinja's to report.
                 "endfor" if self.scopes.last().is_some_and(|s| !s.macro_) => {
                     self.scopes.pop();
@@ -587,12 +640,12 @@ impl<'a> Rewriter<'a> {
                 ));
             }
             match arg.keyword {
-                Some("name") if self.target == Target::MiniJinja => {
-                    keywords.push(format!("name=({})", arg.text));
+                Some(kw @ ("name" | "stale")) if self.target == Target::MiniJinja => {
+                    keywords.push(format!("{kw}=({})", arg.text));
                 }
                 Some(other) => {
                     let known = if self.target == Target::MiniJinja {
-                        "the only option is name="
+                        "the options are name= and stale="
                     } else {
                         "Tera blocks take no options (their position identifies them)"
                     };
@@ -624,8 +677,15 @@ impl<'a> Rewriter<'a> {
             #[cfg(feature = "tera")]
             Target::Tera => {
                 let mut tera = tera::Tera::new();
-                tera.add_raw_template("token", &format!("{{{{ {expr} }}}}"))
-                    .map_err(|e| e.to_string())
+                match tera.add_raw_template("token", &format!("{{{{ {expr} }}}}")) {
+                    // Only the syntax is the rewrite's business: filters and
+                    // functions the application registers later are unknown
+                    // to this empty Tera, and Tera checks them itself.
+                    Err(e) if matches!(e.kind(), tera::ErrorKind::SyntaxError(_)) => {
+                        Err(e.to_string())
+                    }
+                    _ => Ok(()),
+                }
             }
         }
     }
@@ -651,8 +711,27 @@ impl<'a> Rewriter<'a> {
     /// A hole becomes `{% call icache_nocache(__icache_hole="id") %}…{% endcall %}`
     /// (its body stays, rendered where it stands outside cached blocks), and
     /// its source is registered under its id, to be rendered on every hit.
-    fn close_hole(&mut self, open: OpenHole, tag: &Tag<'_>) {
+    fn close_hole(&mut self, open: OpenHole, tag: &Tag<'_>, inner_names: &[String]) {
         let body = &self.src[open.body_start..tag.start];
+        let mut unseen: Vec<&str> = template_code(body)
+            .flat_map(identifiers)
+            .filter(|w| inner_names.iter().any(|n| n == w))
+            .collect();
+        unseen.sort_unstable();
+        unseen.dedup();
+        if !unseen.is_empty() {
+            // Not an error: the name may also be in the render's context.
+            tracing::warn!(
+                "icache: the {{% nocache %}} section in {:?} line {} uses {}, set inside the cached \
+                 block around it (by a loop, a macro or {{% set %}}): a hole sees only what that \
+                 block's opening tag sees, because a hit does not run the block's body, so there \
+                 it is the render's value or undefined, on hits and misses alike. Open the cached \
+                 block inside the loop, or pass the value in the render's context",
+                self.name,
+                open.line,
+                unseen.join(", ")
+            );
+        }
         let digest = sha256_hex(body.as_bytes());
         let id = format!("{}:{}:{}:{}", self.name, open.line, open.col, &digest[..16]);
         // Whitespace control on the tags around the body trims it where it
@@ -703,6 +782,7 @@ impl<'a> Rewriter<'a> {
             open_mark: tag.open_mark.to_string(),
             close_mark: tag.close_mark.to_string(),
             unused_scope,
+            inner_names: Vec::new(),
         });
     }
 
@@ -787,7 +867,8 @@ impl<'a> Rewriter<'a> {
                 "icache: the Tera block in {:?} line {} col {} has no tokens, so no bump can \
                  invalidate it (unless blocks inside it have tokens): give it a token for the data \
                  it shows and bump that after a change (`cache.incr(\"movies\")`, or `icache bump \
-                 movies`); editing the block gives it a new entry, and clearing the backend empties it",
+                 movies`); `cache.flush()` (or `icache flush`) makes every block miss once, and \
+                 editing the block gives it a new entry",
                 self.name,
                 open.line,
                 open.col
@@ -849,6 +930,13 @@ mod tests {
             rw("{% icache 'items' 'user:' ~ user.id user.name | upper name='x' %}X{% endicache %}");
         assert!(
             out.starts_with("{% call icache('items', ('user:' ~ user.id), (user.name | upper), name=('x'), __icache_block="),
+            "{out}"
+        );
+        // Filters and functions the application registers are not the
+        // parser's business.
+        let out = rw("{% icache x | my_filter(1) my_function() %}X{% endicache %}");
+        assert!(
+            out.starts_with("{% call icache((x | my_filter(1)), (my_function()), "),
             "{out}"
         );
         let err = rewrite(
@@ -1235,5 +1323,23 @@ mod tests {
                 prop_assert_eq!(rewrite("t", &src).map_err(|e| TestCaseError::fail(e.to_string()))?, src);
             }
         }
+    }
+}
+
+#[cfg(all(test, feature = "tera"))]
+mod tera_tests {
+    /// Tera's parser checks a token's syntax only: filters and functions
+    /// the application registers later are not known yet, and are fine.
+    #[test]
+    fn tera_tokens_may_use_the_applications_filters() {
+        let out = super::rewrite_for_tera(
+            "t.html",
+            "{% icache 'a' user | my_filter(x=1) my_function() %}b{% endicache %}",
+        )
+        .expect("rewrites");
+        assert!(
+            out.contains("tokens=['a', (user | my_filter(x=1)), (my_function())]"),
+            "{out}"
+        );
     }
 }

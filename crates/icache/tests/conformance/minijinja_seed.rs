@@ -156,6 +156,11 @@ fn errors_show_the_users_line_and_text() {
             1,
             "colour=",
         ),
+        (
+            "\n{% call icache('a' ~) %}x{% endcall %}",
+            2,
+            "{% call icache('a' ~) %}",
+        ),
     ] {
         let loaded = {
             let env = loader_env(&ICache::memory(), &[("page.html", src)]);
@@ -169,7 +174,12 @@ fn errors_show_the_users_line_and_text() {
                 "{src:?}: {shown}"
             );
             assert!(shown.contains(text), "{src:?}: {shown}");
-            assert!(!shown.contains("call icache"), "{src:?}: {shown}");
+            // The rewrite's call form never shows (except where the user
+            // wrote one).
+            assert!(
+                src.contains("call icache") || !shown.contains("call icache"),
+                "{src:?}: {shown}"
+            );
             assert!(!shown.contains("__icache"), "{src:?}: {shown}");
         }
     }
@@ -316,7 +326,7 @@ fn a_block_with_no_token_warns_once_how_to_flush_it() {
             "{path}: {log}"
         );
         assert!(
-            warnings[0].contains("incr"),
+            warnings[0].contains("incr") && warnings[0].contains("cache.flush()"),
             "{path}: says how to flush: {log}"
         );
         // The nested one is invalidated through its inner token.
@@ -415,7 +425,15 @@ fn holes_in_nested_blocks_are_filled_on_outer_hits() {
         cache.incr("side").expect("bump the inner token");
         assert_eq!(page("again", 3), "[(again3)3]", "{path}: outer re-rendered");
         assert_eq!(page("more", 4), "[(more3)3]", "{path}");
-        // The inner block alone, elsewhere, with its hole.
+        // The outer re-rendered around an inner hit: the inner entry's hole
+        // becomes the outer's again.
+        cache.incr("page").expect("bump the outer token");
+        assert_eq!(
+            page("x", 5),
+            "[(x3)5]",
+            "{path}: inner hit in an outer miss"
+        );
+        assert_eq!(page("y", 6), "[(y3)5]", "{path}: outer hit");
     }
 }
 
@@ -440,6 +458,39 @@ fn a_value_that_looks_like_a_hole_is_text() {
             }
             assert_eq!(cache.stats().hits, 2, "{path}");
         }
+    }
+}
+
+/// A hole keeps its newlines and whitespace control, as it would inline.
+#[test]
+fn a_hole_renders_as_it_would_inline() {
+    const SRC: &str = "{% icache 'a' %}[{% nocache %}\n{{ v }}\n{% endnocache %}]({%- nocache -%}\n {{ v }} \n{%- endnocache -%})\n{% endicache %}";
+    let mut plain = Environment::new();
+    plain
+        .add_template_owned(
+            "t.txt",
+            SRC.replace("nocache", "if true")
+                .replace("icache 'a'", "if true")
+                .replace("endicache", "endif")
+                .replace("endif true", "endif"),
+        )
+        .expect("valid");
+    let expected = plain
+        .get_template("t.txt")
+        .and_then(|t| t.render(context! { v => 1 }))
+        .expect("renders");
+    assert_eq!(expected, "[\n1\n](1)\n");
+    for (path, make) in PATHS {
+        let cache = ICache::memory();
+        let env = make(&cache, &[("t.txt", SRC)]);
+        for _ in 0..2 {
+            assert_eq!(
+                render(&env, "t.txt", context! { v => 1 }),
+                expected,
+                "{path}"
+            );
+        }
+        assert_eq!(cache.stats().hits, 1, "{path}");
     }
 }
 
@@ -488,9 +539,10 @@ fn a_hole_in_an_included_template_is_filled() {
 }
 
 /// Outside a cached block a hole is plain template text (it sees local
-/// variables); a hand-written `icache_nocache` call inside a block of a
-/// template that skipped the rewrite is an error saying why, never a
-/// per-request value cached for everyone.
+/// variables). A hand-written `icache_nocache` call inside a block of a
+/// template that skipped the rewrite cannot be rendered again on a hit (its
+/// source is unknown): the blocks around it render uncached, with one
+/// warning, and the per-request value is never stored for everyone.
 #[test]
 fn holes_outside_blocks_and_without_the_rewrite() {
     let cache = ICache::memory();
@@ -507,17 +559,25 @@ fn holes_outside_blocks_and_without_the_rewrite() {
     icache::minijinja::register(&mut env, cache.clone());
     env.add_template(
         "raw.html",
-        "{% call icache('p', name='p') %}{% call icache_nocache() %}{{ csrf }}{% endcall %}{% endcall %}",
+        "{% call icache('page', name='outer') %}<{% call icache('side', name='inner') %}{% call icache_nocache() %}{{ csrf }}{% endcall %}{{ n }}{% endcall %}>{% endcall %}",
     )
     .expect("valid");
-    let err = env
-        .get_template("raw.html")
-        .and_then(|t| t.render(context! { csrf => "x" }))
-        .expect_err("needs the rewrite");
-    assert!(
-        format!("{err:#}").contains("icache::minijinja::loader"),
-        "{err:#}"
+    let (pages, log) = logged(|| {
+        [("x", 1), ("y", 2), ("z", 3)]
+            .map(|(csrf, n)| render(&env, "raw.html", context! { csrf, n }))
+    });
+    assert_eq!(
+        pages,
+        ["<x1>", "<y2>", "<z3>"],
+        "this request's value, never a stored one"
     );
+    assert_eq!(cache.stats().hits, 0);
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("icache_nocache"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(warnings[0].contains("icache::minijinja::loader"), "{log}");
     env.add_template(
         "outside.html",
         "{% call icache_nocache() %}{{ csrf }}{% endcall %}",
@@ -550,4 +610,51 @@ fn hole_syntax_errors() {
     )
     .expect_err("Tera");
     assert!(err.to_string().contains("Per-request parts"), "{err}");
+}
+
+/// `render_async` (the render on tokio's blocking pool) fills holes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn holes_work_through_render_async() {
+    let cache = ICache::memory();
+    let env = Arc::new(loader_env(&cache, &[("form.html", FORM)]));
+    for (csrf, n, want) in [("a", 1, "a\">1"), ("b", 2, "b\">1")] {
+        let page = icache::minijinja::render_async(env.clone(), "form.html", context! { csrf, n })
+            .await
+            .expect("renders");
+        assert!(
+            page.ends_with(&format!("{want}</p></form>").replace("\">", "\"><p>")),
+            "{page}"
+        );
+    }
+    assert_eq!(cache.stats().hits, 1);
+}
+
+/// A hole that uses a name set inside its cached block (which a hit does
+/// not run) is warned about when the template is rewritten.
+#[test]
+fn a_hole_using_a_variable_set_inside_its_block_is_warned_about() {
+    let (out, log) = logged(|| {
+        icache::minijinja::rewrite(
+            "t.html",
+            "{% icache 'x' %}{% for u in users %}{% set tone = 'hi' %}{% nocache %}user {{ u }} {{ tone }} {{ csrf }}{% endnocache %}{% endfor %}{% endicache %}",
+        )
+    });
+    out.expect("rewrites");
+    let warning = log
+        .lines()
+        .find(|l| l.contains("nocache"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(warning.contains("tone, u"), "{log}");
+    assert!(
+        !warning.contains("csrf") && !warning.contains("user,"),
+        "{log}"
+    );
+    // Nothing to say when the hole uses what the block's opening sees.
+    let (_, log) = logged(|| {
+        icache::minijinja::rewrite(
+            "t.html",
+            "{% for u in users %}{% icache 'x' u %}{% nocache %}{{ u }}{% endnocache %}{% endicache %}{% endfor %}",
+        )
+    });
+    assert!(!log.contains("nocache"), "{log}");
 }

@@ -57,6 +57,9 @@ pub(crate) struct Setup {
     pub(crate) timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) redacted: String,
+    /// `redis+sentinel://`: each session connects to the master it names
+    /// now, and ends when its server stops being the master.
+    pub(crate) sentinel: Option<Arc<super::sentinel::Sentinel>>,
 }
 
 /// Starts the tracking thread for `gens`.
@@ -126,9 +129,14 @@ fn run(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) {
 /// One tracking connection, until it fails (`Err`) or the handle is dropped
 /// (`Ok`).
 fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::RedisResult<()> {
-    let mut con = setup
-        .client
-        .get_connection_with_timeout(setup.connect_timeout)?;
+    let mut con = match &setup.sentinel {
+        Some(sentinel) => sentinel.connect(true).map_err(|e| {
+            redis::RedisError::from((redis::ErrorKind::Io, "redis+sentinel", e.to_string()))
+        })?,
+        None => setup
+            .client
+            .get_connection_with_timeout(setup.connect_timeout)?,
+    };
     // Trust ends by itself `max_lag` after the last answered ping (readers
     // check it); the connection is dropped only when a ping goes unanswered
     // much longer, so a short stall of the server does not make every
@@ -155,19 +163,41 @@ fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::
     // Tracking is on from here: fills may begin.
     gens.reset(Some(instance.clone()));
     // The ping reads the marker: a `SWAPDB` sends no invalidation, but it
-    // changes the marker, and so the instance the table belongs to.
-    let ping = match &setup.marker {
-        Some(marker) => redis::cmd("GET").arg(&marker.key).get_packed_command(),
-        None => redis::cmd("PING").get_packed_command(),
+    // changes the marker, and so the instance the table belongs to. Under
+    // Sentinel it asks `ROLE` first (as ordered as any command): a master
+    // demoted by a failover, whose table would follow a lagging copy, ends
+    // the session, and the next one tracks the new master. GETRANGE rather
+    // than GET: an operator counting `get` calls sees only the reads of
+    // pages (a missing key reads as "", never a marker).
+    let mut ping = redis::pipe();
+    if setup.sentinel.is_some() {
+        ping.cmd("ROLE");
+    }
+    match &setup.marker {
+        Some(marker) => ping.cmd("GETRANGE").arg(&marker.key).arg(0).arg(1023),
+        None => ping.cmd("PING"),
     };
+    let replies = 1 + usize::from(setup.sentinel.is_some());
+    let ping = ping.get_packed_pipeline();
     let every = (gens.max_lag() / 4).clamp(Duration::from_millis(1), Duration::from_millis(250));
     loop {
         let sent = gens.now();
-        let answer = exchange(&mut con, gens, &ping, 1)?;
+        let mut answer = exchange(&mut con, gens, &ping, replies)?;
+        if setup.sentinel.is_some() {
+            if !answer.first().is_some_and(super::sentinel::is_master) {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "redis+sentinel: the tracked server is no longer the master",
+                )));
+            }
+            answer.remove(0);
+        }
         if let Some(marker) = &setup.marker {
             let now = match answer.into_iter().next() {
-                Some(Value::BulkString(m)) => super::Marker::instance(&server, &m),
-                Some(Value::SimpleString(m)) => super::Marker::instance(&server, m.as_bytes()),
+                Some(Value::BulkString(m)) if !m.is_empty() => super::Marker::instance(&server, &m),
+                Some(Value::SimpleString(m)) if !m.is_empty() => {
+                    super::Marker::instance(&server, m.as_bytes())
+                }
                 // Flushed: the next marker is set here, the way every
                 // connection sets it (`SET NX`, then read it).
                 _ => {
