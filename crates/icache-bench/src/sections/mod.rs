@@ -245,6 +245,7 @@ impl Direct {
     }
 }
 
+mod edge;
 pub(crate) mod bump;
 mod engines;
 mod growth;
@@ -255,6 +256,7 @@ mod outbox;
 mod pages;
 mod wire;
 
+pub(crate) use edge::edge;
 pub(crate) use bump::bump_under_load;
 pub(crate) use growth::growth;
 pub(crate) use hit_vs_bare::hit_vs_bare;
