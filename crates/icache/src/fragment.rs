@@ -65,7 +65,7 @@ fn report(reads: &[(Box<str>, u64)]) {
 
 /// Tells the enclosing render (if any) that this block's dependencies are
 /// unknown, so the enclosing output must not be stored.
-fn report_unknown() {
+pub(crate) fn report_unknown() {
     FRAMES.with(|f| {
         if let Some(top) = f.borrow_mut().last_mut() {
             top.unknown = true;
@@ -92,7 +92,12 @@ impl Frame {
 impl Drop for Frame {
     fn drop(&mut self) {
         if !self.done {
+            // The body panicked. Whoever catches the panic (an enclosing
+            // body's `catch_unwind`) renders something in its place that
+            // depends on tokens nobody recorded: the enclosing output must
+            // not be stored.
             FRAMES.with(|f| f.borrow_mut().pop());
+            report_unknown();
         }
     }
 }
@@ -742,6 +747,12 @@ impl Blocks {
         let nested = frame.finish();
         let took = started.elapsed();
         core.counters.rendered(took);
+        if out.is_err() {
+            // An enclosing body that catches this error (a fallback in
+            // `unwrap_or_else`) renders without this block's tokens: if it
+            // were stored, a bump of them would never replace the fallback.
+            report_unknown();
+        }
         let html = out?;
         Ok(self.rendered(
             core,

@@ -74,8 +74,9 @@ pub enum NotStored {
     /// A token was bumped while the body rendered: the output was already
     /// outdated.
     Moved,
-    /// A block inside it could not read its generations: the output depends
-    /// on tokens nobody recorded.
+    /// A block inside it could not read its generations, or ended in an
+    /// error or a panic that the body caught (a fallback in its place): the
+    /// output depends on tokens nobody recorded.
     NestedUnknown,
     /// Larger than the backend takes.
     TooLarge,
@@ -95,7 +96,7 @@ impl Outcome {
                 "miss, rendered, not stored: a token moved while it rendered"
             }
             Outcome::NotStored(NotStored::NestedUnknown) => {
-                "miss, rendered, not stored: an inner block could not be checked"
+                "miss, rendered, not stored: an inner block could not be checked or failed"
             }
             Outcome::NotStored(NotStored::TooLarge) => {
                 "miss, rendered, not stored: too large for the backend"

@@ -96,8 +96,13 @@ pub fn render(tera: &Tera, name: &str, ctx: &Context) -> Result<String, Error> {
     let outer = TICKETS.with(|t| t.borrow_mut().replace(Tickets::default()));
     let depth = frame_depth();
     let out = tera.render(name, ctx);
-    // Blocks an error left unfinished: their frames go, nothing is stored.
-    unwind_frames(depth);
+    // Blocks an error left unfinished: their frames go, nothing is stored,
+    // and a block around this render (whose body may catch the error and
+    // write a fallback) learns that it depends on tokens nobody recorded.
+    if frame_depth() > depth {
+        unwind_frames(depth);
+        crate::fragment::report_unknown();
+    }
     TICKETS.with(|t| *t.borrow_mut() = outer);
     out
 }

@@ -320,6 +320,8 @@ mod hardening;
 mod memcached_faults;
 #[path = "conformance/near.rs"]
 mod near;
+#[path = "conformance/nested_errors.rs"]
+mod nested_errors;
 #[path = "conformance/reliability.rs"]
 mod reliability;
 #[path = "conformance/rust_api.rs"]
