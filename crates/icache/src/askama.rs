@@ -38,44 +38,50 @@ use std::fmt;
 use askama::filters::HtmlSafe;
 use askama::{FastWritable, Template, Values};
 
-use crate::ICache;
 use crate::fragment::Html;
+use crate::{ICache, Tokens};
 
 /// A cached sub-template: see the [module docs](self).
+///
+/// `Send` (and `Sync`): a page holding it can be built, moved across an
+/// `.await` and rendered in an async handler.
 pub struct Cached<'a, T> {
     cache: &'a ICache,
     name: &'a str,
-    tokens: &'a [&'a str],
-    make: Box<dyn Fn() -> T + 'a>,
+    tokens: Tokens<'a>,
+    make: Box<dyn Fn() -> T + Send + Sync + 'a>,
 }
 
-/// A block named `name` with `tokens`, whose HTML is the template `make()`
-/// returns, rendered only on a miss.
+/// A block named `name` with `tokens` (borrowed, `&["movies", &user_id]`,
+/// or owned, `vec![…]`, `[String; N]`: see [`Tokens`]), whose HTML is the
+/// template `make()` returns, rendered only on a miss.
 pub fn cached<'a, T, F>(
     cache: &'a ICache,
     name: &'a str,
-    tokens: &'a [&'a str],
+    tokens: impl Into<Tokens<'a>>,
     make: F,
 ) -> Cached<'a, T>
 where
     T: Template,
-    F: Fn() -> T + 'a,
+    F: Fn() -> T + Send + Sync + 'a,
 {
     Cached {
         cache,
         name,
-        tokens,
+        tokens: tokens.into(),
         make: Box::new(make),
     }
 }
 
 impl<T: Template> Cached<'_, T> {
     fn html(&self, values: &dyn Values) -> askama::Result<Html> {
-        self.cache.block_html(
-            &["askama", std::any::type_name::<T>(), self.name],
-            self.tokens,
-            || (self.make)().render_with_values(values),
-        )
+        self.tokens.with(|tokens| {
+            self.cache.block_html(
+                &["askama", std::any::type_name::<T>(), self.name],
+                tokens,
+                || (self.make)().render_with_values(values),
+            )
+        })
     }
 }
 

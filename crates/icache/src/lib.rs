@@ -143,9 +143,9 @@ mod stats;
 pub mod tera;
 
 pub use bytes::Bytes;
-pub use cache::{ICache, Value};
+pub use cache::{ICache, Tokens, Value};
 pub use error::{Error, ErrorKind, Result};
-pub use observe::{BlockEvent, NotStored, Outcome, observe};
+pub use observe::{BlockEvent, NotStored, Outcome, Scope, observe, observe_async};
 pub use stats::Stats;
 
 /// Entry points for the cargo-fuzz targets in `fuzz/`; not part of the API.

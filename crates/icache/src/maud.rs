@@ -34,23 +34,27 @@ use std::convert::Infallible;
 
 use maud::{Markup, Render};
 
-use crate::ICache;
 use crate::fragment::Html;
+use crate::{ICache, Tokens};
 
 /// A cached maud block: see the [module docs](self).
+///
+/// `Send` when its body is: a page can hold it across an `.await`.
 #[must_use = "a cached block renders only when written into html!"]
 pub struct Cached<'a, F> {
     cache: &'a ICache,
     name: &'a str,
-    tokens: &'a [&'a str],
+    tokens: Tokens<'a>,
     body: F,
 }
 
-/// A block named `name` with `tokens`, whose HTML is `body()` on a miss.
+/// A block named `name` with `tokens` (borrowed, `&["movies", &user_id]`,
+/// or owned, `vec![…]`, `[String; N]`: see [`Tokens`]), whose HTML is
+/// `body()` on a miss.
 pub fn cached<'a, F>(
     cache: &'a ICache,
     name: &'a str,
-    tokens: &'a [&'a str],
+    tokens: impl Into<Tokens<'a>>,
     body: F,
 ) -> Cached<'a, F>
 where
@@ -59,7 +63,7 @@ where
     Cached {
         cache,
         name,
-        tokens,
+        tokens: tokens.into(),
         body,
     }
 }
@@ -69,11 +73,11 @@ where
     F: Fn() -> Markup,
 {
     fn render_to(&self, buffer: &mut String) {
-        let out = self
-            .cache
-            .block_html(&["maud", self.name], self.tokens, || {
+        let out = self.tokens.with(|tokens| {
+            self.cache.block_html(&["maud", self.name], tokens, || {
                 Ok::<_, Infallible>((self.body)().into_string())
-            });
+            })
+        });
         match out {
             Ok(Html::Cached(html)) => buffer.push_str(&html),
             Ok(Html::Rendered(html)) => buffer.push_str(&html),

@@ -306,10 +306,14 @@ macro_rules! suite {
     };
 }
 
+#[path = "conformance/async_blocks.rs"]
+mod async_blocks;
 #[path = "conformance/bad_input.rs"]
 mod bad_input;
 #[path = "conformance/engines.rs"]
 mod engines;
+#[path = "conformance/engines_send.rs"]
+mod engines_send;
 #[path = "conformance/fragments.rs"]
 mod fragments;
 #[path = "conformance/guidance.rs"]
