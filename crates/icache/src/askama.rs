@@ -32,6 +32,19 @@
 //! page is byte for byte what it is without the cache. A block is identified
 //! by its template type, its name and its tokens; blocks inside it add their
 //! tokens to it, and everything else is as for [`ICache::fragment`].
+//!
+//! ## In an async handler
+//!
+//! [`Cached`] is `Send` and takes owned tokens (`vec![…]`, `[String; N]`,
+//! see [`Tokens`]), so a page can be built, held across an `.await` and
+//! rendered in the handler. Rendering is sync: on `memory://` it never
+//! blocks; on Redis or memcached each block is a round trip that blocks
+//! the executor's thread, so render in `tokio::task::spawn_blocking`
+//! inside [`Scope::run`](crate::Scope::run) (the blocks then still report
+//! to the task's [`observe_async`](crate::observe_async) and enclosing
+//! [`fragment_async`](ICache::fragment_async)); the README shows it.
+//!
+//! Tested with Askama 0.16.
 
 use std::fmt;
 

@@ -13,8 +13,8 @@ use crate::config::{Config, Target};
 use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::fragment::{
-    AsyncRole, Blocks, FOLLOWER_WAIT, Html, Lookup, Miss, Rendered, SharedFrame, Strs, emit_block,
-    fragment_name, in_frame, leading, report, report_unknown, split_name,
+    AsyncRole, Blocks, FOLLOWER_WAIT, Html, Lookup, Miss, Rendered, SharedFrame, Strs, as_strs,
+    emit_block, fragment_name, in_frame, leading, report, report_unknown, split_name,
 };
 use crate::keys::Key;
 use crate::near::{Kind, Near};
@@ -714,7 +714,45 @@ impl ICache {
         tokens: &[T],
         render: impl FnOnce() -> Result<String, E>,
     ) -> Result<String, E> {
-        self.block(&["named", name], Strs::of(tokens).get(), render)
+        let (mut buf, mut heap) = ([""; 16], Vec::new());
+        let tokens = as_strs(tokens, &mut buf, &mut heap);
+        self.block(&["named", name], tokens, render)
+    }
+
+    /// [`fragment`](Self::fragment), handing out the stored text itself:
+    /// on a hit an `Arc<str>` shared with the cache, no copy. The cheapest
+    /// hit, for callers that only write the text out (a response body,
+    /// another template's output).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::memory();
+    /// let render = || Ok::<_, std::fmt::Error>("<ul/>".to_string());
+    /// let first = cache.fragment_arc("list", &["movies"], render)?;
+    /// let hit = cache.fragment_arc("list", &["movies"], render)?;
+    /// assert_eq!(&*hit, "<ul/>");
+    /// assert!(std::sync::Arc::ptr_eq(&hit, &cache.fragment_arc("list", &["movies"], render)?));
+    /// # let _ = first;
+    /// # Ok::<(), std::fmt::Error>(())
+    /// ```
+    pub fn fragment_arc<E, T: AsRef<str>>(
+        &self,
+        name: &str,
+        tokens: &[T],
+        render: impl FnOnce() -> Result<String, E>,
+    ) -> Result<Arc<str>, E> {
+        let (mut buf, mut heap) = ([""; 16], Vec::new());
+        Ok(
+            match self.block_html(
+                &["named", name],
+                as_strs(tokens, &mut buf, &mut heap),
+                render,
+            )? {
+                Html::Cached(html) => html,
+                Html::Rendered(html) => Arc::from(html),
+            },
+        )
     }
 
     /// The async form of [`fragment`](Self::fragment), for a body that awaits.
@@ -1229,8 +1267,8 @@ impl Tokens<'_> {
     pub(crate) fn with<R>(&self, f: impl FnOnce(&[&str]) -> R) -> R {
         match &self.0 {
             TokensRepr::Strs(t) => f(t),
-            TokensRepr::Strings(t) => f(Strs::of(t).get()),
-            TokensRepr::Owned(t) => f(Strs::of(t).get()),
+            TokensRepr::Strings(t) => f(as_strs(t, &mut [""; 16], &mut Vec::new())),
+            TokensRepr::Owned(t) => f(as_strs(t, &mut [""; 16], &mut Vec::new())),
         }
     }
 }

@@ -45,6 +45,7 @@ pub(crate) struct Nested {
 }
 
 impl Nested {
+    #[cfg(feature = "tera")]
     fn absorb(&mut self, other: Nested) {
         self.reads.extend(other.reads);
         self.unknown |= other.unknown;
@@ -659,12 +660,53 @@ pub(crate) struct Miss {
 /// The entry name of a block: its identity and its tokens, length-prefixed so
 /// that no two different lists give the same name.
 pub(crate) fn fragment_name(identity: &[&str], tokens: &[&str]) -> String {
-    let parts = identity.iter().chain(tokens);
-    let mut name = String::with_capacity(parts.clone().map(|p| p.len() + 8).sum::<usize>() + 4);
-    push_decimal(&mut name, identity.len());
-    name.push('|');
-    join_parts_into(&mut name, parts.copied());
+    let mut name = String::new();
+    fragment_name_into(&mut name, identity, tokens);
     name
+}
+
+fn fragment_name_into(name: &mut String, identity: &[&str], tokens: &[&str]) {
+    let parts = identity.iter().chain(tokens);
+    name.reserve(parts.clone().map(|p| p.len() + 8).sum::<usize>() + 4);
+    push_decimal(name, identity.len());
+    name.push('|');
+    join_parts_into(name, parts.copied());
+}
+
+thread_local! {
+    /// The buffer a block's name is built in, reused from block to block:
+    /// a hit only reads the name, so it costs no allocation.
+    static NAME_BUF: std::cell::Cell<String> = const { std::cell::Cell::new(String::new()) };
+}
+
+/// A [`fragment_name`] in this thread's reused buffer (a nested block,
+/// built while its outer one holds the buffer, gets a new one).
+struct PooledName(String);
+
+impl PooledName {
+    fn new(identity: &[&str], tokens: &[&str]) -> Self {
+        let mut name = NAME_BUF.take();
+        name.clear();
+        fragment_name_into(&mut name, identity, tokens);
+        PooledName(name)
+    }
+}
+
+impl std::ops::Deref for PooledName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for PooledName {
+    fn drop(&mut self) {
+        let name = std::mem::take(&mut self.0);
+        // Not kept if a huge list of tokens made it big.
+        if name.capacity() <= 4096 {
+            NAME_BUF.set(name);
+        }
+    }
 }
 
 /// Strings as `&[&str]`: on the stack for the usual handful (a hit
@@ -706,6 +748,24 @@ impl<'a> Strs<'a> {
             Strs::Stack(buf, n) => &buf[..*n],
             Strs::Heap(v) => v,
         }
+    }
+}
+
+/// `tokens` as `&[&str]`, in `buf` when they fit (the hot path: filled in
+/// place, nothing moved or allocated), else in `heap`.
+pub(crate) fn as_strs<'a, T: AsRef<str>>(
+    tokens: &'a [T],
+    buf: &'a mut [&'a str; 16],
+    heap: &'a mut Vec<&'a str>,
+) -> &'a [&'a str] {
+    if tokens.len() <= buf.len() {
+        for (slot, t) in buf.iter_mut().zip(tokens) {
+            *slot = t.as_ref();
+        }
+        &buf[..tokens.len()]
+    } else {
+        heap.extend(tokens.iter().map(AsRef::as_ref));
+        heap
     }
 }
 
@@ -822,6 +882,9 @@ pub(crate) struct Blocks {
     /// Renders in flight for the async API (waited for without blocking).
     pub(crate) async_flights: AsyncFlights,
     dep_hints: DepHints,
+    /// A hint was ever kept: until then a lookup skips `dep_hints` (whose
+    /// own emptiness check locks every shard).
+    has_hints: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Blocks {
@@ -830,6 +893,7 @@ impl Default for Blocks {
             flights: Flights::default(),
             async_flights: AsyncFlights::default(),
             dep_hints: DepHints::with_weighter(10_000, DEP_HINTS_BYTES, HintBytes),
+            has_hints: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -844,7 +908,8 @@ impl Blocks {
         tokens: &[&str],
         render: impl FnOnce() -> Result<String, E>,
     ) -> Result<Html, E> {
-        let name = fragment_name(identity, tokens);
+        let name = PooledName::new(identity, tokens);
+        let name: &str = &name;
         let counters = &core.counters;
         // Tells an `observe`r what happened (nothing is built otherwise).
         let event = |outcome: Outcome,
@@ -905,7 +970,7 @@ impl Blocks {
         }
         match self
             .flights
-            .join((name.clone(), miss.own_version, miss.instance.clone()))
+            .join((name.to_owned(), miss.own_version, miss.instance.clone()))
         {
             Role::Leader(guard) => match self.render_and_store(core, &name, tokens, miss, render) {
                 Ok(rendered) => {
@@ -1197,7 +1262,7 @@ impl Blocks {
                 counters.count(Event::Store);
                 core.keep_near(near::Kind::Fragment, name, instance.as_ref(), entry);
                 if !dep_names.is_empty() {
-                    self.dep_hints.insert(name.to_owned(), Arc::from(dep_names));
+                    self.keep_hint(name, Arc::from(dep_names));
                 }
                 None
             }
@@ -1217,6 +1282,56 @@ impl Blocks {
                 core.backend_trouble(&e);
                 Some(NotStored::BackendError)
             }
+        }
+    }
+
+    fn has_hints(&self) -> bool {
+        self.has_hints.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn keep_hint(&self, name: &str, deps: Arc<[Box<str>]>) {
+        self.has_hints
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.dep_hints.insert(name.to_owned(), deps);
+    }
+
+    /// The memory backend's hit of a block with no nested tokens, the hot
+    /// path: the generations land in a stack buffer and the entry comes
+    /// back as stored; nothing is allocated. `None`: anything else (a miss,
+    /// nested tokens, another backend), for the general path.
+    fn local_hit(&self, core: &Core, name: &str, tokens: &[&str]) -> Option<Lookup> {
+        const MAX: usize = 16;
+        // Hints do not matter here: the entry itself says whether it has
+        // nested tokens (then the general path reads them).
+        if tokens.len() > MAX || core.near.is_some() {
+            return None;
+        }
+        let mut gens = [0u64; MAX];
+        let gens = &mut gens[..tokens.len()];
+        let (true, Some(entry)) = core
+            .backend
+            .fetch_local(tokens, Key::fragment(name), gens)?
+        else {
+            return None;
+        };
+        let version = gens.iter().fold(0u64, |s, g| s.wrapping_add(*g));
+        match (&entry.payload, entry.version) {
+            (Payload::Text(html), Some(v)) if v == version && entry.deps.is_empty() => {
+                Some(Lookup::Hit {
+                    html: html.clone(),
+                    version,
+                    reads: if wants_reads() {
+                        tokens
+                            .iter()
+                            .map(|t| Box::from(*t))
+                            .zip(gens.iter().copied())
+                            .collect()
+                    } else {
+                        Vec::new()
+                    },
+                })
+            }
+            _ => None,
         }
     }
 
@@ -1249,6 +1364,9 @@ impl Blocks {
             core.backend_trouble(&e);
             return Lookup::Down;
         }
+        if let Some(hit) = self.local_hit(core, name, tokens) {
+            return hit;
+        }
         if let Some(near) = &core.near {
             match near.get(near::Kind::Fragment, name) {
                 // A block with no token at all: no generation to fetch, so
@@ -1272,7 +1390,7 @@ impl Blocks {
         }
         // The tokens, and the nested tokens this process last saw the entry
         // with, so that a hit is one round trip. No copy when there are none.
-        let hints = if self.dep_hints.is_empty() {
+        let hints = if !self.has_hints() {
             None
         } else {
             self.dep_hints.get(name)
@@ -1359,8 +1477,7 @@ impl Blocks {
             }
         }
         if !entry.deps.is_empty() && hints.as_deref() != Some(&*entry.deps) {
-            self.dep_hints
-                .insert(name.to_owned(), Arc::from(entry.deps.clone()));
+            self.keep_hint(name, Arc::from(entry.deps.clone()));
         }
         let current = dep_gens.iter().fold(own_version, |s, g| s.wrapping_add(*g));
         match (&entry.payload, entry.version) {

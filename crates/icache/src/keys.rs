@@ -161,6 +161,10 @@ pub(crate) fn join_parts_into<'a>(out: &mut String, parts: impl IntoIterator<Ite
 
 /// Appends `n` in decimal, without the formatting machinery (hot path).
 pub(crate) fn push_decimal(out: &mut String, mut n: usize) {
+    if n < 10 {
+        out.push(char::from(b'0' + n as u8));
+        return;
+    }
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
@@ -171,8 +175,10 @@ pub(crate) fn push_decimal(out: &mut String, mut n: usize) {
             break;
         }
     }
-    // Only ASCII digits were written.
-    out.push_str(std::str::from_utf8(&digits[i..]).unwrap_or("0"));
+    // Only ASCII digits were written: pushed as chars, no UTF-8 check.
+    for d in &digits[i..] {
+        out.push(char::from(*d));
+    }
 }
 
 #[cfg(test)]

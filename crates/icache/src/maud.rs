@@ -29,6 +29,17 @@
 //! is byte for byte what it is without the cache. A block is identified by
 //! its name and tokens; blocks inside the body add their tokens to it, and
 //! everything else is as for [`ICache::fragment`].
+//!
+//! ## In an async handler
+//!
+//! [`Cached`] is `Send` when its body is, and takes owned tokens
+//! (`vec![…]`, `[String; N]`, see [`Tokens`]). Rendering is sync: fine on
+//! `memory://`; on Redis or memcached build and render the markup in
+//! `tokio::task::spawn_blocking` inside [`Scope::run`](crate::Scope::run),
+//! so the executor's thread never waits for the backend and the blocks
+//! still report to the task's [`observe_async`](crate::observe_async).
+//!
+//! Tested with maud 0.27.
 
 use std::convert::Infallible;
 

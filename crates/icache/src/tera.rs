@@ -41,6 +41,12 @@
 //! its source and its tokens, and an undefined or `none` token renders the
 //! block uncached.
 //!
+//! **In an async handler**: [`render`] is sync. On `memory://` it never
+//! blocks; on Redis or memcached each block is a round trip that would block
+//! the executor's thread, so call it in `tokio::task::spawn_blocking` inside
+//! [`Scope::run`](crate::Scope::run) (its blocks then still report to the
+//! task's [`observe_async`](crate::observe_async)). Tested with Tera 2.4.
+//!
 //! **What Tera cannot do here: single-flight.** The body is rendered by
 //! Tera's VM between the lookup and the store, not by a closure icache
 //! could run once and share, so concurrent misses of one block each render
