@@ -711,6 +711,7 @@ impl Drop for PooledName {
 
 /// Strings as `&[&str]`: on the stack for the usual handful (a hit
 /// allocates nothing), in a `Vec` beyond.
+#[allow(clippy::large_enum_variant)] // the stack variant is the point
 pub(crate) enum Strs<'a> {
     Stack([&'a str; 20], usize),
     Heap(Vec<&'a str>),
@@ -936,7 +937,7 @@ impl Blocks {
                 if off { &[] } else { &rendered.reads },
             );
         };
-        let miss = match self.lookup(core, &name, tokens) {
+        let miss = match self.lookup(core, name, tokens) {
             Lookup::Hit {
                 html,
                 reads,
@@ -964,7 +965,7 @@ impl Blocks {
             // Caching is off (`none://`): generations never move, so a
             // shared render could be one that began before a commit whose
             // bump this reader already saw. Every reader renders.
-            let rendered = self.render_and_store(core, &name, tokens, miss, render)?;
+            let rendered = self.render_and_store(core, name, tokens, miss, render)?;
             finish(&rendered, true, false);
             return Ok(Html::Rendered(rendered.html));
         }
@@ -972,7 +973,7 @@ impl Blocks {
             .flights
             .join((name.to_owned(), miss.own_version, miss.instance.clone()))
         {
-            Role::Leader(guard) => match self.render_and_store(core, &name, tokens, miss, render) {
+            Role::Leader(guard) => match self.render_and_store(core, name, tokens, miss, render) {
                 Ok(rendered) => {
                     let rendered = Arc::new(rendered);
                     guard.publish(Some(rendered.clone()));
@@ -1006,7 +1007,7 @@ impl Blocks {
                     );
                     return Ok(Html::Rendered(rendered.html.clone()));
                 }
-                let rendered = self.render_and_store(core, &name, tokens, miss, render)?;
+                let rendered = self.render_and_store(core, name, tokens, miss, render)?;
                 finish(&rendered, false, invalidated);
                 Ok(Html::Rendered(rendered.html))
             }
@@ -1015,7 +1016,7 @@ impl Blocks {
                 // (a recursive macro), or threads rendering blocks nested in
                 // each other crosswise would wait on each other: render on
                 // its own (no flight, no deadlock).
-                let rendered = self.render_and_store(core, &name, tokens, miss, render)?;
+                let rendered = self.render_and_store(core, name, tokens, miss, render)?;
                 finish(&rendered, false, invalidated);
                 Ok(Html::Rendered(rendered.html))
             }
@@ -1593,7 +1594,7 @@ mod tests {
         fn fragment_names_split_back(
             ia in proptest::collection::vec(".{0,5}", 0..3), ta in proptest::collection::vec(".{0,5}", 0..30),
         ) {
-            let name = fragment_name(&Strs::of(&ia).get(), &Strs::of(&ta).get());
+            let name = fragment_name(Strs::of(&ia).get(), Strs::of(&ta).get());
             let (parts, count) = split_name(&name);
             let (identity, tokens) = parts.get().split_at(count);
             let (ia, ta) = (Strs::of(&ia), Strs::of(&ta));
