@@ -13,8 +13,8 @@ use crate::config::{Config, Target};
 use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::fragment::{
-    AsyncRole, Blocks, FOLLOWER_WAIT, Html, Lookup, Miss, Rendered, SharedFrame, Strs, as_strs,
-    emit_block, fragment_name, in_frame, leading, report, report_unknown, split_name,
+    AsyncRole, Blocks, FOLLOWER_WAIT, Html, Lookup, Miss, PooledName, Rendered, SharedFrame, Strs,
+    as_strs, emit_block, in_frame, leading, report, report_unknown, split_name,
 };
 use crate::keys::Key;
 use crate::near::{Kind, Near};
@@ -816,7 +816,7 @@ impl ICache {
         // The block's name holds its identity and tokens: built now, it is
         // all the future needs to own (the tokens need not outlive this call,
         // and are read back from it without a copy).
-        let name = fragment_name(&["named", name], Strs::of(tokens).get());
+        let name = PooledName::new(&["named", name], Strs::of(tokens).get());
         async move {
             let (parts, count) = split_name(&name);
             let (identity, tokens) = parts.get().split_at(count);

@@ -658,7 +658,9 @@ pub(crate) struct Miss {
 }
 
 /// The entry name of a block: its identity and its tokens, length-prefixed so
-/// that no two different lists give the same name.
+/// that no two different lists give the same name. (The hot paths build it
+/// in a [`PooledName`].)
+#[cfg(any(test, feature = "tera"))]
 pub(crate) fn fragment_name(identity: &[&str], tokens: &[&str]) -> String {
     let mut name = String::new();
     fragment_name_into(&mut name, identity, tokens);
@@ -680,11 +682,12 @@ thread_local! {
 }
 
 /// A [`fragment_name`] in this thread's reused buffer (a nested block,
-/// built while its outer one holds the buffer, gets a new one).
-struct PooledName(String);
+/// built while its outer one holds the buffer, gets a new one). Dropped on
+/// another thread (an async block's future moved), the buffer stays there.
+pub(crate) struct PooledName(String);
 
 impl PooledName {
-    fn new(identity: &[&str], tokens: &[&str]) -> Self {
+    pub(crate) fn new(identity: &[&str], tokens: &[&str]) -> Self {
         let mut name = NAME_BUF.take();
         name.clear();
         fragment_name_into(&mut name, identity, tokens);

@@ -151,6 +151,7 @@ pub(crate) fn join_parts<'a>(parts: impl IntoIterator<Item = &'a str>) -> String
 
 /// [`join_parts`] into an existing string (no allocation beyond its growth:
 /// this runs on every block lookup).
+#[inline]
 pub(crate) fn join_parts_into<'a>(out: &mut String, parts: impl IntoIterator<Item = &'a str>) {
     for part in parts {
         push_decimal(out, part.len());
@@ -160,9 +161,16 @@ pub(crate) fn join_parts_into<'a>(out: &mut String, parts: impl IntoIterator<Ite
 }
 
 /// Appends `n` in decimal, without the formatting machinery (hot path).
+#[inline]
 pub(crate) fn push_decimal(out: &mut String, mut n: usize) {
+    // The usual lengths of names and tokens: one or two digits.
     if n < 10 {
         out.push(char::from(b'0' + n as u8));
+        return;
+    }
+    if n < 100 {
+        out.push(char::from(b'0' + (n / 10) as u8));
+        out.push(char::from(b'0' + (n % 10) as u8));
         return;
     }
     let mut digits = [0u8; 20];
