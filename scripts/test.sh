@@ -2,8 +2,9 @@
 # Runs every test of the workspace against real servers.
 #
 # Installs what the tests need when it is missing (Debian/Ubuntu packages):
-# redis-server (with redis-cli), memcached, openssl for the TLS test, and
-# chromium + chromium-driver for the browser test. The tests start their own
+# redis-server (with redis-cli), memcached, openssl for the TLS test,
+# chromium + chromium-driver for the browser test, postgresql and
+# postgresql-client for the outbox tests. The tests start their own
 # servers on free loopback ports; nothing is left running.
 set -euo pipefail
 # (pipefail: a failing `cargo test` fails the script even through `tee`.)
@@ -16,6 +17,10 @@ command -v memcached >/dev/null 2>&1 || need+=(memcached)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+# PostgreSQL for icache::db (the server's binaries live in
+# /usr/lib/postgresql/*/bin, off PATH; the tests run them as its postgres user).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
+command -v psql >/dev/null 2>&1 || need+=(postgresql-client)
 if [ ${#need[@]} -gt 0 ]; then
   echo "scripts/test.sh: installing ${need[*]}" >&2
   sudo=""
@@ -29,7 +34,7 @@ trap 'rm -f "$log"' EXIT
 
 # No compiler warning in a user's build, whatever features they pick: each
 # feature alone, none, and all together.
-for features in "" minijinja redis memcached askama maud tera "redis,memcached,minijinja,askama,maud,tera"; do
+for features in "" minijinja redis memcached askama maud tera postgres sqlite "redis,memcached,minijinja,askama,maud,tera,postgres,sqlite"; do
   out="$(cargo check -q -p icache --no-default-features --features "$features" --message-format short 2>&1 || true)"
   if printf '%s\n' "$out" | grep -E '(warning|error)' >/dev/null; then
     printf '%s\n' "$out" >&2
@@ -53,6 +58,9 @@ pyneed=()
 "$py" -c 'import maturin' >/dev/null 2>&1 || pyneed+=("maturin>=1.9,<2")
 "$py" -c 'import django, sys; sys.exit(django.VERSION[:2] != (5, 2))' >/dev/null 2>&1 || pyneed+=("Django==5.2.*")
 "$py" -c 'import pytest' >/dev/null 2>&1 || pyneed+=(pytest)
+# psycopg 3 (with its libpq wheel): Django's PostgreSQL driver, for the
+# outbox tests of django_icache on a real server.
+"$py" -c 'import psycopg' >/dev/null 2>&1 || pyneed+=("psycopg[binary]>=3.1")
 if [ ${#pyneed[@]} -gt 0 ]; then
   echo "scripts/test.sh: installing ${pyneed[*]} (pip, into $venv)" >&2
   "$py" -m pip install -q "${pyneed[@]}"

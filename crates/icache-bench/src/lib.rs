@@ -36,6 +36,7 @@ mod sysinfo;
 mod timing;
 
 pub use memory::child as memory_child;
+pub use sections::bump::child as bump_child;
 
 /// What to run and where to write.
 #[derive(Debug, Clone)]
@@ -167,7 +168,11 @@ pub fn run(options: &Options) -> Result<PathBuf, Error> {
 
     progress("6/6 bytes on the wire per hit");
     let wire = sections::wire(&servers);
-    let sections = [hit_vs_render, bare, growth, pages, memory, wire];
+    progress("7/8 bumps from the database (outbox, relay)");
+    let outbox = sections::outbox(&servers, &settings);
+    progress("8/8 a bump under load (several processes)");
+    let bump = sections::bump_under_load(&servers, &options.exe, options.quick);
+    let sections = [hit_vs_render, bare, growth, pages, memory, wire, outbox, bump];
     let report = assemble(options, &settings, &sections, &servers, started.elapsed());
     if let Some(dir) = options.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::Write(dir.to_path_buf(), e))?;

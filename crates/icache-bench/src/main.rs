@@ -28,6 +28,9 @@ struct Args {
     /// Internal: one memory measurement in a fresh process (`kind:entries:payload`).
     #[arg(long, hide = true, value_name = "SPEC")]
     memory_child: Option<String>,
+    /// Internal: one app process of section 7 (`url|origin_ms|seconds`).
+    #[arg(long, hide = true, value_name = "SPEC")]
+    bump_child: Option<String>,
 }
 
 /// The command line as the report shows it: how to run it again.
@@ -66,6 +69,18 @@ fn main() -> ExitCode {
             }
             Err(e) => {
                 eprintln!("icache-bench --memory-child: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(spec) = args.bump_child {
+        return match icache_bench::bump_child(&spec) {
+            Ok(out) => {
+                print!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("icache-bench --bump-child: {e}");
                 ExitCode::FAILURE
             }
         };

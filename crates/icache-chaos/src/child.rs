@@ -2,7 +2,7 @@
 //! every read against the shared database, until the orchestrator creates the
 //! `stop` file. Prints one `REPORT key=value …` line on stdout at the end.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, VecDeque};
 use std::io::Write;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -47,6 +47,9 @@ pub(crate) struct ChildArgs {
     /// The run's origin (Unix time in ms): findings are timed from it, as
     /// the orchestrator's fault log is.
     pub(crate) origin_ms: u64,
+    /// `--writers db`: readers only, rendering rows of this PostgreSQL
+    /// database (writer processes commit there; relays bump).
+    pub(crate) db_url: Option<String>,
 }
 
 /// The pages readers render: each a few overlapping items.
@@ -226,7 +229,12 @@ pub(crate) fn run(args: ChildArgs) -> ! {
     let mut slots: Vec<(String, Arc<CallSlot>)> = Vec::new();
     let mut workers: Vec<(String, JoinHandle<()>)> = Vec::new();
     let db_path = args.dir.join("db");
-    for (role, count) in [("writer", args.writers), ("reader", args.readers)] {
+    let writers = if args.db_url.is_some() {
+        0
+    } else {
+        args.writers
+    };
+    for (role, count) in [("writer", writers), ("reader", args.readers)] {
         for t in 0..count {
             let name = format!("{role}-{}-{t}", args.index);
             let slot = Arc::new(CallSlot::default());
@@ -244,6 +252,16 @@ pub(crate) fn run(args: ChildArgs) -> ! {
                 }
             };
             let rng = Rng::derive(args.seed, role, args.index * 1000 + t as u64);
+            let source = match &args.db_url {
+                Some(url) => match crate::dbmode::connect(url) {
+                    Ok(client) => Some(RefCell::new(client)),
+                    Err(e) => {
+                        eprintln!("child {}: {e}", args.index);
+                        std::process::exit(2);
+                    }
+                },
+                None => None,
+            };
             let handle = thread::Builder::new()
                 .name(name.clone())
                 .spawn(move || {
@@ -251,7 +269,7 @@ pub(crate) fn run(args: ChildArgs) -> ! {
                     if role == "writer" {
                         writer(&shared, &db, rng, &slot, &mut tally);
                     } else {
-                        reader(&shared, &db, rng, &slot, &mut tally);
+                        reader(&shared, &db, source.as_ref(), rng, &slot, &mut tally);
                     }
                     shared
                         .tally
@@ -536,8 +554,18 @@ struct Read {
 }
 
 /// Reads a page (nested blocks) or an item, and checks what it shows
-/// against the bumps that had completed before it began.
-fn reader(shared: &Shared, db: &Db, mut rng: Rng, slot: &CallSlot, tally: &mut Tally) {
+/// against the bumps that had completed before it began. Renders read the
+/// file database's `data[]`, or with `source` (`--writers db`) the rows of
+/// PostgreSQL; the floors are `completed[]` either way (written by the
+/// relays' hook in the database mode).
+fn reader(
+    shared: &Shared,
+    db: &Db,
+    source: Option<&RefCell<postgres::Client>>,
+    mut rng: Rng,
+    slot: &CallSlot,
+    tally: &mut Tally,
+) {
     while !shared.stopping() {
         let read = if rng.chance(800) {
             let p = rng.below(shared.pages.len());
@@ -575,7 +603,10 @@ fn reader(shared: &Shared, db: &Db, mut rng: Rng, slot: &CallSlot, tally: &mut T
                 panicked.set(panicked.get() + 1);
                 std::panic::panic_any(INJECTED);
             }
-            let v = db.data(i).map_err(|e| format!("db read failed: {e}"))?;
+            let v = match source {
+                Some(client) => crate::dbmode::read_value(&mut client.borrow_mut(), i)?,
+                None => db.data(i).map_err(|e| format!("db read failed: {e}"))?,
+            };
             Ok(format!("{i}={v};"))
         };
         let cache = &shared.cache;

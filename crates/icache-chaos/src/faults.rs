@@ -112,10 +112,16 @@ pub(crate) enum Fault {
     /// Megabytes of other keys written to a server with a small memory limit,
     /// so that it evicts by itself.
     Filler,
+    /// `--writers db`: SIGKILL of a writer process (mid-transaction or just
+    /// after a COMMIT), restarted.
+    KillWriter,
+    /// `--writers db`: SIGKILL of a relay process (mid-batch or idle),
+    /// restarted.
+    KillRelay,
 }
 
 impl Fault {
-    pub(crate) const ALL: [Fault; 10] = [
+    pub(crate) const ALL: [Fault; 12] = [
         Fault::Refuse,
         Fault::Hang,
         Fault::Freeze,
@@ -126,7 +132,12 @@ impl Fault {
         Fault::Evict,
         Fault::Flush,
         Fault::Filler,
+        Fault::KillWriter,
+        Fault::KillRelay,
     ];
+
+    /// What `--writers db` adds to every backend's faults.
+    pub(crate) const DB: [Fault; 2] = [Fault::KillWriter, Fault::KillRelay];
 
     /// The name in reports.
     pub(crate) fn name(self) -> &'static str {
@@ -141,13 +152,23 @@ impl Fault {
             Fault::Evict => "evict_keys",
             Fault::Flush => "flush_all",
             Fault::Filler => "memory_filler",
+            Fault::KillWriter => "kill9_writer",
+            Fault::KillRelay => "kill9_relay",
         }
     }
 }
 
 /// The faults of `backend`, or those of them named in `only`.
 pub(crate) fn select(backend: Backend, only: Option<&[String]>) -> Result<Vec<Fault>, String> {
-    let all = backend.faults();
+    select_from(backend, backend.faults(), only)
+}
+
+/// The faults of `all`, or those of them named in `only`.
+pub(crate) fn select_from(
+    backend: Backend,
+    all: &[Fault],
+    only: Option<&[String]>,
+) -> Result<Vec<Fault>, String> {
     let Some(only) = only else {
         return Ok(all.to_vec());
     };

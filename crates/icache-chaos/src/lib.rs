@@ -7,6 +7,7 @@
 
 mod child;
 mod db;
+mod dbmode;
 mod faults;
 mod rng;
 mod tally;
@@ -24,7 +25,7 @@ pub use tally::Tally;
 
 use crate::child::ChildArgs;
 use crate::db::Db;
-use crate::faults::{RENDER_FAULTS, panic_message};
+use crate::faults::{Fault, RENDER_FAULTS, panic_message};
 use crate::topology::Topology;
 
 /// What an orchestrator run does.
@@ -54,6 +55,9 @@ pub struct Options {
     pub faults: Option<Vec<String>>,
     /// Extra URL options for the clients (`failover=off`, …).
     pub url_options: String,
+    /// `--writers db`: writer processes commit to a real PostgreSQL whose
+    /// triggers fill the outbox, and relay processes bump (see `dbmode`).
+    pub db_writers: bool,
 }
 
 impl Default for Options {
@@ -71,6 +75,7 @@ impl Default for Options {
             tail_seconds: 2.0,
             faults: None,
             url_options: String::new(),
+            db_writers: false,
         }
     }
 }
@@ -79,11 +84,19 @@ const USAGE: &str = "\
 usage: icache-chaos [--backend all|memory,redis,memcached,redis-cluster,memcached-pool]
                     [--seconds N] [--seed N] [--processes N] [--writers N] [--readers N]
                     [--items N] [--timeout-ms N] [--hung-ms N] [--tail-seconds N]
-                    [--faults KIND,...] [--url-options K=V&...]
+                    [--faults KIND,...] [--url-options K=V&...] [--writers db]
 
 Fault kinds: proxy_refuse, proxy_hang, proxy_freeze, node_leave_return,
 kill9_restart_empty, kill9_restart_old_snapshot, client_pause, evict_keys,
-flush_all, memory_filler (each backend draws from those that apply to it).
+flush_all, memory_filler (each backend draws from those that apply to it);
+with --writers db also kill9_writer, kill9_relay.
+
+--writers db: the bumps come from the database. A real PostgreSQL holds the
+items, icache::db's triggers write every commit's tokens to the outbox,
+writer processes only commit UPDATEs, three relay processes bump, and the
+schedule also SIGKILLs writers and relays (restarting them). Reads are
+checked against what the relays had applied; at the end the outbox must be
+empty and every item's read must show its last commit. Network backends only.
 
 Runs a seeded fault schedule on each backend while several processes write,
 bump and read through icache, and checks every read for staleness. Exits 0
@@ -104,6 +117,7 @@ enum Mode {
     Help,
     Orchestrate(Options),
     Child(ChildArgs),
+    DbProc(dbmode::ProcArgs),
 }
 
 fn parse(args: &[String]) -> Result<Mode, String> {
@@ -112,6 +126,8 @@ fn parse(args: &[String]) -> Result<Mode, String> {
     let mut child = false;
     let (mut url, mut dir, mut index, mut in_process, mut origin_ms) =
         (None, None, 0u64, false, 0u64);
+    let (mut db_url, mut db_role, mut generation) = (None, None, 0u64);
+    let mut backends_named = false;
     let mut i = 0;
     while i < args.len() {
         let mut takes_value = true;
@@ -119,6 +135,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
             "-h" | "--help" => return Ok(Mode::Help),
             "--backend" => {
                 let list: String = value(args, i)?;
+                backends_named = list != "all";
                 o.backends = if list == "all" {
                     Backend::ALL.to_vec()
                 } else {
@@ -130,6 +147,11 @@ fn parse(args: &[String]) -> Result<Mode, String> {
             "--seconds" => o.seconds = value(args, i)?,
             "--seed" => seed = Some(value(args, i)?),
             "--processes" => o.processes = value(args, i)?,
+            "--writers" if args.get(i + 1).is_some_and(|v| v == "db") => o.db_writers = true,
+            "--writers=db" => {
+                o.db_writers = true;
+                takes_value = false;
+            }
             "--writers" => o.writers = value(args, i)?,
             "--readers" => o.readers = value(args, i)?,
             "--items" => o.items = value(args, i)?,
@@ -157,6 +179,15 @@ fn parse(args: &[String]) -> Result<Mode, String> {
             "--dir" => dir = Some(PathBuf::from(value::<String>(args, i)?)),
             "--index" => index = value(args, i)?,
             "--origin-ms" => origin_ms = value(args, i)?,
+            "--db-url" => db_url = Some(value::<String>(args, i)?),
+            "--generation" => generation = value(args, i)?,
+            "--db-role" => {
+                let name: String = value(args, i)?;
+                db_role = Some(
+                    dbmode::Role::parse(&name)
+                        .ok_or_else(|| format!("unknown --db-role {name:?}"))?,
+                );
+            }
             "--in-process-faults" => {
                 in_process = true;
                 takes_value = false;
@@ -180,6 +211,16 @@ fn parse(args: &[String]) -> Result<Mode, String> {
             "--processes, --writers, --readers, --items and --backend must not be 0 or empty",
         ));
     }
+    // Relays run in processes of their own, which an in-process cache
+    // cannot be shared with: `all` means every network backend here.
+    if o.db_writers && db_role.is_none() && !child {
+        if backends_named && o.backends.contains(&Backend::Memory) {
+            return Err(String::from(
+                "--writers db needs network backends (memory is per process)",
+            ));
+        }
+        o.backends.retain(|b| *b != Backend::Memory);
+    }
     o.seed = seed.unwrap_or_else(|| {
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -187,6 +228,22 @@ fn parse(args: &[String]) -> Result<Mode, String> {
         // Short seeds are easier to pass around.
         (nanos ^ u64::from(std::process::id()).rotate_left(32)) % 1_000_000_000
     });
+    if let Some(role) = db_role {
+        let (Some(url), Some(dir), Some(db_url)) = (url, dir, db_url) else {
+            return Err(String::from("--db-role needs --url, --dir and --db-url"));
+        };
+        return Ok(Mode::DbProc(dbmode::ProcArgs {
+            role,
+            url,
+            db_url,
+            dir,
+            index,
+            generation,
+            seed: o.seed,
+            threads: o.writers,
+            items: o.items,
+        }));
+    }
     if !child {
         return Ok(Mode::Orchestrate(o));
     }
@@ -207,6 +264,7 @@ fn parse(args: &[String]) -> Result<Mode, String> {
         in_process_faults: in_process,
         faults: o.faults.clone(),
         origin_ms,
+        db_url,
     }))
 }
 
@@ -219,6 +277,10 @@ pub fn main_with_args(args: &[String]) -> i32 {
             0
         }
         Ok(Mode::Child(args)) => child::run(args),
+        Ok(Mode::DbProc(args)) => match args.role {
+            dbmode::Role::Writer => dbmode::writer_main(args),
+            dbmode::Role::Relay => dbmode::relay_main(args),
+        },
         Ok(Mode::Orchestrate(options)) => {
             if run(&options) {
                 0
@@ -253,6 +315,9 @@ fn replay_command(o: &Options, backend: Backend) -> String {
         if v != default {
             cmd.push_str(&format!(" {flag} {v}"));
         }
+    }
+    if o.db_writers {
+        cmd.push_str(" --writers db");
     }
     if let Some(faults) = &o.faults {
         cmd.push_str(&format!(" --faults {}", faults.join(",")));
@@ -312,6 +377,8 @@ fn verdict(t: &Tally) -> Vec<String> {
         ("hung", "hung calls"),
         ("unexpected_panics", "unexpected panics"),
         ("stuck_threads", "stuck threads (deadlock?)"),
+        ("final_stale", "final reads not showing the last commit"),
+        ("outbox_left", "outbox rows never applied"),
         ("dead_threads", "worker threads that died"),
         ("stuck_processes", "child processes that never finished"),
         ("child_failures", "child processes that failed"),
@@ -338,6 +405,9 @@ fn verdict(t: &Tally) -> Vec<String> {
     }
     if t.get("hits.page") + t.get("hits.item") == 0 {
         failures.push(String::from("no read was a cache hit"));
+    }
+    if t.get("db.mode") == 1 && t.get("final_reads") == 0 {
+        failures.push(String::from("no final read was checked"));
     }
     if backend_faults(t) == 0 {
         failures.push(String::from("no backend fault was injected"));
@@ -416,6 +486,24 @@ fn print_summary(o: &Options, backend: Backend, t: &Tally, failures: &[String]) 
         t.get("child_failures") + t.get("stuck_processes"),
         t.get("harness_errors")
     );
+    if t.get("db.mode") == 1 {
+        println!(
+            "  db      {} commits in PostgreSQL ({} rollbacks by writers that finished), writers killed {}, relays killed {}; relays: {} batches, {} item bumps, {} oracle records, {} errors (of relays not killed); drain {} ms, outbox left {}; final reads {} ({} stale, oracle behind on {})",
+            t.get("writes"),
+            t.get("db.rollbacks"),
+            t.get("fault.kill9_writer"),
+            t.get("fault.kill9_relay"),
+            t.get("relay.batches"),
+            t.get("bumps_ok"),
+            t.get("relay.applied_records"),
+            t.get("relay.errors"),
+            t.get("drain_ms"),
+            t.get("outbox_left"),
+            t.get("final_reads"),
+            t.get("final_stale"),
+            t.get("final_oracle_behind")
+        );
+    }
     for f in failures {
         println!("  FAILED: {f}");
     }
@@ -452,6 +540,14 @@ fn run_backend(o: &Options, backend: Backend) -> (Tally, Vec<String>) {
         let failures = verdict(&tally);
         (tally, failures)
     };
+    if o.db_writers && backend == Backend::Memory {
+        return fail(
+            tally,
+            String::from(
+                "--writers db needs a network backend: relays run in processes of their own",
+            ),
+        );
+    }
     let mut topology = match catch_unwind(|| Topology::start(backend)) {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => return fail(tally, format!("cannot start the servers: {e}")),
@@ -489,6 +585,21 @@ fn run_backend(o: &Options, backend: Backend) -> (Tally, Vec<String>) {
     {
         return fail(tally, format!("cannot create {}: {e}", dir.display()));
     }
+    let pg = if o.db_writers {
+        match catch_unwind(|| dbmode::Pg::start(o.items)) {
+            Ok(Ok(pg)) => Some(pg),
+            Ok(Err(e)) => return fail(tally, format!("cannot start PostgreSQL: {e}")),
+            Err(p) => {
+                return fail(
+                    tally,
+                    format!("cannot start PostgreSQL: {}", panic_message(&*p)),
+                );
+            }
+        }
+    } else {
+        None
+    };
+    let db_url = pg.as_ref().map(|pg| pg.url.as_str());
     let (processes, writers, readers) = shape(o, backend);
     eprintln!(
         "[{}] {url}: {processes} process(es) x ({writers} writers + {readers} readers), seed {}",
@@ -497,7 +608,15 @@ fn run_backend(o: &Options, backend: Backend) -> (Tally, Vec<String>) {
     );
     let mut children = Vec::new();
     for index in 0..processes {
-        match spawn_child(o, backend, &url, &dir, index, (writers, readers), origin_ms) {
+        match spawn_child(
+            o,
+            backend,
+            (&url, db_url),
+            &dir,
+            index,
+            (writers, readers),
+            origin_ms,
+        ) {
             Ok(child) => children.push(child),
             Err(e) => {
                 tally.add("child_failures", 1);
@@ -506,6 +625,19 @@ fn run_backend(o: &Options, backend: Backend) -> (Tally, Vec<String>) {
         }
     }
     wait_ready(&dir, processes, &mut tally, backend);
+    let mut procs = match db_url
+        .map(|db_url| {
+            dbmode::Procs::start(&url, db_url, &dir, o.seed, (processes, writers, o.items))
+        })
+        .transpose()
+    {
+        Ok(procs) => procs,
+        Err(e) => {
+            eprintln!("[{}] {e}", backend.name());
+            tally.add("harness_errors", 1);
+            None
+        }
+    };
 
     let schedule = Duration::from_secs_f64(o.seconds);
     if backend == Backend::Memory {
@@ -513,16 +645,50 @@ fn run_backend(o: &Options, backend: Backend) -> (Tally, Vec<String>) {
         // can reach an in-process cache.
         thread::sleep(schedule);
     } else {
-        match faults::select(backend, o.faults.as_deref()) {
-            Ok(kinds) => faults::run_schedule(
-                backend,
-                &kinds,
-                o.seed,
-                schedule,
-                origin,
-                &mut topology,
-                &mut tally,
-            ),
+        // The database mode runs a second schedule beside the backend's:
+        // SIGKILLs of writers and relays, so that they also land during
+        // cache faults (a relay killed while it retries, a writer killed
+        // while the cache is down).
+        let all: Vec<Fault> = match &procs {
+            Some(_) => [backend.faults(), &Fault::DB].concat(),
+            None => backend.faults().to_vec(),
+        };
+        match faults::select_from(backend, &all, o.faults.as_deref()) {
+            Ok(kinds) => {
+                let (kills, backend_kinds): (Vec<Fault>, Vec<Fault>) =
+                    kinds.into_iter().partition(|f| Fault::DB.contains(f));
+                thread::scope(|s| {
+                    let killer = procs.as_mut().filter(|_| !kills.is_empty()).map(|procs| {
+                        let kills = &kills;
+                        s.spawn(move || {
+                            let mut t = Tally::default();
+                            let seed = rng::Rng::derive(o.seed, "db-kills", 0).next_u64();
+                            faults::run_schedule(
+                                backend, kills, seed, schedule, origin, procs, &mut t,
+                            );
+                            t
+                        })
+                    });
+                    if backend_kinds.is_empty() {
+                        thread::sleep(schedule);
+                    } else {
+                        faults::run_schedule(
+                            backend,
+                            &backend_kinds,
+                            o.seed,
+                            schedule,
+                            origin,
+                            &mut topology,
+                            &mut tally,
+                        );
+                    }
+                    match killer.map(|k| k.join()) {
+                        Some(Ok(t)) => tally.merge(&t),
+                        Some(Err(_)) => tally.add("harness_errors", 1),
+                        None => {}
+                    }
+                });
+            }
             Err(e) => {
                 eprintln!("[{}] {e}", backend.name());
                 tally.add("harness_errors", 1);
@@ -539,6 +705,11 @@ fn run_backend(o: &Options, backend: Backend) -> (Tally, Vec<String>) {
     for (index, child) in children.into_iter().enumerate() {
         collect_child(backend, index, child, deadline, &mut tally);
     }
+    if let (Some(pg), Some(procs)) = (&pg, procs) {
+        let log = |msg: &str| eprintln!("[{} db] {msg}", backend.name());
+        dbmode::finish(pg, procs, &url, &dir, &mut tally, &log);
+    }
+    drop(pg);
     tally.add("server.evictions", topology.server_evictions());
     drop(topology);
     let _ = std::fs::remove_dir_all(&dir);
@@ -559,7 +730,8 @@ fn unix_ms() -> u64 {
 fn spawn_child(
     o: &Options,
     backend: Backend,
-    url: &str,
+    // The cache's, and with `--writers db` the database's.
+    (url, db_url): (&str, Option<&str>),
     dir: &Path,
     index: usize,
     (writers, readers): (usize, usize),
@@ -598,6 +770,9 @@ fn spawn_child(
     }
     if let Some(faults) = &o.faults {
         cmd.args(["--faults", &faults.join(",")]);
+    }
+    if let Some(db_url) = db_url {
+        cmd.args(["--db-url", db_url]);
     }
     cmd.spawn()
 }

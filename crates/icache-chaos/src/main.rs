@@ -33,6 +33,14 @@
 //! fault schedule and every thread's choices, not how the OS interleaves
 //! them: a replay usually, not always, fails the same way. `--faults` keeps
 //! only some fault kinds, to find which one breaks something.
+//!
+//! `--writers db` (network backends): the bumps come from PostgreSQL's outbox
+//! (`icache::db`). Writer processes only commit UPDATEs to a watched table,
+//! three relay processes bump, readers render the table's rows, and a second
+//! schedule SIGKILLs writers and relays (`kill9_writer`, `kill9_relay`) and
+//! restarts them. Reads are checked against what the relays had applied
+//! (recorded by their `after_bump` hook); at the end the outbox must be empty
+//! and every item's read through the cache must show its last commit.
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();

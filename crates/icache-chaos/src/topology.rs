@@ -316,6 +316,10 @@ impl Injector for Topology {
                     redis_ports.len() + mc_ports.len()
                 ))
             }
+            Fault::KillWriter | Fault::KillRelay => Err(format!(
+                "{} is a fault of --writers db, injected by its processes' owner",
+                fault.name()
+            )),
             Fault::Filler => {
                 let value = vec![b'f'; FILLER_BYTES];
                 let base = rng.next_u64();

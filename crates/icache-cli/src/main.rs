@@ -9,7 +9,17 @@
 //! icache [--url URL] version TOKEN...   # `TOKEN GENERATION` per token, then `version SUM`
 //! icache [--url URL] get KEY            # the plain value stored by `set()`, as is
 //! icache [--url URL] stats              # `backend`, `url`, then the server's counters
+//! icache [--url URL] flush              # every cached block misses once; prints `icache:flush NEW_GENERATION`
+//! icache db install --db DB_URL         # the outbox (and icache_bump on PostgreSQL)
+//! icache db watch --db DB_URL TABLE TOKEN_EXPR...   # triggers; prints what changes bump
+//! icache db unwatch --db DB_URL TABLE   # drops them
+//! icache db status --db DB_URL          # pending rows, oldest, watched tables
+//! icache --url URL relay --db DB_URL    # outbox -> cache until SIGINT/SIGTERM
 //! ```
+//!
+//! `DB_URL` is `postgres://…`, `postgresql://…` or `sqlite:///absolute/path.db`;
+//! the `db` commands and `relay` exit 1 for database or cache trouble and 2
+//! for usage (a bad URL part, a missing table or column).
 //!
 //! The URL comes from `--url` or the `ICACHE_URL` environment variable. It is
 //! meant for `redis://` and `memcached://`: `memory://` (the default) is the
@@ -25,6 +35,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use icache::ICache;
+
+mod db;
 
 /// Exit status: backend trouble (and output that could not be written).
 const EXIT_BACKEND: u8 = 1;
@@ -99,6 +111,20 @@ enum Command {
     /// own counters, one `name value` per line (Redis INFO, memcached stats).
     #[command(after_help = EXIT_CODES)]
     Stats,
+    /// Make every cached block miss once, in every process that shares
+    /// this cache and prefix (after a deploy that changed what no token or
+    /// template digest sees): one bump of the flush token `icache:flush`,
+    /// part of every block's version. Nothing is deleted. Prints
+    /// `icache:flush NEW_GENERATION`.
+    #[command(after_help = EXIT_CODES)]
+    Flush,
+    /// The outbox in the database (install, watch, unwatch, status): bumps
+    /// written inside the writer's own transaction.
+    #[command(subcommand)]
+    Db(db::DbCommand),
+    /// Move the outbox's bumps to the cache (--url) until SIGINT/SIGTERM.
+    #[command(after_help = db::DB_EXIT_CODES)]
+    Relay(db::RelayArgs),
 }
 
 /// Why a command did not succeed.
@@ -124,6 +150,11 @@ impl From<io::Error> for Failure {
 fn main() -> ExitCode {
     // Usage errors exit 2; --help and --version exit 0.
     let cli = Cli::parse();
+    match &cli.command {
+        Command::Db(command) => return db::run_db(command),
+        Command::Relay(args) => return db::run_relay(&cli.url, args),
+        _ => {}
+    }
     match run(&cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Cache(e)) => {
@@ -197,6 +228,10 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             Some(value) => out.write_all(&value)?,
             None => return Err(Failure::NotFound(key.clone())),
         },
+        Command::Flush => {
+            let generation = cache.flush()?;
+            writeln!(out, "{} {generation}", ICache::FLUSH_TOKEN)?;
+        }
         Command::Stats => {
             // Ask first: an unreachable server prints nothing to stdout.
             let stats = cache.server_stats()?;
@@ -206,6 +241,8 @@ fn run(cli: &Cli) -> Result<(), Failure> {
                 writeln!(out, "{name} {value}")?;
             }
         }
+        // Run by main() before a cache is opened.
+        Command::Db(_) | Command::Relay(_) => {}
     }
     out.flush()?;
     Ok(())

@@ -3,9 +3,19 @@
 //! One SQLite file in the data directory, created and seeded on first start.
 //! A `Mutex<Connection>` is enough here: queries run only on cache misses and
 //! for the few rows every page needs.
+//!
+//! Invalidation lives in the database too: `icache::db` triggers on
+//! `ratings` and `movies` write the tokens a change invalidates into the
+//! outbox inside the writer's own transaction, and a relay in this process
+//! bumps them in the cache. Any writer (this site, the `sqlite3` shell, a
+//! script) invalidates the right blocks; no request code bumps anything.
 
-use std::path::Path;
-use std::sync::{Mutex, PoisonError};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock, PoisonError};
+use std::time::Duration;
+
+use icache::ICache;
+use icache::db::{DbError, Relay};
 
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
@@ -17,9 +27,23 @@ pub const USERS: i64 = 50;
 /// How many movies each user has rated.
 pub const RATED_PER_USER: i64 = 400;
 
+/// What the triggers bump: (table, token expressions). The tokens are the
+/// ones the templates name: `movies` and a user's id.
+pub const WATCH: &[(&str, &[&str])] = &[
+    ("ratings", &["'movies'", "user_id"]),
+    ("movies", &["'movies'"]),
+];
+
+/// How long a rating waits for its bumps before it answers (read your own
+/// writes); past it the bumps are applied when the cache answers.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The database handle.
 pub struct Db {
     conn: Mutex<Connection>,
+    path: PathBuf,
+    /// The outbox relay, once [`start_relay`](Self::start_relay) ran.
+    relay: OnceLock<Relay>,
 }
 
 /// A user.
@@ -146,16 +170,67 @@ impl Db {
                 format!("cannot create {}: {e}", dir.display()).into(),
             )
         })?;
-        let conn = Connection::open(dir.join("movies.db"))?;
+        let path = std::path::absolute(dir.join("movies.db")).map_err(|e| {
+            rusqlite::Error::ToSqlConversionFailure(
+                format!("cannot resolve {}: {e}", dir.display()).into(),
+            )
+        })?;
+        let conn = Connection::open(&path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let db = Db {
             conn: Mutex::new(conn),
+            path,
+            relay: OnceLock::new(),
         };
         db.seed()?;
+        db.watch().map_err(|e| {
+            rusqlite::Error::ToSqlConversionFailure(
+                format!("cannot install the icache outbox: {e}").into(),
+            )
+        })?;
         Ok(db)
+    }
+
+    /// `sqlite:///absolute/path/movies.db`.
+    pub fn url(&self) -> String {
+        format!("sqlite://{}", self.path.display())
+    }
+
+    /// Installs the outbox and the triggers of [`WATCH`] (idempotent).
+    fn watch(&self) -> Result<(), DbError> {
+        let url = self.url();
+        icache::db::install(&url)?;
+        for (table, exprs) in WATCH {
+            icache::db::watch(&url, table, exprs)?;
+        }
+        Ok(())
+    }
+
+    /// Starts the in-process relay that moves the outbox's bumps to `cache`
+    /// (once; later calls do nothing).
+    pub fn start_relay(&self, cache: ICache) -> Result<(), DbError> {
+        if self.relay.get().is_none() {
+            let relay = Relay::builder(&self.url(), cache)?.spawn()?;
+            // Lost a race with another caller: theirs runs, ours stops.
+            let _ = self.relay.set(relay);
+        }
+        Ok(())
+    }
+
+    /// Read your own writes: waits until the bumps the triggers wrote for
+    /// what was just committed are applied to the cache, and returns those
+    /// tokens (sorted). Without a relay nothing is applied: an error.
+    pub fn applied_bumps(&self) -> Result<Vec<String>, String> {
+        let relay = self
+            .relay
+            .get()
+            .ok_or("the outbox relay is not running (Db::start_relay)")?;
+        let mut tokens = relay.flush(FLUSH_TIMEOUT).map_err(|e| e.to_string())?;
+        tokens.sort();
+        Ok(tokens)
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -310,7 +385,8 @@ impl Db {
         .collect()
     }
 
-    /// Records a rating (a new one or a change) and commits.
+    /// Records a rating (a new one or a change) and commits. Its triggers
+    /// wrote the bumps (`movies`, the user's id) in the same transaction.
     pub fn rate(&self, user: i64, movie: i64, rating: i64) -> rusqlite::Result<()> {
         self.conn().execute(
             "INSERT INTO ratings (user_id, movie_id, rating) VALUES (?1, ?2, ?3)

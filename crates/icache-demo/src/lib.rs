@@ -5,9 +5,10 @@
 //! A user's page lists their movies by personal rating inside the seed's own
 //! block, `{% icache 'movies-personal-rating' 'movies' user.id page %}` (the
 //! seed's, with the page of the list as one more token); the home
-//! page has a top list cached by `'movies'`. Rating a movie commits to SQLite,
-//! **then** bumps `movies` and the user's id, exactly the seed's `post_save`
-//! hook. The cache is in-process by default; `ICACHE_URL=redis://…` or
+//! page has a top list cached by `'movies'`. Rating a movie commits to SQLite;
+//! the `ratings` table's triggers (`icache::db`) bump `movies` and the user's
+//! id from inside that transaction, and the in-process relay applies them
+//! before the response (no bump in request code). The cache is in-process by default; `ICACHE_URL=redis://…` or
 //! `memcached://…` switches backends with no other change.
 
 use std::collections::HashMap;
@@ -48,7 +49,7 @@ struct Rated {
     movie: i64,
     title: String,
     rating: i64,
-    /// The tokens bumped after the commit.
+    /// The tokens the database bumped for this rating.
     bumped: Vec<String>,
 }
 
@@ -145,6 +146,7 @@ pub fn open_paged(
     let per_page = per_page.max(1);
     let prometheus = prometheus();
     let db = Arc::new(Db::open(data_dir)?);
+    db.start_relay(cache.clone())?;
     let mut env = Environment::new();
     icache::minijinja::register(&mut env, cache.clone());
     // Templates go through icache's loader: the seed's {% icache %} syntax.
@@ -480,17 +482,20 @@ async fn rate(
         let Some(title) = s.0.db.movie_title(movie).map_err(db_error)? else {
             return Err(PageError::new(StatusCode::NOT_FOUND, format!("There is no movie {movie}.")));
         };
-        // Commit first, then bump: a reader can never cache the old list
-        // under the new version.
+        // The ratings table's triggers wrote the bumps in the rating's own
+        // transaction; waiting for the relay to apply them means the next
+        // page is never the old one (read your own writes).
         s.0.db.rate(user.id, movie, rating).map_err(db_error)?;
-        let bumped = vec!["movies".to_owned(), user.id.to_string()];
-        if let Err(e) = s.0.cache.incr_many(&[&bumped[0], &bumped[1]]) {
-            tracing::error!(error = %e, "rating saved but the cache could not be invalidated");
-            return Err(PageError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "Your rating was saved. The cache could not be told yet: it will be as soon as it answers, and until then pages are rendered without it.",
-            ));
-        }
+        let bumped = match s.0.db.applied_bumps() {
+            Ok(bumped) => bumped,
+            Err(e) => {
+                tracing::error!(error = %e, "rating saved; its bumps wait in the outbox");
+                return Err(PageError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "Your rating was saved. The cache could not be told yet: the database keeps the bumps and they are applied as soon as it answers; until then pages are rendered without it.",
+                ));
+            }
+        };
         // Shown once, on the user's next page.
         s.0.rated.lock().unwrap_or_else(PoisonError::into_inner).insert(
             user.id,

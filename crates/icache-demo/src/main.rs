@@ -2,7 +2,7 @@
 //!
 //! Flags (or environment): `--addr` (`ICACHE_DEMO_ADDR`, default
 //! 127.0.0.1:3000), `--data-dir` (`ICACHE_DEMO_DATA`, default `./data`), and
-//! `ICACHE_URL` for the cache (default: in-process).
+//! `--cache-url` (`ICACHE_URL`) for the cache (default: in-process).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

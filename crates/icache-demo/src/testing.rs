@@ -78,6 +78,11 @@ impl Site {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The site's SQLite file (for a writer outside the site).
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.join("movies.db")
+    }
+
     /// `GET path`.
     pub fn get(&self, path: &str) -> Response {
         self.request(&format!(

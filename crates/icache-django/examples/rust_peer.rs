@@ -8,6 +8,9 @@
 //!                                              "rendered" when BODY was used
 //! rust_peer URL get-versioned KEY TOKEN...     get_versioned(KEY, get_sum(TOKENS));
 //!                                              prints the text, exit 4 when None
+//! rust_peer URL set-versioned-bytes KEY HEX TOKEN...
+//!                                              set_versioned_bytes(KEY, HEX decoded,
+//!                                              get_sum(TOKENS))
 //! ```
 
 use std::process::ExitCode;
@@ -56,7 +59,28 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
                 None => return Ok(ExitCode::from(4)),
             }
         }
+        ("set-versioned-bytes", [key, hex, tokens @ ..]) => {
+            let bytes = decode_hex(hex)?;
+            let version = cache.get_sum(tokens).map_err(|e| e.to_string())?;
+            cache
+                .set_versioned_bytes(key, bytes, version)
+                .map_err(|e| e.to_string())?;
+        }
         _ => return Err(format!("unknown command or missing arguments: {command}")),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn decode_hex(hex: &str) -> Result<Vec<u8>, String> {
+    if !hex.len().is_multiple_of(2) {
+        return Err(format!("odd number of hex digits in {hex:?}"));
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|d| u8::from_str_radix(d, 16).ok())
+                .ok_or_else(|| format!("not hex at {i} in {hex:?}"))
+        })
+        .collect()
 }

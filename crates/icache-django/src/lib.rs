@@ -19,6 +19,8 @@
 //! `django_icache` when a call returns to Python. The core already limits its
 //! warnings to one every 10 s.
 
+mod db;
+
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,22 +35,39 @@ create_exception!(
     _core,
     CacheError,
     PyException,
-    "A cache operation failed (backend unreachable, timed out, value too large, or a backend error)."
+    "A cache operation failed: `str(e)` names the operation and the cause, `e.kind` is one of \
+     \"unavailable\", \"timeout\", \"too_large\", \"backend\" or \"other\"."
 );
 
-/// Turns a core error into a Python exception: configuration errors are
-/// `ValueError` (the Python side names the setting), the rest `CacheError`
-/// with the kind as its second argument.
-fn to_py(e: icache::Error) -> PyErr {
+/// Turns a core error of the operation `op` (`"get_sum"`, `"incr('movies')"`,
+/// …) into a Python exception: configuration errors are `ValueError` (the
+/// Python side names the setting), the rest `CacheError` whose message starts
+/// with the operation and whose `.kind` says what went wrong.
+fn to_py(op: &str, e: icache::Error) -> PyErr {
     let kind = match e.kind() {
-        ErrorKind::Config => return PyValueError::new_err(e.to_string()),
+        ErrorKind::Config => return PyValueError::new_err(format!("{op}: {e}")),
         ErrorKind::Unavailable => "unavailable",
         ErrorKind::Timeout => "timeout",
         ErrorKind::TooLarge => "too_large",
         ErrorKind::Backend => "backend",
         _ => "other",
     };
-    CacheError::new_err((e.to_string(), kind))
+    let err = CacheError::new_err(format!("{op}: {e}"));
+    Python::attach(|py| {
+        // Setting an attribute on a fresh exception object cannot fail in
+        // practice; if it did, the message still says everything.
+        let _ = err.value(py).setattr("kind", kind);
+    });
+    err
+}
+
+/// `name(['a', 'b'])` for error messages (at most a few tokens shown).
+fn op_tokens(name: &str, tokens: &[String]) -> String {
+    let mut shown: Vec<String> = tokens.iter().take(3).map(|t| format!("{t:?}")).collect();
+    if tokens.len() > 3 {
+        shown.push(format!("… {} more", tokens.len() - 3));
+    }
+    format!("{name}([{}])", shown.join(", "))
 }
 
 // ---- logging bridge ----------------------------------------------------------
@@ -155,7 +174,7 @@ impl Cache {
     /// bad part.
     #[new]
     fn new(py: Python<'_>, url: &str) -> PyResult<Self> {
-        let inner = detached(py, || ICache::from_url(url)).map_err(to_py)?;
+        let inner = detached(py, || ICache::from_url(url)).map_err(|e| to_py("Cache(url)", e))?;
         Ok(Cache { inner })
     }
 
@@ -173,22 +192,25 @@ impl Cache {
 
     /// Bumps a token's generation; returns the new one.
     fn incr(&self, py: Python<'_>, token: &str) -> PyResult<u64> {
-        detached(py, || self.inner.incr(token)).map_err(to_py)
+        detached(py, || self.inner.incr(token)).map_err(|e| to_py(&format!("incr({token:?})"), e))
     }
 
     /// Bumps several tokens in one round trip.
     fn incr_many(&self, py: Python<'_>, tokens: Vec<String>) -> PyResult<Vec<u64>> {
-        detached(py, || self.inner.incr_many(&refs(&tokens))).map_err(to_py)
+        detached(py, || self.inner.incr_many(&refs(&tokens)))
+            .map_err(|e| to_py(&op_tokens("incr_many", &tokens), e))
     }
 
     /// The version of a set of tokens (sum of their generations).
     fn get_sum(&self, py: Python<'_>, tokens: Vec<String>) -> PyResult<u64> {
-        detached(py, || self.inner.get_sum(&refs(&tokens))).map_err(to_py)
+        detached(py, || self.inner.get_sum(&refs(&tokens)))
+            .map_err(|e| to_py(&op_tokens("get_sum", &tokens), e))
     }
 
     /// Each token's generation.
     fn generations(&self, py: Python<'_>, tokens: Vec<String>) -> PyResult<Vec<u64>> {
-        detached(py, || self.inner.generations(&refs(&tokens))).map_err(to_py)
+        detached(py, || self.inner.generations(&refs(&tokens)))
+            .map_err(|e| to_py(&op_tokens("generations", &tokens), e))
     }
 
     /// Stores `value` (str: as text; bytes: as bytes) with `version`.
@@ -201,10 +223,12 @@ impl Cache {
     ) -> PyResult<()> {
         if let Ok(text) = value.cast::<PyString>() {
             let text = text.to_str()?;
-            detached(py, || self.inner.set_versioned(key, text, version)).map_err(to_py)
+            detached(py, || self.inner.set_versioned(key, text, version))
+                .map_err(|e| to_py(&format!("set_versioned({key:?})"), e))
         } else if let Ok(bytes) = value.cast::<PyBytes>() {
             let bytes = icache::Bytes::copy_from_slice(bytes.as_bytes());
-            detached(py, || self.inner.set_versioned_bytes(key, bytes, version)).map_err(to_py)
+            detached(py, || self.inner.set_versioned_bytes(key, bytes, version))
+                .map_err(|e| to_py(&format!("set_versioned({key:?})"), e))
         } else {
             Err(PyTypeError::new_err(
                 "_core.Cache.set_versioned takes str or bytes (django_icache pickles the rest)",
@@ -212,18 +236,49 @@ impl Cache {
         }
     }
 
+    /// Stores `pickle` (bytes) with `version`, marked in the entry's header as
+    /// a Python pickle: the only entries `get_versioned_value` reports as
+    /// `"pickle"`.
+    fn set_versioned_pickle(
+        &self,
+        py: Python<'_>,
+        key: &str,
+        pickle: &Bound<'_, PyBytes>,
+        version: u64,
+    ) -> PyResult<()> {
+        let bytes = icache::Bytes::copy_from_slice(pickle.as_bytes());
+        detached(py, || self.inner.set_versioned_pickle(key, bytes, version))
+            .map_err(|e| to_py(&format!("set_versioned({key:?})"), e))
+    }
+
     /// The value stored under `key` with exactly `version` (str or bytes, as
-    /// stored), or `None`.
+    /// stored; a pickle's bytes), or `None`.
     fn get_versioned<'py>(
         &self,
         py: Python<'py>,
         key: &str,
         version: u64,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
-        let value = detached(py, || self.inner.get_versioned_value(key, version)).map_err(to_py)?;
+        Ok(self
+            .get_versioned_value(py, key, version)?
+            .map(|(_, value)| value))
+    }
+
+    /// `(kind, value)` stored under `key` with exactly `version`, or `None`:
+    /// kind `"text"` (a str), `"bytes"` or `"pickle"` (bytes; `"pickle"` only
+    /// for what `set_versioned_pickle` stored).
+    fn get_versioned_value<'py>(
+        &self,
+        py: Python<'py>,
+        key: &str,
+        version: u64,
+    ) -> PyResult<Option<(&'static str, Bound<'py, PyAny>)>> {
+        let value = detached(py, || self.inner.get_versioned_value(key, version))
+            .map_err(|e| to_py(&format!("get_versioned({key:?})"), e))?;
         Ok(match value {
-            Some(Value::Text(s)) => Some(PyString::new(py, &s).into_any()),
-            Some(Value::Bytes(b)) => Some(PyBytes::new(py, &b).into_any()),
+            Some(Value::Text(s)) => Some(("text", PyString::new(py, &s).into_any())),
+            Some(Value::Bytes(b)) => Some(("bytes", PyBytes::new(py, &b).into_any())),
+            Some(Value::Pickle(b)) => Some(("pickle", PyBytes::new(py, &b).into_any())),
             Some(_) | None => None,
         })
     }
@@ -233,24 +288,46 @@ impl Cache {
     /// waiting and I/O happen without it. Blocks rendered inside `render` on
     /// this thread become dependencies of this one. Backend trouble renders
     /// uncached (fail-open); an exception from `render` propagates unchanged
-    /// and nothing is stored.
+    /// and nothing is stored. `stale`: this block's `stale=render` choice
+    /// (`None`: the handle's).
+    #[pyo3(signature = (name, tokens, render, stale=None))]
     fn fragment(
         &self,
         py: Python<'_>,
         name: &str,
         tokens: Vec<String>,
         render: Py<PyAny>,
+        stale: Option<bool>,
     ) -> PyResult<String> {
         detached(py, || {
-            self.inner.fragment(name, &tokens, || {
-                Python::attach(|py| render.bind(py).call0()?.extract::<String>())
-            })
+            let body = || Python::attach(|py| render.bind(py).call0()?.extract::<String>());
+            match stale {
+                None => self.inner.fragment(name, &tokens, body),
+                Some(on) => self.inner.fragment_with(
+                    name,
+                    &tokens,
+                    icache::BlockOptions::new().stale_render(on),
+                    body,
+                ),
+            }
         })
+    }
+
+    /// Every block misses once (one epoch bump, `ICache::flush`); returns the
+    /// new epoch.
+    fn flush(&self, py: Python<'_>) -> PyResult<u64> {
+        detached(py, || self.inner.flush()).map_err(|e| to_py("flush", e))
+    }
+
+    /// The backend's own counters as `(name, value)` pairs (Redis `INFO`,
+    /// memcached `stats`, …), for `manage.py icache stats`.
+    fn server_stats(&self, py: Python<'_>) -> PyResult<Vec<(String, String)>> {
+        detached(py, || self.inner.server_stats()).map_err(|e| to_py("server_stats", e))
     }
 
     /// Checks that the backend answers (raises `CacheError` if not).
     fn ping(&self, py: Python<'_>) -> PyResult<()> {
-        detached(py, || self.inner.ping()).map_err(to_py)
+        detached(py, || self.inner.ping()).map_err(|e| to_py("ping", e))
     }
 
     /// This handle's counters: hits, misses, stores, errors, …
@@ -272,6 +349,8 @@ impl Cache {
         d.set_item("body_fetches", s.body_fetches)?;
         d.set_item("tracked_hits", s.tracked_hits)?;
         d.set_item("near_bytes", s.near_bytes)?;
+        d.set_item("lease_waits", s.lease_waits)?;
+        d.set_item("stale_served", s.stale_served)?;
         Ok(d)
     }
 
@@ -298,5 +377,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Cache>()?;
     m.add("CacheError", m.py().get_type::<CacheError>())?;
     m.add_function(wrap_pyfunction!(flush_log, m)?)?;
+    db::register(m)?;
     Ok(())
 }

@@ -33,7 +33,24 @@ from django.conf import settings  # noqa: E402
 
 settings.configure(
     DEBUG=False,
-    INSTALLED_APPS=["django_icache", "movieapp"],
+    SECRET_KEY="django-icache-tests-" + uuid.uuid4().hex,
+    INSTALLED_APPS=[
+        "django.contrib.auth",
+        "django.contrib.contenttypes",
+        "django.contrib.sessions",
+        "django.contrib.messages",
+        "django.contrib.admin",  # test_outbox.py saves through the admin
+        "django_icache",
+        "movieapp",
+    ],
+    MIDDLEWARE=[
+        "django.contrib.sessions.middleware.SessionMiddleware",
+        "django.middleware.locale.LocaleMiddleware",
+        "django.middleware.csrf.CsrfViewMiddleware",
+        "django.contrib.auth.middleware.AuthenticationMiddleware",
+        "django.contrib.messages.middleware.MessageMiddleware",
+    ],
+    ROOT_URLCONF="movieapp.urls",
     DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}},
     CACHES={"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}},
     TEMPLATES=[
@@ -42,16 +59,34 @@ settings.configure(
             "OPTIONS": {
                 "loaders": [("django.template.loaders.locmem.Loader", TEMPLATES)],
                 "debug": False,
+                "context_processors": [
+                    "django.template.context_processors.request",
+                    "django.template.context_processors.i18n",
+                    "django.contrib.auth.context_processors.auth",
+                    "django.contrib.messages.context_processors.messages",
+                ],
             },
         }
     ],
     USE_TZ=True,
+    USE_I18N=True,
+    LANGUAGE_CODE="en",
+    LANGUAGES=[("en", "English"), ("de", "German")],
+    PASSWORD_HASHERS=["django.contrib.auth.hashers.MD5PasswordHasher"],
     DEFAULT_AUTO_FIELD="django.db.models.AutoField",
     LOGGING_CONFIG=None,
 )
 django.setup()
 
 from django.template import engines  # noqa: E402
+from django.test.utils import setup_test_environment  # noqa: E402
+
+setup_test_environment()
+# The tables of auth and sessions in the in-memory database (movieapp has no
+# migrations: the tests that need its tables create them).
+from django.core.management import call_command  # noqa: E402
+
+call_command("migrate", verbosity=0)
 from django.test.utils import override_settings  # noqa: E402
 
 CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
@@ -285,3 +320,25 @@ class Counter:
         with self._lock:
             self.n += 1
         return ""
+
+
+def make_user(name: str):
+    """A user with password "pw" (created once per name)."""
+    from django.contrib.auth.models import User
+
+    user, created = User.objects.get_or_create(username=name)
+    if created:
+        user.set_password("pw")
+        user.save()
+    return user
+
+
+def client_for(name: str | None, csrf: bool = True):
+    """A test client logged in as `name` (None: anonymous), CSRF enforced."""
+    from django.test import Client
+
+    c = Client(enforce_csrf_checks=csrf)
+    if name is not None:
+        make_user(name)
+        assert c.login(username=name, password="pw")
+    return c

@@ -17,6 +17,11 @@
 //! * [`Proxy`]: a counting TCP proxy that injects faults on its path
 //!   ([`Fault`]): refuse connections, hang (accept, never answer), or freeze
 //!   (requests reach the server, answers never come back).
+//! * [`SlowProxy`]: a proxy whose answers arrive a set delay late, in order
+//!   (a slow link, throughput kept).
+//! * [`RedisSentinel`]: one master, one replica (replicating through a
+//!   [`Proxy`], so it can be made to lag) and three `redis-server --sentinel`;
+//!   kill the master and wait for the failover.
 //!
 //! Every server and the proxy listen on a free port of `127.0.0.1` only (never
 //! a fixed port, never another address). A port is found by binding
@@ -63,6 +68,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+mod postgres;
+pub use postgres::PostgresServer;
+mod sentinel;
+mod slow;
+pub use sentinel::RedisSentinel;
+pub use slow::SlowProxy;
 
 /// How long a server may take to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -720,6 +732,11 @@ impl RedisServer {
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port())
+    }
+
+    /// The server's process id while it runs (to SIGSTOP/SIGCONT it).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.child.as_ref().map(Child::id)
     }
 
     /// Kills the server (SIGKILL) and waits for it to exit.

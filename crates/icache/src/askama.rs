@@ -63,6 +63,7 @@ pub struct Cached<'a, T> {
     name: &'a str,
     tokens: Tokens<'a>,
     make: Box<dyn Fn() -> T + Send + Sync + 'a>,
+    stale: Option<bool>,
 }
 
 /// A block named `name` with `tokens` (borrowed, `&["movies", &user_id]`,
@@ -83,11 +84,22 @@ where
         name,
         tokens: tokens.into(),
         make: Box::new(make),
+        stale: None,
     }
 }
 
 impl<T: Template> Cached<'_, T> {
+    /// This block's `stale` choice, whatever the handle's `stale=`: `true`
+    /// serves its previous body while another render holds the lease for
+    /// the new version (see [`BlockOptions`](crate::BlockOptions)).
+    #[must_use]
+    pub fn stale_render(mut self, on: bool) -> Self {
+        self.stale = Some(on);
+        self
+    }
+
     fn html(&self, values: &dyn Values) -> askama::Result<Html> {
+        crate::lease::choose_for_next_block(self.stale);
         self.tokens.with(|tokens| {
             self.cache.block_html(
                 &["askama", std::any::type_name::<T>(), self.name],

@@ -31,6 +31,9 @@ pub enum Value {
     Text(Arc<str>),
     /// Stored as bytes (`set_versioned_bytes`).
     Bytes(Bytes),
+    /// Stored as a Python pickle ([`ICache::set_versioned_pickle`]); the
+    /// entry's header says so, so no `set_*_bytes` caller can make one.
+    Pickle(Bytes),
 }
 
 /// A handle to a timeout-less cache. Cheap to clone; all clones share one
@@ -71,9 +74,11 @@ impl ICache {
     /// | `memory://` , `memory://?max_bytes=N` | in-process, bounded by bytes (default 64 MiB) |
     /// | `redis://[user:password@]host[:port][/db]` | Redis (feature `redis`) |
     /// | `rediss://…` (`#insecure` to skip certificate checks) | Redis over TLS (feature `redis`) |
+    /// | `redis+unix:///path/redis.sock[?db=N&user=U&pass=P]` | Redis over a Unix socket (feature `redis`) |
     /// | `memcached://host[:port]` | memcached (feature `memcached`) |
     /// | `memcached://h1:p1,h2:p2,…` | a memcached pool (rendezvous hashing) |
     /// | `redis+cluster://h1:p1,h2:p2,…` | Redis Cluster (feature `redis`) |
+    /// | `redis+sentinel://[password@]h1:p1,h2:p2/MASTER_NAME[/db]` | Redis Sentinel: the master it names (feature `redis`) |
     /// | `none://` | no cache: every block renders, nothing is stored |
     ///
     /// Options for every scheme: `prefix=` (keeps apps apart on a shared
@@ -81,7 +86,10 @@ impl ICache {
     /// kept verbatim at the start of every key, anything else is hashed),
     /// `timeout_ms=` (one answer,
     /// default 100), `connect_timeout_ms=` (default 100), `pool_size=` (idle
-    /// connections kept, default 8).
+    /// connections kept, default 8), `salt=` (a deploy salt, any string: mixed
+    /// into every block's key, so another salt makes every block miss, while
+    /// tokens, bumps and versioned entries stay shared; its value is not
+    /// shown).
     ///
     /// Options of network backends: `near=entries|tracking|off` (what is also
     /// kept in process; default `entries`, see the crate docs' "near cache"),
@@ -89,6 +97,14 @@ impl ICache {
     /// staleness bound of `near=tracking`, default 100). `near=tracking`
     /// needs a single Redis node; on memcached or a cluster it is a
     /// [`Config`](crate::ErrorKind::Config) error.
+    ///
+    /// `strict=true` (with `near=tracking`): bumps return `max_lag_ms`
+    /// after the server applied them, so reads are never stale again
+    /// ([`max_lag`](Self::max_lag) is zero). `fill=lease|local` (default
+    /// `lease`: one render per block and version across processes, others
+    /// wait at most `lease_ms=`, default 3000) and `stale=render` (serve the
+    /// previous body while another process renders); see the README's
+    /// "A fleet of app servers".
     ///
     /// Network backends connect lazily: opening never blocks, and a server that
     /// is down shows up as an error of the first operation. After a failure
@@ -124,7 +140,7 @@ impl ICache {
             Target::Memory { max_bytes } => Box::new(backend::memory::Memory::new(*max_bytes)?),
             Target::Nothing => Box::new(backend::none::Nothing),
             #[cfg(feature = "redis")]
-            Target::Redis { .. } => {
+            Target::Redis { .. } | Target::RedisSentinel(_) => {
                 let redis = backend::redis::Redis::new(&config)?;
                 if let Some(gens) = near.as_ref().and_then(|n| n.gens.clone()) {
                     let thread = backend::redis::tracking::start(redis.tracking_setup()?, gens)?;
@@ -145,7 +161,9 @@ impl ICache {
             #[allow(unreachable_patterns)]
             _ => {
                 let feature = match &config.target {
-                    Target::Redis { .. } | Target::RedisCluster { .. } => "redis",
+                    Target::Redis { .. }
+                    | Target::RedisCluster { .. }
+                    | Target::RedisSentinel(_) => "redis",
                     _ => "memcached",
                 };
                 return Err(Error::config(format!(
@@ -229,6 +247,8 @@ impl ICache {
     /// ```
     pub fn max_lag(&self) -> Duration {
         match self.inner.core.config.near {
+            // strict=true: a bump returns only once no reader can miss it.
+            crate::config::Near::Tracking { .. } if self.inner.core.config.strict => Duration::ZERO,
             crate::config::Near::Tracking { max_lag } => max_lag,
             _ => Duration::ZERO,
         }
@@ -330,7 +350,97 @@ impl ICache {
         if tokens.is_empty() {
             return Ok(Vec::new());
         }
-        self.inner.core.incr_many(tokens)
+        let core = &self.inner.core;
+        if let Some(lease) = core.config.lease {
+            // Before the bump: a read racing it must not get an old body.
+            core.bumps.bumped(tokens, lease);
+        }
+        let gens = core.incr_many(tokens)?;
+        crate::strict::after_bump(&core.config);
+        Ok(gens)
+    }
+
+    /// The token every cached block depends on besides its own:
+    /// [`flush`](Self::flush) bumps it (so `icache bump icache:flush` is a
+    /// flush too). Add it to the tokens of your own versioned entries for
+    /// `flush` to reach them.
+    pub const FLUSH_TOKEN: &'static str = "icache:flush";
+
+    /// Makes **every cached block miss once**, on every handle and process
+    /// that shares this backend and prefix: one bump of
+    /// [`FLUSH_TOKEN`](Self::FLUSH_TOKEN), whose generation is part of every
+    /// block's version (read with the block's own generations: no extra
+    /// round trip; kept and invalidated like any token under
+    /// `near=tracking`). For what no token or digest can see: a deploy that
+    /// changed a helper, a fix in a template's data. Nothing is deleted:
+    /// entries are replaced by the next render, or evicted.
+    ///
+    /// Versioned entries ([`set_versioned`](Self::set_versioned)) carry the
+    /// version their caller computed, so a flush reaches them only if that
+    /// version includes `FLUSH_TOKEN`; plain `set` values are not touched.
+    /// Returns the flush token's new generation. Errors and replays as
+    /// [`incr`](Self::incr).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::memory();
+    /// let render = || Ok::<_, ()>("<ul/>".to_string());
+    /// cache.fragment("list", &["movies"], render)?;
+    /// cache.flush()?;
+    /// // Rendered once more, then a hit again.
+    /// let mut ran = 0;
+    /// for _ in 0..2 {
+    ///     cache.fragment("list", &["movies"], || { ran += 1; render() })?;
+    /// }
+    /// assert_eq!(ran, 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn flush(&self) -> Result<u64> {
+        self.incr(Self::FLUSH_TOKEN)
+    }
+
+    /// A block's identity and tokens as the engine keys them: the handle's
+    /// `?salt=` first in the identity (another salt, another key), the
+    /// flush token after the tokens (a flush, another version). No
+    /// allocation for short lists.
+    pub(crate) fn keyed<R>(
+        &self,
+        identity: &[&str],
+        tokens: &[&str],
+        f: impl FnOnce(&[&str], &[&str]) -> R,
+    ) -> R {
+        const N: usize = 8;
+        let salt = self.inner.core.config.salt.as_deref();
+        let (mut ibuf, ivec): ([&str; N], Vec<&str>);
+        let identity: &[&str] = match salt {
+            None => identity,
+            Some(salt) if identity.len() + 2 <= N => {
+                ibuf = [""; N];
+                ibuf[0] = "salt";
+                ibuf[1] = salt;
+                ibuf[2..2 + identity.len()].copy_from_slice(identity);
+                &ibuf[..2 + identity.len()]
+            }
+            Some(salt) => {
+                ivec = ["salt", salt]
+                    .into_iter()
+                    .chain(identity.iter().copied())
+                    .collect();
+                &ivec
+            }
+        };
+        let (mut tbuf, tvec): ([&str; N], Vec<&str>);
+        let tokens: &[&str] = if tokens.len() < N {
+            tbuf = [""; N];
+            tbuf[..tokens.len()].copy_from_slice(tokens);
+            tbuf[tokens.len()] = Self::FLUSH_TOKEN;
+            &tbuf[..=tokens.len()]
+        } else {
+            tvec = tokens.iter().copied().chain([Self::FLUSH_TOKEN]).collect();
+            &tvec
+        };
+        f(identity, tokens)
     }
 
     /// Drops a token's generation, as an eviction or a server restart would.
@@ -440,6 +550,32 @@ impl ICache {
         self.store_versioned(key, Payload::Bytes(value.into()), version)
     }
 
+    /// [`set_versioned_bytes`](Self::set_versioned_bytes) for the Python
+    /// binding (`django_icache`): the entry's header marks `pickle` as a Python
+    /// pickle, the only kind of entry the binding unpickles. Bytes stored any
+    /// other way come back as bytes, whatever they start with. Rust readers
+    /// get the pickle's bytes from [`get_versioned_bytes`](Self::get_versioned_bytes),
+    /// and [`Value::Pickle`] from [`get_versioned_value`](Self::get_versioned_value).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::memory();
+    /// cache.set_versioned_pickle("k", &b"\x80\x05K\x01."[..], 1)?;
+    /// cache.set_versioned_bytes("j", &b"\x80\x05K\x01."[..], 1)?;
+    /// assert!(matches!(cache.get_versioned_value("k", 1)?, Some(icache::Value::Pickle(_))));
+    /// assert!(matches!(cache.get_versioned_value("j", 1)?, Some(icache::Value::Bytes(_))));
+    /// # Ok::<(), icache::Error>(())
+    /// ```
+    pub fn set_versioned_pickle(
+        &self,
+        key: &str,
+        pickle: impl Into<Bytes>,
+        version: u64,
+    ) -> Result<()> {
+        self.store_versioned(key, Payload::Pickle(pickle.into()), version)
+    }
+
     fn store_versioned(&self, key: &str, payload: Payload, version: u64) -> Result<()> {
         if let Some(near) = &self.inner.core.near {
             near.drop_body(Kind::Versioned, key);
@@ -506,6 +642,7 @@ impl ICache {
             .map(|payload| match payload {
                 Payload::Text(s) => Value::Text(s),
                 Payload::Bytes(b) => Value::Bytes(b),
+                Payload::Pickle(b) => Value::Pickle(b),
             }))
     }
 
@@ -816,7 +953,9 @@ impl ICache {
         // The block's name holds its identity and tokens: built now, it is
         // all the future needs to own (the tokens need not outlive this call,
         // and are read back from it without a copy).
-        let name = PooledName::new(&["named", name], Strs::of(tokens).get());
+        // Keyed as the sync engine keys blocks (see `keyed`): the salt in the
+        // identity, the flush token among the tokens.
+        let name = self.keyed(&["named", name], Strs::of(tokens).get(), PooledName::new);
         async move {
             let (parts, count) = split_name(&name);
             let (identity, tokens) = parts.get().split_at(count);
@@ -1007,9 +1146,11 @@ impl ICache {
         tokens: &[&str],
         render: impl FnOnce() -> Result<String, E>,
     ) -> Result<Html, E> {
-        self.inner
-            .blocks
-            .block_html(&self.inner.core, identity, tokens, render)
+        self.keyed(identity, tokens, |identity, tokens| {
+            self.inner
+                .blocks
+                .block_html(&self.inner.core, identity, tokens, render)
+        })
     }
 }
 
@@ -1091,6 +1232,11 @@ impl ICache {
     pub async fn incr_async(&self, token: &str) -> Result<u64> {
         let token = token.to_owned();
         self.off_executor(move |c| c.incr(&token)).await
+    }
+
+    /// Async [`flush`](Self::flush).
+    pub async fn flush_async(&self) -> Result<u64> {
+        self.off_executor(|c| c.flush()).await
     }
 
     /// Async [`incr_many`](Self::incr_many).

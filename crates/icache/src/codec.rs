@@ -7,7 +7,12 @@
 //!
 //! flags: bit 0 = the payload is UTF-8 text, bit 1 = a version follows, bit 2 =
 //! a list of dependency tokens follows, bit 3 = the id of the server instance
-//! that stored it follows (see `backend` on restarts and rollbacks). Anything that does not parse (foreign
+//! that stored it follows (see `backend` on restarts and rollbacks), bit 4 = the
+//! payload is a Python pickle stored by the Django binding
+//! ([`ICache::set_versioned_pickle`](crate::ICache::set_versioned_pickle)):
+//! only that method sets it, so bytes stored through any `set_*_bytes` are
+//! never taken for a pickle, whatever they start with (bits 0 and 4 together
+//! do not parse). Anything that does not parse (foreign
 //! bytes written by another client, a truncated value) decodes to `None`, which
 //! callers treat as a miss: never a panic.
 
@@ -20,34 +25,40 @@ const TEXT: u8 = 1;
 const VERSIONED: u8 = 2;
 const DEPS: u8 = 4;
 const INSTANCE: u8 = 8;
+const PICKLE: u8 = 16;
 
 /// A stored value: text (returned as `Arc<str>`) or bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Payload {
     Text(Arc<str>),
     Bytes(Bytes),
+    /// Bytes the Python binding marked as one of its pickles (bit 4 of the
+    /// flags): the only payload `django_icache` unpickles.
+    Pickle(Bytes),
 }
 
 impl Payload {
     pub(crate) fn as_bytes(&self) -> &[u8] {
         match self {
             Payload::Text(s) => s.as_bytes(),
-            Payload::Bytes(b) => b,
+            Payload::Bytes(b) | Payload::Pickle(b) => b,
         }
     }
 
-    /// The payload as text; bytes that are not UTF-8 give `None`.
+    /// The payload as text; bytes that are not UTF-8 give `None`, and so does
+    /// a pickle (it is never text).
     pub(crate) fn into_text(self) -> Option<Arc<str>> {
         match self {
             Payload::Text(s) => Some(s),
             Payload::Bytes(b) => std::str::from_utf8(&b).ok().map(Arc::from),
+            Payload::Pickle(_) => None,
         }
     }
 
     pub(crate) fn into_bytes(self) -> Bytes {
         match self {
             Payload::Text(s) => Bytes::from(s.as_bytes().to_vec()),
-            Payload::Bytes(b) => b,
+            Payload::Bytes(b) | Payload::Pickle(b) => b,
         }
     }
 }
@@ -93,8 +104,10 @@ pub(crate) fn encode(entry: &Entry, instance: Option<&str>) -> Vec<u8> {
     );
     out.extend_from_slice(MAGIC);
     let mut flags = 0;
-    if matches!(entry.payload, Payload::Text(_)) {
-        flags |= TEXT;
+    match entry.payload {
+        Payload::Text(_) => flags |= TEXT,
+        Payload::Pickle(_) => flags |= PICKLE,
+        Payload::Bytes(_) => {}
     }
     if entry.version.is_some() {
         flags |= VERSIONED;
@@ -166,7 +179,9 @@ pub(crate) fn decode(buf: Bytes) -> Option<(Entry, Option<Box<str>>)> {
         return None;
     }
     let flags = r.take(1)?[0];
-    if flags & !(TEXT | VERSIONED | DEPS | INSTANCE) != 0 {
+    if flags & !(TEXT | VERSIONED | DEPS | INSTANCE | PICKLE) != 0
+        || flags & (TEXT | PICKLE) == TEXT | PICKLE
+    {
         return None;
     }
     let version = if flags & VERSIONED != 0 {
@@ -198,6 +213,8 @@ pub(crate) fn decode(buf: Bytes) -> Option<(Entry, Option<Box<str>>)> {
     let rest = r.buf.slice(r.pos..);
     let payload = if flags & TEXT != 0 {
         Payload::Text(Arc::from(std::str::from_utf8(&rest).ok()?))
+    } else if flags & PICKLE != 0 {
+        Payload::Pickle(rest)
     } else {
         Payload::Bytes(rest)
     };
@@ -239,6 +256,18 @@ mod tests {
             deps: vec![Box::from("movies"), Box::from("")],
             payload: Payload::Bytes(Bytes::new()),
         });
+        roundtrip(Entry::versioned(
+            Payload::Pickle(Bytes::from_static(b"\x80\x05K\x01.")),
+            3,
+        ));
+    }
+
+    #[test]
+    fn bytes_that_look_like_a_pickle_stay_bytes() {
+        // Whatever a set_*_bytes caller stores, only the flag makes a pickle.
+        let e = Entry::versioned(Payload::Bytes(Bytes::from_static(b"\x80\x05\xffiCpyp")), 1);
+        let got = decode(Bytes::from(encode(&e, None))).map(|(entry, _)| entry.payload);
+        assert!(matches!(got, Some(Payload::Bytes(_))), "{got:?}");
     }
 
     #[test]
@@ -252,6 +281,8 @@ mod tests {
             b"iC\x01\x02\x01",
             b"iC\x01\x04\xff\xff\xff\xff",
             b"iC\x01\x01\xff\xfe",
+            b"iC\x01\x11pickle-and-text",
+            b"iC\x01\x20",
             b"42",
             b"hello world",
         ] {
@@ -297,9 +328,13 @@ mod tests {
             }
 
             #[test]
-            fn roundtrips(text in ".*", bin in any::<bool>(), version in any::<Option<u64>>(),
+            fn roundtrips(text in ".*", bin in any::<bool>(), pickle in any::<bool>(), version in any::<Option<u64>>(),
                           deps in proptest::collection::vec(".{0,10}", 0..4), instance in any::<Option<String>>()) {
-                let payload = if bin { Payload::Bytes(Bytes::from(text.clone().into_bytes())) } else { Payload::Text(Arc::from(text.as_str())) };
+                let payload = match (bin, pickle) {
+                    (true, false) => Payload::Bytes(Bytes::from(text.clone().into_bytes())),
+                    (_, true) => Payload::Pickle(Bytes::from(text.clone().into_bytes())),
+                    (false, false) => Payload::Text(Arc::from(text.as_str())),
+                };
                 let e = Entry { version, deps: deps.into_iter().map(Box::from).collect(), payload };
                 let got = decode(Bytes::from(encode(&e, instance.as_deref())));
                 prop_assert_eq!(got, Some((e, instance.map(Box::from))));

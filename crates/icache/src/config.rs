@@ -63,6 +63,9 @@ pub(crate) enum Target {
     RedisCluster {
         nodes: Vec<String>,
     },
+    /// `redis+sentinel://`: the master named `master`, found through these
+    /// sentinels.
+    RedisSentinel(Sentinel),
 }
 
 /// Everything a URL says.
@@ -77,6 +80,17 @@ pub(crate) struct Config {
     pub(crate) near: Near,
     /// `?near_max_bytes=`.
     pub(crate) near_max_bytes: u64,
+    /// `?strict=true` (with `near=tracking`): a bump returns only `max_lag`
+    /// after the server applied it, so no reader trusts a table without it.
+    pub(crate) strict: bool,
+    /// `?fill=lease` (the default on network backends): who renders a miss
+    /// across processes; `None` for `fill=local` and in process.
+    pub(crate) lease: Option<Duration>,
+    /// `?stale=render`: serve the previous body while another render
+    /// holds the lease.
+    pub(crate) stale_render: bool,
+    /// `?salt=`: mixed into every block's key (a deploy salt).
+    pub(crate) salt: Option<String>,
     /// The URL with any password replaced by `***`, for messages.
     pub(crate) redacted: String,
 }
@@ -104,6 +118,12 @@ const HARMLESS: &[&str] = &[
     "near",
     "max_lag_ms",
     "near_max_bytes",
+    "db",
+    "user",
+    "strict",
+    "fill",
+    "lease_ms",
+    "stale",
 ];
 
 /// The URL for messages, `Debug` and `url()`: the password and the value of
@@ -113,6 +133,9 @@ pub(crate) fn redact(url: &Url) -> String {
     if u.password().is_some() {
         // Cannot fail for URLs that already have a password.
         let _ = u.set_password(Some("***"));
+    } else if url.scheme().eq_ignore_ascii_case("redis+sentinel") && !url.username().is_empty() {
+        // `redis+sentinel://secret@…`: the user part is the password.
+        let _ = u.set_username("***");
     }
     if u.query().is_some() {
         let pairs: Vec<(String, String)> = url
@@ -205,10 +228,60 @@ const SCHEMES: &[&str] = &[
     "none",
     "redis",
     "rediss",
+    "redis+unix",
     "memcached",
     "redis+cluster",
     "rediss+cluster",
+    "redis+sentinel",
 ];
+
+/// Every scheme, for messages: one list wherever a scheme is expected.
+fn expected_schemes() -> String {
+    let all: Vec<String> = SCHEMES.iter().map(|s| format!("{s}://")).collect();
+    match all.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => all.concat(),
+    }
+}
+
+/// Which part of `input` the URL parser refused, named without echoing
+/// anything that could be a password.
+fn bad_part(e: url::ParseError, input: &str) -> String {
+    use url::ParseError as P;
+    // The authority's host and port: after the scheme and any userinfo.
+    let authority = input
+        .split_once("://")
+        .map(|(_, rest)| &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())])
+        .map(|a| a.rsplit_once('@').map_or(a, |(_, host)| host));
+    match e {
+        P::InvalidPort => {
+            let port = authority
+                .and_then(|a| a.rsplit_once(':'))
+                .map(|(_, p)| p)
+                .filter(|p| !p.contains(']'));
+            match port {
+                Some(p) => format!("the port {p:?} is not a number from 0 to 65535"),
+                None => "the port is not a number from 0 to 65535".to_owned(),
+            }
+        }
+        P::EmptyHost => "the host is empty".to_owned(),
+        P::IdnaError
+        | P::InvalidDomainCharacter
+        | P::InvalidIpv4Address
+        | P::InvalidIpv6Address => {
+            let host = authority.map(|a| match a.strip_prefix('[') {
+                Some(v6) => v6.split(']').next().unwrap_or(v6),
+                None => a.rsplit_once(':').map_or(a, |(h, _)| h),
+            });
+            match host {
+                Some(h) if !h.is_empty() => format!("the host {h:?} is not valid ({e})"),
+                _ => format!("the host is not valid ({e})"),
+            }
+        }
+        P::RelativeUrlWithoutBase => "it has no scheme (like redis://)".to_owned(),
+        other => other.to_string(),
+    }
+}
 
 /// The known scheme a mistyped one most likely meant (`memcache` →
 /// `memcached`, `redis-cluster` → `redis+cluster`): within two edits.
@@ -248,7 +321,7 @@ fn near_option(
     if in_process && near.is_some_and(|n| n != Near::Off) {
         return Err(Error::config(format!(
             "option near= in {redacted}: this cache is in process already; near= is for \
-             redis://, rediss://, redis+cluster:// and memcached://"
+             redis://, rediss://, redis+unix://, redis+cluster:// and memcached://"
         )));
     }
     let near = near.unwrap_or(if in_process { Near::Off } else { Near::Entries });
@@ -283,13 +356,18 @@ impl Config {
             split_hosts(input, 11211)?
         } else if lower.starts_with("redis+cluster://") || lower.starts_with("rediss+cluster://") {
             split_hosts(input, 6379)?
+        } else if lower.starts_with("redis+sentinel://") {
+            split_hosts(input, 26379)?
         } else {
             (input.to_string(), Vec::new())
         };
         let url = Url::parse(&input).map_err(|e| {
-            // The input may hold a password: never echo it back.
+            // The input may hold a password: never echo it back, only the
+            // part that is wrong.
             Error::config(format!(
-                "cache URL does not parse ({e}); expected memory://, redis://, rediss:// or memcached://"
+                "cache URL does not parse: {}; expected {}",
+                bad_part(e, &input),
+                expected_schemes()
             ))
         })?;
         let mut redacted = redact(&url);
@@ -310,10 +388,24 @@ impl Config {
         let mut max_lag = None;
         let mut near_max_bytes = DEFAULT_NEAR_MAX_BYTES;
         let mut near_max_bytes_given = false;
+        let mut strict = None;
+        let mut fill = None;
+        let mut lease_ms = None;
+        let mut stale = None;
+        let mut salt = None;
 
         for (k, v) in url.query_pairs() {
             match &*k {
                 "prefix" => prefix = key_prefix(&v),
+                "salt" => {
+                    if v.is_empty() {
+                        return Err(Error::config(format!(
+                            "option salt= in {redacted} is empty; expected any non-empty string \
+                             (e.g. the deploy's id), or no salt= at all"
+                        )));
+                    }
+                    salt = Some(v.into_owned());
+                }
                 "timeout_ms" => timeout = parse_ms("timeout_ms", &v, &redacted)?,
                 "connect_timeout_ms" => {
                     connect_timeout = parse_ms("connect_timeout_ms", &v, &redacted)?
@@ -384,16 +476,60 @@ impl Config {
                         }
                     }
                 }
-                "protocol" if scheme == "redis" || scheme == "rediss" => {
+                "fill" => {
+                    fill = Some(match &*v {
+                        "lease" => true,
+                        "local" => false,
+                        _ => {
+                            return Err(Error::config(format!(
+                                "option fill={v:?} in {redacted}: expected lease (the default) or local"
+                            )));
+                        }
+                    })
+                }
+                "lease_ms" => lease_ms = Some(parse_ms("lease_ms", &v, &redacted)?),
+                "stale" => {
+                    stale = Some(match &*v {
+                        "render" => true,
+                        "off" => false,
+                        _ => {
+                            return Err(Error::config(format!(
+                                "option stale={v:?} in {redacted}: expected render or off (the default)"
+                            )));
+                        }
+                    })
+                }
+                "strict" => {
+                    strict = Some(match &*v {
+                        "true" => true,
+                        "false" => false,
+                        _ => {
+                            return Err(Error::config(format!(
+                                "option strict={v:?} in {redacted}: expected true or false"
+                            )));
+                        }
+                    })
+                }
+                "protocol" if matches!(scheme.as_str(), "redis" | "rediss" | "redis+unix") => {
+                    passthrough.push((k.into_owned(), v.into_owned()))
+                }
+                // redis-rs's own options of a Unix socket URL (it has no
+                // host for a database path or a user and password).
+                "db" | "user" | "pass" if scheme == "redis+unix" => {
+                    if &*k == "db" && v.parse::<u16>().is_err() {
+                        return Err(Error::config(format!(
+                            "option db={v:?} in {redacted}: expected a database number"
+                        )));
+                    }
                     passthrough.push((k.into_owned(), v.into_owned()))
                 }
                 other => {
                     return Err(Error::config(format!(
-                        "unknown option {other:?} in {redacted}; known: prefix, timeout_ms, connect_timeout_ms, pool_size{}",
-                        if scheme == "memory" {
-                            ", max_bytes"
-                        } else {
-                            ", near, max_lag_ms, near_max_bytes"
+                        "unknown option {other:?} in {redacted}; known: prefix, salt, timeout_ms, connect_timeout_ms, pool_size{}",
+                        match scheme.as_str() {
+                            "memory" => ", max_bytes",
+                            "redis+unix" => ", near, max_lag_ms, near_max_bytes, db, user, pass",
+                            _ => ", near, max_lag_ms, near_max_bytes",
                         }
                     )));
                 }
@@ -440,6 +576,34 @@ impl Config {
                 Target::Redis {
                     url: clean.to_string(),
                     ca_file,
+                }
+            }
+            "redis+unix" => {
+                if url.host_str().is_some_and(|h| !h.is_empty()) {
+                    return Err(Error::config(format!(
+                        "redis+unix:// takes a socket path, not a host (got {redacted}); \
+                         expected redis+unix:///path/to/redis.sock?db=0"
+                    )));
+                }
+                if matches!(url.path(), "" | "/") {
+                    return Err(Error::config(format!(
+                        "missing socket path in {redacted}; expected redis+unix:///path/to/redis.sock?db=0"
+                    )));
+                }
+                if url.username() != "" || url.password().is_some() || url.fragment().is_some() {
+                    return Err(Error::config(format!(
+                        "redis+unix:// takes its user and password as options (?user=…&pass=…), \
+                         and no #fragment (in {redacted})"
+                    )));
+                }
+                let mut clean = url.clone();
+                clean.set_query(None);
+                if !passthrough.is_empty() {
+                    clean.query_pairs_mut().extend_pairs(passthrough.iter());
+                }
+                Target::Redis {
+                    url: clean.to_string(),
+                    ca_file: None,
                 }
             }
             "memcached" => {
@@ -510,12 +674,14 @@ impl Config {
                         .collect(),
                 }
             }
+            "redis+sentinel" => Target::RedisSentinel(sentinel_target(&url, hosts, &redacted)?),
             other => {
                 let hint = closest_scheme(other)
                     .map(|s| format!(" (did you mean {s}://?)"))
                     .unwrap_or_default();
                 return Err(Error::config(format!(
-                    "unknown scheme {other:?} in {redacted}{hint}; expected memory://, redis://, rediss://, memcached://, redis+cluster:// or none://"
+                    "unknown scheme {other:?} in {redacted}{hint}; expected {}",
+                    expected_schemes()
                 )));
             }
         };
@@ -527,6 +693,14 @@ impl Config {
                  (near=off, or an in-process cache)"
             )));
         }
+        if strict == Some(true) && !matches!(near, Near::Tracking { .. }) {
+            return Err(Error::config(format!(
+                "option strict=true in {redacted} is for near=tracking (its bumps then wait \
+                 max_lag_ms so that no reader still trusts a generation without them); every \
+                 other mode is never stale already"
+            )));
+        }
+        let (lease, stale_render) = fill_options(&target, fill, lease_ms, stale, &redacted)?;
         Ok(Config {
             target,
             prefix,
@@ -535,9 +709,146 @@ impl Config {
             pool_size,
             near,
             near_max_bytes,
+            strict: strict.unwrap_or(false),
+            lease,
+            stale_render,
+            salt,
             redacted,
         })
     }
+}
+
+/// Default `?lease_ms=`: how long others wait for a lease holder's render.
+pub(crate) const DEFAULT_LEASE: Duration = Duration::from_millis(3000);
+
+/// The largest `?lease_ms=`: a render slower than this is not worth waiting
+/// for.
+const LEASE_LIMIT: Duration = Duration::from_secs(60);
+
+/// Checks `?fill=`, `?lease_ms=` and `?stale=`: the lease (`None`: local
+/// fills only) and whether `stale=render` is on.
+fn fill_options(
+    target: &Target,
+    fill: Option<bool>,
+    lease_ms: Option<Duration>,
+    stale: Option<bool>,
+    redacted: &str,
+) -> Result<(Option<Duration>, bool)> {
+    if matches!(target, Target::Memory { .. } | Target::Nothing) {
+        if fill.is_some() || lease_ms.is_some() || stale.is_some() {
+            return Err(Error::config(format!(
+                "options fill=, lease_ms= and stale= in {redacted} are for caches shared by \
+                 several processes (redis://, memcached://, …); in process, one render per \
+                 miss is the default already"
+            )));
+        }
+        return Ok((None, false));
+    }
+    if let Some(ms) = lease_ms
+        && ms > LEASE_LIMIT
+    {
+        return Err(Error::config(format!(
+            "option lease_ms={} in {redacted}: expected at most 60000 (a minute)",
+            ms.as_millis()
+        )));
+    }
+    let lease = match (fill.unwrap_or(true), lease_ms) {
+        (true, ms) => Some(ms.unwrap_or(DEFAULT_LEASE)),
+        (false, Some(_)) => {
+            return Err(Error::config(format!(
+                "option lease_ms= in {redacted} is for fill=lease (the default), not fill=local"
+            )));
+        }
+        (false, None) => None,
+    };
+    let stale_render = stale.unwrap_or(false);
+    if stale_render && lease.is_none() {
+        return Err(Error::config(format!(
+            "option stale=render in {redacted} needs fill=lease (the default): the lease is \
+             what says another process is rendering the new version"
+        )));
+    }
+    Ok((lease, stale_render))
+}
+
+/// `redis+sentinel://`'s settings: where to ask, for which master, and how
+/// to log in to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Sentinel {
+    /// The sentinels, as `host:port`.
+    pub(crate) sentinels: Vec<String>,
+    /// The name the sentinels monitor the master under.
+    pub(crate) master: String,
+    /// The database on the master.
+    pub(crate) db: u16,
+    /// `user:password@` or `password@` as written (still percent-encoded),
+    /// for the master and its replicas; the sentinels are asked without it.
+    pub(crate) userinfo: String,
+}
+
+/// Parses `redis+sentinel://[password@]h1:p1,h2:p2/MASTER_NAME[/db]` (the
+/// hosts already split off by [`split_hosts`]).
+fn sentinel_target(url: &Url, hosts: Vec<String>, redacted: &str) -> Result<Sentinel> {
+    let sentinels = if hosts.is_empty() {
+        let host = url.host_str().unwrap_or_default();
+        if host.is_empty() {
+            return Err(Error::config(format!(
+                "missing sentinel host in {redacted}; expected \
+                 redis+sentinel://host1:26379,host2:26379/MASTER_NAME"
+            )));
+        }
+        vec![format!("{host}:{}", url.port().unwrap_or(26379))]
+    } else {
+        hosts
+    };
+    let mut path = url.path().trim_start_matches('/').split('/');
+    let master = path.next().unwrap_or_default();
+    if master.is_empty() {
+        return Err(Error::config(format!(
+            "missing master name in {redacted}; expected redis+sentinel://host:26379/MASTER_NAME[/db]"
+        )));
+    }
+    let master = percent_decode(master);
+    let db = match path.next() {
+        None | Some("") => 0,
+        Some(db) => db.parse::<u16>().map_err(|_| {
+            Error::config(format!(
+                "database {db:?} in {redacted} is not a number; expected \
+                 redis+sentinel://host:26379/MASTER_NAME/0"
+            ))
+        })?,
+    };
+    if let Some(extra) = path.next() {
+        return Err(Error::config(format!(
+            "unexpected path segment {extra:?} in {redacted}; expected \
+             redis+sentinel://host:26379/MASTER_NAME[/db]"
+        )));
+    }
+    if let Some(f) = url.fragment() {
+        return Err(Error::config(format!(
+            "unknown URL fragment #{f} in {redacted}; redis+sentinel:// takes none"
+        )));
+    }
+    let userinfo = match (url.username(), url.password()) {
+        ("", None) => String::new(),
+        // `redis+sentinel://secret@h`: a password alone, as in redis://.
+        (password, None) => format!(":{password}@"),
+        (user, Some(password)) => format!("{user}:{password}@"),
+    };
+    Ok(Sentinel {
+        sentinels,
+        master,
+        db,
+        userinfo,
+    })
+}
+
+/// `%41` → `A`; bytes that are not valid UTF-8 once decoded are kept as
+/// written.
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
+        .next()
+        .map_or_else(|| s.to_owned(), |(_, v)| v.into_owned())
 }
 
 #[cfg(test)]
@@ -662,5 +973,101 @@ mod tests {
         assert!(!e.contains("hunter2"), "{e}");
         let e = err("memcached://a:1,b:2?auth=hunter2");
         assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    /// A URL that does not parse names the part that is wrong (never the
+    /// password), and every error that lists schemes lists all of them.
+    #[test]
+    fn parse_errors_name_the_part_and_list_every_scheme() {
+        let e = err("redis://127.0.0.1:abc");
+        assert!(e.contains("the port \"abc\""), "{e}");
+        let e = err("redis://user:s3cret@127.0.0.1:99999/0");
+        assert!(e.contains("the port \"99999\""), "{e}");
+        assert!(!e.contains("s3cret"), "{e}");
+        let e = err("memcached://[::1/");
+        assert!(e.contains("host"), "{e}");
+        let e = err("not a url");
+        assert!(e.contains("no scheme"), "{e}");
+        let unknown = err("redsi://127.0.0.1");
+        for scheme in SCHEMES {
+            let listed = format!("{scheme}://");
+            assert!(e.contains(&listed), "{listed} missing from: {e}");
+            assert!(
+                unknown.contains(&listed),
+                "{listed} missing from: {unknown}"
+            );
+        }
+    }
+
+    #[test]
+    fn sentinel_urls() {
+        let c = Config::parse("redis+sentinel://s3cret@a:1,b:2,c/mymaster/3?near=tracking")
+            .expect("parses");
+        assert!(
+            c.target
+                == Target::RedisSentinel(Sentinel {
+                    sentinels: vec!["a:1".into(), "b:2".into(), "c:26379".into()],
+                    master: "mymaster".into(),
+                    db: 3,
+                    userinfo: ":s3cret@".into(),
+                })
+        );
+        assert!(matches!(c.near, Near::Tracking { .. }));
+        assert!(!c.redacted.contains("s3cret"), "{}", c.redacted);
+        assert!(c.redacted.contains("a:1,b:2,c:26379"), "{}", c.redacted);
+        let one = Config::parse("redis+sentinel://h/m").expect("parses");
+        assert!(
+            matches!(&one.target, Target::RedisSentinel(s) if s.sentinels == ["h:26379"] && s.db == 0)
+        );
+        assert!(err("redis+sentinel://h:26379").contains("master name"));
+        assert!(err("redis+sentinel://h:26379/").contains("master name"));
+        assert!(err("redis+sentinel://h:26379/m/x").contains("\"x\""));
+        assert!(err("redis+sentinel://h:26379/m/0/extra").contains("extra"));
+        assert!(err("redis+sentinel://a:1,b:x/m").contains("bad port"));
+        assert!(err("redis-sentinel://h/m").contains("did you mean redis+sentinel://"));
+    }
+
+    #[test]
+    fn strict_is_for_tracking() {
+        let c = Config::parse("redis://h?near=tracking&strict=true&max_lag_ms=20").expect("parses");
+        assert!(c.strict);
+        assert!(c.redacted.contains("strict=true"), "{}", c.redacted);
+        assert!(
+            !Config::parse("redis://h?near=tracking&strict=false")
+                .expect("parses")
+                .strict
+        );
+        assert!(
+            !Config::parse("redis://h?near=tracking")
+                .expect("parses")
+                .strict
+        );
+        assert!(err("redis://h?strict=true").contains("near=tracking"));
+        assert!(err("memory://?strict=true").contains("strict"));
+        assert!(err("redis://h?near=tracking&strict=yes").contains("strict=\"yes\""));
+    }
+
+    #[test]
+    fn fill_options() {
+        let c = Config::parse("redis://h").expect("parses");
+        assert_eq!(c.lease, Some(DEFAULT_LEASE));
+        assert!(!c.stale_render);
+        let c = Config::parse("memcached://h?lease_ms=500&stale=render").expect("parses");
+        assert_eq!(c.lease, Some(Duration::from_millis(500)));
+        assert!(c.stale_render);
+        assert!(c.redacted.contains("lease_ms=500"), "{}", c.redacted);
+        assert_eq!(
+            Config::parse("redis://h?fill=local").expect("parses").lease,
+            None
+        );
+        assert_eq!(Config::parse("memory://").expect("parses").lease, None);
+        assert!(err("redis://h?lease_ms=0").contains("lease_ms"));
+        assert!(err("redis://h?lease_ms=x").contains("lease_ms"));
+        assert!(err("redis://h?lease_ms=60001").contains("lease_ms"));
+        assert!(err("redis://h?fill=local&lease_ms=100").contains("lease_ms"));
+        assert!(err("redis://h?fill=maybe").contains("fill=\"maybe\""));
+        assert!(err("redis://h?fill=local&stale=render").contains("stale=render"));
+        assert!(err("redis://h?stale=yes").contains("stale=\"yes\""));
+        assert!(err("memory://?fill=lease").contains("fill="));
     }
 }

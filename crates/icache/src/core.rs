@@ -145,6 +145,9 @@ pub(crate) struct Core {
     pub(crate) near: Option<Near>,
     /// Keeps the `near=tracking` thread running while the handle lives.
     pub(crate) _tracking: Option<Box<dyn std::any::Any + Send + Sync>>,
+    /// The tokens this handle bumped lately (`stale=render` never serves
+    /// their blocks' old bodies to it).
+    pub(crate) bumps: crate::lease::Bumps,
 }
 
 impl Core {
@@ -159,6 +162,7 @@ impl Core {
             too_large_log: Every::new(),
             near,
             _tracking: None,
+            bumps: crate::lease::Bumps::default(),
         }
     }
 

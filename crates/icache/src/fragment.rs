@@ -25,6 +25,7 @@ use crate::codec::{Entry, Payload};
 use crate::core::Core;
 use crate::error::Result;
 use crate::keys::{Key, join_parts_into, push_decimal};
+use crate::lease;
 use crate::near;
 use crate::observe::{self, BlockEvent, NotStored, Outcome};
 use crate::stats::Event;
@@ -655,6 +656,9 @@ pub(crate) struct Miss {
     pub(crate) instance: Option<Arc<str>>,
     /// An entry was there under an older version.
     pub(crate) invalidated: bool,
+    /// That entry's version and body: what `stale=render` may serve while
+    /// another render holds the lease.
+    previous: Option<(u64, Arc<str>)>,
 }
 
 /// The entry name of a block: its identity and its tokens, length-prefixed so
@@ -808,7 +812,9 @@ fn readable_name(name: &str) -> String {
             parts.push(tail.get(..len)?);
             rest = tail.get(len..)?;
         }
-        let tokens = parts.split_off(count.min(parts.len()));
+        let mut tokens = parts.split_off(count.min(parts.len()));
+        // Every block has it (`ICache::flush`): noise in a log line.
+        tokens.retain(|t| *t != crate::ICache::FLUSH_TOKEN);
         Some((parts, tokens))
     };
     let mut out = match parse() {
@@ -836,7 +842,11 @@ pub(crate) fn emit_block(
 ) {
     observe::emit(|| BlockEvent {
         identity: identity.iter().map(|s| (*s).to_owned()).collect(),
-        tokens: tokens.iter().map(|s| (*s).to_owned()).collect(),
+        tokens: tokens
+            .iter()
+            .filter(|t| **t != crate::ICache::FLUSH_TOKEN)
+            .map(|s| (*s).to_owned())
+            .collect(),
         version,
         outcome,
         invalidated,
@@ -914,6 +924,9 @@ impl Blocks {
     ) -> Result<Html, E> {
         let name = PooledName::new(identity, tokens);
         let name: &str = &name;
+        // Taken first, so that the blocks nested in this one's body do not
+        // inherit this block's choice.
+        let stale = crate::lease::take_block_choice().unwrap_or(core.config.stale_render);
         let counters = &core.counters;
         // Tells an `observe`r what happened (nothing is built otherwise).
         let event = |outcome: Outcome,
@@ -972,22 +985,64 @@ impl Blocks {
             finish(&rendered, true, false);
             return Ok(Html::Rendered(rendered.html));
         }
+        // The previous body, served as it is (`stale=render`): not this
+        // version's output, so an enclosing render must not be stored with it.
+        let serve_stale = |body: Arc<str>| {
+            report_unknown();
+            event(Outcome::Stale, None, invalidated, None, &[]);
+            Ok(Html::Cached(body))
+        };
         match self
             .flights
             .join((name.to_owned(), miss.own_version, miss.instance.clone()))
         {
-            Role::Leader(guard) => match self.render_and_store(core, name, tokens, miss, render) {
-                Ok(rendered) => {
-                    let rendered = Arc::new(rendered);
-                    guard.publish(Some(rendered.clone()));
-                    finish(&rendered, false, invalidated);
-                    Ok(Html::Rendered(rendered.html.clone()))
+            Role::Leader(guard) => {
+                let own_version = miss.own_version;
+                match self.fill_lease(core, &name, tokens, &miss, stale) {
+                    lease::Fill::Render => {}
+                    lease::Fill::Found((html, reads, version)) => {
+                        report(&reads);
+                        event(Outcome::Shared, Some(version), invalidated, None, &reads);
+                        let rendered = Arc::new(Rendered {
+                            html: html.to_string(),
+                            reads,
+                            unknown: false,
+                            version,
+                            not_stored: None,
+                            took: Duration::ZERO,
+                        });
+                        guard.publish(Some(rendered));
+                        return Ok(Html::Cached(html));
+                    }
+                    lease::Fill::Stale(body) => {
+                        guard.publish(None);
+                        return serve_stale(body);
+                    }
                 }
-                Err(e) => {
-                    guard.publish(None);
-                    Err(e)
+                match self.render_and_store(core, &name, tokens, miss, render) {
+                    Ok(rendered) => {
+                        if rendered.not_stored.is_some() {
+                            lease::release(core, &name, own_version);
+                        }
+                        let rendered = Arc::new(rendered);
+                        guard.publish(Some(rendered.clone()));
+                        finish(&rendered, false, invalidated);
+                        Ok(Html::Rendered(rendered.html.clone()))
+                    }
+                    Err(e) => {
+                        lease::release(core, &name, own_version);
+                        guard.publish(None);
+                        Err(e)
+                    }
                 }
-            },
+            }
+            // Another thread of this process is on it (rendering, or
+            // waiting for another process's render): the previous body now.
+            Role::Follower(_) if stale && self.may_serve_stale(core, tokens, &miss) => {
+                let body = miss.previous.map(|(_, b)| b).unwrap_or_default();
+                core.counters.count(Event::StaleServed);
+                serve_stale(body)
+            }
             Role::Follower(waiter) => {
                 let outcome = waiter.wait(FOLLOWER_WAIT);
                 drop(waiter);
@@ -1023,6 +1078,57 @@ impl Blocks {
                 finish(&rendered, false, invalidated);
                 Ok(Html::Rendered(rendered.html))
             }
+        }
+    }
+
+    /// `fill=lease`: takes the lease for this miss, or waits for the
+    /// holder's entry, or (`stale`) hands out the previous body.
+    fn fill_lease(
+        &self,
+        core: &Core,
+        name: &str,
+        tokens: &[&str],
+        miss: &Miss,
+        stale: bool,
+    ) -> lease::Fill<(Arc<str>, Reads, u64)> {
+        let seen = miss.previous.as_ref().map(|(v, _)| *v);
+        let own_version = miss.own_version;
+        lease::before_render(
+            core,
+            name,
+            own_version,
+            tokens,
+            stale,
+            miss.previous.as_ref().map(|(_, b)| b.clone()),
+            || {
+                // A cheap look first (no generations): has anything been
+                // stored since the miss? Only then the full lookup.
+                match core.backend.get_entry(Key::fragment(name)) {
+                    Ok(Some(e)) if e.version.is_some() && e.version != seen => {}
+                    Ok(_) => return lease::Poll::Wait,
+                    Err(e) => {
+                        core.backend_trouble(&e);
+                        return lease::Poll::GiveUp;
+                    }
+                }
+                match self.lookup(core, name, tokens) {
+                    Lookup::Hit {
+                        html,
+                        reads,
+                        version,
+                    } => lease::Poll::Found((html, reads, version)),
+                    Lookup::Miss(m) if m.own_version == own_version => lease::Poll::Wait,
+                    Lookup::Miss(_) | Lookup::Down => lease::Poll::GiveUp,
+                }
+            },
+        )
+    }
+
+    /// May a follower of this process get the previous body at once?
+    fn may_serve_stale(&self, core: &Core, tokens: &[&str], miss: &Miss) -> bool {
+        match (core.config.lease, &miss.previous) {
+            (Some(lease), Some(_)) => !core.bumps.within(tokens, lease),
+            _ => false,
         }
     }
 
@@ -1443,6 +1549,7 @@ impl Blocks {
                 own_version,
                 instance,
                 invalidated: false,
+                previous: None,
             });
         };
         // Generations of the entry's nested tokens: from this round trip when
@@ -1502,13 +1609,18 @@ impl Blocks {
                     },
                 }
             }
-            _ => {
+            (payload, version) => {
                 core.counters.count(Event::Mismatch);
+                let previous = match (payload, version) {
+                    (Payload::Text(html), Some(v)) => Some((v, html.clone())),
+                    _ => None,
+                };
                 Lookup::Miss(Miss {
                     own: own_reads(),
                     own_version,
                     instance,
                     invalidated: true,
+                    previous,
                 })
             }
         }

@@ -20,6 +20,8 @@ pub(crate) enum Space {
     Plain,
     /// A cached fragment (`fragment`, template blocks).
     Fragment,
+    /// A fill lease: who renders one (block, version) (`fill=lease`).
+    Lease,
 }
 
 impl Space {
@@ -29,6 +31,7 @@ impl Space {
             Space::Versioned => ('v', 'V'),
             Space::Plain => ('k', 'K'),
             Space::Fragment => ('f', 'F'),
+            Space::Lease => ('l', 'L'),
         }
     }
 }
@@ -56,6 +59,12 @@ impl<'a> Key<'a> {
     pub(crate) fn fragment(name: &'a str) -> Self {
         Key {
             space: Space::Fragment,
+            name,
+        }
+    }
+    pub(crate) fn lease(name: &'a str) -> Self {
+        Key {
+            space: Space::Lease,
             name,
         }
     }
@@ -103,13 +112,29 @@ pub(crate) fn key_prefix(prefix: &str) -> String {
 
 /// Hex SHA-256 of `bytes`.
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
-    let digest = Sha256::digest(bytes);
     let mut out = String::with_capacity(64);
+    push_sha256_hex(&mut out, bytes);
+    out
+}
+
+fn push_sha256_hex(out: &mut String, bytes: &[u8]) {
+    let digest = Sha256::digest(bytes);
     for b in digest.iter() {
         out.push(char::from_digit(u32::from(b >> 4), 16).unwrap_or('0'));
         out.push(char::from_digit(u32::from(b & 0xf), 16).unwrap_or('0'));
     }
-    out
+}
+
+/// The key of a Redis database's instance marker for `prefix` (a
+/// [`key_prefix`]): `[prefix:]ic:g:ic:instance`, under the readable
+/// generation tag (so `near=tracking`'s key prefixes cover it) with a name
+/// no token can have (readable names never start with `ic:`).
+#[cfg(feature = "redis")]
+pub(crate) fn instance_marker(prefix: &str) -> String {
+    let mut key = encode(prefix, Key::gen_("x"));
+    key.pop();
+    key.push_str("ic:instance");
+    key
 }
 
 /// The key as remote backends store it: `[prefix:]ic:<tag>:<name or hash>`,
@@ -121,8 +146,15 @@ pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
 /// *last* `:ic:` of a key is the one that ends its prefix (`myapp:prod` +
 /// `k` is `myapp:prod:ic:g:k`, `myapp` + `prod:k` is `myapp:ic:g:prod:k`).
 pub(crate) fn encode(prefix: &str, key: Key<'_>) -> String {
-    let (plain_tag, hashed_tag) = key.space.tags();
     let mut out = String::with_capacity(prefix.len() + 6 + 64);
+    encode_into(&mut out, prefix, key);
+    out
+}
+
+/// [`encode`] appended to `out` (a request being built: no allocation per
+/// key).
+pub(crate) fn encode_into(out: &mut String, prefix: &str, key: Key<'_>) {
+    let (plain_tag, hashed_tag) = key.space.tags();
     if !prefix.is_empty() {
         out.push_str(prefix);
         out.push(':');
@@ -135,9 +167,8 @@ pub(crate) fn encode(prefix: &str, key: Key<'_>) -> String {
     } else {
         out.push(hashed_tag);
         out.push(':');
-        out.push_str(&sha256_hex(key.name.as_bytes()));
+        push_sha256_hex(out, key.name.as_bytes());
     }
-    out
 }
 
 /// Joins several parts into one name without ambiguity: each part is preceded

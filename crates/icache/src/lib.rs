@@ -57,14 +57,18 @@
 //! |---|---|---|
 //! | `memory://?max_bytes=N` | always | in-process, bounded by bytes (default 64 MiB) |
 //! | `redis://user:pass@host:port/db`, `rediss://…` | `redis` | single node; TLS through rustls |
+//! | `redis+unix:///path/redis.sock?db=N` | `redis` | single node over a Unix socket (`user=`, `pass=` options) |
 //! | `memcached://host:port` | `memcached` | one server, our own small client |
 //! | `redis+cluster://h1:p1,h2:p2` | `redis` | Redis Cluster, one round trip per hit |
+//! | `redis+sentinel://h1:p1,h2:p2/MASTER` | `redis` | Redis Sentinel: the master the sentinels name, followed across failovers |
 //! | `memcached://h1:p1,h2:p2,h3:p3` | `memcached` | a pool, rendezvous-hashed |
 //! | `none://` | always | caching off |
 //!
 //! Every scheme takes `?prefix=` (keeps apps apart on a shared server),
-//! `timeout_ms=`, `connect_timeout_ms=` and `pool_size=`. See
-//! [`ICache::from_url`].
+//! `salt=` (a deploy salt mixed into every block's key), `timeout_ms=`,
+//! `connect_timeout_ms=` and `pool_size=`. See [`ICache::from_url`].
+//! [`ICache::flush`] makes every block miss once (`icache flush` on the
+//! command line).
 //!
 //! ## The near cache
 //!
@@ -142,9 +146,12 @@ mod cache;
 mod codec;
 mod config;
 mod core;
+#[cfg(any(feature = "postgres", feature = "sqlite"))]
+pub mod db;
 mod error;
 mod fragment;
 mod keys;
+mod lease;
 #[cfg(feature = "maud")]
 pub mod maud;
 #[cfg(feature = "minijinja")]
@@ -154,12 +161,14 @@ mod observe;
 #[cfg(any(feature = "redis", feature = "memcached"))]
 mod pool;
 mod stats;
+mod strict;
 #[cfg(feature = "tera")]
 pub mod tera;
 
 pub use bytes::Bytes;
 pub use cache::{ICache, Tokens, Value};
 pub use error::{Error, ErrorKind, Result};
+pub use lease::BlockOptions;
 pub use observe::{BlockEvent, NotStored, Outcome, Scope, observe, observe_async};
 pub use stats::Stats;
 

@@ -57,6 +57,7 @@ pub struct Cached<'a, F> {
     name: &'a str,
     tokens: Tokens<'a>,
     body: F,
+    stale: Option<bool>,
 }
 
 /// A block named `name` with `tokens` (borrowed, `&["movies", &user_id]`,
@@ -76,6 +77,17 @@ where
         name,
         tokens: tokens.into(),
         body,
+        stale: None,
+    }
+}
+
+impl<F> Cached<'_, F> {
+    /// This block's `stale` choice, whatever the handle's `stale=`: `true`
+    /// serves its previous body while another render holds the lease for
+    /// the new version (see [`BlockOptions`](crate::BlockOptions)).
+    pub fn stale_render(mut self, on: bool) -> Self {
+        self.stale = Some(on);
+        self
     }
 }
 
@@ -84,6 +96,7 @@ where
     F: Fn() -> Markup,
 {
     fn render_to(&self, buffer: &mut String) {
+        crate::lease::choose_for_next_block(self.stale);
         let out = self.tokens.with(|tokens| {
             self.cache.block_html(&["maud", self.name], tokens, || {
                 Ok::<_, Infallible>((self.body)().into_string())

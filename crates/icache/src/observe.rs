@@ -108,6 +108,9 @@ pub enum Outcome {
     Uncached,
     /// Caching is off (`none://`): rendered.
     Off,
+    /// Another render held the lease for the new version: the block's
+    /// previous body was served (`stale=render`).
+    Stale,
 }
 
 /// Why a rendered block was not stored.
@@ -153,6 +156,7 @@ impl Outcome {
             Outcome::Shared => "miss, taken from another request's render",
             Outcome::Uncached => "rendered uncached: the cache is down",
             Outcome::Off => "rendered: caching is off (none://)",
+            Outcome::Stale => "miss, the previous body served while another render holds the lease",
         }
     }
 }

@@ -45,6 +45,9 @@ struct Breaker {
     backoff: AtomicU64,
     /// A probe is in flight.
     probing: AtomicBool,
+    /// The failure that opened the breaker, for the fail-fast errors (which
+    /// would otherwise hide why the server is skipped).
+    cause: Mutex<Option<String>>,
 }
 
 /// What the breaker says about one call.
@@ -62,6 +65,7 @@ impl Breaker {
             open_until: AtomicU64::new(0),
             backoff: AtomicU64::new(0),
             probing: AtomicBool::new(false),
+            cause: Mutex::new(None),
         }
     }
 
@@ -86,9 +90,19 @@ impl Breaker {
             return Ok(Gate::Probe);
         }
         let wait = until.saturating_sub(now);
-        Err(Error::circuit_open(format!(
-            "{server}: failed recently; calls fail fast for {wait} ms more, then one probe tries again"
-        )))
+        let cause = self
+            .cause
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        Err(Error::circuit_open(match cause {
+            Some(cause) => format!(
+                "{server}: calls fail fast for {wait} ms more, then one probe tries again; it failed with: {cause}"
+            ),
+            None => format!(
+                "{server}: failed recently; calls fail fast for {wait} ms more, then one probe tries again"
+            ),
+        }))
     }
 
     /// The server answered (perhaps with an error of its own): close.
@@ -104,7 +118,7 @@ impl Breaker {
     /// probe failed. Calls admitted while the breaker was closed that fail
     /// together (one incident seen by several threads) open it once, at the
     /// shortest back-off.
-    fn failed(&self, gate: &Gate) {
+    fn failed(&self, gate: &Gate, cause: Option<&Error>) {
         let min = BACKOFF_MIN.as_millis() as u64;
         let max = BACKOFF_MAX.as_millis() as u64;
         let backoff = match (gate, self.backoff.load(Ordering::Relaxed)) {
@@ -112,6 +126,12 @@ impl Breaker {
             (Gate::Pass, b) if b > 0 && self.open_until.load(Ordering::Acquire) != 0 => return,
             _ => min,
         };
+        if let Some(cause) = cause {
+            *self
+                .cause
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(cause.to_string());
+        }
         self.backoff.store(backoff, Ordering::Relaxed);
         self.open_until
             .store(self.now_ms().saturating_add(backoff), Ordering::Release);
@@ -121,9 +141,9 @@ impl Breaker {
     fn record<T>(&self, gate: &Gate, out: &Result<T>) {
         match out {
             // A probe must always settle the breaker.
-            Err(e) if e.is_circuit_open() && matches!(gate, Gate::Probe) => self.failed(gate),
+            Err(e) if e.is_circuit_open() && matches!(gate, Gate::Probe) => self.failed(gate, None),
             Err(e) if e.is_circuit_open() => {}
-            Err(e) if e.is_transient() => self.failed(gate),
+            Err(e) if e.is_transient() => self.failed(gate, Some(e)),
             _ => self.succeeded(gate),
         }
     }
@@ -254,7 +274,7 @@ pub(crate) struct Admitted<'a> {
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
         if !self.recorded && matches!(self.gate, Gate::Probe) {
-            self.breaker.failed(&self.gate);
+            self.breaker.failed(&self.gate, None);
         }
     }
 }
@@ -272,7 +292,7 @@ mod tests {
     fn one_probe_at_a_time_and_a_vanished_probe_settles() {
         let pool: Pool<()> = Pool::new(1);
         assert!(pool.admit().is_ok(), "closed");
-        pool.breaker.failed(&Gate::Pass);
+        pool.breaker.failed(&Gate::Pass, None);
         let e = pool.admit().err().expect("open: fails fast");
         assert!(e.is_circuit_open() && e.is_unavailable());
         elapse(&pool);
@@ -305,5 +325,21 @@ mod tests {
         let probe = pool.admit().expect("probe");
         pool.record(probe, &timeout());
         assert_eq!(pool.breaker.backoff.load(Ordering::SeqCst), 500);
+    }
+
+    /// The fail-fast error says why the server is skipped.
+    #[test]
+    fn fail_fast_errors_keep_the_original_cause() {
+        let pool: Pool<()> = Pool::new(1).named("redis://127.0.0.1:1");
+        let a = pool.admit().expect("closed");
+        let cause = Error::new(
+            crate::ErrorKind::Timeout,
+            "redis MGET on redis://127.0.0.1:1: no answer within 100ms",
+        );
+        pool.record(a, &Err::<(), _>(cause));
+        let e = pool.admit().err().expect("open: fails fast");
+        let text = e.to_string();
+        assert!(text.contains("fail fast for"), "{text}");
+        assert!(text.contains("no answer within 100ms"), "{text}");
     }
 }

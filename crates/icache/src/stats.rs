@@ -16,6 +16,35 @@ use std::time::Duration;
 use metrics::{Counter, Histogram};
 
 /// A snapshot of one cache handle's counters (shared by its clones).
+///
+/// What each counter counts, for cached blocks (`fragment*`, template
+/// blocks; `get_versioned` and plain `get` count nothing here). Every block
+/// lookup is exactly one of a **hit**, a **miss** or an uncached render
+/// (counted in **errors**); what happens to a miss's render is one of
+/// **stores**, **outdated**, **too_large** (or an error).
+///
+/// | counter | metric | counts | e.g. after |
+/// |---|---|---|---|
+/// | `hits` | `icache_hits_total` | lookups served from the cache: the body did not run | a second view of an unchanged page |
+/// | `misses` | `icache_misses_total` | lookups that found no usable entry, so the body rendered: the first render, an evicted entry, **and** every mismatch | any render |
+/// | `mismatches` | `icache_mismatches_total` | the part of `misses` where an entry was there but stored under another version: a re-render because a token was bumped | `incr("movies")`, then the page |
+/// | `outdated` | `icache_outdated_total` | renders **not stored** because a token moved *while* the body rendered (the output still goes to that request); not a bump seen before the render, which is a mismatch | a bump racing a slow render |
+/// | `stores` | `icache_stores_total` | renders stored | each miss that was stored |
+/// | `too_large` | `icache_too_large_total` | renders not stored because the backend refused their size | a block above memcached's `-I` |
+/// | `errors` | `icache_errors_total` | backend operations that failed; the block rendered uncached | a dead or hung server |
+/// | `shared_renders` | `icache_shared_renders_total` | lookups that waited for another thread's render of the same block (single-flight) instead of rendering | a burst of requests on a cold block |
+/// | `evictions` | `icache_evictions_total` | entries the memory backend's byte bound pushed out (a replaced entry is not one; network backends count their own, see `server_stats`) | `memory://?max_bytes=` too small |
+/// | `near_hits` | `icache_near_hits_total` | hits whose body came from this process (`?near=`) | the default `near=entries` |
+/// | `near_misses` | `icache_near_misses_total` | lookups with no body in process (body and generations came together) | a process's first view of a block |
+/// | `body_fetches` | `icache_body_fetches_total` | lookups whose body in process was for another version (a second round trip fetched the body) | another process re-rendered after a bump |
+/// | `tracked_hits` | `icache_tracked_hits_total` | near hits with no round trip at all (`near=tracking`) | |
+/// | `near_bytes` | `icache_near_bytes` (gauge) | bytes held in process now | |
+/// | `lease_waits` | `icache_lease_waits_total` | misses that waited for another process's render under its fill lease (`fill=lease`) instead of rendering | a bump seen by several app servers at once |
+/// | `stale_served` | `icache_stale_served_total` | misses answered with the block's previous body while another render holds the lease (`stale=render`) | a bump of a hot block under load |
+/// | `render_time` | `icache_render_seconds` (histogram) | time spent rendering block bodies | |
+///
+/// So "a bump made the block re-render" shows as `misses` + 1 and
+/// `mismatches` + 1 (and `stores` + 1), with `outdated` unchanged.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct Stats {
@@ -52,6 +81,11 @@ pub struct Stats {
     pub tracked_hits: u64,
     /// Bytes the near cache holds now (bounded by `?near_max_bytes=`).
     pub near_bytes: u64,
+    /// Misses that waited for another process's render (`fill=lease`).
+    pub lease_waits: u64,
+    /// Misses answered with the block's previous body while another render
+    /// held the lease (`stale=render`).
+    pub stale_served: u64,
 }
 
 impl Stats {
@@ -102,6 +136,8 @@ pub(crate) struct Counters {
     near_misses: Pair,
     body_fetches: Pair,
     tracked_hits: Pair,
+    lease_waits: Pair,
+    stale_served: Pair,
     near_bytes: metrics::Gauge,
     render_nanos: AtomicU64,
     render_hist: Histogram,
@@ -121,6 +157,8 @@ pub(crate) enum Event {
     NearMiss,
     BodyFetch,
     TrackedHit,
+    LeaseWait,
+    StaleServed,
 }
 
 impl Counters {
@@ -138,6 +176,8 @@ impl Counters {
             near_misses: Pair::new("icache_near_misses_total", backend),
             body_fetches: Pair::new("icache_body_fetches_total", backend),
             tracked_hits: Pair::new("icache_tracked_hits_total", backend),
+            lease_waits: Pair::new("icache_lease_waits_total", backend),
+            stale_served: Pair::new("icache_stale_served_total", backend),
             near_bytes: metrics::gauge!("icache_near_bytes", "backend" => backend),
             render_nanos: AtomicU64::new(0),
             render_hist: metrics::histogram!("icache_render_seconds", "backend" => backend),
@@ -158,6 +198,8 @@ impl Counters {
             Event::NearMiss => &self.near_misses,
             Event::BodyFetch => &self.body_fetches,
             Event::TrackedHit => &self.tracked_hits,
+            Event::LeaseWait => &self.lease_waits,
+            Event::StaleServed => &self.stale_served,
         }
         .add(1);
     }
@@ -190,6 +232,8 @@ impl Counters {
             body_fetches: self.body_fetches.get(),
             tracked_hits: self.tracked_hits.get(),
             near_bytes,
+            lease_waits: self.lease_waits.get(),
+            stale_served: self.stale_served.get(),
         }
     }
 }

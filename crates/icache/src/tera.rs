@@ -41,6 +41,13 @@
 //! its source and its tokens, and an undefined or `none` token renders the
 //! block uncached.
 //!
+//! Tokens are template expressions, split where one complete expression ends
+//! as in the MiniJinja form (`{% icache 'items' 'user:' ~ user %}` has two);
+//! each is checked with Tera's parser, and a bad one is an error naming the
+//! template, line and the text written. `{% nocache %}` holes are MiniJinja's
+//! only: the rewrite rejects them here (see the README, "Per-request parts in
+//! Askama, maud and Tera", for the placeholder pattern).
+//!
 //! **In an async handler**: [`render`] is sync. On `memory://` it never
 //! blocks; on Redis or memcached each block is a round trip that would block
 //! the executor's thread, so call it in `tokio::task::spawn_blocking` inside
@@ -144,11 +151,10 @@ impl tera::Function<Result<Value, Error>> for Get {
             .map(|t| t.as_str().map_or_else(|| t.to_string(), str::to_owned))
             .collect();
         let refs: Vec<&str> = tokens.iter().map(String::as_str).collect();
-        match self
-            .0
-            .blocks()
-            .begin(self.0.core(), &["tera", &block], &refs)
-        {
+        let begun = self.0.keyed(&["tera", &block], &refs, |identity, tokens| {
+            self.0.blocks().begin(self.0.core(), identity, tokens)
+        });
+        match begun {
             Begun::Hit(html) => {
                 let mut m: HashMap<&str, Value> = HashMap::new();
                 m.insert("hit", Value::from(true));

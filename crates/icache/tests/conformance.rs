@@ -314,14 +314,24 @@ mod bad_input;
 mod engines;
 #[path = "conformance/engines_send.rs"]
 mod engines_send;
+#[path = "conformance/fleet.rs"]
+mod fleet;
+#[path = "conformance/flush.rs"]
+mod flush;
 #[path = "conformance/fragments.rs"]
 mod fragments;
 #[path = "conformance/guidance.rs"]
 mod guidance;
 #[path = "conformance/hardening.rs"]
 mod hardening;
+#[path = "conformance/instance.rs"]
+mod instance;
 #[path = "conformance/memcached_faults.rs"]
 mod memcached_faults;
+#[path = "conformance/messages.rs"]
+mod messages;
+#[path = "conformance/minijinja_seed.rs"]
+mod minijinja_seed;
 #[path = "conformance/near.rs"]
 mod near;
 #[path = "conformance/nested_errors.rs"]
@@ -330,8 +340,19 @@ mod nested_errors;
 mod reliability;
 #[path = "conformance/rust_api.rs"]
 mod rust_api;
+#[path = "conformance/sentinel.rs"]
+mod sentinel;
+#[path = "conformance/strict.rs"]
+mod strict;
+#[path = "conformance/unix.rs"]
+mod unix;
 #[path = "conformance/web.rs"]
 mod web;
+
+suite!(flushing = crate::flush:
+    flush_makes_every_block_miss_once_across_handles,
+    salt_changes_every_block_key,
+);
 
 suite!(object = crate::object_cases:
     incr_adds_one,

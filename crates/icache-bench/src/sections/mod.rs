@@ -249,17 +249,21 @@ impl Direct {
     }
 }
 
+pub(crate) mod bump;
 mod engines;
 mod growth;
 mod hit_vs_bare;
 mod hit_vs_render;
 mod memory_per_entry;
+mod outbox;
 mod pages;
 mod wire;
 
+pub(crate) use bump::bump_under_load;
 pub(crate) use growth::growth;
 pub(crate) use hit_vs_bare::hit_vs_bare;
 pub(crate) use hit_vs_render::hit_vs_render;
 pub(crate) use memory_per_entry::memory_per_entry;
+pub(crate) use outbox::outbox;
 pub(crate) use pages::pages;
 pub(crate) use wire::wire;

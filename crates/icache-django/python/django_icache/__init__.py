@@ -22,30 +22,23 @@ import weakref
 from typing import Any, Callable, Iterable
 
 from ._core import Cache, CacheError, flush_log
+from ._tokens import token_value as token
 
-__all__ = ["icache", "ICache", "CacheError"]
-
-# Values that are not str or bytes are pickled and stored as bytes behind
-# this prefix. 0xFF never occurs in UTF-8, so no text starts with it; a bytes
-# value that happens to start with it is stored behind _BYTES (and given back
-# unchanged), so no stored bytes can ever be taken for a pickle.
-_MARK = b"\xffiCpy"
-_PICKLE = _MARK + b"p"
-_BYTES = _MARK + b"b"
-
+__all__ = ["icache", "ICache", "CacheError", "token"]
 
 def _tokens(tokens: Iterable[Any]) -> list[str]:
     if isinstance(tokens, (str, bytes)):
         raise TypeError("tokens must be a list of tokens, not one string: incr_many(['movies'])")
-    return [str(t) for t in tokens]
+    return [token(t) for t in tokens]
 
 
 class ICache:
     """The original app's ``icache`` object, with the fixed semantics of the
     Rust core. Lazy: the backend is opened on first use, from the settings."""
 
-    def __init__(self, url: str | None = None):
+    def __init__(self, url: str | None = None, raise_errors: bool = False):
         self._url = url
+        self._raise_errors = raise_errors
         self._handle: Cache | None = None
         self._lock = threading.Lock()
         _instances.add(self)
@@ -100,24 +93,46 @@ class ICache:
         return self.handle.backend
 
     def stats(self) -> dict:
-        """This process's counters: hits, misses, stores, errors, …"""
-        return self.handle.stats()
+        """This process's counters: hits, misses, stores, errors, …, and the
+        bumps failed, deferred to a commit or written to the outbox."""
+        from . import outbox
+
+        return {**self.handle.stats(), **outbox.counts()}
 
     def ping(self) -> None:
         """Raises CacheError when the backend does not answer."""
         self.handle.ping()
 
+    def flush(self) -> int:
+        """Every block misses once (one epoch bump in the backend, seen by
+        every process on this cache; nothing is deleted): for the changes no
+        token or digest sees. Returns the new epoch."""
+        return self.handle.flush()
+
     # ---- the seed's five methods ------------------------------------------------
 
-    def incr(self, token: Any) -> int:
+    def incr(self, value: Any, *, using: str | None = None, raise_errors: bool | None = None) -> int | None:
         """Bumps a token's generation (atomically, in the backend) and returns
         the new one. A token with no generation gets a fresh random one, never
-        0: the first bump is never lost."""
-        return self.handle.incr(str(token))
+        0: the first bump is never lost. Inside ``transaction.atomic()`` the
+        bump waits for the commit (``None`` is returned) and a rollback
+        cancels it; a cache failure is logged, not raised, unless
+        ``raise_errors=True`` (see :mod:`django_icache.outbox`)."""
+        from . import outbox
 
-    def incr_many(self, tokens: Iterable[Any]) -> list[int]:
-        """Bumps several tokens in one round trip."""
-        return self.handle.incr_many(_tokens(tokens))
+        raise_errors = self._raise_errors if raise_errors is None else raise_errors
+        done = outbox.bump(self, [token(value)], using, raise_errors, single=True)
+        return done[0] if done else None
+
+    def incr_many(
+        self, tokens: Iterable[Any], *, using: str | None = None, raise_errors: bool | None = None
+    ) -> list[int] | None:
+        """Bumps several tokens in one round trip (transactions and failures
+        as :meth:`incr`)."""
+        from . import outbox
+
+        raise_errors = self._raise_errors if raise_errors is None else raise_errors
+        return outbox.bump(self, _tokens(tokens), using, raise_errors)
 
     def get_sum(self, tokens: Iterable[Any]) -> int:
         """The version of a set of tokens: the sum of their generations."""
@@ -125,37 +140,53 @@ class ICache:
 
     def set_versioned(self, key: str, value: Any, version: int) -> None:
         """Stores ``value`` with ``version``, without expiry. ``str`` and
-        ``bytes`` are stored as they are (a Rust service reads the same text);
-        anything else is pickled, as Django's cache does."""
-        if isinstance(value, str):
-            stored: str | bytes = value
-        elif isinstance(value, bytes):
-            stored = _BYTES + value if value.startswith(_MARK) else value
+        ``bytes`` are stored as they are (a Rust service reads the same text
+        or bytes); anything else is pickled, as Django's cache does, and the
+        entry's header (not its bytes) records that it is a pickle.
+
+        **Trust.** :meth:`get_versioned` unpickles only entries whose header
+        says "pickle", which only this method writes: bytes a Rust service
+        stores with ``set_versioned_bytes`` come back as ``bytes`` whatever
+        they start with. Whoever can write to the cache server itself can
+        still write any entry, header included, as with Django's own cache:
+        keep the server private."""
+        key = str(key)
+        if isinstance(value, (str, bytes)):
+            self.handle.set_versioned(key, value, version)
         else:
-            stored = _PICKLE + pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-        self.handle.set_versioned(str(key), stored, version)
+            self.handle.set_versioned_pickle(key, pickle.dumps(value, pickle.HIGHEST_PROTOCOL), version)
 
     def get_versioned(self, key: str, version: int) -> Any:
         """The value stored under ``key`` with exactly ``version``, else
         ``None``. A mismatch deletes nothing (the original deleted the entry:
         a slow reader could destroy a fresher one)."""
-        value = self.handle.get_versioned(str(key), version)
-        if isinstance(value, bytes) and value.startswith(_MARK):
-            if value.startswith(_PICKLE):
-                return pickle.loads(value[len(_PICKLE) :])
-            if value.startswith(_BYTES):
-                return value[len(_BYTES) :]
+        found = self.handle.get_versioned_value(str(key), version)
+        if found is None:
+            return None
+        kind, value = found
+        if kind == "pickle":
+            return pickle.loads(value)
         return value
 
     # ---- cached blocks in Python code ------------------------------------------
 
-    def fragment(self, name: str, tokens: Iterable[Any], render: Callable[[], str]) -> str:
+    def fragment(
+        self,
+        name: str,
+        tokens: Iterable[Any],
+        render: Callable[[], str],
+        stale: bool | None = None,
+    ) -> str:
         """A cached block outside templates (Rust's ``fragment``):
         ``render()`` runs only on a miss, once per process for concurrent
         misses; the output is kept until a token is bumped. A Rust service
         using ``fragment(name, tokens, …)`` on the same cache shares the
-        entry."""
-        return self.handle.fragment(str(name), _tokens(tokens), render)
+        entry. ``stale=True`` serves the block's previous body while another
+        process renders the new one (``stale=render`` for this block);
+        ``None`` keeps the cache's choice."""
+        if stale is None:
+            return self.handle.fragment(str(name), _tokens(tokens), render)
+        return self.handle.fragment(str(name), _tokens(tokens), render, stale=bool(stale))
 
     def __repr__(self) -> str:
         h = self._handle

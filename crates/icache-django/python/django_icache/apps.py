@@ -7,11 +7,20 @@ class DjangoICacheConfig(AppConfig):
     verbose_name = "icache (timeout-less fragment caching)"
 
     def ready(self):
+        from . import checks  # noqa: F401 - registers the system check
+        from .templatetags.icache import install_csrf_hole
+
+        # {% csrf_token %} must be a hole in every block, also in templates
+        # rendered before the tag library is first loaded elsewhere.
+        install_csrf_hole()
         setting_changed.connect(_reset_on_change, dispatch_uid="django_icache.reset")
+        from . import relay
+
+        relay.connect_signals()  # the outbox relay (ICACHE_RELAY) and read-your-writes
 
 
 def _reset_on_change(setting, **kwargs):
-    if setting in {"CACHES", "ICACHE_URL", "ICACHE_CACHE"}:
+    if setting in {"CACHES", "ICACHE_URL", "ICACHE_CACHE", "ICACHE_SALT"}:
         from . import icache
 
         icache.reset()

@@ -17,3 +17,15 @@ class Movie(models.Model):
 def movie_cache_post_save(sender, **kwargs):
     icache.incr('movies') # increments value, stored by 'movies' key
 post_save.connect(movie_cache_post_save, sender=Movie)
+
+
+# Not the seed's: a model whose str() is not unique (issue 19, case 6).
+class Film(models.Model):
+    title = models.CharField(max_length=200)
+    rating = models.IntegerField(default=0)
+
+    class Meta:
+        app_label = "movieapp"
+
+    def __str__(self):
+        return self.title

@@ -104,6 +104,9 @@ struct Conn {
     stream: BufReader<TcpStream>,
     /// The server instance: its pid and start time, from `stats`.
     instance: Arc<str>,
+    /// Reused for the lines and small values of a fetch: a hit allocates
+    /// nothing per token.
+    scratch: Vec<u8>,
 }
 
 impl Conn {
@@ -148,6 +151,46 @@ impl Conn {
         }
         String::from_utf8(buf)
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "line is not UTF-8"))
+    }
+
+    /// One line without its `\r\n`, into `scratch` (no allocation).
+    fn line_in_scratch(&mut self) -> Answer<&str> {
+        self.scratch.clear();
+        (&mut self.stream)
+            .take(MAX_LINE)
+            .read_until(b'\n', &mut self.scratch)?;
+        if self.scratch.last() != Some(&b'\n') {
+            return Err(Fail::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed or line too long",
+            )));
+        }
+        self.scratch.pop();
+        if self.scratch.last() == Some(&b'\r') {
+            self.scratch.pop();
+        }
+        std::str::from_utf8(&self.scratch).map_err(|_| {
+            Fail::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "line is not UTF-8",
+            ))
+        })
+    }
+
+    /// A generation's data block, parsed where it lies in `scratch`.
+    fn generation(&mut self, len: usize) -> Answer<Option<u64>> {
+        self.scratch.clear();
+        let want = len as u64 + 2;
+        let got = (&mut self.stream)
+            .take(want)
+            .read_to_end(&mut self.scratch)?;
+        if got as u64 != want || !self.scratch.ends_with(b"\r\n") {
+            return Err(Fail::Io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "connection closed inside a value",
+            )));
+        }
+        Ok(parse_gen(&self.scratch[..len]))
     }
 
     /// A data block of `len` bytes and its `\r\n`. The buffer grows with the
@@ -203,7 +246,26 @@ impl From<std::io::Error> for Fail {
 type Answer<T> = std::result::Result<T, Fail>;
 
 fn protocol(line: &str) -> Fail {
+    if looks_like_redis(line) {
+        return Fail::Server(
+            "the server answered in Redis's protocol (RESP), not memcached's: is this a Redis \
+             port? Use redis://host:port for Redis"
+                .to_owned(),
+        );
+    }
     Fail::Server(format!("unexpected answer {:?}", truncate(line)))
+}
+
+/// A RESP reply where a memcached line was expected: Redis answers our
+/// inline `stats` with `-ERR unknown command …`, other commands with
+/// `+`, `:`, `$` or `*` replies.
+fn looks_like_redis(line: &str) -> bool {
+    line.starts_with("-ERR ")
+        || line.starts_with("-WRONGTYPE")
+        || line.starts_with("-NOAUTH")
+        || (line.len() > 1
+            && matches!(line.as_bytes()[0], b'$' | b'*' | b':')
+            && line[1..].bytes().all(|b| b.is_ascii_digit() || b == b'-'))
 }
 
 fn truncate(s: &str) -> &str {
@@ -413,6 +475,7 @@ impl Memcached {
                     let mut conn = Conn {
                         stream: BufReader::with_capacity(16 * 1024, stream),
                         instance: Arc::from(""),
+                        scratch: Vec::with_capacity(256),
                     };
                     conn.instance = instance_of(&mut conn).map_err(|f| self.fail("stats", f))?;
                     return Ok(conn);
@@ -718,6 +781,23 @@ impl Memcached {
         })
     }
 
+    /// `add` a fill lease expiring after `ttl`; `true` if it was stored.
+    /// Whole seconds, rounded up: a lease may outlive `ttl` on the server by
+    /// up to a second, which only makes a later miss of the same (block,
+    /// version) wait (at most `lease_ms`) rather than render at once.
+    fn add_lease(&self, key: &str, ttl: Duration, check: Check<'_>) -> Result<Checked<bool>> {
+        let value = crate::lease::value();
+        let mut req =
+            storage_line("add", key, exptime(Some(ttl), unix_now()), value.len()).into_bytes();
+        req.extend_from_slice(&value);
+        req.extend_from_slice(b"\r\n");
+        self.exchange("add", &[&req], check, |conn| match conn.line()?.as_str() {
+            "STORED" => Ok(true),
+            "NOT_STORED" => Ok(false),
+            other => Err(server_error(other.to_owned())),
+        })
+    }
+
     fn delete_key(&self, key: &str, check: Check<'_>) -> Result<Checked<bool>> {
         let req = format!("delete {key}\r\n");
         self.exchange("delete", &[req.as_bytes()], check, |conn| {
@@ -777,14 +857,109 @@ enum Incr {
     NotANumber,
 }
 
+/// The answer to one fetch's `get`: generations parsed as they arrive,
+/// entries' bytes, and the server instance.
+type FetchAnswer = (Vec<Option<u64>>, Vec<Option<Vec<u8>>>, Arc<str>);
+
+/// Reads the answer to a fetch's `get` (the keys are `req[span]`, the first
+/// `tokens` of them generations), with the checks of [`read_values`], and
+/// no allocation per generation.
+fn read_fetch(
+    conn: &mut Conn,
+    req: &str,
+    spans: &[(usize, usize)],
+    tokens: usize,
+) -> Answer<FetchAnswer> {
+    let key = |i: usize| &req[spans[i].0..spans[i].1];
+    let mut gens: Vec<Option<u64>> = vec![None; tokens];
+    let mut entries: Vec<Option<Vec<u8>>> = (tokens..spans.len()).map(|_| None).collect();
+    let mut seen = vec![false; spans.len()];
+    let mut cursor = 0;
+    loop {
+        let (slot, len) = {
+            let line = conn.line_in_scratch()?;
+            if line == "END" {
+                return Ok((gens, entries, conn.instance.clone()));
+            }
+            let mut parts = line.split(' ');
+            match (
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+            ) {
+                (Some("VALUE"), Some(k), Some(_flags), Some(len), None) => {
+                    let n = spans.len();
+                    let slot = (cursor..n)
+                        .chain(0..cursor)
+                        .find(|&i| !seen[i] && key(i) == k)
+                        .ok_or_else(|| {
+                            Fail::Server(format!(
+                                "answered a value not asked for (or twice): {:?}",
+                                truncate(line)
+                            ))
+                        })?;
+                    let len: usize = len.parse().map_err(|_| protocol(line))?;
+                    if len > MAX_VALUE {
+                        return Err(protocol(line));
+                    }
+                    (slot, len)
+                }
+                _ => return Err(server_error(line.to_owned())),
+            }
+        };
+        seen[slot] = true;
+        if slot < tokens {
+            gens[slot] = conn.generation(len)?;
+        } else {
+            entries[slot - tokens] = Some(conn.value(len)?);
+        }
+        cursor = slot + 1;
+    }
+}
+
 impl Backend for Memcached {
     fn fetch(&self, tokens: &[&str], entries: &[Key<'_>]) -> Result<Fetched> {
-        let all: Vec<String> = super::fetch_keys(&self.prefix, tokens, entries);
-        if all.is_empty() {
+        let n = tokens.len() + entries.len();
+        if n == 0 {
             return Ok(super::assemble(Vec::new(), 0, None));
         }
-        let (values, here) = unchecked(self.get_keys(&all, Check::default())?)?;
-        Ok(super::assemble_from(values, tokens.len(), here))
+        // One buffer: the request, whose key parts are also what the
+        // answers are matched against (no string per key).
+        let mut req = String::with_capacity(5 + n * (self.prefix.len() + 24));
+        let mut spans = Vec::with_capacity(n);
+        req.push_str("get");
+        for key in tokens
+            .iter()
+            .map(|t| Key::gen_(t))
+            .chain(entries.iter().copied())
+        {
+            req.push(' ');
+            let start = req.len();
+            keys::encode_into(&mut req, &self.prefix, key);
+            spans.push((start, req.len()));
+        }
+        req.push_str("\r\n");
+        let (gens, raw, instance) = self.run("get", |conn| {
+            conn.send(&[req.as_bytes()])?;
+            read_fetch(conn, &req, &spans, tokens.len())
+        })?;
+        let entries = raw
+            .into_iter()
+            .map(|v| {
+                v.and_then(|b| {
+                    codec::decode(bytes::Bytes::from(b)).and_then(|(e, stored_by)| {
+                        super::same_instance(e, stored_by.as_deref(), &instance)
+                    })
+                })
+            })
+            .collect();
+        Ok(Fetched {
+            gens,
+            entries,
+            instance: Some(instance),
+        })
     }
 
     fn init_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
@@ -811,6 +986,10 @@ impl Backend for Memcached {
 
     fn delete(&self, key: Key<'_>) -> Result<bool> {
         unchecked(self.delete_key(&self.key(key), Check::default())?)
+    }
+
+    fn lease(&self, key: Key<'_>, ttl: Duration) -> Result<bool> {
+        unchecked(self.add_lease(&self.key(key), ttl, Check::default())?)
     }
 
     fn ping(&self) -> Result<()> {

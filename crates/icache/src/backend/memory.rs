@@ -90,7 +90,11 @@ impl Weighter<MemKey, Item> for ByBytes {
     }
 }
 
-/// Counts evictions, for stats and the `icache_evictions_total` metric.
+/// Counts evictions, for stats and the `icache_evictions_total` metric:
+/// only what the byte bound pushed out. quick_cache reports a value replaced
+/// by an insert of the same key through the same hook, so an insert names
+/// its key in the request state, and that key's old value is not counted (a
+/// re-render after a bump replaces its entry; nothing was evicted).
 #[derive(Debug, Clone)]
 struct CountEvictions(Arc<AtomicU64>, metrics::Counter);
 
@@ -103,9 +107,16 @@ impl Default for CountEvictions {
     }
 }
 
+/// The key an insert replaces, if any (see [`CountEvictions`]).
+#[derive(Debug, Default)]
+struct Inserting(Option<MemKey>);
+
 impl Lifecycle<MemKey, Item> for CountEvictions {
-    type RequestState = ();
-    fn on_evict(&self, _state: &mut Self::RequestState, _key: MemKey, _val: Item) {
+    type RequestState = Inserting;
+    fn on_evict(&self, state: &mut Self::RequestState, key: MemKey, _val: Item) {
+        if state.0.as_ref() == Some(&key) {
+            return;
+        }
         self.0.fetch_add(1, Ordering::Relaxed);
         self.1.increment(1);
     }
@@ -272,8 +283,10 @@ impl Backend for Memory {
         }
         // A TTL too long to represent is as good as none.
         let expires = ttl.and_then(|t| Instant::now().checked_add(t));
+        let key = MemKey::from(key);
+        let mut replacing = Inserting(Some(key.clone()));
         self.store
-            .insert(MemKey::from(key), Item::Entry { entry, expires });
+            .insert_with_lifecycle(key, Item::Entry { entry, expires }, &mut replacing);
         Ok(true)
     }
 
@@ -300,5 +313,36 @@ impl Backend for Memory {
             ("max_bytes".into(), self.store.capacity().to_string()),
             ("evictions".into(), self.evictions().to_string()),
         ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::Payload;
+
+    fn entry(n: usize) -> Arc<Entry> {
+        Arc::new(Entry::versioned(Payload::Text(Arc::from("x".repeat(n))), 1))
+    }
+
+    /// Replacing an entry (a re-render after a bump) is not an eviction;
+    /// pushing entries out to stay within the bound is.
+    #[test]
+    fn only_the_bound_counts_as_evictions() {
+        let memory = Memory::new(64 * 1024).expect("memory backend");
+        for _ in 0..100 {
+            memory
+                .set(Key::fragment("block"), entry(100), None, None)
+                .expect("set");
+        }
+        assert_eq!(memory.evictions(), 0, "replacements counted as evictions");
+        for i in 0..1000 {
+            let name = format!("block-{i}");
+            memory
+                .set(Key::fragment(&name), entry(1000), None, None)
+                .expect("set");
+        }
+        assert!(memory.evictions() > 0, "the bound evicted nothing");
+        assert!(memory.store.weight() <= 64 * 1024);
     }
 }

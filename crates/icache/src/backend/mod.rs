@@ -13,6 +13,18 @@
 //! instance is a miss. A fragment is stored only on the instance its version
 //! was read from (`set`'s `guard`).
 //!
+//! On a single Redis node the id is `run_id/marker`: the marker is a random
+//! value each database holds under the handle's prefix (set once with
+//! `SET NX`, read in the same `MGET` as the generations, so a hit costs no
+//! extra round trip). Data replaced while the server runs (`SWAPDB`,
+//! `FLUSHALL`/`FLUSHDB`) brings another marker or none, and the old entries
+//! become misses; where `INFO` has no `run_id`, the first connection of a
+//! server life renews the marker (a script loaded once per life tells;
+//! scripts are not persisted), so a restart from an old snapshot is still
+//! caught. memcached needs no marker: it has no `SWAPDB` and no snapshots,
+//! `flush_all` leaves nothing that could match, and a restart (warm restarts
+//! included) changes its pid or start time.
+//!
 //! The trait is deliberately narrow: everything icache does is built from
 //! "fetch generations and entries together", "initialise missing generations",
 //! "bump generations atomically", "set" and "delete". Each method is one round
@@ -92,6 +104,15 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug + 'static {
 
     /// Removes an entry; `true` if something was there.
     fn delete(&self, key: Key<'_>) -> Result<bool>;
+
+    /// Takes the fill lease `key` for `ttl` unless another client holds it
+    /// (`SET … NX PX` on Redis, `add` with an expiry on memcached): `true`
+    /// if this call took it. A lease only decides who renders, never what
+    /// is served (see `lease.rs`). In process it is always granted: the
+    /// process's own single-flight is the whole fleet.
+    fn lease(&self, _key: Key<'_>, _ttl: Duration) -> Result<bool> {
+        Ok(true)
+    }
 
     /// Does the backend answer? One cheap round trip.
     fn ping(&self) -> Result<()>;
@@ -187,7 +208,7 @@ pub(crate) fn fetch_keys(prefix: &str, tokens: &[&str], entries: &[Key<'_>]) -> 
 }
 
 /// [`assemble`] for values that all came from one server instance.
-#[cfg(any(feature = "redis", feature = "memcached"))]
+#[cfg(feature = "redis")]
 pub(crate) fn assemble_from(
     values: Vec<Option<Vec<u8>>>,
     tokens: usize,
@@ -241,6 +262,11 @@ pub(crate) trait Sharded {
         let out = self.per_shard(&[key], |s, group, _| {
             Ok(vec![s.set(group[0], entry.clone(), ttl, None)?])
         })?;
+        Ok(out.first().copied().unwrap_or(false))
+    }
+
+    fn sharded_lease(&self, key: Key<'_>, ttl: Duration) -> Result<bool> {
+        let out = self.per_shard(&[key], |s, group, _| Ok(vec![s.lease(group[0], ttl)?]))?;
         Ok(out.first().copied().unwrap_or(false))
     }
 

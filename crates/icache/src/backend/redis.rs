@@ -22,12 +22,64 @@ use crate::keys::{self, Key};
 use crate::pool::Pool;
 
 pub(crate) mod cluster;
+pub(crate) mod sentinel;
 pub(crate) mod tracking;
 
-/// A connection and the server instance it talks to (`run_id`).
+/// A connection and the server instance it talks to.
 struct Conn {
     con: redis::Connection,
+    /// The server's life: its `run_id`, or `-` where `INFO` gives none.
+    server: Arc<str>,
+    /// The instance last seen on this connection: `server/marker` on a
+    /// single node (see [`Marker`]), the server alone on a cluster node.
     instance: Arc<str>,
+}
+
+/// The instance marker of one database and prefix on a single node.
+///
+/// `run_id` changes with the server's life, but not when the data under it
+/// is replaced while it runs (`SWAPDB`, `FLUSHALL`/`FLUSHDB`), and a
+/// Redis-compatible server may have no `run_id` at all. So each database
+/// (per prefix) holds a marker: a random value set once with `SET NX`, read
+/// in the same `MGET` as the generations. Replacing the data replaces or
+/// removes the marker, which turns every entry stored under the old one into
+/// a miss (entries carry the instance they were stored on).
+///
+/// Where `INFO` has no `run_id`, the server's life is found another way:
+/// a script whose text names this marker is loaded once per server life
+/// (`SCRIPT LOAD`; scripts are not persisted), after the marker is renewed.
+/// A connection that finds no such script loaded is the first of this life
+/// (or the script cache was flushed): it renews the marker, so a server
+/// restarted from an old snapshot never serves that snapshot's entries.
+#[derive(Debug, Clone)]
+pub(crate) struct Marker {
+    /// `[prefix:]ic:g:ic:instance`: under the generation tag (so
+    /// `near=tracking`'s prefixes cover it), a name no token has.
+    pub(crate) key: String,
+    /// The life script's text and SHA-1.
+    script: String,
+    sha: String,
+}
+
+impl Marker {
+    fn new(prefix: &str, db: i64) -> Marker {
+        let key = keys::instance_marker(prefix);
+        let script = format!("-- icache: this server life has renewed {key} in db {db}\nreturn 1");
+        let sha = redis::Script::new(&script).get_hash().to_owned();
+        Marker { key, script, sha }
+    }
+
+    /// The instance of a server life and a marker value.
+    pub(crate) fn instance(server: &str, marker: &[u8]) -> Arc<str> {
+        // Foreign bytes under the marker key still identify the data; only
+        // a bounded form of them goes into entries.
+        match std::str::from_utf8(marker) {
+            Ok(m) if m.len() <= 64 && m.bytes().all(|b| b.is_ascii_graphic()) => {
+                Arc::from(format!("{server}/{m}"))
+            }
+            _ => Arc::from(format!("{server}/~{}", keys::sha256_hex(marker))),
+        }
+    }
 }
 
 pub(crate) struct Redis {
@@ -40,6 +92,11 @@ pub(crate) struct Redis {
     timeout: Duration,
     connect_timeout: Duration,
     redacted: String,
+    /// `None` on a cluster node (no `SWAPDB` there, one database, and the
+    /// cluster's fetch reads no marker).
+    marker: Option<Marker>,
+    /// `redis+sentinel://`: connections go to the master it names.
+    sentinel: Option<Arc<sentinel::Sentinel>>,
 }
 
 impl std::fmt::Debug for Redis {
@@ -52,10 +109,25 @@ impl std::fmt::Debug for Redis {
 
 impl Redis {
     pub(crate) fn new(config: &Config) -> Result<Self> {
+        if let Target::RedisSentinel(settings) = &config.target {
+            let sentinel = Arc::new(sentinel::Sentinel::new(settings, config));
+            let mut redis = Redis::open(
+                &sentinel.placeholder_url(),
+                None,
+                config,
+                config.redacted.clone(),
+            )?;
+            redis.marker = Some(Marker::new(&redis.prefix, i64::from(settings.db)));
+            redis.sentinel = Some(sentinel);
+            return Ok(redis);
+        }
         let Target::Redis { url, ca_file } = &config.target else {
             return Err(Error::config("not a redis:// URL"));
         };
-        Redis::open(url, ca_file.as_deref(), config, config.redacted.clone())
+        let mut redis = Redis::open(url, ca_file.as_deref(), config, config.redacted.clone())?;
+        let db = redis.client.get_connection_info().redis_settings().db();
+        redis.marker = Some(Marker::new(&redis.prefix, db));
+        Ok(redis)
     }
 
     /// A connection-pooled client of one server; `redacted` names it in
@@ -90,6 +162,8 @@ impl Redis {
             timeout: config.timeout,
             connect_timeout: config.connect_timeout,
             redacted,
+            marker: None,
+            sentinel: None,
         })
     }
 
@@ -115,33 +189,41 @@ impl Redis {
         })?;
         Ok(tracking::Setup {
             client,
+            marker: self.marker.clone(),
             timeout: self.timeout,
             connect_timeout: self.connect_timeout,
             redacted: self.redacted.clone(),
+            sentinel: self.sentinel.clone(),
         })
     }
 
     fn connect(&self) -> Result<Conn> {
-        let mut con = self
-            .client
-            .get_connection_with_timeout(self.connect_timeout)
-            .map_err(|e| self.error("connect", e))?;
-        con.set_read_timeout(Some(self.timeout))
-            .and_then(|()| con.set_write_timeout(Some(self.timeout)))
-            .map_err(|e| self.error("connect", e))?;
-        // Which server instance is this? Asked once per connection.
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query(&mut con)
-            .map_err(|e| self.error("INFO server", e))?;
-        let run_id = info
-            .lines()
-            .find_map(|l| l.trim_end().strip_prefix("run_id:"))
-            .unwrap_or("unknown");
-        Ok(Conn {
+        let mut con = match &self.sentinel {
+            Some(sentinel) => sentinel.connect(false)?,
+            None => {
+                let con = self
+                    .client
+                    .get_connection_with_timeout(self.connect_timeout)
+                    .map_err(|e| self.error("connect", e))?;
+                con.set_read_timeout(Some(self.timeout))
+                    .and_then(|()| con.set_write_timeout(Some(self.timeout)))
+                    .map_err(|e| self.error("connect", e))?;
+                con
+            }
+        };
+        // Which server life is this? Asked once per connection: a restart
+        // drops every connection.
+        let server = server_life(&mut con).map_err(|e| self.error("INFO server", e))?;
+        let mut conn = Conn {
             con,
-            instance: Arc::from(run_id),
-        })
+            instance: server.clone(),
+            server,
+        };
+        if let Some(marker) = &self.marker {
+            conn.instance = first_instance(&mut conn.con, marker, &conn.server)
+                .map_err(|e| self.error("SET NX", e))?;
+        }
+        Ok(conn)
     }
 
     fn run<T>(
@@ -162,7 +244,13 @@ impl Redis {
     fn error(&self, op: &str, e: redis::RedisError) -> Error {
         let kind = if e.is_timeout() {
             ErrorKind::Timeout
-        } else if e.is_io_error() || e.is_connection_refusal() || e.is_connection_dropped() {
+        } else if e.is_io_error()
+            || e.is_connection_refusal()
+            || e.is_connection_dropped()
+            // A write that reached a master demoted by a failover: this
+            // connection is done; a new one finds the new master.
+            || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        {
             ErrorKind::Unavailable
         } else {
             ErrorKind::Backend
@@ -187,6 +275,9 @@ impl Redis {
 
     /// "host:port" of this server.
     fn node_addr(&self) -> String {
+        if let Some(sentinel) = &self.sentinel {
+            return sentinel.last_master();
+        }
         let info = self.client.get_connection_info();
         match info.addr() {
             redis::ConnectionAddr::Tcp(h, p)
@@ -204,6 +295,120 @@ impl Redis {
         })?;
         Ok(fresh)
     }
+}
+
+/// What stands for `run_id` where `INFO` has none.
+pub(crate) const NO_RUN_ID: &str = "-";
+
+/// The server's `run_id`, or [`NO_RUN_ID`] where `INFO` gives none (a
+/// Redis-compatible server, or `INFO` renamed away).
+pub(crate) fn server_life(con: &mut redis::Connection) -> redis::RedisResult<Arc<str>> {
+    match redis::cmd("INFO").arg("server").query::<String>(con) {
+        Ok(info) => Ok(Arc::from(
+            info.lines()
+                .find_map(|l| l.trim_end().strip_prefix("run_id:"))
+                .filter(|id| !id.is_empty())
+                .unwrap_or(NO_RUN_ID),
+        )),
+        // The server answered, with an error (unknown or forbidden command).
+        Err(e) if is_refusal(&e) => Ok(Arc::from(NO_RUN_ID)),
+        Err(e) => Err(e),
+    }
+}
+
+/// An error answer from a live server (as opposed to a broken connection).
+fn is_refusal(e: &redis::RedisError) -> bool {
+    matches!(
+        e.kind(),
+        redis::ErrorKind::Server(_) | redis::ErrorKind::Extension
+    )
+}
+
+/// The instance a new connection reaches: the marker, renewed first when
+/// this is the first connection of a server life that has no `run_id`.
+pub(crate) fn first_instance(
+    con: &mut redis::Connection,
+    marker: &Marker,
+    server: &str,
+) -> redis::RedisResult<Arc<str>> {
+    if server == NO_RUN_ID && !life_marked(con, marker)? {
+        renew_marker(con, marker, server)
+    } else {
+        ensure_marker(con, marker, server)
+    }
+}
+
+/// Has this server life renewed `marker` (its script is loaded)? A server
+/// that refuses `SCRIPT` cannot say: `true`, and the marker alone stands.
+fn life_marked(con: &mut redis::Connection, marker: &Marker) -> redis::RedisResult<bool> {
+    match redis::cmd("SCRIPT")
+        .arg("EXISTS")
+        .arg(&marker.sha)
+        .query::<Vec<bool>>(con)
+    {
+        Ok(v) => Ok(v.first().copied().unwrap_or(false)),
+        Err(e) if is_refusal(&e) => Ok(true),
+        Err(e) => Err(e),
+    }
+}
+
+/// A fresh marker, then the life script loaded (in that order: a connection
+/// that sees the script loaded sees the renewed marker).
+fn renew_marker(
+    con: &mut redis::Connection,
+    marker: &Marker,
+    server: &str,
+) -> redis::RedisResult<Arc<str>> {
+    let fresh = super::fresh_generation().to_string();
+    redis::pipe()
+        .cmd("SET")
+        .arg(&marker.key)
+        .arg(&fresh)
+        .ignore()
+        .query::<()>(con)?;
+    // A server that refuses SCRIPT LOAD keeps the marker alone.
+    let _ = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(&marker.script)
+        .query::<String>(con);
+    ensure_marker(con, marker, server)
+}
+
+/// The instance under `marker`, read first: a server that refuses writes
+/// (full, under `noeviction`) still serves reads when the marker is there.
+fn ensure_marker(
+    con: &mut redis::Connection,
+    marker: &Marker,
+    server: &str,
+) -> redis::RedisResult<Arc<str>> {
+    let now: Option<Vec<u8>> = redis::cmd("GET").arg(&marker.key).query(con)?;
+    match now {
+        Some(m) => Ok(Marker::instance(server, &m)),
+        None => set_marker(con, marker, server),
+    }
+}
+
+/// The instance under `marker`, which was missing: set it unless another
+/// client just did, then read it.
+fn set_marker(
+    con: &mut redis::Connection,
+    marker: &Marker,
+    server: &str,
+) -> redis::RedisResult<Arc<str>> {
+    let fresh = super::fresh_generation().to_string();
+    let (value,): (Option<Vec<u8>>,) = redis::pipe()
+        .cmd("SET")
+        .arg(&marker.key)
+        .arg(&fresh)
+        .arg("NX")
+        .ignore()
+        .cmd("GET")
+        .arg(&marker.key)
+        .query(con)?;
+    Ok(Marker::instance(
+        server,
+        value.as_deref().unwrap_or(fresh.as_bytes()),
+    ))
 }
 
 /// A client of `url`, trusting `root_cert` (PEM) when given.
@@ -239,19 +444,35 @@ impl Backend for Redis {
         if tokens.is_empty() && entries.is_empty() {
             return Ok(Fetched::default());
         }
-        let all: Vec<String> = super::fetch_keys(&self.prefix, tokens, entries);
+        let mut all: Vec<String> = super::fetch_keys(&self.prefix, tokens, entries);
+        let wanted = all.len();
+        if let Some(marker) = &self.marker {
+            // Read with the entries, atomically: they are served only if
+            // they were stored under this very marker.
+            all.push(marker.key.clone());
+        }
         let (values, instance): (Vec<Option<Vec<u8>>>, Arc<str>) = self.run_on("MGET", |c| {
-            let v = redis::cmd("MGET").arg(&all).query(&mut c.con)?;
+            let mut v: Vec<Option<Vec<u8>>> = redis::cmd("MGET").arg(&all).query(&mut c.con)?;
+            if let Some(marker) = &self.marker
+                && v.len() == all.len()
+            {
+                c.instance = match v.pop().flatten() {
+                    Some(m) => Marker::instance(&c.server, &m),
+                    // Flushed, or swapped for unmarked data: what this
+                    // read found was stored under no marker we know.
+                    None => set_marker(&mut c.con, marker, &c.server)?,
+                };
+            }
             Ok((v, c.instance.clone()))
         })?;
-        if values.len() != all.len() {
+        if values.len() != wanted {
             return Err(Error::new(
                 ErrorKind::Backend,
                 format!(
                     "redis MGET on {}: {} values for {} keys",
                     self.redacted,
                     values.len(),
-                    all.len()
+                    wanted
                 ),
             ));
         }
@@ -335,14 +556,44 @@ impl Backend for Redis {
             if guard.is_some_and(|g| g != &*c.instance) {
                 return Ok(false);
             }
-            let bytes = codec::encode(&entry, Some(&c.instance));
+            let stored_on = c.instance.clone();
+            let bytes = codec::encode(&entry, Some(&stored_on));
             let mut cmd = redis::cmd("SET");
             cmd.arg(&k).arg(&bytes);
             if let Some(ttl) = ttl {
                 cmd.arg("PX")
                     .arg(ttl.as_millis().clamp(1, u128::from(u64::MAX)) as u64);
             }
-            cmd.query::<()>(&mut c.con)?;
+            let (Some(marker), Some(_)) = (&self.marker, entry.version) else {
+                cmd.query::<()>(&mut c.con)?;
+                return Ok(true);
+            };
+            // A versioned entry is served only under the marker it carries:
+            // check in the same round trip that it is still the current one.
+            let (now,): (Option<Vec<u8>>,) = redis::pipe()
+                .add_command(cmd)
+                .ignore()
+                .cmd("GET")
+                .arg(&marker.key)
+                .query(&mut c.con)?;
+            c.instance = match now {
+                Some(m) => Marker::instance(&c.server, &m),
+                None => set_marker(&mut c.con, marker, &c.server)?,
+            };
+            if c.instance == stored_on {
+                return Ok(true);
+            }
+            // The data was replaced since this connection last looked: what
+            // was just stored is a miss for everyone. A guarded store (a
+            // block's version read before the change) stays so; a plain
+            // `set_versioned` is stored again under the current marker.
+            if guard.is_some() {
+                return Ok(false);
+            }
+            let bytes = codec::encode(&entry, Some(&c.instance));
+            let mut again = redis::cmd("SET");
+            again.arg(&k).arg(&bytes);
+            again.query::<()>(&mut c.con)?;
             Ok(true)
         })
     }
@@ -353,14 +604,39 @@ impl Backend for Redis {
         Ok(n > 0)
     }
 
+    fn lease(&self, key: Key<'_>, ttl: Duration) -> Result<bool> {
+        let k = self.key(key);
+        let ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let got: Option<String> = self.run("SET NX PX", |con| {
+            redis::cmd("SET")
+                .arg(&k)
+                .arg(crate::lease::value())
+                .arg("NX")
+                .arg("PX")
+                .arg(ms)
+                .query(con)
+        })?;
+        Ok(got.is_some())
+    }
+
     fn ping(&self) -> Result<()> {
         self.run("PING", |con| redis::cmd("PING").query::<String>(con))
             .map(|_| ())
     }
 
     fn instance(&self) -> Result<Option<Arc<str>>> {
-        self.run_on("PING", |c| {
-            redis::cmd("PING").query::<String>(&mut c.con)?;
+        let Some(marker) = &self.marker else {
+            return self.run_on("PING", |c| {
+                redis::cmd("PING").query::<String>(&mut c.con)?;
+                Ok(Some(c.instance.clone()))
+            });
+        };
+        self.run_on("GET", |c| {
+            let now: Option<Vec<u8>> = redis::cmd("GET").arg(&marker.key).query(&mut c.con)?;
+            c.instance = match now {
+                Some(m) => Marker::instance(&c.server, &m),
+                None => set_marker(&mut c.con, marker, &c.server)?,
+            };
             Ok(Some(c.instance.clone()))
         })
     }

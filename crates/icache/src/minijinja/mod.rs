@@ -45,6 +45,118 @@
 //!   share an entry: the second one met in a render is an error that says to
 //!   add `name=` (a single unnamed call block works as it is).
 //!
+//! # Tokens are expressions
+//!
+//! Each argument of `{% icache … %}` is a token: a quoted literal or any
+//! template expression, whose value (as a string) is the token. A token ends
+//! where one complete expression ends, read with MiniJinja's own expression
+//! grammar, so whitespace around operators is not a separator:
+//!
+//! ```text
+//! {% icache 'items' 'user:' ~ user.id %}        two tokens: "items", "user:42"
+//! {% icache 'items' user.name | upper %}        two tokens
+//! {% icache 'page' page + 1 f(a, 'b c') %}     three tokens
+//! {% icache 'x' a if b else c (y is odd) %}     three tokens
+//! {% icache 'movies' user.id name='list' %}     two tokens and the option name=
+//! ```
+//!
+//! Adjacent string literals are separate tokens (`'a' 'b'`), and a bracket
+//! after whitespace starts a new one (`'a' (b)`); a test takes one argument
+//! without parentheses as in MiniJinja (`x is divisibleby 3`), so write
+//! `(x is defined) y` to end it. Each token is checked with MiniJinja's parser
+//! when the template is rewritten: a bad one (`'user:' ~`), like an unclosed
+//! block, is an error naming the template, the line and the text the user
+//! wrote, never the rewritten call.
+//!
+//! # Per-request parts: `{% nocache %}`
+//!
+//! A CSRF token, a flash message or a "hello, Ann" inside a cached block
+//! would be served to everyone. Mark such a part as a hole: it is rendered on
+//! every request, on hits too, with the current values; the rest of the
+//! block stays cached.
+//!
+//! ```
+//! # fn main() -> Result<(), minijinja::Error> {
+//! let cache = icache::ICache::memory();
+//! let mut env = minijinja::Environment::new();
+//! icache::minijinja::register(&mut env, cache.clone());
+//! env.set_loader(icache::minijinja::loader(|name: &str| {
+//!     Ok((name == "form.html").then(|| {
+//!         "{% icache 'movies' %}<form>{% nocache %}<input name=csrf value=\"{{ csrf }}\">\
+//!          {% endnocache %}{{ movies }}</form>{% endicache %}".to_string()
+//!     }))
+//! }));
+//! let page = |csrf: &str, movies: &str| {
+//!     env.get_template("form.html")?.render(minijinja::context! { csrf, movies })
+//! };
+//! assert_eq!(page("k1", "Alien")?, "<form><input name=csrf value=\"k1\">Alien</form>");
+//! // A hit: the cached list, this request's token.
+//! assert_eq!(page("k2", "Brazil")?, "<form><input name=csrf value=\"k2\">Alien</form>");
+//! # Ok(()) }
+//! ```
+//!
+//! The call-block form is `{% call icache_nocache() %}…{% endcall %}`, the same
+//! thing; both need the template to go through [`loader`] or [`rewrite()`],
+//! which records each hole's source (MiniJinja does not hand a function the
+//! source of its body). Outside a cached block a hole is plain template text.
+//! Inside a cached block of a template that skipped the rewrite, a hole
+//! could not be rendered again on a hit: the blocks around it render
+//! uncached (output right, nothing stored), with a warning once per
+//! template; a per-request value is never cached for everyone.
+//!
+//! **What a hole sees**: the variables visible at the opening tag of the
+//! outermost cached block around it: the render's context, globals, imports,
+//! and variables set before that block (the variable of a `{% for %}` around
+//! the block, a macro's arguments when the block is in the macro). Variables
+//! set **inside** the block (by a loop or a `{% set %}` in its body) are not,
+//! because a hit does not run the body: a hole shows
+//! the same on a miss and on a hit. Pass what it needs through the context,
+//! or open the cached block inside the loop (the rewrite logs a warning for a
+//! hole that uses a name set inside its block). A hole's output is not passed
+//! through filters applied around it inside the block. It is escaped as the
+//! template it is written in escapes.
+//!
+//! Nested blocks work: a hole in an inner block is a hole of the outer one's
+//! stored body too, and is filled on the outer block's hits. Holes cannot
+//! hold blocks or other holes.
+//!
+//! **Cost**: a body with no hole is stored and served exactly as without
+//! this feature (a hit compares its first bytes, no scan). A hole costs a
+//! compile and a render of its own (small) source on every request (once
+//! per request when a loop inside the block meets it many times: it sees
+//! the same variables each time).
+//!
+//! **Why data cannot fake a hole**: stored bodies keep their holes as byte
+//! offsets in a header beside the text, never as markers in it, so a hit
+//! never looks for holes in the content; a body that merely begins like that
+//! header is stored with an explicit empty one. While a block renders, holes
+//! are marked with a random number made for that render, which no value
+//! can know. A header names holes by id, and ids only resolve to hole sources
+//! this process's rewrite registered: a stored entry never supplies template
+//! code.
+//!
+//! # A block met twice in one render
+//!
+//! A block in a loop whose loop variable is not a token
+//! (`{% for m in movies %}{% icache 'movie' %}{{ m.title }}{% endicache %}`) is
+//! one entry for every iteration: all of them show the first (`<1><1><1>`).
+//! Such a block, met again in the same render with the same tokens, is
+//! logged once per block (a `tracing` warning, also seen by `log` users),
+//! naming the block and the loop variables (or macro arguments) in scope that
+//! its tokens do not use: add the one that tells the renders apart
+//! (`{% icache 'movie' m.id %}`). Unnamed call blocks without a position are an
+//! error in that case (see below).
+//!
+//! # A block with no token
+//!
+//! `{% icache %}` with no token (and no block with tokens inside it) can never
+//! be invalidated by a bump: it shows its first render until the backend
+//! evicts it. It works, and is logged once per block, saying how to flush it:
+//! give it a token for what it shows and bump that (`cache.incr("movies")`,
+//! or `icache bump movies`). To refresh it as it is, flush: `cache.flush()`
+//! (or `icache flush`) makes every cached block miss once; editing the
+//! block's source also gives it a new entry.
+//!
 //! # Undefined tokens
 //!
 //! A token that is undefined or `none` (a typo: `user.idd`, a missing
@@ -72,6 +184,8 @@ use std::sync::Arc;
 use crate::ICache;
 use crate::fragment::Html;
 
+mod args;
+mod holes;
 mod rewrite;
 pub use rewrite::rewrite;
 #[cfg(feature = "tera")]
@@ -124,6 +238,15 @@ impl SafeValues {
 /// The keyword the rewrite injects to identify a block.
 const BLOCK_KW: &str = "__icache_block";
 
+/// The keyword the rewrite injects into `icache_nocache` calls: the hole's
+/// id, under which its source was registered.
+const HOLE_KW: &str = "__icache_hole";
+
+/// The keyword the rewrite injects, for a block inside `{% for %}` loops or
+/// macros, with the loop variables and macro arguments its tokens do not
+/// mention: the likely missing token when the block is met twice.
+const LOOP_KW: &str = "__icache_loop";
+
 /// Registers the `icache` function, used as a call block:
 /// `{% call icache('movies', user.id) %}…{% endcall %}`.
 ///
@@ -156,8 +279,88 @@ pub fn register_strict(env: &mut Environment<'_>, cache: ICache) {
 #[derive(Default)]
 struct Unnamed(std::collections::HashSet<(String, Vec<String>)>);
 
+/// What one render (one MiniJinja `State`) keeps about its blocks.
+#[derive(Default)]
+struct RenderState {
+    /// Positioned blocks met in this render, by a hash of (block, tokens):
+    /// a second meeting is a block in a loop or a macro whose tokens miss
+    /// what tells its renders apart. (A collision only costs a false
+    /// warning.)
+    positioned: std::collections::HashSet<u64>,
+    /// Block calls so far: a body whose render met no other block has no
+    /// nested tokens either.
+    met: std::cell::Cell<u64>,
+    /// `{% nocache %}` sections met, and blocks rendering.
+    holes: holes::Holes,
+    /// Holes met inside a block being rendered that cannot be rendered
+    /// again on a hit (their template skipped the rewrite, so their source
+    /// is unknown): every block around them renders uncached.
+    unstorable: std::cell::Cell<u64>,
+}
+
+/// Why a block's body is not returned as a body to store.
+enum BodyError {
+    /// The template's own error.
+    Template(Error),
+    /// The body holds a hole that cannot be rendered again on a hit: shown
+    /// to this request, never stored (an error to the block engine, which
+    /// then stores nothing and tells the blocks around it).
+    Unstorable(String),
+}
+
+/// A block body as MiniJinja hands it back.
+fn body_text(v: Value) -> String {
+    match v.as_str() {
+        Some(s) => s.to_owned(),
+        None => v.to_string(),
+    }
+}
+
+/// Adds `by` to the number of block bodies rendering in this render.
+fn rendering(state: &State, by: isize) {
+    if let Some(r) = state.get_extension::<RenderState>() {
+        r.holes
+            .depth
+            .set(r.holes.depth.get().saturating_add_signed(by));
+    }
+}
+
+/// Blocks already warned about (a repeated block, a block with no token):
+/// each warning once per block and process. Past `WARNED_MAX` blocks no more
+/// are remembered, so at most that many such warnings are logged.
+#[derive(Default)]
+struct Warned(std::sync::Mutex<std::collections::HashSet<(&'static str, String)>>);
+
+const WARNED_MAX: usize = 1024;
+
+impl Warned {
+    /// Should the warning `what` about `block` be logged (the first time)?
+    fn first(&self, what: &'static str, block: &str) -> bool {
+        let Ok(mut seen) = self.0.lock() else {
+            return false;
+        };
+        if seen.len() >= WARNED_MAX || seen.contains(&(what, block.to_owned())) {
+            return false;
+        }
+        seen.insert((what, block.to_owned()))
+    }
+}
+
+/// `template.html line 3 col 5` from a block identity injected by the
+/// rewrite (`name:line:col:digest`; the name may hold `:` itself).
+fn block_place(block: &str) -> String {
+    let mut parts = block.rsplitn(4, ':');
+    let (_digest, col, line, name) = (parts.next(), parts.next(), parts.next(), parts.next());
+    match (name, line, col) {
+        (Some(name), Some(line), Some(col)) => format!("{name:?} line {line} col {col}"),
+        _ => format!("{block:?}"),
+    }
+}
+
 fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
+    env.add_function("icache_nocache", nocache);
     let shared = SafeValues::new();
+    let warned_blocks = Arc::new(Warned::default());
     // Templates already warned about for undefined tokens.
     let warned: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
     env.add_function(
@@ -171,6 +374,10 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
             })?;
             let name: Option<String> = kwargs.get("name")?;
             let block: Option<String> = kwargs.get(BLOCK_KW)?;
+            let scope: Option<String> = kwargs.get(LOOP_KW)?;
+            // `stale=true`: serve the previous body while another render
+            // holds the lease (`stale=render` for this block).
+            let stale: Option<bool> = kwargs.get("stale")?;
             kwargs.assert_all_used()?;
             let template = state.name().to_owned();
             if let Some(i) = args.iter().position(|v| v.is_undefined() || v.is_none()) {
@@ -196,6 +403,61 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
                 }));
             }
             let tokens: Vec<String> = args.iter().map(token_string).collect();
+            let render_state = state.get_or_insert_extension(RenderState::default());
+            render_state.met.set(render_state.met.get() + 1);
+            let met_before = render_state.met.get();
+            let holes_before = render_state.holes.count();
+            let unstorable_before = render_state.unstorable.get();
+            // Warns about a block with no token at all (own or nested): it
+            // is told after a render, the only time its nested blocks are
+            // known.
+            let tokenless = |state: &State| {
+                let met = state
+                    .get_extension::<RenderState>()
+                    .map_or(met_before, |r| r.met.get());
+                let which = block.as_deref().or(name.as_deref()).unwrap_or("");
+                if met == met_before
+                    && tokens.is_empty()
+                    && warned_blocks.first("tokenless", &format!("{template}\0{which}"))
+                {
+                    let place = match (&block, &name) {
+                        (Some(b), _) => block_place(b),
+                        (None, Some(n)) => format!("{n:?} in template {template:?}"),
+                        (None, None) => format!("in template {template:?}"),
+                    };
+                    tracing::warn!(
+                        "icache block {place} has no tokens, so no bump can ever invalidate it: it \
+                         shows its first render until the entry is evicted. Give it a token for the \
+                         data it shows and bump that after a change (`cache.incr(\"movies\")`, or \
+                         `icache bump movies` from the command line). To refresh it as it is, flush: \
+                         `cache.flush()` (or `icache flush`) makes every cached block miss once; editing \
+                         the block's source also gives it a new entry (this warning once per block)"
+                    );
+                }
+            };
+            if let Some(block) = &block {
+                use std::hash::BuildHasher;
+                static SEED: std::sync::LazyLock<std::collections::hash_map::RandomState> =
+                    std::sync::LazyLock::new(Default::default);
+                if !render_state.positioned.insert(SEED.hash_one((block, &tokens)))
+                    && warned_blocks.first("repeated", block)
+                {
+                    let missing = match scope.as_deref() {
+                        Some(names) => format!(
+                            "probably one of the loop variables or macro arguments in scope that its \
+                             tokens do not use: {names}"
+                        ),
+                        None => "probably a loop variable, or a macro argument".to_owned(),
+                    };
+                    tracing::warn!(
+                        "icache block {} was met twice in one render with the same tokens {tokens:?}: \
+                         every meeting shares one cache entry, so all of them show the first one's \
+                         output. A token is missing, {missing}: add what tells the renders apart \
+                         (`{{% icache 'item' item.id %}}`) (this warning once per block)",
+                        block_place(block)
+                    );
+                }
+            }
             if block.is_none() && name.is_none() {
                 let seen = state.get_or_insert_extension(Unnamed::default());
                 if !seen.0.insert((template.clone(), tokens.clone())) {
@@ -220,12 +482,36 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
                 block.as_deref().unwrap_or(""),
                 name.as_deref().unwrap_or(""),
             ];
+            crate::lease::choose_for_next_block(stale);
             let html = cache.block_html(&identity, &tokens, || {
-                caller.call(state, &[]).map(|v| match v.as_str() {
-                    Some(s) => s.to_owned(),
-                    None => v.to_string(),
-                })
-            })?;
+                rendering(state, 1);
+                let body = caller.call(state, &[]).map(body_text);
+                rendering(state, -1);
+                tokenless(state);
+                let body = body.map_err(BodyError::Template)?;
+                let Some(r) = state.get_extension::<RenderState>() else {
+                    return Ok(body);
+                };
+                // Holes met while it rendered leave the body as markers:
+                // stored as a header of hole offsets beside the text.
+                let body = r.holes.store_form(body, holes_before);
+                if r.unstorable.get() != unstorable_before {
+                    return Err(BodyError::Unstorable(body));
+                }
+                Ok(body)
+            });
+            let html = match html {
+                Ok(html) => html,
+                Err(BodyError::Template(e)) => return Err(e),
+                Err(BodyError::Unstorable(body)) => Html::Rendered(body),
+            };
+            let stored: &str = match &html {
+                Html::Rendered(s) => s,
+                Html::Cached(s) => s,
+            };
+            if stored.starts_with(holes::HEADER) {
+                return with_holes(state, &caller, stored);
+            }
             Ok(match html {
                 Html::Rendered(s) => Value::from_safe_string(s),
                 // The memory backend and the near cache hand out the same
@@ -237,6 +523,73 @@ fn register_with(env: &mut Environment<'_>, cache: ICache, strict: bool) {
         },
     );
 }
+
+/// Writes out a stored body that has holes: filled with this request's
+/// values (the outermost block), or as markers for the block around it.
+/// Anything unreadable (corrupt bytes, a hole whose source this process does
+/// not know) renders the body fresh, uncached.
+fn with_holes(state: &mut State, caller: &Value, stored: &str) -> Result<Value, Error> {
+    let filled = match (state.get_extension::<RenderState>(), holes::decode(stored)) {
+        (Some(render_state), Some((holes, body))) => {
+            holes::write_out(state, &render_state.holes, &holes, body)?
+        }
+        _ => None,
+    };
+    match filled {
+        Some(out) => Ok(Value::from_safe_string(out)),
+        None => caller
+            .call(state, &[])
+            .map(|v| Value::from_safe_string(body_text(v))),
+    }
+}
+
+/// `icache_nocache`, the call-block form of `{% nocache %}`.
+fn nocache(state: &mut State, kwargs: Kwargs) -> Result<Value, Error> {
+    let caller: Value = kwargs.get("caller").map_err(|_| {
+        Error::new(
+            ErrorKind::InvalidOperation,
+            "icache_nocache() must be used as a call block: {% call icache_nocache() %}…{% endcall %}",
+        )
+    })?;
+    let hole: Option<String> = kwargs.get(HOLE_KW)?;
+    kwargs.assert_all_used()?;
+    let render_state = state.get_or_insert_extension(RenderState::default());
+    if render_state.holes.depth.get() == 0 {
+        // Not inside a block being rendered (outside any block, or in a
+        // block rendered fresh): plain template text.
+        return caller
+            .call(state, &[])
+            .map(|v| Value::from_safe_string(body_text(v)));
+    }
+    let Some(hole) = hole else {
+        // The template skipped the rewrite, so the hole's source is unknown
+        // and a hit could not render it: the blocks around it render
+        // uncached, and the per-request part is never stored.
+        render_state
+            .unstorable
+            .set(render_state.unstorable.get() + 1);
+        let template = state.name().to_owned();
+        if NOCACHE_WARNED.first("nocache-without-rewrite", &template) {
+            tracing::warn!(
+                "icache: a {{% call icache_nocache() %}} section inside a cached block of template \
+                 {template:?}, which did not go through icache::minijinja::loader or \
+                 icache::minijinja::rewrite: its source is unknown, so it could not be rendered again \
+                 on a hit, and the blocks around it render uncached on every request. Load the \
+                 template through the loader (or add it with rewrite()) to cache them (this warning \
+                 once per template)"
+            );
+        }
+        return caller
+            .call(state, &[])
+            .map(|v| Value::from_safe_string(body_text(v)));
+    };
+    Ok(Value::from_safe_string(
+        render_state.holes.marker(hole.into()),
+    ))
+}
+
+/// Templates warned about for holes that skipped the rewrite.
+static NOCACHE_WARNED: std::sync::LazyLock<Warned> = std::sync::LazyLock::new(Warned::default);
 
 fn token_string(v: &Value) -> String {
     if let Some(s) = v.as_str() {

@@ -12,7 +12,7 @@ use std::fmt::Write as _;
 
 use minijinja::{Error, ErrorKind};
 
-use super::BLOCK_KW;
+use super::{BLOCK_KW, HOLE_KW, LOOP_KW};
 use crate::keys::sha256_hex;
 
 /// Rewrites the seed's syntax into MiniJinja call blocks:
@@ -22,8 +22,16 @@ use crate::keys::sha256_hex;
 /// {% icache 'movies' user.id %}…{% endicache %}       → {% call icache('movies', (user.id), __icache_block="…") %}…{% endcall %}
 /// ```
 ///
-/// Quoted bits are literal tokens, unquoted bits are expressions whose values
-/// (as strings) become tokens, as in the seed. Each block gets its identity
+/// Each argument is a token: a quoted literal, or any template expression
+/// whose value (as a string) becomes the token. A token ends where one
+/// complete expression ends, by MiniJinja's expression grammar, so
+/// `{% icache 'items' 'user:' ~ user.id user.name | upper %}` has three
+/// tokens (whitespace around operators, `~`, filters, tests, `in`,
+/// `and`/`or` and a ternary `if … else` is not a separator). Adjacent string
+/// literals stay separate tokens, and a bracket after whitespace starts a
+/// new one (`'a' (b)` is two tokens). `name='…'` and `stale=true` (serve
+/// the previous body while another render holds the lease) are options, as
+/// in the call-block form. Each block gets its identity
 /// (template, line, column, digest of its source); hand-written
 /// `{% call icache(…) %}` blocks get one too. Lines are kept, so template
 /// errors point at the right line. `{% raw %}` sections, comments and string
@@ -32,7 +40,9 @@ use crate::keys::sha256_hex;
 ///
 /// # Errors
 ///
-/// A syntax error naming the template and line for an unclosed
+/// A syntax error naming the template, the line and the user's own text for
+/// a token that is not a valid expression (`'user:' ~`, checked by
+/// MiniJinja's parser before the rewritten template exists), an unclosed
 /// `{% icache %}`, a stray `{% endicache %}`, an unterminated quoted token or
 /// an unterminated tag. Never panics, whatever the input.
 ///
@@ -234,6 +244,15 @@ fn string_literal(s: &str) -> String {
     out
 }
 
+/// A tag's text for an error message, shortened if long.
+fn shown(tag: &str) -> String {
+    let tag = tag.split_whitespace().collect::<Vec<_>>().join(" ");
+    match tag.char_indices().nth(120) {
+        Some((cut, _)) => format!("`{}…`", &tag[..cut]),
+        None => format!("`{tag}`"),
+    }
+}
+
 /// What to put in place of a byte range of the source.
 struct Edit {
     start: usize,
@@ -252,6 +271,42 @@ struct OpenBlock {
     args: String,
     open_mark: String,
     close_mark: String,
+    /// Loop variables and macro arguments in scope that its tokens do not
+    /// mention: named in the warning when the block is met twice in one
+    /// render with the same tokens.
+    unused_scope: Vec<String>,
+    /// Names bound inside its body (loops, macros, `{% set %}`): a hole in
+    /// it cannot see them (it sees what the block's opening sees).
+    inner_names: Vec<String>,
+}
+
+/// What an open `{% call %}` is, so its `{% endcall %}` closes the right thing.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum CallKind {
+    /// Not ours.
+    Other,
+    /// `{% call icache(…) %}`.
+    Block,
+    /// `{% call icache_nocache() %}`.
+    Hole,
+}
+
+/// An open `{% nocache %}` (or `{% call icache_nocache() %}`).
+struct OpenHole {
+    edit: usize,
+    body_start: usize,
+    line: usize,
+    col: usize,
+    seed_form: bool,
+    open_mark: String,
+    close_mark: String,
+}
+
+/// A `{% for %}` or `{% macro %}` around the current position, and the
+/// names it binds.
+struct Scope {
+    macro_: bool,
+    names: Vec<String>,
 }
 
 struct Rewriter<'a> {
@@ -259,6 +314,66 @@ struct Rewriter<'a> {
     src: &'a str,
     edits: Vec<Edit>,
     target: Target,
+    scopes: Vec<Scope>,
+}
+
+/// The identifiers in `text` (words of letters, digits and `_` not starting
+/// with a digit).
+fn identifiers(text: &str) -> impl Iterator<Item = &str> {
+    text.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+        .filter(|w| {
+            w.chars()
+                .next()
+                .is_some_and(|c| c.is_alphabetic() || c == '_')
+        })
+}
+
+/// The insides of the `{{ … }}` and `{% … %}` in `body` (roughly: for a
+/// warning about the names they use, not for rewriting).
+fn template_code(body: &str) -> impl Iterator<Item = &str> {
+    let mut rest = body;
+    std::iter::from_fn(move || {
+        let at = rest.find("{{").into_iter().chain(rest.find("{%")).min()?;
+        let close = if rest[at..].starts_with("{{") {
+            "}}"
+        } else {
+            "%}"
+        };
+        let inside = &rest[at + 2..];
+        let end = inside.find(close).unwrap_or(inside.len());
+        rest = &inside[end..];
+        Some(&inside[..end])
+    })
+}
+
+/// The names a `{% for … in … %}` binds (`item`, or `k, v`).
+fn for_targets(args: &str) -> Vec<String> {
+    let target = args
+        .split_whitespace()
+        .take_while(|w| *w != "in")
+        .collect::<Vec<_>>()
+        .join(" ");
+    identifiers(&target).map(str::to_owned).collect()
+}
+
+/// The arguments a `{% macro name(a, b=1) %}` binds.
+fn macro_args(args: &str) -> Vec<String> {
+    let Some((_, inside)) = args.split_once('(') else {
+        return Vec::new();
+    };
+    inside
+        .split(',')
+        .filter_map(|a| {
+            let name = a
+                .split('=')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .trim_end_matches(')')
+                .trim();
+            (!name.is_empty() && identifiers(name).next() == Some(name)).then(|| name.to_owned())
+        })
+        .collect()
 }
 
 fn syntax(name: &str, line: usize, msg: &str) -> Error {
@@ -272,6 +387,7 @@ impl<'a> Rewriter<'a> {
             src,
             edits: Vec::new(),
             target,
+            scopes: Vec::new(),
         }
     }
 
@@ -288,9 +404,10 @@ impl<'a> Rewriter<'a> {
 
     fn run(mut self) -> Result<String, Error> {
         let mut stack: Vec<OpenBlock> = Vec::new();
-        // Every open `call` (ours or not), so `endcall` closes the right one:
-        // `Some(index into stack)` for ours.
-        let mut calls: Vec<Option<usize>> = Vec::new();
+        // Every open `call` (ours or not), so `endcall` closes the right one.
+        let mut calls: Vec<CallKind> = Vec::new();
+        // The open `{% nocache %}` section (they do not nest).
+        let mut hole: Option<OpenHole> = None;
         let mut scanner = Scanner {
             src: self.src,
             pos: 0,
@@ -306,7 +423,52 @@ impl<'a> Rewriter<'a> {
                 Some(i) => (&tag.body[..i], tag.body[i..].trim()),
                 None => (tag.body, ""),
             };
+            if let Some(open) = &hole {
+                let inside = match word {
+                    "icache" | "endicache" | "nocache" => true,
+                    "call" => {
+                        let call = tag.body["call".len()..].trim_start();
+                        call.starts_with("icache(") || call.starts_with("icache_nocache(")
+                    }
+                    _ => false,
+                };
+                if inside {
+                    return Err(self.err(
+                        at,
+                        &format!(
+                            "{} inside the {{% nocache %}} section opened on line {}: a section that \
+                             renders on every request cannot hold cached blocks or other sections",
+                            shown(&self.src[tag.start..tag.end]),
+                            open.line
+                        ),
+                    ));
+                }
+            }
             match word {
+                "nocache" | "endnocache" if self.target != Target::MiniJinja => {
+                    return Err(self.err(
+                        at,
+                        "{% nocache %} is for MiniJinja templates: in Tera, render per-request parts \
+                         outside the block or fill a placeholder after the render (see the README, \
+                         \"Per-request parts\")",
+                    ));
+                }
+                "nocache" => {
+                    if !args.is_empty() {
+                        return Err(self.err(at, "{% nocache %} takes no arguments"));
+                    }
+                    hole = Some(self.open_hole(&tag, true));
+                }
+                "endnocache" => {
+                    let Some(open) = hole.take().filter(|h| h.seed_form) else {
+                        return Err(self.err(at, "{% endnocache %} without an open {% nocache %}"));
+                    };
+                    let inner = stack
+                        .first()
+                        .map(|b| b.inner_names.clone())
+                        .unwrap_or_default();
+                    self.close_hole(open, &tag, &inner);
+                }
                 "load" if args.split_whitespace().any(|a| a == "icache") => {
                     let others: Vec<&str> =
                         args.split_whitespace().filter(|a| *a != "icache").collect();
@@ -329,7 +491,7 @@ impl<'a> Rewriter<'a> {
                     });
                 }
                 "icache" => {
-                    let args = self.seed_args(args, at)?;
+                    let args = self.seed_args(args, &tag)?;
                     self.open(&mut stack, &tag, args, true);
                 }
                 "endicache" => {
@@ -342,7 +504,7 @@ impl<'a> Rewriter<'a> {
                             "{% endicache %} closes a {% call icache %}: use {% endcall %}",
                         ));
                     }
-                    if calls.last().is_some_and(Option::is_none) {
+                    if calls.last().is_some_and(|c| *c != CallKind::Block) {
                         return Err(self.err(at, "{% endicache %} before the {% endcall %} of a call block opened inside it"));
                     }
                     self.close(open, &tag, "endcall");
@@ -350,20 +512,46 @@ impl<'a> Rewriter<'a> {
                 "call" => {
                     let call = tag.body["call".len()..].trim_start();
                     if self.target != Target::MiniJinja {
-                        calls.push(None);
+                        calls.push(CallKind::Other);
                     } else if let Some(inner) = call.strip_prefix("icache(") {
                         let inner = inner.trim_end();
                         let Some(args) = inner.strip_suffix(')') else {
                             return Err(self.err(at, "cannot read the arguments of call icache(…)"));
                         };
-                        calls.push(Some(stack.len()));
+                        // Checked here so that a bad argument is reported
+                        // with the user's text, not the rewritten call's.
+                        if let Err(detail) = self.check_expression(&format!("icache({args})")) {
+                            return Err(self.err(
+                                at,
+                                &format!(
+                                    "bad arguments in {}: {detail}",
+                                    shown(&self.src[tag.start..tag.end])
+                                ),
+                            ));
+                        }
+                        calls.push(CallKind::Block);
                         self.open(&mut stack, &tag, args.trim().to_string(), false);
+                    } else if let Some(inner) = call.strip_prefix("icache_nocache(") {
+                        if inner.trim_end().strip_suffix(')').map(str::trim) != Some("") {
+                            return Err(self.err(at, "icache_nocache() takes no arguments"));
+                        }
+                        calls.push(CallKind::Hole);
+                        hole = Some(self.open_hole(&tag, false));
                     } else {
-                        calls.push(None);
+                        calls.push(CallKind::Other);
                     }
                 }
-                "endcall" => {
-                    if let Some(Some(_)) = calls.pop() {
+                "endcall" => match calls.pop() {
+                    Some(CallKind::Hole) => {
+                        if let Some(open) = hole.take() {
+                            let inner = stack
+                                .first()
+                                .map(|b| b.inner_names.clone())
+                                .unwrap_or_default();
+                            self.close_hole(open, &tag, &inner);
+                        }
+                    }
+                    Some(CallKind::Block) => {
                         let Some(open) = stack.pop() else {
                             return Err(self.err(at, "unbalanced {% endcall %}"));
                         };
@@ -375,9 +563,44 @@ impl<'a> Rewriter<'a> {
                         }
                         self.close(open, &tag, "endcall");
                     }
+                    _ => {}
+                },
+                "for" | "macro" => {
+                    let macro_ = word == "macro";
+                    let names = if macro_ {
+                        macro_args(args)
+                    } else {
+                        for_targets(args)
+                    };
+                    if let Some(outer) = stack.first_mut() {
+                        outer.inner_names.extend(names.iter().cloned());
+                    }
+                    self.scopes.push(Scope { macro_, names });
+                }
+                "set" => {
+                    if let Some(outer) = stack.first_mut() {
+                        let target = args.split_once('=').map_or(args, |(t, _)| t);
+                        outer
+                            .inner_names
+                            .extend(identifiers(target).map(str::to_owned));
+                    }
+                }
+                // An unbalanced end tag is MiniJinja's to report.
+                "endfor" if self.scopes.last().is_some_and(|s| !s.macro_) => {
+                    self.scopes.pop();
+                }
+                "endmacro" if self.scopes.last().is_some_and(|s| s.macro_) => {
+                    self.scopes.pop();
                 }
                 _ => {}
             }
+        }
+        if let Some(open) = hole {
+            return Err(syntax(
+                self.name,
+                open.line,
+                "unclosed {% nocache %} section: no matching end tag before the end of the template",
+            ));
         }
         if let Some(open) = stack.first() {
             let what = if open.seed_form {
@@ -385,84 +608,165 @@ impl<'a> Rewriter<'a> {
             } else {
                 "{% call icache %}"
             };
+            let (start, end) = (self.edits[open.edit].start, self.edits[open.edit].end);
             return Err(syntax(
                 self.name,
                 open.line,
-                &format!("unclosed {what}: no matching end tag before the end of the template"),
+                &format!(
+                    "unclosed {what} block {}: no matching end tag before the end of the template",
+                    shown(&self.src[start..end])
+                ),
             ));
         }
         Ok(self.apply())
     }
 
-    /// Splits `{% icache %}` arguments: quoted literals and expressions.
-    fn seed_args(&self, args: &str, at: usize) -> Result<String, Error> {
-        let mut out: Vec<String> = Vec::new();
-        let bytes = args.as_bytes();
-        let mut i = 0;
-        while i < bytes.len() {
-            let b = bytes[i];
-            if b.is_ascii_whitespace() {
-                i += 1;
-                continue;
+    /// Splits `{% icache %}` arguments into one expression per token
+    /// (see [`args`](super::args)), each checked by the engine's own parser
+    /// so that a bad one is reported with the user's line and text.
+    fn seed_args(&self, args: &str, tag: &Tag<'_>) -> Result<String, Error> {
+        // `args` is a slice of the source: errors point at its own line.
+        let base = (args.as_ptr() as usize).saturating_sub(self.src.as_ptr() as usize);
+        let shown = shown(&self.src[tag.start..tag.end]);
+        let pieces = super::args::split(args)
+            .map_err(|(at, msg)| self.err(base + at, &format!("{msg} in {shown}")))?;
+        let mut positional = Vec::new();
+        let mut keywords = Vec::new();
+        for arg in pieces {
+            if let Err(detail) = self.check_expression(arg.text) {
+                return Err(self.err(
+                    base + arg.at,
+                    &format!("bad token expression `{}` in {shown}: {detail}", arg.text),
+                ));
             }
-            let start = i;
-            if b == b'\'' || b == b'"' {
-                i += 1;
-                loop {
-                    match bytes.get(i) {
-                        None => {
-                            return Err(self.err(
-                                at,
-                                &format!("unterminated quoted token {}", &args[start..]),
-                            ));
-                        }
-                        Some(b'\\') => i += 2,
-                        Some(&c) if c == b => {
-                            i += 1;
-                            break;
-                        }
-                        Some(_) => i += 1,
-                    }
+            match arg.keyword {
+                Some(kw @ ("name" | "stale")) if self.target == Target::MiniJinja => {
+                    keywords.push(format!("{kw}=({})", arg.text));
                 }
-                out.push(args[start..i.min(args.len())].to_string());
-            } else {
-                // An expression: up to whitespace outside brackets and quotes.
-                let mut depth = 0i32;
-                let mut quote: Option<u8> = None;
-                while i < bytes.len() {
-                    let c = bytes[i];
-                    match quote {
-                        Some(q) => {
-                            if c == b'\\' {
-                                i += 1;
-                            } else if c == q {
-                                quote = None;
-                            }
-                        }
-                        None => match c {
-                            b'\'' | b'"' => quote = Some(c),
-                            b'(' | b'[' | b'{' => depth += 1,
-                            b')' | b']' | b'}' => depth -= 1,
-                            c if c.is_ascii_whitespace() && depth <= 0 => break,
-                            _ => {}
-                        },
-                    }
-                    i += 1;
-                }
-                if quote.is_some() {
+                Some(other) => {
+                    let known = if self.target == Target::MiniJinja {
+                        "the options are name= and stale="
+                    } else {
+                        "Tera blocks take no options (their position identifies them)"
+                    };
                     return Err(self.err(
-                        at,
-                        &format!("unterminated quoted token in {}", &args[start..]),
+                        base + arg.at,
+                        &format!("unknown option `{other}=` in {shown}: {known}"),
                     ));
                 }
-                out.push(format!("({})", &args[start..i.min(args.len())]));
+                None if arg.literal => positional.push(arg.text.to_owned()),
+                None => positional.push(format!("({})", arg.text)),
             }
         }
-        Ok(out.join(", "))
+        // Keywords go last, as MiniJinja requires, wherever they were written.
+        positional.extend(keywords);
+        Ok(positional.join(", "))
+    }
+
+    /// Does the engine's own parser accept `expr`? Its message if not.
+    fn check_expression(&self, expr: &str) -> Result<(), String> {
+        match self.target {
+            Target::MiniJinja => {
+                static PARSER: std::sync::LazyLock<minijinja::Environment<'static>> =
+                    std::sync::LazyLock::new(minijinja::Environment::new);
+                PARSER
+                    .compile_expression(expr)
+                    .map(|_| ())
+                    .map_err(|e| e.detail().map_or_else(|| e.to_string(), str::to_owned))
+            }
+            #[cfg(feature = "tera")]
+            Target::Tera => {
+                let mut tera = tera::Tera::new();
+                match tera.add_raw_template("token", &format!("{{{{ {expr} }}}}")) {
+                    // Only the syntax is the rewrite's business: filters and
+                    // functions the application registers later are unknown
+                    // to this empty Tera, and Tera checks them itself.
+                    Err(e) if matches!(e.kind(), tera::ErrorKind::SyntaxError(_)) => {
+                        Err(e.to_string())
+                    }
+                    _ => Ok(()),
+                }
+            }
+        }
+    }
+
+    fn open_hole(&mut self, tag: &Tag<'_>, seed_form: bool) -> OpenHole {
+        let (line, col) = self.line_col(tag.start);
+        self.edits.push(Edit {
+            start: tag.start,
+            end: tag.end,
+            text: String::new(),
+        });
+        OpenHole {
+            edit: self.edits.len() - 1,
+            body_start: tag.end,
+            line,
+            col,
+            seed_form,
+            open_mark: tag.open_mark.to_string(),
+            close_mark: tag.close_mark.to_string(),
+        }
+    }
+
+    /// A hole becomes `{% call icache_nocache(__icache_hole="id") %}…{% endcall %}`
+    /// (its body stays, rendered where it stands outside cached blocks), and
+    /// its source is registered under its id, to be rendered on every hit.
+    fn close_hole(&mut self, open: OpenHole, tag: &Tag<'_>, inner_names: &[String]) {
+        let body = &self.src[open.body_start..tag.start];
+        let mut unseen: Vec<&str> = template_code(body)
+            .flat_map(identifiers)
+            .filter(|w| inner_names.iter().any(|n| n == w))
+            .collect();
+        unseen.sort_unstable();
+        unseen.dedup();
+        if !unseen.is_empty() {
+            // Not an error: the name may also be in the render's context.
+            tracing::warn!(
+                "icache: the {{% nocache %}} section in {:?} line {} uses {}, set inside the cached \
+                 block around it (by a loop, a macro or {{% set %}}): a hole sees only what that \
+                 block's opening tag sees, because a hit does not run the block's body, so there \
+                 it is the render's value or undefined, on hits and misses alike. Open the cached \
+                 block inside the loop, or pass the value in the render's context",
+                self.name,
+                open.line,
+                unseen.join(", ")
+            );
+        }
+        let digest = sha256_hex(body.as_bytes());
+        let id = format!("{}:{}:{}:{}", self.name, open.line, open.col, &digest[..16]);
+        // Whitespace control on the tags around the body trims it where it
+        // stands; the registered source is trimmed the same way.
+        let mut source = body;
+        if open.close_mark == "-" {
+            source = source.trim_start();
+        }
+        if tag.open_mark == "-" {
+            source = source.trim_end();
+        }
+        super::holes::register(&id, source);
+        let open_src = &self.src[self.edits[open.edit].start..self.edits[open.edit].end];
+        let missing = "\n".repeat(open_src.matches('\n').count());
+        self.edits[open.edit].text = format!(
+            "{{%{} call icache_nocache({HOLE_KW}={}){missing} {}%}}",
+            open.open_mark,
+            string_literal(&id),
+            open.close_mark
+        );
+        if open.seed_form {
+            self.replace_close(tag, |newlines| format!("endcall{newlines} "));
+        }
     }
 
     fn open(&mut self, stack: &mut Vec<OpenBlock>, tag: &Tag<'_>, args: String, seed_form: bool) {
         let (line, col) = self.line_col(tag.start);
+        let mentioned: Vec<&str> = identifiers(&args).collect();
+        let unused_scope = self
+            .scopes
+            .iter()
+            .flat_map(|s| &s.names)
+            .filter(|n| !mentioned.contains(&n.as_str()))
+            .cloned()
+            .collect();
         self.edits.push(Edit {
             start: tag.start,
             end: tag.end,
@@ -477,6 +781,8 @@ impl<'a> Rewriter<'a> {
             args,
             open_mark: tag.open_mark.to_string(),
             close_mark: tag.close_mark.to_string(),
+            unused_scope,
+            inner_names: Vec::new(),
         });
     }
 
@@ -497,8 +803,16 @@ impl<'a> Rewriter<'a> {
             ", "
         };
         let missing = self.missing_newlines(&open);
+        let scope = if open.unused_scope.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", {LOOP_KW}={}",
+                string_literal(&open.unused_scope.join(", "))
+            )
+        };
         self.edits[open.edit].text = format!(
-            "{{%{} call icache({}{sep}{BLOCK_KW}={id}){missing} {}%}}",
+            "{{%{} call icache({}{sep}{BLOCK_KW}={id}{scope}){missing} {}%}}",
             open.open_mark, open.args, open.close_mark
         );
         self.replace_close(tag, |newlines| format!("{end_word}{newlines} "));
@@ -546,6 +860,20 @@ impl<'a> Rewriter<'a> {
             open.col,
             &digest[..16]
         );
+        if open.args.trim().is_empty() {
+            // Tera blocks have no per-render state to tell nested tokens
+            // by: warned once, when the template is rewritten.
+            tracing::warn!(
+                "icache: the Tera block in {:?} line {} col {} has no tokens, so no bump can \
+                 invalidate it (unless blocks inside it have tokens): give it a token for the data \
+                 it shows and bump that after a change (`cache.incr(\"movies\")`, or `icache bump \
+                 movies`); `cache.flush()` (or `icache flush`) makes every block miss once, and \
+                 editing the block gives it a new entry",
+                self.name,
+                open.line,
+                open.col
+            );
+        }
         let var = format!("__icache_{}", open.edit);
         let missing = self.missing_newlines(&open);
         self.edits[open.edit].text = format!(
@@ -594,6 +922,34 @@ mod tests {
         );
         assert!(out.starts_with("{% call icache('movies-personal-rating', 'movies', (user.id), __icache_block=\"t.html:1:18:"), "{out}");
         assert!(out.ends_with("X{% endcall %}"), "{out}");
+    }
+
+    #[test]
+    fn expression_tokens_become_one_argument_each() {
+        let out =
+            rw("{% icache 'items' 'user:' ~ user.id user.name | upper name='x' %}X{% endicache %}");
+        assert!(
+            out.starts_with("{% call icache('items', ('user:' ~ user.id), (user.name | upper), name=('x'), __icache_block="),
+            "{out}"
+        );
+        // Filters and functions the application registers are not the
+        // parser's business.
+        let out = rw("{% icache x | my_filter(1) my_function() %}X{% endicache %}");
+        assert!(
+            out.starts_with("{% call icache((x | my_filter(1)), (my_function()), "),
+            "{out}"
+        );
+        let err = rewrite(
+            "p.html",
+            "a\n{% icache 'items'\n 'user:' ~ %}x{% endicache %}",
+        )
+        .expect_err("incomplete")
+        .to_string();
+        assert!(
+            err.contains("p.html line 3: bad token expression `'user:' ~` in `{% icache 'items' 'user:' ~ %}`"),
+            "{err}"
+        );
+        assert!(err.contains("unexpected end of input"), "{err}");
     }
 
     #[test]
@@ -798,6 +1154,9 @@ mod tests {
                     Just("{% load icache %}".to_string()),
                     Just("{% call icache(".to_string()),
                     Just("{% endcall %}".to_string()),
+                    Just("{% nocache %}".to_string()),
+                    Just("{% endnocache %}".to_string()),
+                    Just("{% call icache_nocache() %}".to_string()),
                     Just("{% raw %}".to_string()),
                     Just("{% endraw %}".to_string()),
                     Just("%}".to_string()),
@@ -886,7 +1245,7 @@ mod tests {
             /// accepts, with the same lines.
             #[test]
             fn seed_blocks_rewrite_into_valid_templates(
-                tokens in proptest::collection::vec(prop_oneof!["'[a-z #|]{0,8}'", "[a-z]{1,5}(\\.[a-z]{1,3})?"], 0..4),
+                tokens in proptest::collection::vec(prop_oneof!["'[a-z #|]{0,8}'", "[a-z]{1,5}(\\.[a-z]{1,3})?".prop_filter("not a keyword", |t| !["and", "or", "not", "in", "is", "if", "else"].contains(&t.split('.').next().unwrap_or(""))) ], 0..4),
                 body in "[a-z <>&\n]{0,20}",
                 nested in any::<bool>(),
             ) {
@@ -964,5 +1323,23 @@ mod tests {
                 prop_assert_eq!(rewrite("t", &src).map_err(|e| TestCaseError::fail(e.to_string()))?, src);
             }
         }
+    }
+}
+
+#[cfg(all(test, feature = "tera"))]
+mod tera_tests {
+    /// Tera's parser checks a token's syntax only: filters and functions
+    /// the application registers later are not known yet, and are fine.
+    #[test]
+    fn tera_tokens_may_use_the_applications_filters() {
+        let out = super::rewrite_for_tera(
+            "t.html",
+            "{% icache 'a' user | my_filter(x=1) my_function() %}b{% endicache %}",
+        )
+        .expect("rewrites");
+        assert!(
+            out.contains("tokens=['a', (user | my_filter(x=1)), (my_function())]"),
+            "{out}"
+        );
     }
 }

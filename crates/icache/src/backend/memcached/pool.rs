@@ -816,6 +816,19 @@ impl Backend for MemcachedPool {
         Ok(out.first().copied().unwrap_or(false))
     }
 
+    fn lease(&self, key: Key<'_>, ttl: Duration) -> Result<bool> {
+        let out = self.on_servers(&[self.key(key)], |s, g| {
+            let Some(k) = g.routed.first() else {
+                return Ok(Checked::Done(Vec::new()));
+            };
+            Ok(match s.add_lease(k, ttl, g.check())? {
+                Checked::Done(b) => Checked::Done(vec![b]),
+                Checked::Moved(now) => Checked::Moved(now),
+            })
+        })?;
+        Ok(out.first().copied().unwrap_or(false))
+    }
+
     fn ping(&self) -> Result<()> {
         let live = self.live();
         let mut up = 0;

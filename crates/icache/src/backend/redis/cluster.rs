@@ -478,6 +478,10 @@ impl Backend for RedisCluster {
         self.sharded_delete(key)
     }
 
+    fn lease(&self, key: Key<'_>, ttl: Duration) -> Result<bool> {
+        self.sharded_lease(key, ttl)
+    }
+
     fn ping(&self) -> Result<()> {
         let t = self.topology()?;
         for node in &t.nodes {

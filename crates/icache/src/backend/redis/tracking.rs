@@ -9,8 +9,9 @@
 //! applied (replies and pushes arrive in order on one connection), so
 //! [`Gens`] trusts its table only while a ping sent at most `max_lag` ago has
 //! been answered. A stalled connection (no answer within the time-out), a
-//! dropped one, a restart (another `run_id`) and `FLUSHALL`/`FLUSHDB` (the
-//! null invalidation) all empty the table.
+//! dropped one, a restart (another `run_id`), `FLUSHALL`/`FLUSHDB` (the
+//! null invalidation) and a `SWAPDB` (no invalidation, but the instance
+//! marker the ping reads changes) all empty the table.
 //!
 //! Why our own loop rather than redis-rs's client-side cache: that cache is
 //! async-only and experimental; the sync `Connection` gives us exactly what we
@@ -51,9 +52,14 @@ impl std::fmt::Debug for Tracking {
 /// What the thread needs.
 pub(crate) struct Setup {
     pub(crate) client: redis::Client,
+    /// The database's instance marker (`None`: the server's life alone).
+    pub(crate) marker: Option<super::Marker>,
     pub(crate) timeout: Duration,
     pub(crate) connect_timeout: Duration,
     pub(crate) redacted: String,
+    /// `redis+sentinel://`: each session connects to the master it names
+    /// now, and ends when its server stops being the master.
+    pub(crate) sentinel: Option<Arc<super::sentinel::Sentinel>>,
 }
 
 /// Starts the tracking thread for `gens`.
@@ -123,9 +129,14 @@ fn run(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) {
 /// One tracking connection, until it fails (`Err`) or the handle is dropped
 /// (`Ok`).
 fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::RedisResult<()> {
-    let mut con = setup
-        .client
-        .get_connection_with_timeout(setup.connect_timeout)?;
+    let mut con = match &setup.sentinel {
+        Some(sentinel) => sentinel.connect(true).map_err(|e| {
+            redis::RedisError::from((redis::ErrorKind::Io, "redis+sentinel", e.to_string()))
+        })?,
+        None => setup
+            .client
+            .get_connection_with_timeout(setup.connect_timeout)?,
+    };
     // Trust ends by itself `max_lag` after the last answered ping (readers
     // check it); the connection is dropped only when a ping goes unanswered
     // much longer, so a short stall of the server does not make every
@@ -136,11 +147,13 @@ fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::
             .max(Duration::from_secs(1)),
     ))?;
     con.set_write_timeout(Some(setup.timeout))?;
-    let info: String = redis::cmd("INFO").arg("server").query(&mut con)?;
-    let run_id = info
-        .lines()
-        .find_map(|l| l.trim_end().strip_prefix("run_id:"))
-        .unwrap_or("unknown");
+    let server = super::server_life(&mut con)?;
+    // The same instance the pooled connections report: the table is
+    // trusted only while they agree.
+    let mut instance = match &setup.marker {
+        Some(marker) => super::first_instance(&mut con, marker, &server)?,
+        None => server.clone(),
+    };
     let mut track = redis::cmd("CLIENT");
     track.arg("TRACKING").arg("ON").arg("BCAST");
     for prefix in gens.key_prefixes() {
@@ -148,22 +161,64 @@ fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::
     }
     track.query::<()>(&mut con)?;
     // Tracking is on from here: fills may begin.
-    gens.reset(Some(Arc::from(run_id)));
-    let ping = redis::cmd("PING").get_packed_command();
+    gens.reset(Some(instance.clone()));
+    // The ping reads the marker: a `SWAPDB` sends no invalidation, but it
+    // changes the marker, and so the instance the table belongs to. Under
+    // Sentinel it asks `ROLE` first (as ordered as any command): a master
+    // demoted by a failover, whose table would follow a lagging copy, ends
+    // the session, and the next one tracks the new master. GETRANGE rather
+    // than GET: an operator counting `get` calls sees only the reads of
+    // pages (a missing key reads as "", never a marker).
+    let mut ping = redis::pipe();
+    if setup.sentinel.is_some() {
+        ping.cmd("ROLE");
+    }
+    match &setup.marker {
+        Some(marker) => ping.cmd("GETRANGE").arg(&marker.key).arg(0).arg(1023),
+        None => ping.cmd("PING"),
+    };
+    let replies = 1 + usize::from(setup.sentinel.is_some());
+    let ping = ping.get_packed_pipeline();
     let every = (gens.max_lag() / 4).clamp(Duration::from_millis(1), Duration::from_millis(250));
     loop {
         let sent = gens.now();
-        con.send_packed_command(&ping)?;
-        loop {
-            match con.recv_response()? {
-                Value::Push { kind, data } => {
-                    if kind == redis::PushKind::Invalidate {
-                        invalidated(gens, data);
+        let mut answer = exchange(&mut con, gens, &ping, replies)?;
+        if setup.sentinel.is_some() {
+            if !answer.first().is_some_and(super::sentinel::is_master) {
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "redis+sentinel: the tracked server is no longer the master",
+                )));
+            }
+            answer.remove(0);
+        }
+        if let Some(marker) = &setup.marker {
+            let now = match answer.into_iter().next() {
+                Some(Value::BulkString(m)) if !m.is_empty() => super::Marker::instance(&server, &m),
+                Some(Value::SimpleString(m)) if !m.is_empty() => {
+                    super::Marker::instance(&server, m.as_bytes())
+                }
+                // Flushed: the next marker is set here, the way every
+                // connection sets it (`SET NX`, then read it).
+                _ => {
+                    let fresh = crate::backend::fresh_generation().to_string();
+                    let set = redis::pipe()
+                        .cmd("SET")
+                        .arg(&marker.key)
+                        .arg(&fresh)
+                        .arg("NX")
+                        .cmd("GET")
+                        .arg(&marker.key)
+                        .get_packed_pipeline();
+                    match exchange(&mut con, gens, &set, 2)?.pop() {
+                        Some(Value::BulkString(m)) => super::Marker::instance(&server, &m),
+                        _ => super::Marker::instance(&server, fresh.as_bytes()),
                     }
                 }
-                Value::ServerError(e) => return Err(e.into()),
-                // The answer to the ping.
-                _ => break,
+            };
+            if now != instance {
+                instance = now;
+                gens.reset(Some(instance.clone()));
             }
         }
         gens.answered(sent);
@@ -171,6 +226,30 @@ fn session(setup: &Setup, gens: &Gens, stop: &(Mutex<bool>, Condvar)) -> redis::
             return Ok(());
         }
     }
+}
+
+/// Sends `packed` and reads its `replies` answers, applying the
+/// invalidations that come before them.
+fn exchange(
+    con: &mut redis::Connection,
+    gens: &Gens,
+    packed: &[u8],
+    replies: usize,
+) -> redis::RedisResult<Vec<Value>> {
+    con.send_packed_command(packed)?;
+    let mut out = Vec::with_capacity(replies);
+    while out.len() < replies {
+        match con.recv_response()? {
+            Value::Push { kind, data } => {
+                if kind == redis::PushKind::Invalidate {
+                    invalidated(gens, data);
+                }
+            }
+            Value::ServerError(e) => return Err(e.into()),
+            answer => out.push(answer),
+        }
+    }
+    Ok(out)
 }
 
 /// Applies one invalidation push: the keys it names, or everything (`FLUSHALL`,
