@@ -4,7 +4,8 @@
 # Installs what the tests need when it is missing (Debian/Ubuntu packages):
 # redis-server (with redis-cli), memcached, openssl for the TLS test,
 # chromium + chromium-driver for the browser test, postgresql and
-# postgresql-client for the outbox tests. The tests start their own
+# postgresql-client for the outbox tests, varnish + varnish-modules
+# (vmod xkey) for the Varnish tests. The tests start their own
 # servers on free loopback ports; nothing is left running.
 set -euo pipefail
 # (pipefail: a failing `cargo test` fails the script even through `tee`.)
@@ -17,6 +18,9 @@ command -v memcached >/dev/null 2>&1 || need+=(memcached)
 command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
+command -v varnishd >/dev/null 2>&1 || need+=(varnish)
+# vmod xkey (the repo's deploy/varnish/icache.vcl imports it).
+ls /usr/lib/*/varnish/vmods/libvmod_xkey.so >/dev/null 2>&1 || need+=(varnish-modules)
 # PostgreSQL for icache::db (the server's binaries live in
 # /usr/lib/postgresql/*/bin, off PATH; the tests run them as its postgres user).
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)

@@ -168,11 +168,13 @@ pub fn run(options: &Options) -> Result<PathBuf, Error> {
 
     progress("6/6 bytes on the wire per hit");
     let wire = sections::wire(&servers);
-    progress("7/8 bumps from the database (outbox, relay)");
+    progress("7/9 bumps from the database (outbox, relay)");
     let outbox = sections::outbox(&servers, &settings);
-    progress("8/8 a bump under load (several processes)");
+    progress("8/9 a bump under load (several processes)");
     let bump = sections::bump_under_load(&servers, &options.exe, options.quick);
-    let sections = [hit_vs_render, bare, growth, pages, memory, wire, outbox, bump];
+    progress("9/9 pages at the edge (Varnish, 304s, bump to fresh)");
+    let edge = sections::edge(&settings, options.quick);
+    let sections = [hit_vs_render, bare, growth, pages, memory, wire, outbox, bump, edge];
     let report = assemble(options, &settings, &sections, &servers, started.elapsed());
     if let Some(dir) = options.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::Write(dir.to_path_buf(), e))?;

@@ -34,6 +34,8 @@ pub struct Client {
     line: Vec<u8>,
     /// The last response body (reused between requests).
     pub body: Vec<u8>,
+    /// Extra request header lines, each ending in `\r\n`.
+    pub headers: String,
 }
 
 impl Client {
@@ -44,6 +46,7 @@ impl Client {
             conn: None,
             line: Vec::new(),
             body: Vec::new(),
+            headers: String::new(),
         }
     }
 
@@ -69,7 +72,11 @@ impl Client {
         let Some((reader, writer)) = self.conn.as_mut() else {
             return Err(bad("not connected"));
         };
-        write!(writer, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")?;
+        write!(
+            writer,
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{}\r\n",
+            self.headers
+        )?;
         let line = &mut self.line;
         let mut next_line = |reader: &mut BufReader<TcpStream>| -> io::Result<String> {
             line.clear();
@@ -103,7 +110,9 @@ impl Client {
             }
         }
         self.body.clear();
-        if chunked {
+        if status == 304 || status == 204 || status < 200 {
+            // No body, whatever the headers say (RFC 9112 §6.3).
+        } else if chunked {
             loop {
                 let size_line = next_line(reader)?;
                 let size =
@@ -140,6 +149,22 @@ pub fn run(
     warmup: Duration,
     duration: Duration,
 ) -> io::Result<Load> {
+    let requests: Vec<(String, String)> =
+        paths.iter().map(|p| (p.clone(), String::new())).collect();
+    run_requests(port, clients, &requests, 200, warmup, duration)
+}
+
+/// [`run`] over (path, extra header lines) pairs, each answer expected to
+/// have status `expect` (304 for revalidations).
+pub fn run_requests(
+    port: u16,
+    clients: usize,
+    requests: &[(String, String)],
+    expect: u16,
+    warmup: Duration,
+    duration: Duration,
+) -> io::Result<Load> {
+    let paths = requests;
     let go = Barrier::new(clients);
     let results: Vec<io::Result<(u64, Vec<u64>)>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..clients)
@@ -158,11 +183,14 @@ pub fn run(
                         if sent >= until {
                             break;
                         }
-                        let path = &paths[next % paths.len()];
+                        let (path, headers) = &paths[next % paths.len()];
                         next += 1;
+                        if client.headers != *headers {
+                            client.headers.clone_from(headers);
+                        }
                         let status = client.get(path)?;
-                        if status != 200 {
-                            return Err(bad(format!("GET {path} answered {status}")));
+                        if status != expect {
+                            return Err(bad(format!("GET {path} answered {status}, not {expect}")));
                         }
                         let now = Instant::now();
                         // Only requests sent and answered inside the window.

@@ -123,6 +123,7 @@ fn check_report(report: &str) {
         "## 5. Memory per entry",
         "## 6. Bytes on the wire per hit",
         "## 7. Bumps from the database",
+        "## 9. Pages at the edge",
         "## Missed targets",
     ] {
         assert!(
@@ -199,6 +200,21 @@ fn check_report(report: &str) {
     }
     // 5. Memory per entry (quick_cache alone has no "charged" figure).
     check_row(report, "icache fragment (`fragment`)", 5, false);
+    // 7. Pages at the edge.
+    check_row(report, "user page through Varnish (Varnish hit)", 4, false);
+    check_row(
+        report,
+        "user page straight from the app (block hits)",
+        4,
+        false,
+    );
+    check_row(report, "304 from the layer (handler not run)", 4, false);
+    check_row(
+        report,
+        "`incr` returned → first GET showing the new data",
+        2,
+        false,
+    );
     check_row(report, "icache `set_versioned`", 5, false);
     check_row(report, "quick_cache alone (`String` → `Arc<str>`)", 5, true);
     // 6. Bytes on the wire: the body on every hit with near=off, a few
@@ -231,11 +247,11 @@ fn check_report(report: &str) {
     // Every target, once in the summary and once in its section, each with
     // a plain verdict and the measured ratio.
     let targets: Vec<&str> = report.lines().filter(|l| l.contains("target: ")).collect();
-    // Section 7 has 6 targets, none when PostgreSQL is missing (outside CI).
+    // Section 9 has 3 targets; section 7 has 6, none when PostgreSQL is missing (outside CI).
     let expected = if report.contains("## 7. Bumps from the database\n\nSkipped") {
-        28
+        34
     } else {
-        40
+        46
     };
     assert_eq!(
         targets.len(),

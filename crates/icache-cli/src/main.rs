@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! icache [--url URL] bump TOKEN...      # prints `TOKEN NEW_GENERATION` per token
+//!        [--purge-url URL]              #   then purges the proxy's pages of them (ICACHE_PURGE_URL)
 //! icache [--url URL] version TOKEN...   # `TOKEN GENERATION` per token, then `version SUM`
 //! icache [--url URL] get KEY            # the plain value stored by `set()`, as is
 //! icache [--url URL] stats              # `backend`, `url`, then the server's counters
@@ -88,6 +89,17 @@ enum Command {
         /// Tokens to bump, e.g. `movies user:42`.
         #[arg(required = true, value_name = "TOKEN")]
         tokens: Vec<String>,
+        /// After the bump, purge the pages of these tokens at the proxy in
+        /// front of the site: http://HOST:PORT (Varnish with the repo's
+        /// VCL), fastly://SERVICE?token=…, cloudflare://ZONE?token=…. Without
+        /// it a proxy keeps serving those pages.
+        #[arg(
+            long,
+            value_name = "URL",
+            env = "ICACHE_PURGE_URL",
+            hide_env_values = true
+        )]
+        purge_url: Option<String>,
     },
     /// Print each token's generation (`TOKEN GENERATION`), then the version
     /// of the set, their wrapping sum, as `version SUM`. A token seen for the
@@ -132,6 +144,8 @@ enum Failure {
     Cache(icache::Error),
     Usage(String),
     NotFound(String),
+    /// Bumped, but the proxy could not be purged.
+    Purge(String),
     Output(io::Error),
 }
 
@@ -168,6 +182,10 @@ fn main() -> ExitCode {
         Err(Failure::Usage(message)) => {
             complain(&message);
             ExitCode::from(EXIT_USAGE)
+        }
+        Err(Failure::Purge(message)) => {
+            complain(&message);
+            ExitCode::from(EXIT_BACKEND)
         }
         Err(Failure::NotFound(key)) => {
             complain(&format!("not found: {}", quoted(&key)));
@@ -207,11 +225,27 @@ fn run(cli: &Cli) -> Result<(), Failure> {
     }
     let mut out = io::stdout().lock();
     match &cli.command {
-        Command::Bump { tokens } => {
+        Command::Bump { tokens, purge_url } => {
             let tokens = as_strs(tokens);
+            // Checked before the bump: a typo must not leave a bump unpurged.
+            let purger = match purge_url.as_deref().map(str::trim) {
+                Some(url) if !url.is_empty() => Some(
+                    icache_http::Purger::from_url(url)
+                        .map_err(|e| Failure::Usage(format!("--purge-url: {e}")))?,
+                ),
+                _ => None,
+            };
             let generations = cache.incr_many(&tokens)?;
             for (token, generation) in tokens.iter().zip(generations) {
                 writeln!(out, "{} {generation}", quoted(token))?;
+            }
+            if let Some(purger) = purger {
+                out.flush()?;
+                purger.purge(&tokens).map_err(|e| {
+                    Failure::Purge(format!(
+                        "bumped, but the proxy's pages were not purged (run the bump again): {e}"
+                    ))
+                })?;
             }
         }
         Command::Version { tokens } => {

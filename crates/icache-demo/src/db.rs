@@ -211,9 +211,15 @@ impl Db {
 
     /// Starts the in-process relay that moves the outbox's bumps to `cache`
     /// (once; later calls do nothing).
-    pub fn start_relay(&self, cache: ICache) -> Result<(), DbError> {
+    pub fn start_relay(
+        &self,
+        cache: ICache,
+        after_bump: impl Fn(&[String]) -> Result<(), String> + Send + Sync + 'static,
+    ) -> Result<(), DbError> {
         if self.relay.get().is_none() {
-            let relay = Relay::builder(&self.url(), cache)?.spawn()?;
+            let relay = Relay::builder(&self.url(), cache)?
+                .after_bump(after_bump)
+                .spawn()?;
             // Lost a race with another caller: theirs runs, ours stops.
             let _ = self.relay.set(relay);
         }

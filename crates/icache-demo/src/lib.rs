@@ -11,6 +11,7 @@
 //! before the response (no bump in request code). The cache is in-process by default; `ICACHE_URL=redis://…` or
 //! `memcached://…` switches backends with no other change.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -22,6 +23,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use icache::ICache;
+use icache_http::{PageEvents, PageLayer, Purger};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use minijinja::value::Serde;
 use minijinja::{Environment, Value, context};
@@ -62,6 +64,10 @@ struct Inner {
     rated: Mutex<HashMap<i64, Rated>>,
     /// Movies per page of a user's list.
     per_page: i64,
+    /// ETags, surrogate keys and 304s for the pages.
+    pages: PageLayer,
+    /// Purges the proxy in front (`ICACHE_PURGE_URL`) after each bump.
+    purger: Arc<OnceLock<Purger>>,
 }
 
 /// The shared state of the site.
@@ -146,7 +152,16 @@ pub fn open_paged(
     let per_page = per_page.max(1);
     let prometheus = prometheus();
     let db = Arc::new(Db::open(data_dir)?);
-    db.start_relay(cache.clone())?;
+    let cache_for_pages = cache.clone();
+    // The relay purges the proxy after each batch it bumped (set later by
+    // `set_purger`): a purge that fails keeps the rows, so it is retried
+    // with them (at least once, as the bumps).
+    let purger: Arc<OnceLock<Purger>> = Arc::default();
+    let hook = purger.clone();
+    db.start_relay(cache.clone(), move |tokens: &[String]| match hook.get() {
+        Some(p) => p.purge(tokens).map_err(|e| e.to_string()),
+        None => Ok(()),
+    })?;
     let mut env = Environment::new();
     icache::minijinja::register(&mut env, cache.clone());
     // Templates go through icache's loader: the seed's {% icache %} syntax.
@@ -175,11 +190,16 @@ pub fn open_paged(
         prometheus,
         rated: Mutex::new(HashMap::new()),
         per_page,
+        pages: PageLayer::new(cache_for_pages),
+        purger,
     })))
 }
 
-/// The site's routes.
+/// The site's routes, behind [`PageLayer`]: pages get an ETag and
+/// surrogate keys, and a revalidation whose tokens did not move is answered
+/// `304` before the handler runs.
 pub fn app(state: AppState) -> Router {
+    let pages = state.0.pages.clone();
     Router::new()
         .route("/", get(index))
         .route("/users/{id}", get(user_page))
@@ -187,7 +207,27 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(hand_over_events))
+        .layer(pages)
         .with_state(state)
+}
+
+// TEMPORARY (until icache::observe_async sees blocks rendered in
+// spawn_blocking): the page's renders run on the blocking pool, so what
+// their blocks did is handed to the layer through the request's
+// PageEvents: task-local here, thread-local in `blocking`.
+tokio::task_local! {
+    static PAGE_EVENTS: PageEvents;
+}
+thread_local! {
+    static HANDED: RefCell<Option<PageEvents>> = const { RefCell::new(None) };
+}
+
+async fn hand_over_events(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    match req.extensions().get::<PageEvents>().cloned() {
+        Some(events) => PAGE_EVENTS.scope(events, next.run(req)).await,
+        None => next.run(req).await,
+    }
 }
 
 /// Serves the site on `listener` until the process is stopped.
@@ -280,6 +320,34 @@ impl BlockView {
 }
 
 impl AppState {
+    /// Purges the proxy in front of the site after every bump (Varnish at
+    /// `ICACHE_PURGE_URL`). Set once; `false` if one was already set.
+    pub fn set_purger(&self, purger: Purger) -> bool {
+        self.0.purger.set(purger).is_ok()
+    }
+
+    /// The page layer (its counters).
+    pub fn pages(&self) -> &PageLayer {
+        &self.0.pages
+    }
+
+    /// Bumps `tokens` after a commit, then purges their pages at the proxy.
+    /// A purge that fails is logged, counted and sent again with the next
+    /// one; the bump's own failure is the caller's to report.
+    ///
+    /// # Errors
+    ///
+    /// The bump's error.
+    pub fn bump(&self, tokens: &[&str]) -> icache::Result<Vec<u64>> {
+        let gens = self.0.cache.incr_many(tokens)?;
+        if let Some(purger) = self.0.purger.get()
+            && let Err(e) = purger.purge(tokens)
+        {
+            tracing::error!(error = %e, "bumped, but the proxy could not be purged yet");
+        }
+        Ok(gens)
+    }
+
     /// The database (for tests and tools).
     pub fn db(&self) -> &Db {
         &self.0.db
@@ -351,6 +419,11 @@ impl AppState {
                 .get_template(template)
                 .and_then(|t| t.render(ctx))
         });
+        HANDED.with(|h| {
+            if let Some(h) = h.borrow().as_ref() {
+                h.record(events.iter().cloned());
+            }
+        });
         page.and_then(|page| Ok(page.replacen(PANEL_MARK, &self.panel(&events)?, 1)))
             .map_err(|e| {
                 tracing::error!(error = %e, template, "render failed");
@@ -366,7 +439,15 @@ impl AppState {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, PageError> + Send + 'static,
 ) -> Result<T, PageError> {
-    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+    let handed = PAGE_EVENTS.try_with(Clone::clone).ok();
+    tokio::task::spawn_blocking(move || {
+        HANDED.with(|h| *h.borrow_mut() = handed);
+        let out = f();
+        HANDED.with(|h| *h.borrow_mut() = None);
+        out
+    })
+    .await
+    .unwrap_or_else(|e| {
         Err(PageError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             format!("worker failed: {e}"),
@@ -408,9 +489,9 @@ async fn user_page(
     State(state): State<AppState>,
     UrlPath(id): UrlPath<String>,
     Query(query): Query<PageQuery>,
-) -> Result<Html<String>, ErrorPage> {
+) -> Result<Response, ErrorPage> {
     let s = state.clone();
-    let html = blocking(move || {
+    let (html, flashed) = blocking(move || {
         let user = parse_user(&s, &id)?;
         let rated_count = s.0.db.rated_count(user.id).map_err(db_error)?;
         let per_page = s.0.per_page;
@@ -435,14 +516,20 @@ async fn user_page(
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&user.id);
+        let flashed = rated.is_some();
         s.render(
             "user.html",
             context! { user => Serde(user), rated => Serde(rated), page, pages, rated_count },
         )
+        .map(|html| (html, flashed))
     })
     .await
     .map_err(|e| ErrorPage(e, Some(state.clone())))?;
-    Ok(Html(html))
+    // "You rated …" is for this one response: no cache may keep it.
+    if flashed {
+        return Ok(([(header::CACHE_CONTROL, "no-store")], Html(html)).into_response());
+    }
+    Ok(Html(html).into_response())
 }
 
 /// The rating form. Fields are strings so that a malformed post gets our own

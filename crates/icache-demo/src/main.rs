@@ -2,7 +2,10 @@
 //!
 //! Flags (or environment): `--addr` (`ICACHE_DEMO_ADDR`, default
 //! 127.0.0.1:3000), `--data-dir` (`ICACHE_DEMO_DATA`, default `./data`), and
-//! `--cache-url` (`ICACHE_URL`) for the cache (default: in-process).
+//! `--cache-url` (`ICACHE_URL`) for the cache (default: in-process), and
+//! `--purge-url` (`ICACHE_PURGE_URL`) for the proxy in front to purge after
+//! each bump (Varnish: `http://127.0.0.1:PORT`; see
+//! `icache_http::Purger::from_url`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,6 +26,11 @@ struct Args {
     /// Cache URL: memory://, redis://…, memcached://… (default: in-process).
     #[arg(long, env = "ICACHE_URL")]
     cache_url: Option<String>,
+    /// Proxy to purge after each bump: http://127.0.0.1:PORT (Varnish with
+    /// deploy/varnish/icache.vcl), fastly://SERVICE?token=…,
+    /// cloudflare://ZONE?token=… (default: none).
+    #[arg(long, env = "ICACHE_PURGE_URL")]
+    purge_url: Option<String>,
 }
 
 #[tokio::main]
@@ -66,6 +74,18 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(url) = args.purge_url.as_deref().filter(|u| !u.trim().is_empty()) {
+        match icache_http::Purger::from_url(url.trim()) {
+            Ok(purger) => {
+                tracing::info!("purging {url} after each bump");
+                state.set_purger(purger);
+            }
+            Err(e) => {
+                eprintln!("icache-demo: ICACHE_PURGE_URL: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let listener = match tokio::net::TcpListener::bind(args.addr).await {
         Ok(l) => l,
         Err(e) => {

@@ -69,6 +69,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod varnish;
+pub use varnish::{VarnishServer, repo_vcl};
 mod postgres;
 pub use postgres::PostgresServer;
 mod sentinel;

@@ -32,40 +32,57 @@
 //! page is byte for byte what it is without the cache. A block is identified
 //! by its template type, its name and its tokens; blocks inside it add their
 //! tokens to it, and everything else is as for [`ICache::fragment`].
+//!
+//! ## In an async handler
+//!
+//! [`Cached`] is `Send` and takes owned tokens (`vec![…]`, `[String; N]`,
+//! see [`Tokens`]), so a page can be built, held across an `.await` and
+//! rendered in the handler. Rendering is sync: on `memory://` it never
+//! blocks; on Redis or memcached each block is a round trip that blocks
+//! the executor's thread, so render in `tokio::task::spawn_blocking`
+//! inside [`Scope::run`](crate::Scope::run) (the blocks then still report
+//! to the task's [`observe_async`](crate::observe_async) and enclosing
+//! [`fragment_async`](ICache::fragment_async)); the README shows it.
+//!
+//! Tested with Askama 0.16.
 
 use std::fmt;
 
 use askama::filters::HtmlSafe;
 use askama::{FastWritable, Template, Values};
 
-use crate::ICache;
 use crate::fragment::Html;
+use crate::{ICache, Tokens};
 
 /// A cached sub-template: see the [module docs](self).
+///
+/// `Send` (and `Sync`): a page holding it can be built, moved across an
+/// `.await` and rendered in an async handler.
 pub struct Cached<'a, T> {
     cache: &'a ICache,
     name: &'a str,
-    tokens: &'a [&'a str],
-    make: Box<dyn Fn() -> T + 'a>,
+    tokens: Tokens<'a>,
+    make: Box<dyn Fn() -> T + Send + Sync + 'a>,
     stale: Option<bool>,
 }
 
-/// A block named `name` with `tokens`, whose HTML is the template `make()`
-/// returns, rendered only on a miss.
+/// A block named `name` with `tokens` (borrowed, `&["movies", &user_id]`,
+/// or owned, `vec![…]`, `[String; N]`: see [`Tokens`]), whose HTML is the
+/// template `make()` returns, rendered only on a miss.
 pub fn cached<'a, T, F>(
     cache: &'a ICache,
     name: &'a str,
-    tokens: &'a [&'a str],
+    tokens: impl Into<Tokens<'a>>,
     make: F,
 ) -> Cached<'a, T>
 where
     T: Template,
-    F: Fn() -> T + 'a,
+    F: Fn() -> T + Send + Sync + 'a,
 {
     Cached {
         cache,
         name,
-        tokens,
+        tokens: tokens.into(),
         make: Box::new(make),
         stale: None,
     }
@@ -83,11 +100,13 @@ impl<T: Template> Cached<'_, T> {
 
     fn html(&self, values: &dyn Values) -> askama::Result<Html> {
         crate::lease::choose_for_next_block(self.stale);
-        self.cache.block_html(
-            &["askama", std::any::type_name::<T>(), self.name],
-            self.tokens,
-            || (self.make)().render_with_values(values),
-        )
+        self.tokens.with(|tokens| {
+            self.cache.block_html(
+                &["askama", std::any::type_name::<T>(), self.name],
+                tokens,
+                || (self.make)().render_with_values(values),
+            )
+        })
     }
 }
 

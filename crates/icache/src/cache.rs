@@ -12,10 +12,15 @@ use crate::codec::{Entry, Payload};
 use crate::config::{Config, Target};
 use crate::core::Core;
 use crate::error::{Error, Result};
-use crate::fragment::{AsyncRole, Blocks, Html, Lookup, Output, fragment_name, leading};
+use crate::fragment::{
+    AsyncRole, Blocks, FOLLOWER_WAIT, Html, Lookup, Miss, PooledName, Rendered, SharedFrame, Strs,
+    as_strs, emit_block, in_frame, leading, report, report_unknown, split_name,
+};
 use crate::keys::Key;
 use crate::near::{Kind, Near};
+use crate::observe::Outcome;
 use crate::stats::{Event, Stats};
+use std::sync::PoisonError;
 
 /// A stored value as it was stored: text or bytes
 /// ([`ICache::get_versioned_value`]).
@@ -846,35 +851,91 @@ impl ICache {
         tokens: &[T],
         render: impl FnOnce() -> Result<String, E>,
     ) -> Result<String, E> {
-        with_strs(tokens, |tokens| {
-            self.block(&["named", name], tokens, render)
-        })
+        let (mut buf, mut heap) = ([""; 16], Vec::new());
+        let tokens = as_strs(tokens, &mut buf, &mut heap);
+        self.block(&["named", name], tokens, render)
+    }
+
+    /// [`fragment`](Self::fragment), handing out the stored text itself:
+    /// on a hit an `Arc<str>` shared with the cache, no copy. The cheapest
+    /// hit, for callers that only write the text out (a response body,
+    /// another template's output).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::memory();
+    /// let render = || Ok::<_, std::fmt::Error>("<ul/>".to_string());
+    /// let first = cache.fragment_arc("list", &["movies"], render)?;
+    /// let hit = cache.fragment_arc("list", &["movies"], render)?;
+    /// assert_eq!(&*hit, "<ul/>");
+    /// assert!(std::sync::Arc::ptr_eq(&hit, &cache.fragment_arc("list", &["movies"], render)?));
+    /// # let _ = first;
+    /// # Ok::<(), std::fmt::Error>(())
+    /// ```
+    pub fn fragment_arc<E, T: AsRef<str>>(
+        &self,
+        name: &str,
+        tokens: &[T],
+        render: impl FnOnce() -> Result<String, E>,
+    ) -> Result<Arc<str>, E> {
+        let (mut buf, mut heap) = ([""; 16], Vec::new());
+        Ok(
+            match self.block_html(
+                &["named", name],
+                as_strs(tokens, &mut buf, &mut heap),
+                render,
+            )? {
+                Html::Cached(html) => html,
+                Html::Rendered(html) => Arc::from(html),
+            },
+        )
     }
 
     /// The async form of [`fragment`](Self::fragment), for a body that awaits.
     ///
-    /// The lookup and the store run off the executor (or inline on the memory
-    /// backend): the executor is never blocked. Concurrent misses of the same
-    /// block are merged as in the sync API: one task renders, the others wait
-    /// (without blocking a thread) and take its output; a task that is itself
-    /// rendering an async block never waits for another one (it renders), so
-    /// async blocks nested in each other cannot deadlock.
+    /// A hit that needs no I/O (the memory backend, a near copy confirmed by
+    /// the `near=tracking` table) runs inline on the calling task; a lookup
+    /// or a store that talks to a network backend runs on tokio's blocking
+    /// pool, so the executor is never blocked. Concurrent misses of the same
+    /// block are merged as in the sync API: one task renders, the others
+    /// wait (without blocking a thread, at most 10 s) and take its output; a
+    /// task that is itself rendering an async block never waits for another
+    /// one (it renders), so async blocks nested in each other cannot
+    /// deadlock.
+    ///
+    /// Blocks rendered inside the body, async or sync, on whichever thread
+    /// each poll of the body runs (and in [`minijinja::render_async`]), add
+    /// their tokens to this one's, as in the sync API; an inner block that
+    /// fails keeps this one from being stored.
     ///
     /// Identified like [`fragment`](Self::fragment): `name` and tokens (the
     /// sync and the async form of one name share entries).
+    ///
+    /// [`minijinja::render_async`]: crate::minijinja::render_async
     ///
     /// # Example
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
     /// # async fn main() -> Result<(), std::fmt::Error> {
-    /// # async fn render_list_async() -> Result<String, std::fmt::Error> { Ok("<ul/>".into()) }
+    /// # async fn load_movies() -> Vec<String> { vec!["Alien".into()] }
     /// let cache = icache::ICache::memory();
     /// let user_id = "42".to_string();
-    /// let html = cache
-    ///     .fragment_async("movie-list", &["movies", &user_id], || async { render_list_async().await })
-    ///     .await?;
-    /// assert_eq!(html, "<ul/>");
+    /// let page = || cache.fragment_async("page", &["page"], || async {
+    ///     let list = cache
+    ///         .fragment_async("movie-list", &["movies", &user_id], || async {
+    ///             Ok::<_, std::fmt::Error>(format!("<ul>{}</ul>", load_movies().await.len()))
+    ///         })
+    ///         .await?;
+    ///     Ok::<_, std::fmt::Error>(format!("<main>{list}</main>"))
+    /// });
+    /// assert_eq!(page().await?, "<main><ul>1</ul></main>");
+    /// // The outer block depends on the inner one's tokens too.
+    /// cache.incr_async("movies").await.map_err(|_| std::fmt::Error)?;
+    /// let (html, events) = icache::observe_async(page()).await;
+    /// assert_eq!(html?, "<main><ul>1</ul></main>");
+    /// assert_eq!(events.last().map(|e| e.outcome), Some(icache::Outcome::Stored));
     /// # Ok(()) }
     /// ```
     pub fn fragment_async<'a, E, F, Fut, T>(
@@ -889,100 +950,180 @@ impl ICache {
         Fut: Future<Output = Result<String, E>> + 'a,
         E: 'a,
     {
-        self.block_async(
-            vec!["named".to_owned(), name.to_owned()],
-            tokens.iter().map(|t| t.as_ref().to_owned()).collect(),
-            render,
-        )
+        // The block's name holds its identity and tokens: built now, it is
+        // all the future needs to own (the tokens need not outlive this call,
+        // and are read back from it without a copy).
+        // Keyed as the sync engine keys blocks (see `keyed`): the salt in the
+        // identity, the flush token among the tokens.
+        let name = self.keyed(&["named", name], Strs::of(tokens).get(), PooledName::new);
+        async move {
+            let (parts, count) = split_name(&name);
+            let (identity, tokens) = parts.get().split_at(count);
+            self.block_async(&name, identity, tokens, render).await
+        }
     }
 
-    /// The async engine: lookup and store off the executor, the body awaited
-    /// here, concurrent misses merged.
-    async fn block_async<E, F, Fut>(
+    /// The async engine: the lookup inline when it needs no I/O, otherwise
+    /// off the executor; the body awaited here in a frame of its own;
+    /// concurrent misses merged.
+    pub(crate) async fn block_async<E, F, Fut>(
         &self,
-        mut identity: Vec<String>,
-        mut tokens: Vec<String>,
+        name: &str,
+        identity: &[&str],
+        tokens: &[&str],
         render: F,
     ) -> Result<String, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<String, E>>,
     {
-        // Keyed as the sync engine keys blocks (see `keyed`).
-        if let Some(salt) = &self.inner.core.config.salt {
-            identity.splice(0..0, ["salt".to_owned(), salt.clone()]);
-        }
-        tokens.push(Self::FLUSH_TOKEN.to_owned());
-        let name = fragment_name(&borrowed(&identity), &borrowed(&tokens));
-        let counters = &self.inner.core.counters;
-        let lookup = {
-            let (name, tokens) = (name.clone(), tokens.clone());
-            self.off_executor_infallible(move |c| {
-                c.inner
-                    .blocks
-                    .lookup(&c.inner.core, &name, &borrowed(&tokens))
-            })
-            .await
+        let (core, blocks) = (&self.inner.core, &self.inner.blocks);
+        let counters = &core.counters;
+        let event = |outcome, version, invalidated, took, reads: &[(Box<str>, u64)]| {
+            emit_block(identity, tokens, outcome, version, invalidated, took, reads);
+        };
+        let lookup = match blocks.lookup_local(core, name, tokens) {
+            Some(lookup) => lookup,
+            None => {
+                let (name, tokens) = (name.to_owned(), owned(tokens));
+                self.off_executor_infallible(move |c| {
+                    c.inner
+                        .blocks
+                        .lookup(&c.inner.core, &name, &borrowed(&tokens))
+                })
+                .await
+            }
         };
         let miss = match lookup {
-            Lookup::Hit { html, .. } => {
+            Lookup::Hit {
+                html,
+                reads,
+                version,
+            } => {
                 counters.count(Event::Hit);
+                report(&reads);
+                event(Outcome::Hit, Some(version), false, None, &reads);
                 return Ok(html.to_string());
             }
             Lookup::Down => {
+                report_unknown();
                 let started = Instant::now();
                 let html = render().await;
-                counters.rendered(started.elapsed());
+                let took = started.elapsed();
+                counters.rendered(took);
+                event(Outcome::Uncached, None, false, Some(took), &[]);
                 return html;
             }
             Lookup::Miss(miss) => miss,
         };
         counters.count(Event::Miss);
-        let role = if self.inner.core.backend.stores() {
-            self.inner.blocks.async_flights.join((
-                name.clone(),
-                miss.own_version,
-                miss.instance.clone(),
-            ))
+        let invalidated = miss.invalidated;
+        let stores = core.backend.stores();
+        let role = if stores {
+            blocks
+                .async_flights
+                .join((name.to_owned(), miss.own_version, miss.instance.clone()))
         } else {
             // `none://`: never shared (see the sync engine).
             AsyncRole::Alone
         };
         let leader = match role {
             AsyncRole::Follower(flight) => {
-                if let Some(html) = flight.wait().await {
+                // As in the sync engine: the leader's output only if all it
+                // depends on is known and no nested token moved since.
+                if let Some(rendered) = flight.wait(FOLLOWER_WAIT).await
+                    && !rendered.unknown
+                    && self.still_current_async(tokens, &rendered).await
+                {
                     counters.count(Event::Shared);
-                    return Ok(html);
+                    rendered.report();
+                    event(
+                        Outcome::Shared,
+                        Some(rendered.version),
+                        invalidated,
+                        None,
+                        &rendered.reads,
+                    );
+                    return Ok(rendered.html.clone());
                 }
-                // The leader failed: render here.
+                // The leader failed, took too long, or is outdated: render here.
                 None
             }
             AsyncRole::Leader(guard) => Some(guard),
             AsyncRole::Alone => None,
         };
+        let frame = SharedFrame::default();
         let started = Instant::now();
-        let html = leading(render()).await?;
-        counters.rendered(started.elapsed());
-        let (own_version, instance) = (miss.own_version, miss.instance);
-        let stored = html.clone();
-        self.off_executor_infallible(move |c| {
-            c.inner.blocks.store_checked(
-                &c.inner.core,
-                &name,
-                &borrowed(&tokens),
-                Output {
-                    version: own_version,
-                    deps: &[],
-                    html: stored,
-                    instance,
-                },
-            );
-        })
-        .await;
+        let out = leading(in_frame(frame.clone(), render())).await;
+        let nested = std::mem::take(&mut *frame.lock().unwrap_or_else(PoisonError::into_inner));
+        let took = started.elapsed();
+        counters.rendered(took);
+        let html = match out {
+            Ok(html) => html,
+            Err(e) => {
+                // See the sync engine: a caught error leaves tokens unknown.
+                report_unknown();
+                drop(leader);
+                return Err(e);
+            }
+        };
+        let rendered = {
+            let (name, tokens) = (name.to_owned(), owned(tokens));
+            let Miss {
+                own,
+                own_version,
+                instance,
+                ..
+            } = miss;
+            self.off_executor_infallible(move |c| {
+                c.inner.blocks.rendered(
+                    &c.inner.core,
+                    &name,
+                    &borrowed(&tokens),
+                    (own, own_version, instance),
+                    nested,
+                    took,
+                    html,
+                )
+            })
+            .await
+        };
+        let rendered = Arc::new(rendered);
+        rendered.report();
         if let Some(guard) = leader {
-            guard.publish(Some(html.clone()));
+            guard.publish(Some(rendered.clone()));
         }
-        Ok(html)
+        let outcome = match (stores, rendered.not_stored) {
+            (false, _) => Outcome::Off,
+            (true, None) => Outcome::Stored,
+            (true, Some(why)) => Outcome::NotStored(why),
+        };
+        let reads: &[(Box<str>, u64)] = if stores { &rendered.reads } else { &[] };
+        event(
+            outcome,
+            Some(rendered.version),
+            invalidated,
+            Some(took),
+            reads,
+        );
+        Ok(rendered.html.clone())
+    }
+
+    /// [`Blocks::still_current`] without blocking the executor (no I/O at
+    /// all when the leader read no nested token).
+    async fn still_current_async(&self, tokens: &[&str], rendered: &Arc<Rendered>) -> bool {
+        let own = tokens.len();
+        if rendered.reads.len() <= own && rendered.reads.iter().all(|(t, _)| tokens.contains(&&**t))
+        {
+            return true;
+        }
+        let (tokens, rendered) = (owned(tokens), rendered.clone());
+        self.off_executor_infallible(move |c| {
+            c.inner
+                .blocks
+                .still_current(&c.inner.core, &borrowed(&tokens), &rendered.reads)
+        })
+        .await
     }
 
     /// The engine of every cached block: `identity` tells blocks apart,
@@ -1241,17 +1382,95 @@ fn borrowed(items: &[String]) -> Vec<&str> {
     items.iter().map(String::as_str).collect()
 }
 
-/// Runs `f` with `tokens` as `&[&str]`: on the stack for the usual handful
-/// (a hit allocates nothing), in a `Vec` beyond.
-pub(crate) fn with_strs<T: AsRef<str>, R>(tokens: &[T], f: impl FnOnce(&[&str]) -> R) -> R {
-    const ON_STACK: usize = 16;
-    if tokens.len() <= ON_STACK {
-        let mut buf = [""; ON_STACK];
-        for (slot, t) in buf.iter_mut().zip(tokens) {
-            *slot = t.as_ref();
+/// The tokens of a block built ahead of its render (Askama's and maud's
+/// `cached`): borrowed (`&["movies", &user_id]`, `&[String]`) or owned
+/// (`Vec<String>`, `[String; N]`), so a page that holds its blocks can be
+/// built in one place, moved (it is `Send`) and rendered in another.
+///
+/// # Example
+///
+/// ```
+/// let user_id = 42.to_string();
+/// let list = ["movies", user_id.as_str()];
+/// let borrowed = icache::Tokens::from(&list);
+/// let owned = icache::Tokens::from(vec!["movies".to_string(), user_id.clone()]);
+/// let array = icache::Tokens::from(["movies".to_string(), user_id.clone()]);
+/// assert_eq!(borrowed, owned);
+/// assert_eq!(owned, array);
+/// ```
+#[derive(Debug, Clone)]
+pub struct Tokens<'a>(TokensRepr<'a>);
+
+#[derive(Debug, Clone)]
+enum TokensRepr<'a> {
+    Strs(&'a [&'a str]),
+    Strings(&'a [String]),
+    Owned(Vec<String>),
+}
+
+impl Tokens<'_> {
+    /// Runs `f` with the tokens as `&[&str]` (no allocation for up to 20).
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&[&str]) -> R) -> R {
+        match &self.0 {
+            TokensRepr::Strs(t) => f(t),
+            TokensRepr::Strings(t) => f(as_strs(t, &mut [""; 16], &mut Vec::new())),
+            TokensRepr::Owned(t) => f(as_strs(t, &mut [""; 16], &mut Vec::new())),
         }
-        f(&buf[..tokens.len()])
-    } else {
-        f(&tokens.iter().map(AsRef::as_ref).collect::<Vec<&str>>())
+    }
+}
+
+impl PartialEq for Tokens<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.with(|a| other.with(|b| a == b))
+    }
+}
+
+impl Eq for Tokens<'_> {}
+
+impl<'a> From<&'a [&'a str]> for Tokens<'a> {
+    fn from(t: &'a [&'a str]) -> Self {
+        Tokens(TokensRepr::Strs(t))
+    }
+}
+
+impl<'a, const N: usize> From<&'a [&'a str; N]> for Tokens<'a> {
+    fn from(t: &'a [&'a str; N]) -> Self {
+        Tokens(TokensRepr::Strs(t))
+    }
+}
+
+impl<'a> From<&'a Vec<&'a str>> for Tokens<'a> {
+    fn from(t: &'a Vec<&'a str>) -> Self {
+        Tokens(TokensRepr::Strs(t))
+    }
+}
+
+impl<'a> From<&'a [String]> for Tokens<'a> {
+    fn from(t: &'a [String]) -> Self {
+        Tokens(TokensRepr::Strings(t))
+    }
+}
+
+impl<'a, const N: usize> From<&'a [String; N]> for Tokens<'a> {
+    fn from(t: &'a [String; N]) -> Self {
+        Tokens(TokensRepr::Strings(t))
+    }
+}
+
+impl<'a> From<&'a Vec<String>> for Tokens<'a> {
+    fn from(t: &'a Vec<String>) -> Self {
+        Tokens(TokensRepr::Strings(t))
+    }
+}
+
+impl From<Vec<String>> for Tokens<'_> {
+    fn from(t: Vec<String>) -> Self {
+        Tokens(TokensRepr::Owned(t))
+    }
+}
+
+impl<const N: usize> From<[String; N]> for Tokens<'_> {
+    fn from(t: [String; N]) -> Self {
+        Tokens(TokensRepr::Owned(t.into()))
     }
 }

@@ -224,6 +224,11 @@ impl Core {
         self.backend.name()
     }
 
+    /// Bumps wait to be replayed (their replay is I/O): one atomic load.
+    pub(crate) fn has_pending(&self) -> bool {
+        self.pending.has.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// The memory and `none://` backends: no I/O, nothing ever blocks.
     pub(crate) fn is_in_process(&self) -> bool {
         matches!(self.backend_name(), "memory" | "none")

@@ -35,43 +35,116 @@ type Reads = Vec<(Box<str>, u64)>;
 
 /// What one render learned from the blocks nested in it.
 #[derive(Default)]
-struct Nested {
+pub(crate) struct Nested {
     reads: Reads,
-    /// A nested block could not read its generations (backend trouble): the
-    /// enclosing output depends on tokens nobody recorded, so it must not be
-    /// stored. Without this an outer block could be cached with no way to be
-    /// invalidated by its inner tokens.
+    /// A nested block could not read its generations (backend trouble), or
+    /// ended in an error or a panic: the enclosing output depends on tokens
+    /// nobody recorded, so it must not be stored. Without this an outer
+    /// block could be cached with no way to be invalidated by its inner
+    /// tokens.
     unknown: bool,
 }
 
-thread_local! {
-    static FRAMES: RefCell<Vec<Nested>> = const { RefCell::new(Vec::new()) };
+impl Nested {
+    #[cfg(feature = "tera")]
+    fn absorb(&mut self, other: Nested) {
+        self.reads.extend(other.reads);
+        self.unknown |= other.unknown;
+    }
 }
 
-/// The longest a reader waits for another thread's render of the same block
-/// before it renders the block itself. Only a pathological render takes this
-/// long; the bound makes sure no wait is unbounded even when the leader is
-/// blocked on something the waiting thread holds (a database lock, say),
-/// which no cycle check inside icache can see.
-const FOLLOWER_WAIT: Duration = Duration::from_secs(10);
+/// A render collecting what its nested blocks read: a sync body's own
+/// frame, or an async body's, shared because the body moves between threads
+/// at every `.await` (it is pushed on the polling thread for each poll).
+pub(crate) type SharedFrame = Arc<Mutex<Nested>>;
+
+enum Slot {
+    Own(Nested),
+    Shared(SharedFrame),
+}
+
+thread_local! {
+    /// The renders in progress on this thread, innermost last. An async
+    /// block's frame is on it only while its body is being polled, so the
+    /// top is always the render the code running now is part of.
+    static FRAMES: RefCell<Vec<Slot>> = const { RefCell::new(Vec::new()) };
+}
+
+fn lock(frame: &SharedFrame) -> std::sync::MutexGuard<'_, Nested> {
+    frame.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Runs `f` on the innermost render's frame, if there is one.
+fn with_top(f: impl FnOnce(&mut Nested)) {
+    FRAMES.with(|frames| match frames.borrow_mut().last_mut() {
+        Some(Slot::Own(nested)) => f(nested),
+        Some(Slot::Shared(shared)) => f(&mut lock(shared)),
+        None => {}
+    });
+}
+
+/// The longest a reader waits for another thread's (or task's) render of
+/// the same block before it renders the block itself. Only a pathological
+/// render takes this long; the bound makes sure no wait is unbounded even
+/// when the leader is blocked on something the waiting thread holds (a
+/// database lock, say), which no cycle check inside icache can see.
+pub(crate) const FOLLOWER_WAIT: Duration = Duration::from_secs(10);
 
 /// Tells the enclosing render (if any) which generations this block depends on.
-fn report(reads: &[(Box<str>, u64)]) {
-    FRAMES.with(|f| {
-        if let Some(top) = f.borrow_mut().last_mut() {
-            top.reads.extend(reads.iter().cloned());
-        }
-    });
+pub(crate) fn report(reads: &[(Box<str>, u64)]) {
+    if !reads.is_empty() {
+        with_top(|top| top.reads.extend(reads.iter().cloned()));
+    }
 }
 
 /// Tells the enclosing render (if any) that this block's dependencies are
 /// unknown, so the enclosing output must not be stored.
-fn report_unknown() {
-    FRAMES.with(|f| {
-        if let Some(top) = f.borrow_mut().last_mut() {
-            top.unknown = true;
+pub(crate) fn report_unknown() {
+    with_top(|top| top.unknown = true);
+}
+
+/// The innermost render's frame, shared, for work that continues on another
+/// thread (`spawn_blocking`): `None` outside a render, or inside a sync
+/// body (it cannot be waited across threads).
+pub(crate) fn current_shared() -> Option<SharedFrame> {
+    FRAMES.with(|frames| match frames.borrow().last() {
+        Some(Slot::Shared(shared)) => Some(shared.clone()),
+        _ => None,
+    })
+}
+
+/// Puts `frame` on this thread's stack until dropped (one poll of an async
+/// body, or a closure run on a blocking thread for it). If what ran panics,
+/// the render around it learns that its dependencies are unknown: whoever
+/// catches the panic writes something else in its place.
+pub(crate) struct Entered(());
+
+impl Entered {
+    pub(crate) fn enter(frame: SharedFrame) -> Entered {
+        FRAMES.with(|frames| frames.borrow_mut().push(Slot::Shared(frame)));
+        Entered(())
+    }
+}
+
+impl Drop for Entered {
+    fn drop(&mut self) {
+        FRAMES.with(|frames| frames.borrow_mut().pop());
+        if thread::panicking() {
+            report_unknown();
         }
-    });
+    }
+}
+
+/// Polls `body` with `frame` as the innermost render: the blocks it renders
+/// (async ones, and sync ones called from it) report to `frame`, on
+/// whichever thread each poll runs.
+pub(crate) async fn in_frame<F: Future>(frame: SharedFrame, body: F) -> F::Output {
+    let mut body = std::pin::pin!(body);
+    std::future::poll_fn(|cx| {
+        let _entered = Entered::enter(frame.clone());
+        body.as_mut().poll(cx)
+    })
+    .await
 }
 
 /// A frame for the blocks nested in one render; popped on drop (even on panic).
@@ -81,39 +154,48 @@ struct Frame {
 
 impl Frame {
     fn push() -> Frame {
-        FRAMES.with(|f| f.borrow_mut().push(Nested::default()));
+        FRAMES.with(|f| f.borrow_mut().push(Slot::Own(Nested::default())));
         Frame { done: false }
     }
     fn finish(mut self) -> Nested {
         self.done = true;
-        FRAMES.with(|f| f.borrow_mut().pop()).unwrap_or_default()
+        match FRAMES.with(|f| f.borrow_mut().pop()) {
+            Some(Slot::Own(nested)) => nested,
+            Some(Slot::Shared(shared)) => std::mem::take(&mut *lock(&shared)),
+            None => Nested::default(),
+        }
     }
 }
 
 impl Drop for Frame {
     fn drop(&mut self) {
         if !self.done {
+            // The body panicked. Whoever catches the panic (an enclosing
+            // body's `catch_unwind`) renders something in its place that
+            // depends on tokens nobody recorded: the enclosing output must
+            // not be stored.
             FRAMES.with(|f| f.borrow_mut().pop());
+            report_unknown();
         }
     }
 }
 
 /// What a leader's render produced, shared with the threads that waited.
-struct Rendered {
-    html: String,
-    reads: Reads,
+pub(crate) struct Rendered {
+    pub(crate) html: String,
+    pub(crate) reads: Reads,
     /// Some nested dependency is unknown (see [`Nested::unknown`]).
-    unknown: bool,
+    pub(crate) unknown: bool,
     /// The version it was rendered for (own and nested tokens).
-    version: u64,
+    pub(crate) version: u64,
     /// `None`: stored; otherwise why not.
-    not_stored: Option<NotStored>,
-    took: Duration,
+    pub(crate) not_stored: Option<NotStored>,
+    pub(crate) took: Duration,
 }
 
 impl Rendered {
     /// Passes what this render depends on to the enclosing render.
-    fn report(&self) {
+    pub(crate) fn report(&self) {
         report(&self.reads);
         if self.unknown {
             report_unknown();
@@ -305,13 +387,16 @@ tokio::task_local! {
 pub(crate) struct AsyncFlight {
     /// `None` while rendering; `Some(None)` if the leader failed or was
     /// dropped.
-    outcome: Mutex<Option<Option<String>>>,
+    outcome: Mutex<Option<Option<Arc<Rendered>>>>,
     done: tokio::sync::Notify,
 }
 
 impl AsyncFlight {
-    /// The leader's output, or `None` if it failed.
-    pub(crate) async fn wait(&self) -> Option<String> {
+    /// The leader's render, or `None` if it failed or took longer than
+    /// `limit` (the wait is bounded by [`timer`], which needs no runtime
+    /// timer: it holds under any executor).
+    pub(crate) async fn wait(&self, limit: Duration) -> Option<Arc<Rendered>> {
+        let deadline = Instant::now() + limit;
         loop {
             // Registered before the outcome is looked at, so a publish in
             // between is not missed.
@@ -320,7 +405,20 @@ impl AsyncFlight {
             if let Some(outcome) = &*self.outcome.lock().unwrap_or_else(PoisonError::into_inner) {
                 return outcome.clone();
             }
-            notified.await;
+            let mut late = std::pin::pin!(timer::at(deadline));
+            let published = std::future::poll_fn(|cx| {
+                if notified.as_mut().poll(cx).is_ready() {
+                    return std::task::Poll::Ready(true);
+                }
+                late.as_mut().poll(cx).map(|()| false)
+            })
+            .await;
+            if !published {
+                tracing::warn!(
+                    "icache: gave up waiting for another task's render of the same block after {limit:?}; rendering it here"
+                );
+                return None;
+            }
         }
     }
 }
@@ -348,10 +446,10 @@ pub(crate) struct AsyncLeader<'a> {
 }
 
 impl AsyncLeader<'_> {
-    pub(crate) fn publish(mut self, html: Option<String>) {
-        self.end(html);
+    pub(crate) fn publish(mut self, rendered: Option<Arc<Rendered>>) {
+        self.end(rendered);
     }
-    fn end(&mut self, html: Option<String>) {
+    fn end(&mut self, rendered: Option<Arc<Rendered>>) {
         self.published = true;
         self.flights
             .map
@@ -362,7 +460,7 @@ impl AsyncLeader<'_> {
             .flight
             .outcome
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(html);
+            .unwrap_or_else(PoisonError::into_inner) = Some(rendered);
         self.flight.done.notify_waiters();
     }
 }
@@ -396,8 +494,86 @@ impl AsyncFlights {
 }
 
 /// Runs an async block's body marked as leading (see `LEADING_ASYNC`).
-pub(crate) async fn leading<F: std::future::Future>(body: F) -> F::Output {
+pub(crate) async fn leading<F: Future>(body: F) -> F::Output {
     LEADING_ASYNC.scope((), body).await
+}
+
+/// A deadline for async waits that works under any executor: one thread per
+/// process (started by the first wait that needs it) wakes the tasks whose
+/// deadline passed. Tokio's own timer would panic in a runtime built
+/// without `enable_time`, and there is no way to ask a runtime whether it
+/// has one. Only followers of a render in flight use it: rare, short waits.
+mod timer {
+    use std::sync::{Condvar, Mutex, OnceLock, PoisonError};
+    use std::task::{Poll, Waker};
+    use std::time::Instant;
+
+    #[derive(Default)]
+    struct Timer {
+        due: Mutex<Vec<(Instant, Waker)>>,
+        changed: Condvar,
+    }
+
+    /// The timer thread, `None` if it could not be started (then waits are
+    /// bounded only by the leader's own end, as the docs say).
+    fn timer() -> Option<&'static Timer> {
+        static TIMER: OnceLock<Option<&'static Timer>> = OnceLock::new();
+        *TIMER.get_or_init(|| {
+            let timer: &'static Timer = Box::leak(Box::default());
+            std::thread::Builder::new()
+                .name("icache-timer".into())
+                .spawn(move || run(timer))
+                .ok()
+                .map(|_| timer)
+        })
+    }
+
+    fn run(timer: &Timer) {
+        let mut due = timer.due.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let now = Instant::now();
+            due.retain(|(at, waker)| {
+                let keep = *at > now;
+                if !keep {
+                    waker.wake_by_ref();
+                }
+                keep
+            });
+            due = match due.iter().map(|(at, _)| *at).min() {
+                Some(next) => {
+                    timer
+                        .changed
+                        .wait_timeout(due, next.saturating_duration_since(now))
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+                None => timer
+                    .changed
+                    .wait(due)
+                    .unwrap_or_else(PoisonError::into_inner),
+            };
+        }
+    }
+
+    /// Ready once `deadline` has passed.
+    pub(super) async fn at(deadline: Instant) {
+        std::future::poll_fn(|cx| {
+            if Instant::now() >= deadline {
+                return Poll::Ready(());
+            }
+            if let Some(timer) = timer() {
+                let mut due = timer.due.lock().unwrap_or_else(PoisonError::into_inner);
+                // One entry per waiting task: a new poll replaces its waker.
+                match due.iter_mut().find(|(_, w)| w.will_wake(cx.waker())) {
+                    Some(entry) => *entry = (deadline, cx.waker().clone()),
+                    None => due.push((deadline, cx.waker().clone())),
+                }
+                timer.changed.notify_one();
+            }
+            Poll::Pending
+        })
+        .await
+    }
 }
 
 /// A block's output: the stored text (a hit) or a fresh render.
@@ -472,28 +648,155 @@ pub(crate) fn frame_depth() -> usize {
 /// What a miss read before rendering.
 pub(crate) struct Miss {
     /// The block's own tokens and their generations.
-    own: Reads,
+    pub(crate) own: Reads,
     /// Their sum: the version the output is stored under (plus nested ones).
     pub(crate) own_version: u64,
     /// The server instance the version was read from: the output is stored
     /// only there.
     pub(crate) instance: Option<Arc<str>>,
     /// An entry was there under an older version.
-    invalidated: bool,
+    pub(crate) invalidated: bool,
     /// That entry's version and body: what `stale=render` may serve while
     /// another render holds the lease.
     previous: Option<(u64, Arc<str>)>,
 }
 
 /// The entry name of a block: its identity and its tokens, length-prefixed so
-/// that no two different lists give the same name.
+/// that no two different lists give the same name. (The hot paths build it
+/// in a [`PooledName`].)
+#[cfg(any(test, feature = "tera"))]
 pub(crate) fn fragment_name(identity: &[&str], tokens: &[&str]) -> String {
-    let parts = identity.iter().chain(tokens);
-    let mut name = String::with_capacity(parts.clone().map(|p| p.len() + 8).sum::<usize>() + 4);
-    push_decimal(&mut name, identity.len());
-    name.push('|');
-    join_parts_into(&mut name, parts.copied());
+    let mut name = String::new();
+    fragment_name_into(&mut name, identity, tokens);
     name
+}
+
+fn fragment_name_into(name: &mut String, identity: &[&str], tokens: &[&str]) {
+    let parts = identity.iter().chain(tokens);
+    name.reserve(parts.clone().map(|p| p.len() + 8).sum::<usize>() + 4);
+    push_decimal(name, identity.len());
+    name.push('|');
+    join_parts_into(name, parts.copied());
+}
+
+thread_local! {
+    /// The buffer a block's name is built in, reused from block to block:
+    /// a hit only reads the name, so it costs no allocation.
+    static NAME_BUF: std::cell::Cell<String> = const { std::cell::Cell::new(String::new()) };
+}
+
+/// A [`fragment_name`] in this thread's reused buffer (a nested block,
+/// built while its outer one holds the buffer, gets a new one). Dropped on
+/// another thread (an async block's future moved), the buffer stays there.
+pub(crate) struct PooledName(String);
+
+impl PooledName {
+    pub(crate) fn new(identity: &[&str], tokens: &[&str]) -> Self {
+        let mut name = NAME_BUF.take();
+        name.clear();
+        fragment_name_into(&mut name, identity, tokens);
+        PooledName(name)
+    }
+}
+
+impl std::ops::Deref for PooledName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for PooledName {
+    fn drop(&mut self) {
+        let name = std::mem::take(&mut self.0);
+        // Not kept if a huge list of tokens made it big.
+        if name.capacity() <= 4096 {
+            NAME_BUF.set(name);
+        }
+    }
+}
+
+/// Strings as `&[&str]`: on the stack for the usual handful (a hit
+/// allocates nothing), in a `Vec` beyond.
+#[allow(clippy::large_enum_variant)] // the stack variant is the point
+pub(crate) enum Strs<'a> {
+    Stack([&'a str; 20], usize),
+    Heap(Vec<&'a str>),
+}
+
+impl<'a> Strs<'a> {
+    pub(crate) fn of<T: AsRef<str>>(items: &'a [T]) -> Self {
+        let mut out = Strs::Stack([""; 20], 0);
+        if items.len() > 20 {
+            out = Strs::Heap(Vec::with_capacity(items.len()));
+        }
+        for item in items {
+            out.push(item.as_ref());
+        }
+        out
+    }
+
+    fn push(&mut self, item: &'a str) {
+        match self {
+            Strs::Stack(buf, n) if *n < buf.len() => {
+                buf[*n] = item;
+                *n += 1;
+            }
+            Strs::Stack(buf, n) => {
+                let mut v = buf[..*n].to_vec();
+                v.push(item);
+                *self = Strs::Heap(v);
+            }
+            Strs::Heap(v) => v.push(item),
+        }
+    }
+
+    pub(crate) fn get(&self) -> &[&'a str] {
+        match self {
+            Strs::Stack(buf, n) => &buf[..*n],
+            Strs::Heap(v) => v,
+        }
+    }
+}
+
+/// `tokens` as `&[&str]`, in `buf` when they fit (the hot path: filled in
+/// place, nothing moved or allocated), else in `heap`.
+pub(crate) fn as_strs<'a, T: AsRef<str>>(
+    tokens: &'a [T],
+    buf: &'a mut [&'a str; 16],
+    heap: &'a mut Vec<&'a str>,
+) -> &'a [&'a str] {
+    if tokens.len() <= buf.len() {
+        for (slot, t) in buf.iter_mut().zip(tokens) {
+            *slot = t.as_ref();
+        }
+        &buf[..tokens.len()]
+    } else {
+        heap.extend(tokens.iter().map(AsRef::as_ref));
+        heap
+    }
+}
+
+/// The parts of a [`fragment_name`], and how many of them are the
+/// identity (the rest are the tokens). A name this crate did not build
+/// gives what parses of it.
+pub(crate) fn split_name(name: &str) -> (Strs<'_>, usize) {
+    let mut parts = Strs::Stack([""; 20], 0);
+    let Some((count, mut rest)) = name.split_once('|') else {
+        return (parts, 0);
+    };
+    while let Some((len, tail)) = rest.split_once(':') {
+        let Some(part) = len.parse::<usize>().ok().and_then(|len| {
+            let part = tail.get(..len)?;
+            rest = &tail[len..];
+            Some(part)
+        }) else {
+            break;
+        };
+        parts.push(part);
+    }
+    let count = count.parse().unwrap_or(0).min(parts.get().len());
+    (parts, count)
 }
 
 /// A fragment name ([`fragment_name`]) as people read it, for log lines:
@@ -523,6 +826,34 @@ fn readable_name(name: &str) -> String {
         out.push('…');
     }
     out
+}
+
+/// Tells an `observe`r what happened to a block (nothing is built when
+/// nobody observes).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn emit_block(
+    identity: &[&str],
+    tokens: &[&str],
+    outcome: Outcome,
+    version: Option<u64>,
+    invalidated: bool,
+    took: Option<Duration>,
+    reads: &[(Box<str>, u64)],
+) {
+    observe::emit(|| BlockEvent {
+        identity: identity.iter().map(|s| (*s).to_owned()).collect(),
+        tokens: tokens
+            .iter()
+            .filter(|t| **t != crate::ICache::FLUSH_TOKEN)
+            .map(|s| (*s).to_owned())
+            .collect(),
+        version,
+        outcome,
+        invalidated,
+        render_time: took,
+        depth: FRAMES.with(|f| f.borrow().len()),
+        reads: reads.iter().map(|(t, g)| (t.to_string(), *g)).collect(),
+    });
 }
 
 /// Does anyone want what a hit read: an enclosing render collecting nested
@@ -565,6 +896,9 @@ pub(crate) struct Blocks {
     /// Renders in flight for the async API (waited for without blocking).
     pub(crate) async_flights: AsyncFlights,
     dep_hints: DepHints,
+    /// A hint was ever kept: until then a lookup skips `dep_hints` (whose
+    /// own emptiness check locks every shard).
+    has_hints: std::sync::atomic::AtomicBool,
 }
 
 impl Default for Blocks {
@@ -573,6 +907,7 @@ impl Default for Blocks {
             flights: Flights::default(),
             async_flights: AsyncFlights::default(),
             dep_hints: DepHints::with_weighter(10_000, DEP_HINTS_BYTES, HintBytes),
+            has_hints: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -587,7 +922,8 @@ impl Blocks {
         tokens: &[&str],
         render: impl FnOnce() -> Result<String, E>,
     ) -> Result<Html, E> {
-        let name = fragment_name(identity, tokens);
+        let name = PooledName::new(identity, tokens);
+        let name: &str = &name;
         // Taken first, so that the blocks nested in this one's body do not
         // inherit this block's choice.
         let stale = crate::lease::take_block_choice().unwrap_or(core.config.stale_render);
@@ -598,20 +934,7 @@ impl Blocks {
                      invalidated: bool,
                      took: Option<Duration>,
                      reads: &[(Box<str>, u64)]| {
-            observe::emit(|| BlockEvent {
-                identity: identity.iter().map(|s| (*s).to_owned()).collect(),
-                tokens: tokens
-                    .iter()
-                    .filter(|t| **t != crate::ICache::FLUSH_TOKEN)
-                    .map(|s| (*s).to_owned())
-                    .collect(),
-                version,
-                outcome,
-                invalidated,
-                render_time: took,
-                depth: FRAMES.with(|f| f.borrow().len()),
-                reads: reads.iter().map(|(t, g)| (t.to_string(), *g)).collect(),
-            });
+            emit_block(identity, tokens, outcome, version, invalidated, took, reads);
         };
         // A render of this thread's own: reported to the enclosing render
         // and to an observer.
@@ -630,7 +953,7 @@ impl Blocks {
                 if off { &[] } else { &rendered.reads },
             );
         };
-        let miss = match self.lookup(core, &name, tokens) {
+        let miss = match self.lookup(core, name, tokens) {
             Lookup::Hit {
                 html,
                 reads,
@@ -658,7 +981,7 @@ impl Blocks {
             // Caching is off (`none://`): generations never move, so a
             // shared render could be one that began before a commit whose
             // bump this reader already saw. Every reader renders.
-            let rendered = self.render_and_store(core, &name, tokens, miss, render)?;
+            let rendered = self.render_and_store(core, name, tokens, miss, render)?;
             finish(&rendered, true, false);
             return Ok(Html::Rendered(rendered.html));
         }
@@ -671,7 +994,7 @@ impl Blocks {
         };
         match self
             .flights
-            .join((name.clone(), miss.own_version, miss.instance.clone()))
+            .join((name.to_owned(), miss.own_version, miss.instance.clone()))
         {
             Role::Leader(guard) => {
                 let own_version = miss.own_version;
@@ -742,7 +1065,7 @@ impl Blocks {
                     );
                     return Ok(Html::Rendered(rendered.html.clone()));
                 }
-                let rendered = self.render_and_store(core, &name, tokens, miss, render)?;
+                let rendered = self.render_and_store(core, name, tokens, miss, render)?;
                 finish(&rendered, false, invalidated);
                 Ok(Html::Rendered(rendered.html))
             }
@@ -751,7 +1074,7 @@ impl Blocks {
                 // (a recursive macro), or threads rendering blocks nested in
                 // each other crosswise would wait on each other: render on
                 // its own (no flight, no deadlock).
-                let rendered = self.render_and_store(core, &name, tokens, miss, render)?;
+                let rendered = self.render_and_store(core, name, tokens, miss, render)?;
                 finish(&rendered, false, invalidated);
                 Ok(Html::Rendered(rendered.html))
             }
@@ -811,7 +1134,12 @@ impl Blocks {
 
     /// A follower takes the leader's output only if the nested tokens the
     /// leader read (which this thread did not read itself) have not moved.
-    fn still_current(&self, core: &Core, tokens: &[&str], reads: &[(Box<str>, u64)]) -> bool {
+    pub(crate) fn still_current(
+        &self,
+        core: &Core,
+        tokens: &[&str],
+        reads: &[(Box<str>, u64)],
+    ) -> bool {
         let own = TokenSet::new(tokens);
         let deps: Vec<&(Box<str>, u64)> = reads.iter().filter(|(t, _)| !own.contains(t)).collect();
         if deps.is_empty() {
@@ -848,6 +1176,12 @@ impl Blocks {
         let nested = frame.finish();
         let took = started.elapsed();
         core.counters.rendered(took);
+        if out.is_err() {
+            // An enclosing body that catches this error (a fallback in
+            // `unwrap_or_else`) renders without this block's tokens: if it
+            // were stored, a bump of them would never replace the fallback.
+            report_unknown();
+        }
         let html = out?;
         Ok(self.rendered(
             core,
@@ -863,7 +1197,7 @@ impl Blocks {
     /// After a body rendered: its nested dependencies, the store, and what
     /// to share with waiting readers.
     #[allow(clippy::too_many_arguments)]
-    fn rendered(
+    pub(crate) fn rendered(
         &self,
         core: &Core,
         name: &str,
@@ -934,7 +1268,7 @@ impl Blocks {
             Lookup::Miss(miss) => {
                 core.counters.count(Event::Miss);
                 let depth = FRAMES.with(|f| f.borrow().len());
-                FRAMES.with(|f| f.borrow_mut().push(Nested::default()));
+                FRAMES.with(|f| f.borrow_mut().push(Slot::Own(Nested::default())));
                 Begun::Render(Unfinished {
                     name,
                     tokens: tokens.iter().map(|t| (*t).to_owned()).collect(),
@@ -956,9 +1290,10 @@ impl Blocks {
             let mut f = f.borrow_mut();
             let mut nested = Nested::default();
             while f.len() > begun.depth {
-                if let Some(n) = f.pop() {
-                    nested.reads.extend(n.reads);
-                    nested.unknown |= n.unknown;
+                match f.pop() {
+                    Some(Slot::Own(n)) => nested.absorb(n),
+                    Some(Slot::Shared(n)) => nested.absorb(std::mem::take(&mut *lock(&n))),
+                    None => {}
                 }
             }
             nested
@@ -1037,7 +1372,7 @@ impl Blocks {
                 counters.count(Event::Store);
                 core.keep_near(near::Kind::Fragment, name, instance.as_ref(), entry);
                 if !dep_names.is_empty() {
-                    self.dep_hints.insert(name.to_owned(), Arc::from(dep_names));
+                    self.keep_hint(name, Arc::from(dep_names));
                 }
                 None
             }
@@ -1060,17 +1395,94 @@ impl Blocks {
         }
     }
 
+    fn has_hints(&self) -> bool {
+        self.has_hints.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn keep_hint(&self, name: &str, deps: Arc<[Box<str>]>) {
+        self.has_hints
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.dep_hints.insert(name.to_owned(), deps);
+    }
+
+    /// The memory backend's hit of a block with no nested tokens, the hot
+    /// path: the generations land in a stack buffer and the entry comes
+    /// back as stored; nothing is allocated. `None`: anything else (a miss,
+    /// nested tokens, another backend), for the general path.
+    fn local_hit(&self, core: &Core, name: &str, tokens: &[&str]) -> Option<Lookup> {
+        const MAX: usize = 16;
+        // Hints do not matter here: the entry itself says whether it has
+        // nested tokens (then the general path reads them).
+        if tokens.len() > MAX || core.near.is_some() {
+            return None;
+        }
+        let mut gens = [0u64; MAX];
+        let gens = &mut gens[..tokens.len()];
+        let (true, Some(entry)) = core
+            .backend
+            .fetch_local(tokens, Key::fragment(name), gens)?
+        else {
+            return None;
+        };
+        let version = gens.iter().fold(0u64, |s, g| s.wrapping_add(*g));
+        match (&entry.payload, entry.version) {
+            (Payload::Text(html), Some(v)) if v == version && entry.deps.is_empty() => {
+                Some(Lookup::Hit {
+                    html: html.clone(),
+                    version,
+                    reads: if wants_reads() {
+                        tokens
+                            .iter()
+                            .map(|t| Box::from(*t))
+                            .zip(gens.iter().copied())
+                            .collect()
+                    } else {
+                        Vec::new()
+                    },
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// [`lookup`](Self::lookup) when it needs no I/O, so that an async
+    /// caller can run it inline: always on the in-process backends, and a
+    /// near copy whose version the `near=tracking` table confirms. `None`:
+    /// the answer needs the backend (a blocking call).
+    pub(crate) fn lookup_local(&self, core: &Core, name: &str, tokens: &[&str]) -> Option<Lookup> {
+        if core.is_in_process() {
+            return Some(self.lookup(core, name, tokens));
+        }
+        if core.has_pending() {
+            return None;
+        }
+        let held = core.near.as_ref()?.get(near::Kind::Fragment, name)?;
+        if tokens.is_empty() && held.entry.deps.is_empty() {
+            return None;
+        }
+        match near_lookup(core, tokens, held, true) {
+            Ok(Some(hit)) => {
+                core.counters.count(Event::NearHit);
+                Some(hit)
+            }
+            _ => None,
+        }
+    }
+
     pub(crate) fn lookup(&self, core: &Core, name: &str, tokens: &[&str]) -> Lookup {
         if let Err(e) = core.replay_pending() {
             core.backend_trouble(&e);
             return Lookup::Down;
+        }
+        if let Some(hit) = self.local_hit(core, name, tokens) {
+            return hit;
         }
         if let Some(near) = &core.near {
             match near.get(near::Kind::Fragment, name) {
                 // A block with no token at all: no generation to fetch, so
                 // no server instance to check the copy against.
                 Some(held) if tokens.is_empty() && held.entry.deps.is_empty() => {}
-                Some(held) => match near_lookup(core, tokens, held) {
+                Some(held) => match near_lookup(core, tokens, held, false) {
                     Ok(Some(hit)) => {
                         core.counters.count(Event::NearHit);
                         return hit;
@@ -1088,7 +1500,7 @@ impl Blocks {
         }
         // The tokens, and the nested tokens this process last saw the entry
         // with, so that a hit is one round trip. No copy when there are none.
-        let hints = if self.dep_hints.is_empty() {
+        let hints = if !self.has_hints() {
             None
         } else {
             self.dep_hints.get(name)
@@ -1176,8 +1588,7 @@ impl Blocks {
             }
         }
         if !entry.deps.is_empty() && hints.as_deref() != Some(&*entry.deps) {
-            self.dep_hints
-                .insert(name.to_owned(), Arc::from(entry.deps.clone()));
+            self.keep_hint(name, Arc::from(entry.deps.clone()));
         }
         let current = dep_gens.iter().fold(own_version, |s, g| s.wrapping_add(*g));
         match (&entry.payload, entry.version) {
@@ -1222,7 +1633,15 @@ impl Blocks {
 /// trip that carries no body). `Some` hit when the copy is for the current
 /// version on the same server instance; `None` when it is not (then the body
 /// is fetched).
-fn near_lookup(core: &Core, tokens: &[&str], held: near::Held) -> Result<Option<Lookup>> {
+///
+/// `local_only`: answer only from the in-process table (no I/O); `None`
+/// when it cannot.
+fn near_lookup(
+    core: &Core,
+    tokens: &[&str],
+    held: near::Held,
+    local_only: bool,
+) -> Result<Option<Lookup>> {
     let (Some(version), Payload::Text(html)) = (held.entry.version, &held.entry.payload) else {
         return Ok(None);
     };
@@ -1237,6 +1656,7 @@ fn near_lookup(core: &Core, tokens: &[&str], held: near::Held) -> Result<Option<
     );
     let (gens, instance, tracked) = match core.local_gens(&all) {
         Some((gens, instance)) => (gens, Some(instance), true),
+        None if local_only => return Ok(None),
         None => {
             let fetched = core.fetch(&all, &[])?;
             (
@@ -1267,7 +1687,7 @@ fn near_lookup(core: &Core, tokens: &[&str], held: near::Held) -> Result<Option<
 
 #[cfg(test)]
 mod tests {
-    use super::{fragment_name, readable_name};
+    use super::{Strs, fragment_name, readable_name, split_name};
 
     #[test]
     fn names_read_back_for_logs() {
@@ -1285,6 +1705,18 @@ mod tests {
     use proptest::prelude::*;
 
     proptest! {
+        #[test]
+        fn fragment_names_split_back(
+            ia in proptest::collection::vec(".{0,5}", 0..3), ta in proptest::collection::vec(".{0,5}", 0..30),
+        ) {
+            let name = fragment_name(Strs::of(&ia).get(), Strs::of(&ta).get());
+            let (parts, count) = split_name(&name);
+            let (identity, tokens) = parts.get().split_at(count);
+            let (ia, ta) = (Strs::of(&ia), Strs::of(&ta));
+            prop_assert_eq!(identity, ia.get());
+            prop_assert_eq!(tokens, ta.get());
+        }
+
         #[test]
         fn fragment_names_are_unambiguous(
             ia in proptest::collection::vec(".{0,5}", 0..3), ta in proptest::collection::vec(".{0,5}", 0..4),

@@ -182,6 +182,7 @@ pub(crate) fn join_parts<'a>(parts: impl IntoIterator<Item = &'a str>) -> String
 
 /// [`join_parts`] into an existing string (no allocation beyond its growth:
 /// this runs on every block lookup).
+#[inline]
 pub(crate) fn join_parts_into<'a>(out: &mut String, parts: impl IntoIterator<Item = &'a str>) {
     for part in parts {
         push_decimal(out, part.len());
@@ -191,7 +192,18 @@ pub(crate) fn join_parts_into<'a>(out: &mut String, parts: impl IntoIterator<Ite
 }
 
 /// Appends `n` in decimal, without the formatting machinery (hot path).
+#[inline]
 pub(crate) fn push_decimal(out: &mut String, mut n: usize) {
+    // The usual lengths of names and tokens: one or two digits.
+    if n < 10 {
+        out.push(char::from(b'0' + n as u8));
+        return;
+    }
+    if n < 100 {
+        out.push(char::from(b'0' + (n / 10) as u8));
+        out.push(char::from(b'0' + (n % 10) as u8));
+        return;
+    }
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {
@@ -202,8 +214,10 @@ pub(crate) fn push_decimal(out: &mut String, mut n: usize) {
             break;
         }
     }
-    // Only ASCII digits were written.
-    out.push_str(std::str::from_utf8(&digits[i..]).unwrap_or("0"));
+    // Only ASCII digits were written: pushed as chars, no UTF-8 check.
+    for d in &digits[i..] {
+        out.push(char::from(*d));
+    }
 }
 
 #[cfg(test)]

@@ -115,6 +115,21 @@
 //! runtime (including inside `spawn_blocking`). Each has an `_async` twin for
 //! async handlers that never blocks the executor.
 //!
+//! **A sync call inside an async handler blocks the executor's thread** on a
+//! network backend (one round trip, up to `timeout_ms` when the server
+//! hangs); on `memory://` nothing blocks. Per engine, in a handler:
+//!
+//! | engine (version) | async form |
+//! |---|---|
+//! | any renderer | [`ICache::fragment_async`]: inline when a hit needs no I/O, nested blocks recorded across `.await`s |
+//! | MiniJinja 3.1 | [`minijinja::render_async`]: renders on the blocking pool, its blocks report to the calling task |
+//! | Askama 0.16, maud 0.27 | the cached blocks are `Send` with owned tokens ([`Tokens`]): build the page anywhere; on a network backend render it in `spawn_blocking` inside [`Scope::run`] |
+//! | Tera 2 | [`tera::render`] in `spawn_blocking` inside [`Scope::run`] |
+//!
+//! [`observe_async`] sees every block of an async render (an axum handler,
+//! `render_async`); [`Scope`] carries the observation and the enclosing
+//! async block into work moved to another thread.
+//!
 //! ## Errors
 //!
 //! One [`Error`] type with an [`ErrorKind`]: bad configuration (naming the bad
@@ -151,10 +166,10 @@ mod strict;
 pub mod tera;
 
 pub use bytes::Bytes;
-pub use cache::{ICache, Value};
+pub use cache::{ICache, Tokens, Value};
 pub use error::{Error, ErrorKind, Result};
 pub use lease::BlockOptions;
-pub use observe::{BlockEvent, NotStored, Outcome, observe};
+pub use observe::{BlockEvent, NotStored, Outcome, Scope, observe, observe_async};
 pub use stats::Stats;
 
 /// Entry points for the cargo-fuzz targets in `fuzz/`; not part of the API.

@@ -29,29 +29,44 @@
 //! is byte for byte what it is without the cache. A block is identified by
 //! its name and tokens; blocks inside the body add their tokens to it, and
 //! everything else is as for [`ICache::fragment`].
+//!
+//! ## In an async handler
+//!
+//! [`Cached`] is `Send` when its body is, and takes owned tokens
+//! (`vec![…]`, `[String; N]`, see [`Tokens`]). Rendering is sync: fine on
+//! `memory://`; on Redis or memcached build and render the markup in
+//! `tokio::task::spawn_blocking` inside [`Scope::run`](crate::Scope::run),
+//! so the executor's thread never waits for the backend and the blocks
+//! still report to the task's [`observe_async`](crate::observe_async).
+//!
+//! Tested with maud 0.27.
 
 use std::convert::Infallible;
 
 use maud::{Markup, Render};
 
-use crate::ICache;
 use crate::fragment::Html;
+use crate::{ICache, Tokens};
 
 /// A cached maud block: see the [module docs](self).
+///
+/// `Send` when its body is: a page can hold it across an `.await`.
 #[must_use = "a cached block renders only when written into html!"]
 pub struct Cached<'a, F> {
     cache: &'a ICache,
     name: &'a str,
-    tokens: &'a [&'a str],
+    tokens: Tokens<'a>,
     body: F,
     stale: Option<bool>,
 }
 
-/// A block named `name` with `tokens`, whose HTML is `body()` on a miss.
+/// A block named `name` with `tokens` (borrowed, `&["movies", &user_id]`,
+/// or owned, `vec![…]`, `[String; N]`: see [`Tokens`]), whose HTML is
+/// `body()` on a miss.
 pub fn cached<'a, F>(
     cache: &'a ICache,
     name: &'a str,
-    tokens: &'a [&'a str],
+    tokens: impl Into<Tokens<'a>>,
     body: F,
 ) -> Cached<'a, F>
 where
@@ -60,7 +75,7 @@ where
     Cached {
         cache,
         name,
-        tokens,
+        tokens: tokens.into(),
         body,
         stale: None,
     }
@@ -82,11 +97,11 @@ where
 {
     fn render_to(&self, buffer: &mut String) {
         crate::lease::choose_for_next_block(self.stale);
-        let out = self
-            .cache
-            .block_html(&["maud", self.name], self.tokens, || {
+        let out = self.tokens.with(|tokens| {
+            self.cache.block_html(&["maud", self.name], tokens, || {
                 Ok::<_, Infallible>((self.body)().into_string())
-            });
+            })
+        });
         match out {
             Ok(Html::Cached(html)) => buffer.push_str(&html),
             Ok(Html::Rendered(html)) => buffer.push_str(&html),

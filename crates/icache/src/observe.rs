@@ -5,16 +5,59 @@
 //! it was a hit, rendered and stored, rendered but not stored (and why),
 //! taken from another thread's render, or rendered uncached because the cache
 //! was down; with its tokens, version and render time. Blocks are recorded
-//! on the calling thread (all MiniJinja rendering, `fragment`), when they
-//! finish: an inner block comes before the block around it.
+//! when they finish (an inner block comes before the block around it): on
+//! the calling thread with [`observe`]; in every poll of a future, wherever
+//! it runs, with [`observe_async`] (an axum handler, MiniJinja's
+//! `render_async`); in work moved to another thread with [`Scope`].
 //!
 //! When nothing observes, a block pays one thread-local check.
 
 use std::cell::RefCell;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::fragment::{Entered, SharedFrame, current_shared};
+
+/// Where the events of one observation go: shared, because an observed
+/// async render moves between threads (and into `spawn_blocking`).
+type Sink = Arc<Mutex<Vec<BlockEvent>>>;
+
 thread_local! {
-    static OBSERVED: RefCell<Option<Vec<BlockEvent>>> = const { RefCell::new(None) };
+    /// The observation the code running on this thread belongs to.
+    static OBSERVED: RefCell<Option<Sink>> = const { RefCell::new(None) };
+}
+
+fn take(sink: &Sink) -> Vec<BlockEvent> {
+    std::mem::take(&mut *sink.lock().unwrap_or_else(PoisonError::into_inner))
+}
+
+/// Puts `sink` (or none) as this thread's observation until dropped (even
+/// on panic), then the one before it.
+struct Swap(Option<Sink>);
+
+impl Swap {
+    fn to(sink: Option<Sink>) -> Swap {
+        Swap(OBSERVED.with(|o| o.replace(sink)))
+    }
+}
+
+impl Drop for Swap {
+    fn drop(&mut self) {
+        let before = self.0.take();
+        OBSERVED.with(|o| *o.borrow_mut() = before);
+    }
+}
+
+/// Hands this observation's events to the one around it (observations nest).
+fn pass_up(events: &[BlockEvent]) {
+    if let Some(outer) = OBSERVED.with(|o| o.borrow().clone())
+        && !events.is_empty()
+    {
+        outer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(events);
+    }
 }
 
 /// One cached block, as it went during an [`observe`]d render.
@@ -77,8 +120,9 @@ pub enum NotStored {
     /// A token was bumped while the body rendered: the output was already
     /// outdated.
     Moved,
-    /// A block inside it could not read its generations: the output depends
-    /// on tokens nobody recorded.
+    /// A block inside it could not read its generations, or ended in an
+    /// error or a panic that the body caught (a fallback in its place): the
+    /// output depends on tokens nobody recorded.
     NestedUnknown,
     /// Larger than the backend takes.
     TooLarge,
@@ -98,7 +142,7 @@ impl Outcome {
                 "miss, rendered, not stored: a token moved while it rendered"
             }
             Outcome::NotStored(NotStored::NestedUnknown) => {
-                "miss, rendered, not stored: an inner block could not be checked"
+                "miss, rendered, not stored: an inner block could not be checked or failed"
             }
             Outcome::NotStored(NotStored::TooLarge) => {
                 "miss, rendered, not stored: too large for the backend"
@@ -118,7 +162,11 @@ impl Outcome {
 }
 
 /// Runs `f` and returns what it returned with every cached block it
-/// rendered on this thread, in the order they finished.
+/// rendered, in the order they finished: on this thread, and in work it
+/// hands to other threads through [`Scope`] (as
+/// [`minijinja::render_async`](crate::minijinja::render_async) does).
+/// For an async render (an axum handler, `render_async`), use
+/// [`observe_async`].
 ///
 /// Observations nest: an inner `observe` sees its own blocks only, and they
 /// are also reported to the outer one.
@@ -135,24 +183,105 @@ impl Outcome {
 /// assert_eq!(second[0].tokens, ["movies"]);
 /// ```
 pub fn observe<T>(f: impl FnOnce() -> T) -> (T, Vec<BlockEvent>) {
-    /// Puts the outer observation back, with this one's events added to it,
-    /// even if `f` panics.
-    struct Restore(Option<Vec<BlockEvent>>);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            let mine = OBSERVED.with(|o| o.borrow_mut().take());
-            let mut outer = self.0.take();
-            if let (Some(outer), Some(mine)) = (outer.as_mut(), mine) {
-                outer.extend(mine);
-            }
-            OBSERVED.with(|o| *o.borrow_mut() = outer);
+    let mine = Sink::default();
+    let out = {
+        let _swap = Swap::to(Some(mine.clone()));
+        f()
+    };
+    let events = take(&mine);
+    pass_up(&events);
+    (out, events)
+}
+
+/// [`observe`] for a future: every cached block rendered while it runs, on
+/// whichever thread each of its polls runs, and in work it hands to
+/// blocking threads through [`Scope`] (MiniJinja's
+/// [`render_async`](crate::minijinja::render_async) does). Blocks in tasks
+/// it spawns are not its own.
+///
+/// # Example
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let cache = icache::ICache::memory();
+/// let render = || cache.fragment_async("list", &["movies"], || async { Ok::<_, ()>("<ul/>".to_string()) });
+/// let (_, first) = icache::observe_async(render()).await;
+/// let (_, second) = icache::observe_async(render()).await;
+/// assert_eq!(first[0].outcome, icache::Outcome::Stored);
+/// assert_eq!(second[0].outcome, icache::Outcome::Hit);
+/// # }
+/// ```
+pub async fn observe_async<F: Future>(fut: F) -> (F::Output, Vec<BlockEvent>) {
+    let mine = Sink::default();
+    let mut fut = std::pin::pin!(fut);
+    let out = std::future::poll_fn(|cx| {
+        let _swap = Swap::to(Some(mine.clone()));
+        fut.as_mut().poll(cx)
+    })
+    .await;
+    let events = take(&mine);
+    pass_up(&events);
+    (out, events)
+}
+
+/// What the cached blocks running now report to: the observation
+/// ([`observe`], [`observe_async`]) and the enclosing async block
+/// ([`fragment_async`](crate::ICache::fragment_async)), captured to carry
+/// into work that continues on another thread, such as a render in
+/// `tokio::task::spawn_blocking`. Without it, blocks rendered there are
+/// neither observed nor added to the enclosing block's tokens.
+///
+/// # Example
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let cache = icache::ICache::memory();
+/// let (html, events) = icache::observe_async(async {
+///     let scope = icache::Scope::current();
+///     let c = cache.clone();
+///     tokio::task::spawn_blocking(move || {
+///         scope.run(|| c.fragment("list", &["movies"], || Ok::<_, ()>("<ul/>".to_string())))
+///     })
+///     .await
+/// })
+/// .await;
+/// assert_eq!(html.ok(), Some(Ok("<ul/>".to_string())));
+/// assert_eq!(events.len(), 1);
+/// # }
+/// ```
+#[derive(Clone, Default)]
+pub struct Scope {
+    sink: Option<Sink>,
+    frame: Option<SharedFrame>,
+}
+
+impl std::fmt::Debug for Scope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scope")
+            .field("observed", &self.sink.is_some())
+            .field("in_block", &self.frame.is_some())
+            .finish()
+    }
+}
+
+impl Scope {
+    /// The scope of the code running now (empty outside any observation
+    /// and async block).
+    pub fn current() -> Scope {
+        Scope {
+            sink: OBSERVED.with(|o| o.borrow().clone()),
+            frame: current_shared(),
         }
     }
-    let restore = Restore(OBSERVED.with(|o| o.borrow_mut().replace(Vec::new())));
-    let out = f();
-    let mine = OBSERVED.with(|o| o.borrow().clone()).unwrap_or_default();
-    drop(restore);
-    (out, mine)
+
+    /// Runs `f` in this scope, on the calling thread.
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> T {
+        let _swap = self.sink.clone().map(|sink| Swap::to(Some(sink)));
+        let _entered = self.frame.clone().map(Entered::enter);
+        f()
+    }
 }
 
 /// Is a render on this thread observed? (Only then are events built.)
@@ -162,12 +291,10 @@ pub(crate) fn observing() -> bool {
 
 /// Records an event built by `make`, if this thread is observed.
 pub(crate) fn emit(make: impl FnOnce() -> BlockEvent) {
-    if observing() {
+    if let Some(sink) = OBSERVED.with(|o| o.borrow().clone()) {
         let event = make();
-        OBSERVED.with(|o| {
-            if let Some(list) = o.borrow_mut().as_mut() {
-                list.push(event);
-            }
-        });
+        sink.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(event);
     }
 }

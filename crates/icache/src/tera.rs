@@ -48,6 +48,12 @@
 //! only: the rewrite rejects them here (see the README, "Per-request parts in
 //! Askama, maud and Tera", for the placeholder pattern).
 //!
+//! **In an async handler**: [`render`] is sync. On `memory://` it never
+//! blocks; on Redis or memcached each block is a round trip that would block
+//! the executor's thread, so call it in `tokio::task::spawn_blocking` inside
+//! [`Scope::run`](crate::Scope::run) (its blocks then still report to the
+//! task's [`observe_async`](crate::observe_async)). Tested with Tera 2.4.
+//!
 //! **What Tera cannot do here: single-flight.** The body is rendered by
 //! Tera's VM between the lookup and the store, not by a closure icache
 //! could run once and share, so concurrent misses of one block each render
@@ -103,8 +109,13 @@ pub fn render(tera: &Tera, name: &str, ctx: &Context) -> Result<String, Error> {
     let outer = TICKETS.with(|t| t.borrow_mut().replace(Tickets::default()));
     let depth = frame_depth();
     let out = tera.render(name, ctx);
-    // Blocks an error left unfinished: their frames go, nothing is stored.
-    unwind_frames(depth);
+    // Blocks an error left unfinished: their frames go, nothing is stored,
+    // and a block around this render (whose body may catch the error and
+    // write a fallback) learns that it depends on tokens nobody recorded.
+    if frame_depth() > depth {
+        unwind_frames(depth);
+        crate::fragment::report_unknown();
+    }
     TICKETS.with(|t| *t.borrow_mut() = outer);
     out
 }

@@ -306,10 +306,14 @@ macro_rules! suite {
     };
 }
 
+#[path = "conformance/async_blocks.rs"]
+mod async_blocks;
 #[path = "conformance/bad_input.rs"]
 mod bad_input;
 #[path = "conformance/engines.rs"]
 mod engines;
+#[path = "conformance/engines_send.rs"]
+mod engines_send;
 #[path = "conformance/fleet.rs"]
 mod fleet;
 #[path = "conformance/flush.rs"]
@@ -330,6 +334,8 @@ mod messages;
 mod minijinja_seed;
 #[path = "conformance/near.rs"]
 mod near;
+#[path = "conformance/nested_errors.rs"]
+mod nested_errors;
 #[path = "conformance/reliability.rs"]
 mod reliability;
 #[path = "conformance/rust_api.rs"]

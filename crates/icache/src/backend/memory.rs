@@ -219,6 +219,22 @@ impl Backend for Memory {
         Ok(self.entry(&key))
     }
 
+    fn fetch_local(
+        &self,
+        tokens: &[&str],
+        entry: Key<'_>,
+        gens: &mut [u64],
+    ) -> Option<(bool, Option<Arc<Entry>>)> {
+        let mut complete = true;
+        for (t, g) in tokens.iter().zip(gens.iter_mut()) {
+            match self.store.get(&r(&Key::gen_(t))) {
+                Some(Item::Gen(cell)) => *g = cell.load(Ordering::Acquire),
+                _ => complete = false,
+            }
+        }
+        Some((complete, self.entry(&entry)))
+    }
+
     fn init_gens(&self, gens: &[Key<'_>], fresh: &[u64]) -> Result<Vec<u64>> {
         Ok(gens
             .iter()

@@ -63,6 +63,19 @@ pub(crate) trait Backend: Send + Sync + fmt::Debug + 'static {
     /// one round trip.
     fn fetch(&self, tokens: &[&str], entries: &[Key<'_>]) -> Result<Fetched>;
 
+    /// A block hit's reads answered in process, without allocating: the
+    /// generations of `tokens` into `gens` (`false` if one is missing) and
+    /// the entry under `entry`. `None` from backends that must do I/O
+    /// (they answer through [`fetch`](Self::fetch)).
+    fn fetch_local(
+        &self,
+        _tokens: &[&str],
+        _entry: Key<'_>,
+        _gens: &mut [u64],
+    ) -> Option<(bool, Option<Arc<Entry>>)> {
+        None
+    }
+
     /// One entry. The default goes through [`fetch`](Self::fetch); the memory
     /// backend answers without allocating.
     fn get_entry(&self, key: Key<'_>) -> Result<Option<Arc<Entry>>> {

@@ -649,7 +649,10 @@ pub async fn render_async(
 ) -> Result<String, Error> {
     let render = {
         let name = name.to_owned();
-        move || env.get_template(&name)?.render(ctx)
+        // The blocks rendered on the blocking thread report to the caller's
+        // observation and enclosing async block.
+        let scope = crate::Scope::current();
+        move || scope.run(|| env.get_template(&name)?.render(ctx))
     };
     let name = name.to_owned();
     match tokio::runtime::Handle::try_current() {
