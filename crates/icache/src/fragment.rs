@@ -998,7 +998,7 @@ impl Blocks {
         {
             Role::Leader(guard) => {
                 let own_version = miss.own_version;
-                match self.fill_lease(core, &name, tokens, &miss, stale) {
+                match self.fill_lease(core, name, tokens, &miss, stale) {
                     lease::Fill::Render => {}
                     lease::Fill::Found((html, reads, version)) => {
                         report(&reads);
@@ -1019,10 +1019,10 @@ impl Blocks {
                         return serve_stale(body);
                     }
                 }
-                match self.render_and_store(core, &name, tokens, miss, render) {
+                match self.render_and_store(core, name, tokens, miss, render) {
                     Ok(rendered) => {
                         if rendered.not_stored.is_some() {
-                            lease::release(core, &name, own_version);
+                            lease::release(core, name, own_version);
                         }
                         let rendered = Arc::new(rendered);
                         guard.publish(Some(rendered.clone()));
@@ -1030,7 +1030,7 @@ impl Blocks {
                         Ok(Html::Rendered(rendered.html.clone()))
                     }
                     Err(e) => {
-                        lease::release(core, &name, own_version);
+                        lease::release(core, name, own_version);
                         guard.publish(None);
                         Err(e)
                     }
