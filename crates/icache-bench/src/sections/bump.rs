@@ -197,7 +197,7 @@ pub(crate) fn bump_under_load(
             ]);
             if option == "fill=lease" {
                 targets.push(Target {
-                    section: 7,
+                    section: 8,
                     what: format!("{processes} processes, fill=lease: renders per bump"),
                     goal: Goal::AtMost(1.25),
                     measured: r.renders_per_bump,
@@ -205,7 +205,7 @@ pub(crate) fn bump_under_load(
             }
             if option == "stale=render" && calm99 > 0 {
                 targets.push(Target {
-                    section: 7,
+                    section: 8,
                     what: format!(
                         "{processes} processes, stale=render: p99 after a bump ÷ a hit's p99"
                     ),
@@ -303,7 +303,7 @@ fn strict_rows(servers: &Servers<'_>) -> (String, Vec<Target>) {
         ]);
         if strict {
             targets.push(Target {
-                section: 7,
+                section: 8,
                 what: "strict=true: bump p50 ÷ (max_lag_ms + a plain bump)".to_owned(),
                 goal: Goal::AtMost(1.25),
                 measured: p50 as f64 / (MAX_LAG_MS as f64 * 1000.0 + plain_bump as f64),
