@@ -174,7 +174,17 @@ pub fn run(options: &Options) -> Result<PathBuf, Error> {
     let bump = sections::bump_under_load(&servers, &options.exe, options.quick);
     progress("9/9 pages at the edge (Varnish, 304s, bump to fresh)");
     let edge = sections::edge(&settings, options.quick);
-    let sections = [hit_vs_render, bare, growth, pages, memory, wire, outbox, bump, edge];
+    let sections = [
+        hit_vs_render,
+        bare,
+        growth,
+        pages,
+        memory,
+        wire,
+        outbox,
+        bump,
+        edge,
+    ];
     let report = assemble(options, &settings, &sections, &servers, started.elapsed());
     if let Some(dir) = options.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| Error::Write(dir.to_path_buf(), e))?;

@@ -249,8 +249,8 @@ impl Direct {
     }
 }
 
-mod edge;
 pub(crate) mod bump;
+mod edge;
 mod engines;
 mod growth;
 mod hit_vs_bare;
@@ -260,8 +260,8 @@ mod outbox;
 mod pages;
 mod wire;
 
-pub(crate) use edge::edge;
 pub(crate) use bump::bump_under_load;
+pub(crate) use edge::edge;
 pub(crate) use growth::growth;
 pub(crate) use hit_vs_bare::hit_vs_bare;
 pub(crate) use hit_vs_render::hit_vs_render;
