@@ -385,7 +385,7 @@ impl ICache {
     ///
     /// ```
     /// let cache = icache::ICache::memory();
-    /// let render = || Ok::<_, ()>("<ul/>".to_string());
+    /// let render = || Ok::<_, std::fmt::Error>("<ul/>".to_string());
     /// cache.fragment("list", &["movies"], render)?;
     /// cache.flush()?;
     /// // Rendered once more, then a hit again.

@@ -1019,6 +1019,10 @@ impl Blocks {
                         return serve_stale(body);
                     }
                 }
+                // A body that panics gives the lease up as it unwinds: the
+                // other processes render at once instead of waiting out
+                // `lease_ms` for an entry that will never come.
+                let _unwinding = lease::ReleaseOnPanic::new(core, name, own_version);
                 match self.render_and_store(core, name, tokens, miss, render) {
                     Ok(rendered) => {
                         if rendered.not_stored.is_some() {

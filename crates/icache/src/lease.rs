@@ -277,6 +277,33 @@ pub(crate) fn release(core: &Core, block: &str, version: u64) {
     }
 }
 
+/// Gives the lease up if the holder's body panics (dropped while the thread
+/// unwinds); does nothing on a normal return, where the store or
+/// [`release`] decides.
+pub(crate) struct ReleaseOnPanic<'a> {
+    core: &'a Core,
+    block: &'a str,
+    version: u64,
+}
+
+impl<'a> ReleaseOnPanic<'a> {
+    pub(crate) fn new(core: &'a Core, block: &'a str, version: u64) -> Self {
+        ReleaseOnPanic {
+            core,
+            block,
+            version,
+        }
+    }
+}
+
+impl Drop for ReleaseOnPanic<'_> {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            release(self.core, self.block, self.version);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

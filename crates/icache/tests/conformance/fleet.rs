@@ -602,3 +602,34 @@ fn stale_is_chosen_per_block_in_each_api() {
         }
     }
 }
+
+/// A lease holder whose body panics gives the lease up as it unwinds: the
+/// next process renders at once, it does not wait out `lease_ms` (the chaos
+/// run's injected render panics found this).
+#[test]
+fn a_panicking_lease_holder_gives_the_lease_up() {
+    let _turn = turn();
+    let Some(redis) = RedisServer::start() else {
+        return;
+    };
+    // A long lease: waiting it out would be plain to see.
+    let url = format!("{}/?lease_ms=20000&{SLACK}", redis.url());
+    let (holder, other) = (
+        ICache::from_url(&url).expect("holder"),
+        ICache::from_url(&url).expect("other"),
+    );
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        holder.fragment("hot", &["panics"], || -> Result<String, ()> {
+            panic!("the body fails")
+        })
+    }));
+    assert!(panicked.is_err(), "the body's panic reaches the caller");
+    let started = Instant::now();
+    let html = other.fragment("hot", &["panics"], || Ok::<_, ()>("fresh".to_string()));
+    assert_eq!(html.as_deref(), Ok("fresh"));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "waited {:?} for a lease whose holder had panicked",
+        started.elapsed()
+    );
+}
