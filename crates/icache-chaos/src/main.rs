@@ -22,7 +22,7 @@
 //! | redis-cluster (3 masters) | node kill -9 and restart, `CLIENT PAUSE` of a node, keys deleted, `FLUSHALL` on every node (no proxies: a cluster tells clients its nodes' real ports) |
 //! | memcached-pool (3 servers) | proxy faults on one server, a server leaving for 1–4 s and returning with its old data, kill -9 and restart of one, keys deleted, `flush_all`, filler |
 //!
-//! Clients use `timeout_ms=100&connect_timeout_ms=100`. Every bump and every
+//! Clients use `timeout_ms=100&connect_timeout_ms=100&lease_ms=1000`. Every bump and every
 //! read (its renders included) must finish within `--hung-ms` (3 s).
 //!
 //! The run fails (exit code 1) on any stale or malformed read, hung call,

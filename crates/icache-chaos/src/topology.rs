@@ -95,8 +95,12 @@ impl Topology {
 
     /// The URL the clients use (through the proxies where there are some).
     pub(crate) fn url(&self, timeout_ms: u64) -> String {
-        let opts =
-            format!("prefix={PREFIX}&timeout_ms={timeout_ms}&connect_timeout_ms={timeout_ms}");
+        // Leases on (the default `fill=lease`) with a `lease_ms` well under
+        // the call limit: a wait for another process's render is bounded by
+        // it, and the checker's limit then proves that bound.
+        let opts = format!(
+            "prefix={PREFIX}&timeout_ms={timeout_ms}&connect_timeout_ms={timeout_ms}&lease_ms=1000"
+        );
         match self {
             Topology::Memory => format!("memory://?max_bytes=65536&prefix={PREFIX}"),
             Topology::Redis { proxy, .. } => format!("{}?{opts}", proxy.redis_url()),

@@ -1121,7 +1121,11 @@ impl Blocks {
                         reads,
                         version,
                     } => lease::Poll::Found((html, reads, version)),
-                    Lookup::Miss(m) if m.own_version == own_version => lease::Poll::Wait,
+                    // Something was stored since the miss, and it does not
+                    // serve this reader (its nested tokens moved meanwhile,
+                    // or it is another version's): the holder is done, the
+                    // lease may live on until it expires, and waiting for it
+                    // would cost up to `lease_ms` for nothing. Render now.
                     Lookup::Miss(_) | Lookup::Down => lease::Poll::GiveUp,
                 }
             },
