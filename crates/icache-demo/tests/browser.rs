@@ -150,7 +150,14 @@ fn clicking_a_rating_changes_the_list() {
                 ["stored"],
                 "user page, first view"
             );
-            client.refresh().await.map_err(|e| e.to_string())?;
+            // Not a reload: the page has an ETag now (icache_http's layer),
+            // so a reload revalidates, gets 304 and shows the browser's own
+            // copy, panel included. Another URL of the same block is a new
+            // page for the browser and a hit for the block.
+            client
+                .goto(&format!("{url}/users/5?again=1"))
+                .await
+                .map_err(|e| e.to_string())?;
             assert_eq!(panel_kinds(&client).await?, ["hit"], "user page, again");
             screenshot(&client, "user.png").await?;
             let items = client
