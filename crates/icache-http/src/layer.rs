@@ -419,7 +419,11 @@ impl PageLayer {
         let Some(reads) = shim::reads(events) else {
             return resp;
         };
-        if reads.is_empty() {
+        // Every block also reads the flush token (`ICache::flush`): it is in
+        // the ETag (a flush changes every tag), but a page whose blocks read
+        // nothing else read no data, and its key would tag every page alike
+        // (after a flush, purge the proxy as a whole).
+        if reads.iter().all(|(t, _)| t == icache::ICache::FLUSH_TOKEN) {
             return resp;
         }
         // The outermost blocks only: an inner block's output is part of its
@@ -437,7 +441,11 @@ impl PageLayer {
             return resp;
         };
 
-        let mut tokens: Vec<&str> = reads.iter().map(|(t, _)| t.as_str()).collect();
+        let mut tokens: Vec<&str> = reads
+            .iter()
+            .map(|(t, _)| t.as_str())
+            .filter(|t| *t != icache::ICache::FLUSH_TOKEN)
+            .collect();
         tokens.sort_unstable();
         tokens.dedup();
         let keys = tokens
