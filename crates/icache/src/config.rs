@@ -157,6 +157,24 @@ pub(crate) fn redact(url: &Url) -> String {
     u.to_string()
 }
 
+/// An option that takes one of two words: `true` for the first, `false` for
+/// the second; anything else is an error naming the option and what it takes.
+fn two_words(
+    option: &str,
+    v: &str,
+    redacted: &str,
+    [on, off]: [&str; 2],
+    expected: &str,
+) -> Result<bool> {
+    match v {
+        w if w == on => Ok(true),
+        w if w == off => Ok(false),
+        _ => Err(Error::config(format!(
+            "option {option}={v:?} in {redacted}: expected {expected}"
+        ))),
+    }
+}
+
 fn parse_ms(name: &str, value: &str, redacted: &str) -> Result<Duration> {
     match value.parse::<u64>() {
         Ok(ms) if ms > 0 => Ok(Duration::from_millis(ms)),
@@ -432,15 +450,13 @@ impl Config {
                 }
                 "ca_file" if scheme == "rediss" => ca_file = Some(v.into_owned()),
                 "failover" if scheme == "memcached" => {
-                    failover = Some(match &*v {
-                        "move" => true,
-                        "off" => false,
-                        _ => {
-                            return Err(Error::config(format!(
-                                "option failover={v:?} in {redacted}: expected move or off"
-                            )));
-                        }
-                    })
+                    failover = Some(two_words(
+                        "failover",
+                        &v,
+                        &redacted,
+                        ["move", "off"],
+                        "move or off",
+                    )?)
                 }
                 "near" => {
                     near = Some(match &*v {
@@ -477,38 +493,32 @@ impl Config {
                     }
                 }
                 "fill" => {
-                    fill = Some(match &*v {
-                        "lease" => true,
-                        "local" => false,
-                        _ => {
-                            return Err(Error::config(format!(
-                                "option fill={v:?} in {redacted}: expected lease (the default) or local"
-                            )));
-                        }
-                    })
+                    fill = Some(two_words(
+                        "fill",
+                        &v,
+                        &redacted,
+                        ["lease", "local"],
+                        "lease (the default) or local",
+                    )?)
                 }
                 "lease_ms" => lease_ms = Some(parse_ms("lease_ms", &v, &redacted)?),
                 "stale" => {
-                    stale = Some(match &*v {
-                        "render" => true,
-                        "off" => false,
-                        _ => {
-                            return Err(Error::config(format!(
-                                "option stale={v:?} in {redacted}: expected render or off (the default)"
-                            )));
-                        }
-                    })
+                    stale = Some(two_words(
+                        "stale",
+                        &v,
+                        &redacted,
+                        ["render", "off"],
+                        "render or off (the default)",
+                    )?)
                 }
                 "strict" => {
-                    strict = Some(match &*v {
-                        "true" => true,
-                        "false" => false,
-                        _ => {
-                            return Err(Error::config(format!(
-                                "option strict={v:?} in {redacted}: expected true or false"
-                            )));
-                        }
-                    })
+                    strict = Some(two_words(
+                        "strict",
+                        &v,
+                        &redacted,
+                        ["true", "false"],
+                        "true or false",
+                    )?)
                 }
                 "protocol" if matches!(scheme.as_str(), "redis" | "rediss" | "redis+unix") => {
                     passthrough.push((k.into_owned(), v.into_owned()))
