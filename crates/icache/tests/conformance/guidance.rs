@@ -10,6 +10,11 @@ use icache::ICache;
 
 /// Collects what icache logs (through `tracing`) while `f` runs.
 fn logged(f: impl FnOnce()) -> String {
+    logged_with(f).1
+}
+
+/// [`logged`], keeping what `f` returned (the other test files use it too).
+pub(crate) fn logged_with<T>(f: impl FnOnce() -> T) -> (T, String) {
     #[derive(Clone, Default)]
     struct Buf(Arc<Mutex<Vec<u8>>>);
     impl Write for Buf {
@@ -27,9 +32,9 @@ fn logged(f: impl FnOnce()) -> String {
         .with_writer(move || writer.clone())
         .with_ansi(false)
         .finish();
-    tracing::subscriber::with_default(subscriber, f);
-    let out = buf.0.lock().expect("log buffer").clone();
-    String::from_utf8_lossy(&out).into_owned()
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let text = buf.0.lock().expect("log buffer").clone();
+    (out, String::from_utf8_lossy(&text).into_owned())
 }
 
 /// A block too large for the backend: served uncached, and a warning that

@@ -3,34 +3,12 @@
 //! render, blocks with no token, and per-request holes (`{% nocache %}`).
 //! Each through the loader (positioned blocks) and through `rewrite()`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use icache::ICache;
 use minijinja::{Environment, context};
 
-/// Collects what icache logs (through `tracing`) while `f` runs.
-fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
-    #[derive(Clone, Default)]
-    struct Buf(Arc<Mutex<Vec<u8>>>);
-    impl std::io::Write for Buf {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().expect("log buffer").extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let buf = Buf::default();
-    let writer = buf.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let out = tracing::subscriber::with_default(subscriber, f);
-    let text = buf.0.lock().expect("log buffer").clone();
-    (out, String::from_utf8_lossy(&text).into_owned())
-}
+use crate::guidance::logged_with as logged;
 
 /// An environment whose templates come from `templates` through
 /// `icache::minijinja::loader` (the positioned-block path).
