@@ -11,7 +11,6 @@
 //! before the response (no bump in request code). The cache is in-process by default; `ICACHE_URL=redis://…` or
 //! `memcached://…` switches backends with no other change.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -23,7 +22,7 @@ use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use icache::ICache;
-use icache_http::{PageEvents, PageLayer, Purger};
+use icache_http::{PageLayer, Purger};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use minijinja::value::Serde;
 use minijinja::{Environment, Value, context};
@@ -207,27 +206,8 @@ pub fn app(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .fallback(not_found)
-        .layer(axum::middleware::from_fn(hand_over_events))
         .layer(pages)
         .with_state(state)
-}
-
-// TEMPORARY (until icache::observe_async sees blocks rendered in
-// spawn_blocking): the page's renders run on the blocking pool, so what
-// their blocks did is handed to the layer through the request's
-// PageEvents: task-local here, thread-local in `blocking`.
-tokio::task_local! {
-    static PAGE_EVENTS: PageEvents;
-}
-thread_local! {
-    static HANDED: RefCell<Option<PageEvents>> = const { RefCell::new(None) };
-}
-
-async fn hand_over_events(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    match req.extensions().get::<PageEvents>().cloned() {
-        Some(events) => PAGE_EVENTS.scope(events, next.run(req)).await,
-        None => next.run(req).await,
-    }
 }
 
 /// Serves the site on `listener` until the process is stopped.
@@ -419,11 +399,6 @@ impl AppState {
                 .get_template(template)
                 .and_then(|t| t.render(ctx))
         });
-        HANDED.with(|h| {
-            if let Some(h) = h.borrow().as_ref() {
-                h.record(events.iter().cloned());
-            }
-        });
         page.and_then(|page| Ok(page.replacen(PANEL_MARK, &self.panel(&events)?, 1)))
             .map_err(|e| {
                 tracing::error!(error = %e, template, "render failed");
@@ -439,20 +414,17 @@ impl AppState {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, PageError> + Send + 'static,
 ) -> Result<T, PageError> {
-    let handed = PAGE_EVENTS.try_with(Clone::clone).ok();
-    tokio::task::spawn_blocking(move || {
-        HANDED.with(|h| *h.borrow_mut() = handed);
-        let out = f();
-        HANDED.with(|h| *h.borrow_mut() = None);
-        out
-    })
-    .await
-    .unwrap_or_else(|e| {
-        Err(PageError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("worker failed: {e}"),
-        ))
-    })
+    // The page's observation (the layer's) and enclosing blocks follow
+    // the work onto the blocking thread.
+    let scope = icache::Scope::current();
+    tokio::task::spawn_blocking(move || scope.run(f))
+        .await
+        .unwrap_or_else(|e| {
+            Err(PageError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("worker failed: {e}"),
+            ))
+        })
 }
 
 fn db_error(e: rusqlite::Error) -> PageError {

@@ -16,6 +16,7 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::pages::Purger;
 use crate::{Cache, detached};
 
 fn dialect(name: &str) -> PyResult<Dialect> {
@@ -92,20 +93,31 @@ impl Relay {
     /// Starts the relay (a database that is down is retried, not an error;
     /// a malformed URL is a `ValueError` naming the bad part).
     #[new]
-    #[pyo3(signature = (db_url, cache, poll_ms = 1000, batch = 1000))]
+    /// `purger`: purges the pages of every batch's tokens after its bump
+    /// (a failed purge keeps the rows, so purges are at least once).
+    #[pyo3(signature = (db_url, cache, poll_ms = 1000, batch = 1000, purger = None))]
     fn new(
         py: Python<'_>,
         db_url: &str,
         cache: &Bound<'_, Cache>,
         poll_ms: u64,
         batch: usize,
+        purger: Option<&Bound<'_, Purger>>,
     ) -> PyResult<Self> {
         let handle = cache.get().inner.clone();
+        let purger = purger.map(|p| p.get().inner.clone());
         let relay = detached(py, || {
             CoreRelay::builder(db_url, handle).and_then(|b| {
-                b.poll_interval(Duration::from_millis(poll_ms))
-                    .batch_size(batch)
-                    .spawn()
+                let b = b
+                    .poll_interval(Duration::from_millis(poll_ms))
+                    .batch_size(batch);
+                match purger {
+                    Some(p) => b.after_bump(move |tokens: &[String]| {
+                        p.purge(tokens).map_err(|e| e.to_string())
+                    }),
+                    None => b,
+                }
+                .spawn()
             })
         })
         .map_err(db_err)?;

@@ -20,6 +20,7 @@
 //! warnings to one every 10 s.
 
 mod db;
+mod pages;
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -289,8 +290,10 @@ impl Cache {
     /// this thread become dependencies of this one. Backend trouble renders
     /// uncached (fail-open); an exception from `render` propagates unchanged
     /// and nothing is stored. `stale`: this block's `stale=render` choice
-    /// (`None`: the handle's).
-    #[pyo3(signature = (name, tokens, render, stale=None))]
+    /// (`None`: the handle's). `page`: the `Page` of the request being
+    /// rendered (`django_icache.middleware`), which learns what the block
+    /// read, nested blocks included.
+    #[pyo3(signature = (name, tokens, render, stale=None, page=None))]
     fn fragment(
         &self,
         py: Python<'_>,
@@ -298,17 +301,28 @@ impl Cache {
         tokens: Vec<String>,
         render: Py<PyAny>,
         stale: Option<bool>,
+        page: Option<Py<pages::Page>>,
     ) -> PyResult<String> {
         detached(py, || {
-            let body = || Python::attach(|py| render.bind(py).call0()?.extract::<String>());
-            match stale {
-                None => self.inner.fragment(name, &tokens, body),
-                Some(on) => self.inner.fragment_with(
-                    name,
-                    &tokens,
-                    icache::BlockOptions::new().stale_render(on),
-                    body,
-                ),
+            let block = || {
+                let body = || Python::attach(|py| render.bind(py).call0()?.extract::<String>());
+                match stale {
+                    None => self.inner.fragment(name, &tokens, body),
+                    Some(on) => self.inner.fragment_with(
+                        name,
+                        &tokens,
+                        icache::BlockOptions::new().stale_render(on),
+                        body,
+                    ),
+                }
+            };
+            match page {
+                None => block(),
+                Some(page) => {
+                    let (out, events) = icache::observe(block);
+                    page.get().record(events);
+                    out
+                }
             }
         })
     }
@@ -378,5 +392,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CacheError", m.py().get_type::<CacheError>())?;
     m.add_function(wrap_pyfunction!(flush_log, m)?)?;
     db::register(m)?;
+    pages::register(m)?;
     Ok(())
 }

@@ -9,13 +9,12 @@ use std::task::{Context, Poll};
 
 use http::header::{CACHE_CONTROL, ETAG, IF_NONE_MATCH, SET_COOKIE, VARY};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use icache::ICache;
+use icache::{BlockEvent, ICache, Outcome};
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::key;
 use crate::manifest::{Manifest, Manifests};
-use crate::shim::{self, PageEvents};
 
 /// The header a page's surrogate keys go in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -274,7 +273,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         // The clone is not ready: keep the ready one for this call.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
@@ -287,19 +286,28 @@ where
             .path_and_query()
             .map_or_else(|| req.uri().path().to_owned(), |p| p.as_str().to_owned());
         let headers = req.headers().clone();
-        let handed = PageEvents::default();
-        req.extensions_mut().insert(handed.clone());
         Box::pin(async move {
-            if let Some(inm) = headers.get(IF_NONE_MATCH)
-                && let Some(resp) = layer
-                    .answer_from_manifest(&uri, &headers, inm.as_bytes())
-                    .await
+            if headers.contains_key(IF_NONE_MATCH)
+                && let Some(m) = layer.manifest_for(&uri, &headers)
             {
-                return Ok(resp);
+                let tokens: Vec<&str> = m.reads.iter().map(|(t, _)| t.as_str()).collect();
+                let gens = layer.shared.cache.generations_async(&tokens).await;
+                if let Some(kept) = layer.judge(&m, gens, &headers) {
+                    return Ok(not_modified(kept));
+                }
             }
-            let (resp, events) = shim::observe_async(move || inner.call(req), handed).await;
-            let resp = resp?;
-            Ok(layer.finish(resp, &events, &uri, &headers).await)
+            // Blocks rendered in `call` itself (a `service_fn` may do its
+            // work there), in every poll of its future, and in work it moves
+            // to blocking threads with `icache::Scope`.
+            let (fut, mut events) = icache::observe(move || inner.call(req));
+            let (resp, polled) = icache::observe_async(fut).await;
+            events.extend(polled);
+            let mut resp = resp?;
+            let status = resp.status();
+            match layer.tag(&uri, &headers, status, resp.headers_mut(), &events) {
+                Tagging::NotModified(kept) => Ok(not_modified(kept)),
+                _ => Ok(resp),
+            }
         })
     }
 }
@@ -359,22 +367,107 @@ pub(crate) fn page_key(uri: &str, vary: &[HeaderName], request: &HeaderMap) -> [
     key::digest(&parts)
 }
 
-impl PageLayer {
-    /// A 304 from the manifest, if the page's tokens are where they were and
-    /// the client holds its tag.
-    async fn answer_from_manifest<B: Default>(
-        &self,
-        uri: &str,
-        headers: &HeaderMap,
-        if_none_match: &[u8],
-    ) -> Option<Response<B>> {
-        let manifests = self.manifests();
-        let Some(m) = manifests.get(uri, headers) else {
-            self.count(|c| &c.manifest_misses, "icache_http_manifest_misses_total");
+/// Every token the page's blocks read with its generation (as each block
+/// read it before rendering: `BlockEvent::reads`, never re-read after the
+/// render: a tag for new generations over old content would validate that
+/// content forever), or `None` when any block was not served from known
+/// generations (rendered uncached, caching off, an inner block unknown, or
+/// no token at all).
+fn page_reads(events: &[BlockEvent]) -> Option<Vec<(String, u64)>> {
+    let mut all = Vec::new();
+    for e in events {
+        if !matches!(
+            e.outcome,
+            Outcome::Hit | Outcome::Stored | Outcome::Shared | Outcome::NotStored(_)
+        ) || e.reads.is_empty()
+        {
             return None;
-        };
+        }
+        all.extend(e.reads.iter().cloned());
+    }
+    // The same token read at two generations (a bump between two blocks)
+    // stays twice: such a page is never current, so never a 304.
+    all.sort_unstable();
+    all.dedup();
+    Some(all)
+}
+
+/// What [`PageLayer::tag`] did to a response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Tagging {
+    /// Left as it was: not a page a cache may keep by its data (see
+    /// [`PageLayer`]).
+    Untouched,
+    /// Given its `ETag`, surrogate keys and `Cache-Control`; its manifest is
+    /// kept for the next conditional request.
+    Tagged,
+    /// Tagged, and the request's `If-None-Match` already holds the new tag:
+    /// answer `304 Not Modified` with these headers instead of the body.
+    NotModified(HeaderMap),
+}
+
+/// For servers that are not tower services (the Django middleware is
+/// built on these): the same checks, tags and manifests as the layer, one
+/// call on the way in and one on the way out.
+impl PageLayer {
+    /// The headers of a `304 Not Modified` for a `GET` or `HEAD` of `uri`
+    /// (path and query) with these request headers, when its manifest is
+    /// current (one read of the generations; none with `near=tracking`) and
+    /// the request's `If-None-Match` holds the page's tag; `None`: run the
+    /// handler. Blocking: call it off an async executor (the layer itself
+    /// reads asynchronously).
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// use http::{HeaderMap, StatusCode};
+    /// let cache = icache::ICache::memory();
+    /// let pages = icache_http::PageLayer::new(cache.clone());
+    /// let request = HeaderMap::new();
+    /// let (html, events) = icache::observe(|| {
+    ///     cache.fragment("list", &["movies"], || Ok::<_, String>("<ul/>".into()))
+    /// });
+    /// let mut response = HeaderMap::new();
+    /// let tagged = pages.tag("/", &request, StatusCode::OK, &mut response, &events);
+    /// assert_eq!(tagged, icache_http::Tagging::Tagged);
+    ///
+    /// let mut again = HeaderMap::new();
+    /// again.insert("if-none-match", response["etag"].clone());
+    /// let answer = pages.not_modified("/", &again).expect("a 304");
+    /// assert_eq!(answer["etag"], response["etag"]);
+    /// cache.incr("movies").unwrap();
+    /// assert!(pages.not_modified("/", &again).is_none());
+    /// # drop(html);
+    /// ```
+    pub fn not_modified(&self, uri: &str, request: &HeaderMap) -> Option<HeaderMap> {
+        if !request.contains_key(IF_NONE_MATCH) {
+            return None;
+        }
+        let m = self.manifest_for(uri, request)?;
         let tokens: Vec<&str> = m.reads.iter().map(|(t, _)| t.as_str()).collect();
-        match self.shared.cache.generations_async(&tokens).await {
+        let gens = self.shared.cache.generations(&tokens);
+        self.judge(&m, gens, request)
+    }
+
+    /// The manifest of this page, if one is kept (a miss is counted).
+    fn manifest_for(&self, uri: &str, request: &HeaderMap) -> Option<Arc<Manifest>> {
+        let m = self.manifests().get(uri, request);
+        if m.is_none() {
+            self.count(|c| &c.manifest_misses, "icache_http_manifest_misses_total");
+        }
+        m
+    }
+
+    /// The headers of a 304 if the manifest's tokens are still at `gens`
+    /// and the client holds the page's tag.
+    fn judge(
+        &self,
+        m: &Manifest,
+        gens: icache::Result<Vec<u64>>,
+        request: &HeaderMap,
+    ) -> Option<HeaderMap> {
+        match gens {
             Ok(gens) if gens.iter().eq(m.reads.iter().map(|(_, g)| g)) => {
                 self.count(|c| &c.manifest_hits, "icache_http_manifest_hits_total");
             }
@@ -389,42 +482,49 @@ impl PageLayer {
                 return None;
             }
         }
-        if !key::if_none_match(if_none_match, &m.etag) {
+        let inm = request.get(IF_NONE_MATCH)?;
+        if !key::if_none_match(inm.as_bytes(), &m.etag) {
             return None;
         }
         self.count(|c| &c.not_modified, "icache_http_not_modified_total");
-        Some(not_modified(&m.headers))
+        Some(m.headers.clone())
     }
 
-    /// Tags a page the handler rendered and keeps its manifest.
-    async fn finish<B: Default>(
+    /// Tags the response of a `GET` or `HEAD` of `uri` (path and query),
+    /// given the request's headers, the response's status and headers, and
+    /// the blocks its render met ([`icache::observe`]): adds `ETag`, the
+    /// surrogate keys and `Cache-Control` when it is a page a cache may
+    /// keep by its data (see [`PageLayer`]), and keeps its manifest. The
+    /// caller makes sure the method is `GET` or `HEAD`.
+    pub fn tag(
         &self,
-        mut resp: Response<B>,
-        events: &[icache::BlockEvent],
         uri: &str,
         request: &HeaderMap,
-    ) -> Response<B> {
-        let h = resp.headers();
-        if resp.status() != StatusCode::OK
+        status: StatusCode,
+        response: &mut HeaderMap,
+        events: &[BlockEvent],
+    ) -> Tagging {
+        let h = &*response;
+        if status != StatusCode::OK
             || events.is_empty()
             || h.contains_key(ETAG)
             || h.contains_key(SET_COOKIE)
             || private_or_no_store(h)
         {
-            return resp;
+            return Tagging::Untouched;
         }
         let Some(vary) = vary_names(h) else {
-            return resp;
+            return Tagging::Untouched;
         };
-        let Some(reads) = shim::reads(events) else {
-            return resp;
+        let Some(reads) = page_reads(events) else {
+            return Tagging::Untouched;
         };
         // Every block also reads the flush token (`ICache::flush`): it is in
         // the ETag (a flush changes every tag), but a page whose blocks read
         // nothing else read no data, and its key would tag every page alike
         // (after a flush, purge the proxy as a whole).
-        if reads.iter().all(|(t, _)| t == icache::ICache::FLUSH_TOKEN) {
-            return resp;
+        if reads.iter().all(|(t, _)| t == ICache::FLUSH_TOKEN) {
+            return Tagging::Untouched;
         }
         // The outermost blocks only: an inner block's output is part of its
         // outer block's (whose reads include the inner tokens), and it is not
@@ -438,13 +538,13 @@ impl PageLayer {
         let page = page_key(uri, &vary, request);
         let etag = key::etag(&page, &reads, &identities);
         let Ok(etag_value) = HeaderValue::from_str(&etag) else {
-            return resp;
+            return Tagging::Untouched;
         };
 
         let mut tokens: Vec<&str> = reads
             .iter()
             .map(|(t, _)| t.as_str())
-            .filter(|t| *t != icache::ICache::FLUSH_TOKEN)
+            .filter(|t| *t != ICache::FLUSH_TOKEN)
             .collect();
         tokens.sort_unstable();
         tokens.dedup();
@@ -453,7 +553,7 @@ impl PageLayer {
             .map(|t| key::surrogate_key(t))
             .collect::<Vec<_>>()
             .join(self.opts.header.separator());
-        let headers = resp.headers_mut();
+        let headers = response;
         if keys.len() > self.opts.budget {
             self.count(|c| &c.over_budget, "icache_http_over_budget_total");
             if !self
@@ -505,15 +605,15 @@ impl PageLayer {
         let manifest = self.manifests().insert(manifest);
         if inm_matches {
             self.count(|c| &c.not_modified, "icache_http_not_modified_total");
-            return not_modified(&manifest.headers);
+            return Tagging::NotModified(manifest.headers.clone());
         }
-        resp
+        Tagging::Tagged
     }
 }
 
-fn not_modified<B: Default>(headers: &HeaderMap) -> Response<B> {
+fn not_modified<B: Default>(headers: HeaderMap) -> Response<B> {
     let mut resp = Response::new(B::default());
     *resp.status_mut() = StatusCode::NOT_MODIFIED;
-    *resp.headers_mut() = headers.clone();
+    *resp.headers_mut() = headers;
     resp
 }

@@ -41,12 +41,10 @@ mod key;
 mod layer;
 mod manifest;
 mod purge;
-mod shim;
 
 pub use key::surrogate_key;
 pub use layer::{
     DEFAULT_HEADER_BUDGET, DEFAULT_MANIFEST_BYTES, PageLayer, PageService, PageStats,
-    ResponseFuture, SurrogateHeader,
+    ResponseFuture, SurrogateHeader, Tagging,
 };
 pub use purge::{CLOUDFLARE_API, FASTLY_API, PurgeError, PurgeErrorKind, PurgeStats, Purger};
-pub use shim::PageEvents;

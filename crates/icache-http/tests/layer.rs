@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use icache::ICache;
-use icache_http::{PageEvents, PageLayer, SurrogateHeader, surrogate_key};
+use icache_http::{PageLayer, SurrogateHeader, surrogate_key};
 use tower::ServiceExt;
 
 /// A site whose handlers count their calls.
@@ -57,22 +57,16 @@ fn site_with(cache: ICache, layer: PageLayer) -> Site {
         }
     };
     let (c, n) = (cache.clone(), calls.clone());
-    // Rendered off the executor, handed over through PageEvents.
-    let blocking = move |req: Request| {
+    // Rendered off the executor, carried there by icache::Scope.
+    let blocking = move || {
         let (c, n) = (c.clone(), n.clone());
         async move {
             n.fetch_add(1, Ordering::SeqCst);
-            let handed = req
-                .extensions()
-                .get::<PageEvents>()
-                .cloned()
-                .expect("PageEvents");
+            let scope = icache::Scope::current();
             tokio::task::spawn_blocking(move || {
-                let (html, events) = icache::observe(|| {
-                    c.fragment("b", &["movies"], || Ok::<_, String>("<p/>".into()))
-                });
-                handed.record(events);
-                html.unwrap_or_default()
+                scope
+                    .run(|| c.fragment("b", &["movies"], || Ok::<_, String>("<p/>".into())))
+                    .unwrap_or_default()
             })
             .await
             .unwrap_or_default()

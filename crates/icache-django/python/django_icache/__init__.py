@@ -184,9 +184,13 @@ class ICache:
         entry. ``stale=True`` serves the block's previous body while another
         process renders the new one (``stale=render`` for this block);
         ``None`` keeps the cache's choice."""
-        if stale is None:
-            return self.handle.fragment(str(name), _tokens(tokens), render)
-        return self.handle.fragment(str(name), _tokens(tokens), render, stale=bool(stale))
+        from .middleware import current_page
+
+        options: dict = {} if stale is None else {"stale": bool(stale)}
+        page = current_page()  # ICacheMiddleware: the page learns what it read
+        if page is not None:
+            options["page"] = page
+        return self.handle.fragment(str(name), _tokens(tokens), render, **options)
 
     def __repr__(self) -> str:
         h = self._handle

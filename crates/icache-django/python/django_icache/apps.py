@@ -17,6 +17,11 @@ class DjangoICacheConfig(AppConfig):
         from . import relay
 
         relay.connect_signals()  # the outbox relay (ICACHE_RELAY) and read-your-writes
+        from django.core import checks as django_checks
+
+        from . import edge
+
+        django_checks.register(edge.check_edge_settings, django_checks.Tags.caches)
 
 
 def _reset_on_change(setting, **kwargs):
@@ -24,3 +29,7 @@ def _reset_on_change(setting, **kwargs):
         from . import icache
 
         icache.reset()
+    if setting == "ICACHE_PURGE_URL":
+        from . import edge
+
+        edge.reset()

@@ -152,10 +152,15 @@ def apply(cache, tokens: list[str], raise_errors: bool, single: bool = False):
     the next read), logged, counted, and raised only if asked."""
     from ._core import CacheError
 
+    from . import edge
+
     try:
         if single:  # incr(): its own call, so an error names incr("token")
-            return [cache.handle.incr(tokens[0])]
-        return cache.handle.incr_many(tokens)
+            done = [cache.handle.incr(tokens[0])]
+        else:
+            done = cache.handle.incr_many(tokens)
+        edge.purge(tokens, strict=False)  # ICACHE_PURGE_URL: the proxy's pages
+        return done
     except CacheError as e:
         _count("bumps_failed", len(tokens))
         now = time.monotonic()

@@ -40,6 +40,8 @@ from urllib.parse import quote
 
 from django.core.exceptions import ImproperlyConfigured
 
+from . import edge
+
 logger = logging.getLogger("django_icache")
 
 OFF = {None, "", False, "off", "none"}
@@ -217,6 +219,8 @@ class SqliteRelay:
                 self._stats["pending"] = len(rows)
             tokens = list(dict.fromkeys(t for _, t in rows))
             self._cache.handle.incr_many(tokens)
+            # A purge the proxy refuses keeps the rows: at least once.
+            edge.purge(tokens, strict=True)
             conn.execute("DELETE FROM icache_outbox WHERE seq <= ?", (rows[-1][0],))
             with self._cond:
                 self._stats["batches"] += 1
@@ -232,7 +236,7 @@ class PgRelay:
     def __init__(self, url: str, cache, poll: float = 1.0, batch: int = 1000):
         from ._core import Relay
 
-        self._inner = Relay(url, cache.handle, int(poll * 1000), batch)
+        self._inner = Relay(url, cache.handle, int(poll * 1000), batch, edge.purger())
 
     def wake(self) -> None:
         self._inner.wake()
@@ -376,7 +380,9 @@ def drain_inline(connection) -> bool:
                 rows = c.fetchall()
             if not rows:
                 return True
-            icache.handle.incr_many(list(dict.fromkeys(t for _, t in rows)))
+            tokens = list(dict.fromkeys(t for _, t in rows))
+            icache.handle.incr_many(tokens)
+            edge.purge(tokens, strict=True)
             with connection.cursor() as c:
                 c.execute("DELETE FROM icache_outbox WHERE seq <= %s", [rows[-1][0]])
     except (CacheError, DatabaseError) as e:
@@ -474,7 +480,8 @@ def on_request_started(sender, **kwargs) -> None:
 
 
 def on_setting_changed(setting, **kwargs) -> None:
-    if setting in {"CACHES", "ICACHE_URL", "ICACHE_CACHE", "ICACHE_RELAY", "ICACHE_DATABASE", "DATABASES"}:
+    if setting in {"CACHES", "ICACHE_URL", "ICACHE_CACHE", "ICACHE_RELAY", "ICACHE_DATABASE", "DATABASES",
+                   "ICACHE_PURGE_URL"}:
         stop_all()
     if setting in {"ICACHE_WATCH", "ICACHE_DATABASE", "DATABASES"}:
         from . import outbox

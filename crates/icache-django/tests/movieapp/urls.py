@@ -4,6 +4,8 @@ from . import views
 
 urlpatterns = [
     path("page/<str:name>", views.page),
+    path("cookie/<str:name>", views.cookie_page),
+    path("never/<str:name>", views.never_page),
     path("post", views.post),
     path("note/<str:text>", views.note),
 ]

@@ -1,13 +1,34 @@
 """Views of the test site: pages render templates of conftest.TEMPLATES by
 name, with the request (so context processors run: csrf, user, messages)."""
 
+import collections
+
 from django.contrib import messages
 from django.http import HttpResponse
 from django.shortcuts import render
+from django.views.decorators.cache import never_cache
+
+# How many times each view ran, by template name (the middleware tests count
+# the views a 304 spared).
+CALLS: collections.Counter = collections.Counter()
 
 
 def page(request, name):
+    CALLS[name] += 1
     return render(request, name, {"movies": getattr(request, "_movies", None)})
+
+
+def cookie_page(request, name):
+    CALLS[name] += 1
+    response = render(request, name, {})
+    response.set_cookie("seen", "1")
+    return response
+
+
+@never_cache
+def never_page(request, name):
+    CALLS[name] += 1
+    return render(request, name, {})
 
 
 def post(request):

@@ -56,6 +56,7 @@ from django.utils.safestring import SafeString
 
 from .. import icache
 from .._tokens import token_value
+from ..middleware import current_page, taint
 
 register = template.Library()
 logger = logging.getLogger("django_icache")
@@ -216,8 +217,13 @@ def _fill(stored: str, context) -> str:
         out.append(text[last:pos])
         last = pos
         # Inside an outer block being rendered, the hole stays a hole of the
-        # outer entry; at the top it is rendered for this request.
-        out.append(outer.placeholder(hole) if outer is not None else _fill_hole(hole, context))
+        # outer entry; at the top it is rendered for this request (so the
+        # page is not the same for every request: no ETag).
+        if outer is not None:
+            out.append(outer.placeholder(hole))
+        else:
+            taint()
+            out.append(_fill_hole(hole, context))
     out.append(text[last:])
     return "".join(out)
 
@@ -459,9 +465,15 @@ class ICacheNode(template.Node):
             )
         values = self._token_values(context)
         if values is None:
+            taint()  # rendered uncached: nothing covers it
             return self.nodelist.render(context)
         try:
             options = {} if self.stale is None else {"stale": self.stale}
+            # The page learns what the block read; a block inside another's
+            # render is already part of that block's reads.
+            page = current_page() if _current.get() is None else None
+            if page is not None:
+                options["page"] = page
             stored = icache.handle.fragment(
                 self._name(context), values, lambda: self._miss(context), **options
             )
@@ -474,6 +486,7 @@ class ICacheNode(template.Node):
             )
         except _Unfillable as e:
             logger.warning("django_icache: %s: %s; the block is rendered uncached", self.where, e)
+        taint()
         return self.nodelist.render(context)
 
 

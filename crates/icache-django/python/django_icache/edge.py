@@ -1,0 +1,129 @@
+"""Purges at the edge: for every bumped token, the purge the proxy in front
+of the site understands, from the same bumps as the blocks'.
+
+``ICACHE_PURGE_URL`` names the proxy (unset: no purges):
+
+- ``http://127.0.0.1:6081``: Varnish running the repository's
+  ``deploy/varnish/icache.vcl`` (``PURGE`` with ``xkey-purge``, vmod xkey);
+- ``fastly://SERVICE_ID?token=API_TOKEN``: Fastly's surrogate-key purge;
+- ``cloudflare://ZONE_ID?token=API_TOKEN``: Cloudflare's purge by cache tag
+  (set ``ICACHE_SURROGATE_HEADER = "Cache-Tag"`` for the middleware).
+
+Where the purge runs:
+
+- **with the outbox's relay** (``ICACHE_RELAY``; the PostgreSQL relay, the
+  SQLite relay thread, the in-memory SQLite drain): after each batch's bump,
+  before its rows are deleted. A purge the proxy refuses keeps the rows, so
+  the batch is bumped and purged again: purges are at least once;
+- **otherwise right after** ``icache.incr`` / ``incr_many`` (after the commit
+  inside ``transaction.atomic()``): a purge that fails is logged and its
+  tokens are sent again with the next purge.
+
+The pages' keys are the ones :class:`django_icache.middleware.ICacheMiddleware`
+puts in their surrogate-key header, and the same as a Rust service's behind
+``icache_http::PageLayer``: one purge reaches the pages of both.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+logger = logging.getLogger("django_icache")
+
+_lock = threading.Lock()
+# (url, Purger) of the setting last read; ("", None): no purges.
+_purger: list = [None]
+_warned_at = [0.0]
+
+
+def purger():
+    """The ``_core.Purger`` of ``ICACHE_PURGE_URL``, or ``None`` when unset.
+    A malformed URL raises ``ImproperlyConfigured`` naming the bad part."""
+    from django.conf import settings
+    from django.core.exceptions import ImproperlyConfigured
+
+    url = getattr(settings, "ICACHE_PURGE_URL", None) or ""
+    held = _purger[0]
+    if held is not None and held[0] == url:
+        return held[1]
+    with _lock:
+        held = _purger[0]
+        if held is not None and held[0] == url:
+            return held[1]
+        p = None
+        if url:
+            from ._core import Purger
+
+            try:
+                p = Purger(url)
+            except ValueError as e:
+                raise ImproperlyConfigured(f"django_icache: ICACHE_PURGE_URL: {e}") from None
+        _purger[0] = (url, p)
+        return p
+
+
+def reset() -> None:
+    with _lock:
+        _purger[0] = None
+
+
+def purge(tokens: list[str], strict: bool) -> None:
+    """Purges the pages of `tokens` after their bump. `strict` (a relay):
+    a failure raises ``CacheError`` so the rows stay; otherwise it is logged
+    (at most every 10 s) and the tokens wait for the next purge."""
+    from ._core import CacheError
+
+    p = purger()
+    if p is None or not tokens:
+        return
+    try:
+        p.purge(list(tokens))
+    except CacheError as e:
+        if strict:
+            raise
+        now = time.monotonic()
+        if now - _warned_at[0] >= 10.0:
+            _warned_at[0] = now
+            logger.warning(
+                "django_icache: the proxy's pages of %d bumped token(s) were not purged (%s); "
+                "they are sent again with the next purge",
+                len(tokens),
+                e,
+            )
+
+
+def check_edge_settings(app_configs=None, **kwargs):
+    """``manage.py check``: ``django_icache.E020`` for an ``ICACHE_PURGE_URL``
+    or a middleware option that cannot be used (the message names it);
+    ``django_icache.W020`` when ``ICacheMiddleware`` is in ``MIDDLEWARE`` but
+    not first (it would not see the cookies and ``Vary`` of the middleware
+    around it)."""
+    from django.conf import settings
+    from django.core import checks
+    from django.core.exceptions import ImproperlyConfigured
+
+    out = []
+    try:
+        purger()
+    except ImproperlyConfigured as e:
+        out.append(checks.Error(str(e), hint="http://HOST:PORT, fastly://SERVICE?token=… or cloudflare://ZONE?token=…",
+                                id="django_icache.E020"))
+    middleware = list(getattr(settings, "MIDDLEWARE", None) or [])
+    name = "django_icache.middleware.ICacheMiddleware"
+    if name in middleware:
+        from . import middleware as mw
+
+        try:
+            mw.check_options()
+        except ImproperlyConfigured as e:
+            out.append(checks.Error(str(e), id="django_icache.E020"))
+        if middleware[0] != name:
+            out.append(checks.Warning(
+                "django_icache: ICacheMiddleware is not first in MIDDLEWARE: it does not see the cookies and "
+                "Vary headers the middleware around it add, and could tag pages that set a cookie",
+                hint="put \"django_icache.middleware.ICacheMiddleware\" first in MIDDLEWARE",
+                id="django_icache.W020",
+            ))
+    return out

@@ -1,0 +1,286 @@
+"""Issue 21, Django: ``django_icache.middleware.ICacheMiddleware`` through the
+test client: ETag and surrogate keys from the tokens the page's blocks read
+(nested ones too, also when the outer block is a hit), 304 before the view
+from the manifest, nothing for pages that are not the same for every
+request, and the purge of every bump (``ICACHE_PURGE_URL``) sent to a local
+server that records it as Varnish would receive it."""
+
+from __future__ import annotations
+
+import http.server
+import threading
+
+import pytest
+from conftest import TEMPLATES, client_for, unique
+from django.conf import settings
+from django.db import transaction
+from django.test import Client
+from django.test.utils import override_settings
+from movieapp.views import CALLS
+
+from django_icache._core import surrogate_key
+
+MW = "django_icache.middleware.ICacheMiddleware"
+
+
+@pytest.fixture
+def site(use_url, backend_url):
+    with override_settings(MIDDLEWARE=[MW, *settings.MIDDLEWARE]):
+        yield use_url(backend_url)
+
+
+def page(source: str) -> str:
+    name = unique("page") + ".html"
+    TEMPLATES[name] = "{% load icache %}" + source
+    return name
+
+
+def keys_of(response) -> set[str]:
+    return set(response.headers.get("Surrogate-Key", "").split())
+
+
+def test_a_page_of_blocks_gets_an_etag_and_surrogate_keys(site):
+    movies, top = unique("movies"), unique("top")
+    name = page(f"<h1>Movies</h1>{{% icache '{movies}' %}}<ul>list</ul>{{% endicache %}}"
+                f"{{% icache '{top}' %}}<p>top</p>{{% endicache %}}")
+    r = Client().get(f"/page/{name}")
+    assert r.status_code == 200
+    assert r.headers["ETag"].startswith('W/"'), r.headers
+    assert keys_of(r) == {surrogate_key(movies), surrogate_key(top)}
+    assert r.headers["Cache-Control"] == "no-cache"
+    # The flush token every block reads is never a surrogate key.
+    assert surrogate_key("icache:flush") not in keys_of(r)
+
+
+def test_304_before_the_view_until_a_token_the_page_read_moves(site):
+    movies, other = unique("movies"), unique("other")
+    name = page(f"{{% icache '{movies}' %}}<ul>list</ul>{{% endicache %}}")
+    c = Client()
+    first = c.get(f"/page/{name}")
+    etag = first.headers["ETag"]
+    calls = CALLS[name]
+
+    again = c.get(f"/page/{name}", headers={"If-None-Match": etag})
+    assert again.status_code == 304
+    assert CALLS[name] == calls, "the view ran for a 304"
+    assert again.headers["ETag"] == etag
+    assert again.headers["Cache-Control"] == first.headers["Cache-Control"]
+    assert again.content == b""
+
+    site.incr(other)  # a token the page did not read
+    assert c.get(f"/page/{name}", headers={"If-None-Match": etag}).status_code == 304
+    assert CALLS[name] == calls
+
+    site.incr(movies)
+    fresh = c.get(f"/page/{name}", headers={"If-None-Match": etag})
+    assert fresh.status_code == 200
+    assert CALLS[name] == calls + 1
+    assert fresh.headers["ETag"] != etag
+    # The new tag validates again, before the view.
+    assert c.get(f"/page/{name}", headers={"If-None-Match": fresh.headers["ETag"]}).status_code == 304
+    assert CALLS[name] == calls + 1
+    assert site.handle  # the same handle served all of it
+
+
+def test_head_behaves_like_get(site):
+    movies = unique("movies")
+    name = page(f"{{% icache '{movies}' %}}<ul>list</ul>{{% endicache %}}")
+    c = Client()
+    head = c.head(f"/page/{name}")
+    assert head.status_code == 200 and head.headers["ETag"].startswith('W/"')
+    calls = CALLS[name]
+    assert c.head(f"/page/{name}", headers={"If-None-Match": head.headers["ETag"]}).status_code == 304
+    assert c.get(f"/page/{name}", headers={"If-None-Match": head.headers["ETag"]}).status_code == 304
+    assert CALLS[name] == calls
+
+
+def test_an_outer_hit_still_names_the_inner_tokens(site):
+    """Python sees only the outer block when it hits; the core's reads say
+    which inner tokens its output came from, so bumping one of them makes
+    the page's tag stale."""
+    outer, inner = unique("outer"), unique("inner")
+    name = page(f"{{% icache '{outer}' %}}<o>{{% icache '{inner}' %}}<i/>{{% endicache %}}</o>{{% endicache %}}")
+    c = Client()
+    c.get(f"/page/{name}")  # miss: both stored
+    hit = c.get(f"/page/{name}")  # the outer block is a hit
+    assert keys_of(hit) == {surrogate_key(outer), surrogate_key(inner)}
+    etag = hit.headers["ETag"]
+    assert c.get(f"/page/{name}", headers={"If-None-Match": etag}).status_code == 304
+    site.incr(inner)
+    assert c.get(f"/page/{name}", headers={"If-None-Match": etag}).status_code == 200
+
+
+def test_a_stale_tag_gets_200_and_the_new_tag(site):
+    movies = unique("movies")
+    name = page(f"{{% icache '{movies}' %}}<ul>list</ul>{{% endicache %}}")
+    c = Client()
+    old = c.get(f"/page/{name}").headers["ETag"]
+    site.incr(movies)
+    r = c.get(f"/page/{name}", headers={"If-None-Match": old})
+    assert r.status_code == 200 and r.headers["ETag"] != old and b"list" in r.content
+    assert c.get(f"/page/{name}", headers={"If-None-Match": 'W/"not-a-tag"'}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "url, source",
+    [
+        ("cookie", "{% icache 't' %}<p/>{% endicache %}"),  # Set-Cookie
+        ("never", "{% icache 't' %}<p/>{% endicache %}"),  # @never_cache: private, no-store
+        ("page", "{% icache 't' %}<form>{% csrf_token %}</form>{% endicache %}"),  # a hole per request
+        ("page", "{% icache 't' %}<p/>{% endicache %}{% csrf_token %}"),  # CSRF cookie renewed
+        ("page", "{% icache 't' %}<p/>{% nocache %}{{ request.path }}{% endnocache %}{% endicache %}"),
+        ("page", "{% icache undefined_name %}<p/>{% endicache %}"),  # rendered uncached
+        ("page", "<p>no blocks at all</p>"),
+    ],
+)
+def test_pages_that_are_not_the_same_for_every_request_get_no_tag_nor_manifest(site, url, source):
+    name = page(source.replace("'t'", f"'{unique('t')}'"))
+    c = Client()
+    r = c.get(f"/{url}/{name}")
+    assert r.status_code == 200
+    assert "ETag" not in r.headers and "Surrogate-Key" not in r.headers, r.headers
+    calls = CALLS[name]
+    # No manifest either: a revalidation runs the view.
+    c.get(f"/{url}/{name}", headers={"If-None-Match": 'W/"anything"'})
+    assert CALLS[name] == calls + 1
+
+
+def test_a_page_for_one_user_is_never_a_304_for_another(site):
+    name = page("{% icache 'profile' user.id %}<p>{{ user.username }}</p>{% endicache %}")
+    ann, bob = client_for(unique("ann")), client_for(unique("bob"))
+    a = ann.get(f"/page/{name}")
+    assert "Cookie" in a.headers.get("Vary", ""), a.headers
+    assert ann.get(f"/page/{name}", headers={"If-None-Match": a.headers["ETag"]}).status_code == 304
+    # Bob presents Ann's tag: his page is another page.
+    b = bob.get(f"/page/{name}", headers={"If-None-Match": a.headers["ETag"]})
+    assert b.status_code == 200 and bob.session.get("_auth_user_id") != ann.session.get("_auth_user_id")
+    assert b.headers["ETag"] != a.headers["ETag"]
+
+
+def test_python_fragments_are_part_of_the_page(site):
+    from django.http import HttpResponse
+
+    from django_icache.middleware import ICacheMiddleware
+
+    token = unique("py")
+    calls = []
+
+    def view(request):
+        calls.append(1)
+        return HttpResponse(site.fragment("py-block", [token], lambda: "<b>py</b>"))
+
+    mw = ICacheMiddleware(view)
+    from django.test import RequestFactory
+
+    r = mw(RequestFactory().get("/py"))
+    assert keys_of(r) == {surrogate_key(token)}
+    assert mw(RequestFactory().get("/py", headers={"If-None-Match": r.headers["ETag"]})).status_code == 304
+    assert len(calls) == 1
+
+
+def test_bad_settings_are_named(site):
+    from django.core.exceptions import ImproperlyConfigured
+
+    from django_icache.edge import check_edge_settings
+
+    name = page("{% icache 'x' %}<p/>{% endicache %}")
+    with override_settings(ICACHE_SURROGATE_HEADER="X-Keys"):
+        with pytest.raises(ImproperlyConfigured, match="ICACHE_SURROGATE_HEADER"):
+            Client().get(f"/page/{name}")
+        assert [e.id for e in check_edge_settings()] == ["django_icache.E020"]
+    with override_settings(ICACHE_PURGE_URL="gopher://proxy"):
+        errors = check_edge_settings()
+        assert [e.id for e in errors] == ["django_icache.E020"] and "ICACHE_PURGE_URL" in errors[0].msg
+    later = [m for m in settings.MIDDLEWARE if m != MW] + [MW]
+    with override_settings(MIDDLEWARE=later):
+        assert [e.id for e in check_edge_settings()] == ["django_icache.W020"], later
+
+
+def test_xkey_header_and_budget(site):
+    tokens = [unique("k") for _ in range(3)]
+    name = page("".join(f"{{% icache '{t}' %}}<p/>{{% endicache %}}" for t in tokens))
+    with override_settings(ICACHE_SURROGATE_HEADER="xkey"):
+        r = Client().get(f"/page/{name}")
+        assert set(r.headers["xkey"].split()) == {surrogate_key(t) for t in tokens}
+    with override_settings(ICACHE_SURROGATE_BUDGET=30):
+        r = Client().get(f"/page/{name}")
+        # Over budget: no shared cache may keep it (fewer keys would let a
+        # proxy keep it past a bump).
+        assert r.headers["Cache-Control"] == "private, no-cache" and "Surrogate-Key" not in r.headers
+
+
+# ---- purges -------------------------------------------------------------------------
+
+
+class Recorder(http.server.BaseHTTPRequestHandler):
+    """A stand-in for Varnish's PURGE endpoint: records each request; answers
+    ``status`` (the class attribute)."""
+
+    status = 200
+    seen: list = []
+
+    def do_PURGE(self):  # noqa: N802 - the HTTP method
+        type(self).seen.append(self.headers.get("xkey-purge", ""))
+        self.send_response(type(self).status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def proxy():
+    class Handler(Recorder):
+        seen: list = []
+        status = 200
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    with override_settings(ICACHE_PURGE_URL=f"http://127.0.0.1:{server.server_address[1]}"):
+        yield Handler
+    server.shutdown()
+    server.server_close()
+
+
+def purged(handler) -> set[str]:
+    return {k for line in handler.seen for k in line.split()}
+
+
+def test_every_bump_purges_its_pages_keys(site, proxy):
+    movies, user = unique("movies"), unique("user")
+    site.incr(movies)
+    assert purged(proxy) == {surrogate_key(movies)}
+    site.incr_many([user, movies])
+    assert {surrogate_key(user), surrogate_key(movies)} <= purged(proxy)
+
+
+def test_a_bump_in_a_transaction_purges_after_the_commit(site, proxy):
+    movies = unique("movies")
+    with transaction.atomic():
+        site.incr(movies)
+        assert purged(proxy) == set(), "purged before the commit"
+    assert purged(proxy) == {surrogate_key(movies)}
+    with pytest.raises(ZeroDivisionError):
+        with transaction.atomic():
+            site.incr(unique("rolled-back"))
+            1 / 0
+    assert purged(proxy) == {surrogate_key(movies)}, "a rolled-back bump purged"
+
+
+def test_a_refused_purge_is_logged_and_sent_with_the_next(site, proxy, caplog):
+    from django_icache import edge
+
+    proxy.status = 503
+    edge._warned_at[0] = 0.0  # the warning is limited to one every 10 s
+    first = unique("first")
+    assert site.incr(first) is not None, "the bump itself must not fail"
+    assert any("not purged" in r.getMessage() for r in caplog.records)
+    assert edge.purger().pending >= 1
+    proxy.status = 200
+    proxy.seen.clear()
+    second = unique("second")
+    site.incr(second)
+    assert {surrogate_key(first), surrogate_key(second)} <= purged(proxy)
+    assert edge.purger().pending == 0
