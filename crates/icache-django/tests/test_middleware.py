@@ -7,11 +7,9 @@ server that records it as Varnish would receive it."""
 
 from __future__ import annotations
 
-import http.server
-import threading
-
 import pytest
 from conftest import TEMPLATES, client_for, unique
+from edge_support import proxy, purged  # noqa: F401 - the fixture
 from django.conf import settings
 from django.db import transaction
 from django.test import Client
@@ -210,42 +208,6 @@ def test_xkey_header_and_budget(site):
 
 
 # ---- purges -------------------------------------------------------------------------
-
-
-class Recorder(http.server.BaseHTTPRequestHandler):
-    """A stand-in for Varnish's PURGE endpoint: records each request; answers
-    ``status`` (the class attribute)."""
-
-    status = 200
-    seen: list = []
-
-    def do_PURGE(self):  # noqa: N802 - the HTTP method
-        type(self).seen.append(self.headers.get("xkey-purge", ""))
-        self.send_response(type(self).status)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args):
-        pass
-
-
-@pytest.fixture
-def proxy():
-    class Handler(Recorder):
-        seen: list = []
-        status = 200
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    with override_settings(ICACHE_PURGE_URL=f"http://127.0.0.1:{server.server_address[1]}"):
-        yield Handler
-    server.shutdown()
-    server.server_close()
-
-
-def purged(handler) -> set[str]:
-    return {k for line in handler.seen for k in line.split()}
 
 
 def test_every_bump_purges_its_pages_keys(site, proxy):

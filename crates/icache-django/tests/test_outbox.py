@@ -489,3 +489,33 @@ def test_in_memory_sqlite_applies_its_outbox_at_each_commit(use_url, redis_serve
                     c.execute("DROP TABLE IF EXISTS icache_outbox")
                     c.execute("DROP TABLE IF EXISTS icache_watch")
                 outbox.forget_installed()
+
+
+# ---- purges ride on the relay (issue 21) ---------------------------------------------
+
+from django_icache._core import surrogate_key  # noqa: E402
+from edge_support import proxy, purged  # noqa: E402, F401 - the fixture
+
+
+def test_the_relay_purges_each_batch_after_its_bump(env, proxy):
+    token = unique("edge")
+    with transaction.atomic(using=ALIAS):
+        ObViewer.objects.create(name="x")
+        env.icache.incr(token)
+        assert purged(proxy) == set(), "purged before the commit"
+    assert wait_for(lambda: surrogate_key(token) in purged(proxy), 10), proxy.seen
+    assert env.pending() == 0
+
+
+def test_a_refused_purge_keeps_the_rows_until_the_proxy_takes_it(env, proxy):
+    token = unique("edge")
+    proxy.status = 503
+    with override_settings(ICACHE_RELAY_FLUSH_TIMEOUT=0.5):
+        g0 = env.gen(token)
+        with transaction.atomic(using=ALIAS):
+            env.icache.incr(token)
+        assert wait_for(lambda: env.gen(token) > g0, 10), "the relay did not bump"
+        assert env.pending() >= 1, "rows deleted although their purge failed"
+        proxy.status = 200
+        assert wait_for(lambda: env.pending() == 0, 15), "rows not applied after the proxy came back"
+    assert surrogate_key(token) in purged(proxy)
