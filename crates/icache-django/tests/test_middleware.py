@@ -23,8 +23,10 @@ MW = "django_icache.middleware.ICacheMiddleware"
 
 @pytest.fixture
 def site(use_url, backend_url):
+    # use_url's override first: overrides must end in the reverse order.
+    icache = use_url(backend_url)
     with override_settings(MIDDLEWARE=[MW, *settings.MIDDLEWARE]):
-        yield use_url(backend_url)
+        yield icache
 
 
 def page(source: str) -> str:
