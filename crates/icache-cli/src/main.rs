@@ -11,6 +11,7 @@
 //! icache [--url URL] get KEY            # the plain value stored by `set()`, as is
 //! icache [--url URL] stats              # `backend`, `url`, then the server's counters
 //! icache [--url URL] flush              # every cached block misses once; prints `icache:flush NEW_GENERATION`
+//!        [--purge-url URL]              #   then purges every tagged page at the proxy
 //! icache db install --db DB_URL         # the outbox (and icache_bump on PostgreSQL)
 //! icache db watch --db DB_URL TABLE TOKEN_EXPR...   # triggers; prints what changes bump
 //! icache db unwatch --db DB_URL TABLE   # drops them
@@ -129,7 +130,18 @@ enum Command {
     /// part of every block's version. Nothing is deleted. Prints
     /// `icache:flush NEW_GENERATION`.
     #[command(after_help = EXIT_CODES)]
-    Flush,
+    Flush {
+        /// After the flush, purge every page icache tagged at the proxy in
+        /// front of the site (they all carry the flush token's key): same
+        /// forms as `bump --purge-url`.
+        #[arg(
+            long,
+            value_name = "URL",
+            env = "ICACHE_PURGE_URL",
+            hide_env_values = true
+        )]
+        purge_url: Option<String>,
+    },
     /// The outbox in the database (install, watch, unwatch, status): bumps
     /// written inside the writer's own transaction.
     #[command(subcommand)]
@@ -228,13 +240,7 @@ fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Bump { tokens, purge_url } => {
             let tokens = as_strs(tokens);
             // Checked before the bump: a typo must not leave a bump unpurged.
-            let purger = match purge_url.as_deref().map(str::trim) {
-                Some(url) if !url.is_empty() => Some(
-                    icache_http::Purger::from_url(url)
-                        .map_err(|e| Failure::Usage(format!("--purge-url: {e}")))?,
-                ),
-                _ => None,
-            };
+            let purger = purger(purge_url.as_deref())?;
             let generations = cache.incr_many(&tokens)?;
             for (token, generation) in tokens.iter().zip(generations) {
                 writeln!(out, "{} {generation}", quoted(token))?;
@@ -262,9 +268,18 @@ fn run(cli: &Cli) -> Result<(), Failure> {
             Some(value) => out.write_all(&value)?,
             None => return Err(Failure::NotFound(key.clone())),
         },
-        Command::Flush => {
+        Command::Flush { purge_url } => {
+            let purger = purger(purge_url.as_deref())?;
             let generation = cache.flush()?;
             writeln!(out, "{} {generation}", ICache::FLUSH_TOKEN)?;
+            if let Some(purger) = purger {
+                out.flush()?;
+                purger.purge(&[ICache::FLUSH_TOKEN]).map_err(|e| {
+                    Failure::Purge(format!(
+                        "flushed, but the proxy's pages were not purged (run the flush again): {e}"
+                    ))
+                })?;
+            }
         }
         Command::Stats => {
             // Ask first: an unreachable server prints nothing to stdout.
@@ -280,6 +295,16 @@ fn run(cli: &Cli) -> Result<(), Failure> {
     }
     out.flush()?;
     Ok(())
+}
+
+/// The purger of `--purge-url` (`ICACHE_PURGE_URL`), if one is given.
+fn purger(url: Option<&str>) -> Result<Option<icache_http::Purger>, Failure> {
+    match url.map(str::trim) {
+        Some(url) if !url.is_empty() => icache_http::Purger::from_url(url)
+            .map(Some)
+            .map_err(|e| Failure::Usage(format!("--purge-url: {e}"))),
+        _ => Ok(None),
+    }
 }
 
 fn as_strs(items: &[String]) -> Vec<&str> {

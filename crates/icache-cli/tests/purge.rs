@@ -105,3 +105,42 @@ fn a_bad_purge_url_is_refused_before_the_bump_and_a_failed_purge_exits_1() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("t "));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not purged"));
 }
+
+#[test]
+fn icache_flush_with_a_purge_url_empties_the_proxy_of_tagged_pages() {
+    let Some(redis) = support::RedisServer::start() else {
+        return;
+    };
+    let url = format!("{}?timeout_ms=2000", redis.url());
+    let site = Site::start(ICache::from_url(&url).expect("cache"));
+    let Some(varnish) = support::VarnishServer::start(site.port) else {
+        return;
+    };
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let pages = [
+        format!("{}/users/7", varnish.url()),
+        format!("{}/users/8", varnish.url()),
+    ];
+    for page in &pages {
+        x_cache(&agent, page);
+        assert_eq!(x_cache(&agent, page), "HIT", "{page}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_icache"))
+        .args(["--url", &url, "flush", "--purge-url", &varnish.url()])
+        .env_remove("ICACHE_PURGE_URL")
+        .output()
+        .expect("run icache");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every tagged page carries the flush token's key: all purged.
+    for page in &pages {
+        assert_eq!(x_cache(&agent, page), "MISS", "{page}");
+        assert_eq!(x_cache(&agent, page), "HIT", "{page}");
+    }
+}

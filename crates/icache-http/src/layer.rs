@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 
 use http::header::{CACHE_CONTROL, ETAG, IF_NONE_MATCH, SET_COOKIE, VARY};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode};
-use icache::{BlockEvent, ICache, Outcome};
+use icache::{BlockEvent, ICache, NotStored, Outcome};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -78,6 +78,9 @@ pub struct PageStats {
     pub over_budget: u64,
     /// Pages given an ETag.
     pub tagged: u64,
+    /// Pages left untagged because a token they read moved before the
+    /// response left (their bump's purge may have passed them).
+    pub moved: u64,
 }
 
 #[derive(Default)]
@@ -87,6 +90,7 @@ struct Counters {
     manifest_misses: AtomicU64,
     over_budget: AtomicU64,
     tagged: AtomicU64,
+    moved: AtomicU64,
     warned_budget: AtomicBool,
 }
 
@@ -166,6 +170,7 @@ impl PageLayer {
             "icache_http_manifest_hits_total",
             "icache_http_manifest_misses_total",
             "icache_http_over_budget_total",
+            "icache_http_moved_total",
         ] {
             metrics::counter!(name).increment(0);
         }
@@ -221,6 +226,7 @@ impl PageLayer {
             manifest_misses: c.manifest_misses.load(Ordering::Relaxed),
             over_budget: c.over_budget.load(Ordering::Relaxed),
             tagged: c.tagged.load(Ordering::Relaxed),
+            moved: c.moved.load(Ordering::Relaxed),
         }
     }
 
@@ -304,7 +310,15 @@ where
             events.extend(polled);
             let mut resp = resp?;
             let status = resp.status();
-            match layer.tag(&uri, &headers, status, resp.headers_mut(), &events) {
+            let Some(reads) = layer.taggable(status, resp.headers(), &events) else {
+                return Ok(resp);
+            };
+            let now = layer
+                .shared
+                .cache
+                .generations_async(&read_tokens(&reads))
+                .await;
+            match layer.tag_read(&uri, &headers, resp.headers_mut(), &events, reads, now) {
                 Tagging::NotModified(kept) => Ok(not_modified(kept)),
                 _ => Ok(resp),
             }
@@ -376,9 +390,18 @@ pub(crate) fn page_key(uri: &str, vary: &[HeaderName], request: &HeaderMap) -> [
 fn page_reads(events: &[BlockEvent]) -> Option<Vec<(String, u64)>> {
     let mut all = Vec::new();
     for e in events {
+        // Not `NotStored(Moved)` (a token moved while the block rendered:
+        // its purge may already have gone out, and a proxy would keep this
+        // page past it) nor `NestedUnknown` (a caught inner failure: the
+        // output depends on tokens nobody recorded), nor `Failed`.
         if !matches!(
             e.outcome,
-            Outcome::Hit | Outcome::Stored | Outcome::Shared | Outcome::NotStored(_)
+            Outcome::Hit
+                | Outcome::Stored
+                | Outcome::Shared
+                | Outcome::NotStored(
+                    NotStored::TooLarge | NotStored::ServerChanged | NotStored::BackendError
+                )
         ) || e.reads.is_empty()
         {
             return None;
@@ -390,6 +413,11 @@ fn page_reads(events: &[BlockEvent]) -> Option<Vec<(String, u64)>> {
     all.sort_unstable();
     all.dedup();
     Some(all)
+}
+
+/// The tokens of a page's reads, in their order.
+fn read_tokens(reads: &[(String, u64)]) -> Vec<&str> {
+    reads.iter().map(|(t, _)| t.as_str()).collect()
 }
 
 /// What [`PageLayer::tag`] did to a response.
@@ -496,6 +524,12 @@ impl PageLayer {
     /// surrogate keys and `Cache-Control` when it is a page a cache may
     /// keep by its data (see [`PageLayer`]), and keeps its manifest. The
     /// caller makes sure the method is `GET` or `HEAD`.
+    ///
+    /// Blocking: it reads the generations of the page's tokens once more
+    /// (none with `near=tracking`), and a page one of whose tokens moved
+    /// since its blocks read it is left untagged: its bump's purge may
+    /// already have reached the proxy, which would then keep this older
+    /// page until the next one.
     pub fn tag(
         &self,
         uri: &str,
@@ -504,28 +538,60 @@ impl PageLayer {
         response: &mut HeaderMap,
         events: &[BlockEvent],
     ) -> Tagging {
-        let h = &*response;
+        let Some(reads) = self.taggable(status, response, events) else {
+            return Tagging::Untouched;
+        };
+        let now = self.shared.cache.generations(&read_tokens(&reads));
+        self.tag_read(uri, request, response, events, reads, now)
+    }
+
+    /// The page's reads, if it is a page a cache may keep by its data.
+    fn taggable(
+        &self,
+        status: StatusCode,
+        h: &HeaderMap,
+        events: &[BlockEvent],
+    ) -> Option<Vec<(String, u64)>> {
         if status != StatusCode::OK
             || events.is_empty()
             || h.contains_key(ETAG)
             || h.contains_key(SET_COOKIE)
             || private_or_no_store(h)
         {
-            return Tagging::Untouched;
+            return None;
         }
-        let Some(vary) = vary_names(h) else {
-            return Tagging::Untouched;
-        };
-        let Some(reads) = page_reads(events) else {
-            return Tagging::Untouched;
-        };
-        // Every block also reads the flush token (`ICache::flush`): it is in
-        // the ETag (a flush changes every tag), but a page whose blocks read
-        // nothing else read no data, and its key would tag every page alike
-        // (after a flush, purge the proxy as a whole).
+        vary_names(h)?;
+        let reads = page_reads(events)?;
+        // Every block also reads the flush token (`ICache::flush`): a page
+        // whose blocks read nothing else read no data.
         if reads.iter().all(|(t, _)| t == ICache::FLUSH_TOKEN) {
-            return Tagging::Untouched;
+            return None;
         }
+        Some(reads)
+    }
+
+    /// Tags a taggable page given the generations of its tokens read after
+    /// the render (`now`, in the order of `reads`).
+    fn tag_read(
+        &self,
+        uri: &str,
+        request: &HeaderMap,
+        response: &mut HeaderMap,
+        events: &[BlockEvent],
+        reads: Vec<(String, u64)>,
+        now: icache::Result<Vec<u64>>,
+    ) -> Tagging {
+        match now {
+            Ok(now) if now.iter().eq(reads.iter().map(|(_, g)| g)) => {}
+            // Moved meanwhile (or unknown): served as rendered, untagged.
+            _ => {
+                self.count(|c| &c.moved, "icache_http_moved_total");
+                return Tagging::Untouched;
+            }
+        }
+        let Some(vary) = vary_names(response) else {
+            return Tagging::Untouched;
+        };
         // The outermost blocks only: an inner block's output is part of its
         // outer block's (whose reads include the inner tokens), and it is not
         // even seen when the outer block is a hit, so counting it would give
@@ -541,11 +607,10 @@ impl PageLayer {
             return Tagging::Untouched;
         };
 
-        let mut tokens: Vec<&str> = reads
-            .iter()
-            .map(|(t, _)| t.as_str())
-            .filter(|t| *t != ICache::FLUSH_TOKEN)
-            .collect();
+        // The flush token's key too: every tagged page has it, so that after
+        // `ICache::flush` one purge of it empties the proxy of icache's
+        // pages.
+        let mut tokens: Vec<&str> = reads.iter().map(|(t, _)| t.as_str()).collect();
         tokens.sort_unstable();
         tokens.dedup();
         let keys = tokens

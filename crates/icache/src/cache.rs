@@ -959,7 +959,11 @@ impl ICache {
         async move {
             let (parts, count) = split_name(&name);
             let (identity, tokens) = parts.get().split_at(count);
-            self.block_async(&name, identity, tokens, render).await
+            let out = self.block_async(&name, identity, tokens, render).await;
+            if out.is_err() {
+                emit_block(identity, tokens, Outcome::Failed, None, false, None, &[]);
+            }
+            out
         }
     }
 
@@ -1147,9 +1151,16 @@ impl ICache {
         render: impl FnOnce() -> Result<String, E>,
     ) -> Result<Html, E> {
         self.keyed(identity, tokens, |identity, tokens| {
-            self.inner
+            let out = self
+                .inner
                 .blocks
-                .block_html(&self.inner.core, identity, tokens, render)
+                .block_html(&self.inner.core, identity, tokens, render);
+            if out.is_err() {
+                // An observer (a page's ETag) must know: a caller's fallback
+                // in its place depends on tokens nobody recorded.
+                emit_block(identity, tokens, Outcome::Failed, None, false, None, &[]);
+            }
+            out
         })
     }
 }

@@ -111,6 +111,10 @@ pub enum Outcome {
     /// Another render held the lease for the new version: the block's
     /// previous body was served (`stale=render`).
     Stale,
+    /// The body returned an error: nothing was stored, and whatever the
+    /// caller shows in its place (a fallback) depends on tokens nobody
+    /// recorded.
+    Failed,
 }
 
 /// Why a rendered block was not stored.
@@ -157,6 +161,7 @@ impl Outcome {
             Outcome::Uncached => "rendered uncached: the cache is down",
             Outcome::Off => "rendered: caching is off (none://)",
             Outcome::Stale => "miss, the previous body served while another render holds the lease",
+            Outcome::Failed => "miss, the body failed: nothing stored",
         }
     }
 }
