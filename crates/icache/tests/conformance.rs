@@ -326,6 +326,8 @@ mod guidance;
 mod hardening;
 #[path = "conformance/instance.rs"]
 mod instance;
+#[path = "conformance/lease_found.rs"]
+mod lease_found;
 #[path = "conformance/memcached_faults.rs"]
 mod memcached_faults;
 #[path = "conformance/messages.rs"]
