@@ -858,7 +858,7 @@ pub(crate) fn emit_block(
 
 /// Does anyone want what a hit read: an enclosing render collecting nested
 /// dependencies, or an observer? (Otherwise nothing is built.)
-fn wants_reads() -> bool {
+pub(crate) fn wants_reads() -> bool {
     FRAMES.with(|f| !f.borrow().is_empty()) || observe::observing()
 }
 

@@ -308,6 +308,8 @@ macro_rules! suite {
 
 #[path = "conformance/async_blocks.rs"]
 mod async_blocks;
+#[path = "conformance/async_inner_hits.rs"]
+mod async_inner_hits;
 #[path = "conformance/bad_input.rs"]
 mod bad_input;
 #[path = "conformance/engines.rs"]
