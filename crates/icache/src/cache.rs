@@ -992,12 +992,9 @@ impl ICache {
                 let with_reads = wants_reads();
                 let (name, tokens) = (name.to_owned(), owned(tokens));
                 self.off_executor_infallible(move |c| {
-                    c.inner.blocks.lookup_with(
-                        &c.inner.core,
-                        &name,
-                        &borrowed(&tokens),
-                        with_reads,
-                    )
+                    c.inner
+                        .blocks
+                        .lookup_with(&c.inner.core, &name, &borrowed(&tokens), with_reads)
                 })
                 .await
             }

@@ -62,7 +62,10 @@ impl HoldProxy {
     fn start(target_port: u16) -> HoldProxy {
         let listener =
             TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("hold proxy: bind 127.0.0.1:0");
-        let port = listener.local_addr().expect("hold proxy: its address").port();
+        let port = listener
+            .local_addr()
+            .expect("hold proxy: its address")
+            .port();
         listener
             .set_nonblocking(true)
             .expect("hold proxy: non-blocking listener");
