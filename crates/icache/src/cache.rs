@@ -14,7 +14,7 @@ use crate::core::Core;
 use crate::error::{Error, Result};
 use crate::fragment::{
     AsyncRole, Blocks, FOLLOWER_WAIT, Html, Lookup, Miss, PooledName, Rendered, SharedFrame, Strs,
-    as_strs, emit_block, in_frame, leading, report, report_unknown, split_name,
+    as_strs, emit_block, in_frame, leading, report, report_unknown, split_name, wants_reads,
 };
 use crate::keys::Key;
 use crate::near::{Kind, Near};
@@ -989,11 +989,16 @@ impl ICache {
         let lookup = match blocks.lookup_local(core, name, tokens) {
             Some(lookup) => lookup,
             None => {
+                // Asked here, in this task's poll: the blocking thread the
+                // lookup runs on renders nothing, and a hit without its reads
+                // would leave the enclosing block stored without this one's
+                // tokens (a bump of them would never replace it).
+                let with_reads = wants_reads();
                 let (name, tokens) = (name.to_owned(), owned(tokens));
                 self.off_executor_infallible(move |c| {
                     c.inner
                         .blocks
-                        .lookup(&c.inner.core, &name, &borrowed(&tokens))
+                        .lookup_with(&c.inner.core, &name, &borrowed(&tokens), with_reads)
                 })
                 .await
             }

@@ -858,7 +858,7 @@ pub(crate) fn emit_block(
 
 /// Does anyone want what a hit read: an enclosing render collecting nested
 /// dependencies, or an observer? (Otherwise nothing is built.)
-fn wants_reads() -> bool {
+pub(crate) fn wants_reads() -> bool {
     FRAMES.with(|f| !f.borrow().is_empty()) || observe::observing()
 }
 
@@ -1115,7 +1115,12 @@ impl Blocks {
                         return lease::Poll::GiveUp;
                     }
                 }
-                match self.lookup(core, name, tokens) {
+                // With its reads whatever this thread wants: the threads of
+                // this process that joined its flight take this entry too,
+                // and check it against them (the nested generations it was
+                // found at), since they may have begun after a nested bump
+                // that this look just missed.
+                match self.lookup_with(core, name, tokens, true) {
                     Lookup::Hit {
                         html,
                         reads,
@@ -1417,7 +1422,13 @@ impl Blocks {
     /// path: the generations land in a stack buffer and the entry comes
     /// back as stored; nothing is allocated. `None`: anything else (a miss,
     /// nested tokens, another backend), for the general path.
-    fn local_hit(&self, core: &Core, name: &str, tokens: &[&str]) -> Option<Lookup> {
+    fn local_hit(
+        &self,
+        core: &Core,
+        name: &str,
+        tokens: &[&str],
+        with_reads: bool,
+    ) -> Option<Lookup> {
         const MAX: usize = 16;
         // Hints do not matter here: the entry itself says whether it has
         // nested tokens (then the general path reads them).
@@ -1438,7 +1449,7 @@ impl Blocks {
                 Some(Lookup::Hit {
                     html: html.clone(),
                     version,
-                    reads: if wants_reads() {
+                    reads: if with_reads {
                         tokens
                             .iter()
                             .map(|t| Box::from(*t))
@@ -1468,7 +1479,7 @@ impl Blocks {
         if tokens.is_empty() && held.entry.deps.is_empty() {
             return None;
         }
-        match near_lookup(core, tokens, held, true) {
+        match near_lookup(core, tokens, held, true, wants_reads()) {
             Ok(Some(hit)) => {
                 core.counters.count(Event::NearHit);
                 Some(hit)
@@ -1478,11 +1489,23 @@ impl Blocks {
     }
 
     pub(crate) fn lookup(&self, core: &Core, name: &str, tokens: &[&str]) -> Lookup {
+        self.lookup_with(core, name, tokens, wants_reads())
+    }
+
+    /// [`lookup`](Self::lookup); a hit carries what it read (tokens and
+    /// nested tokens with their generations) when `with_reads`.
+    pub(crate) fn lookup_with(
+        &self,
+        core: &Core,
+        name: &str,
+        tokens: &[&str],
+        with_reads: bool,
+    ) -> Lookup {
         if let Err(e) = core.replay_pending() {
             core.backend_trouble(&e);
             return Lookup::Down;
         }
-        if let Some(hit) = self.local_hit(core, name, tokens) {
+        if let Some(hit) = self.local_hit(core, name, tokens, with_reads) {
             return hit;
         }
         if let Some(near) = &core.near {
@@ -1490,7 +1513,7 @@ impl Blocks {
                 // A block with no token at all: no generation to fetch, so
                 // no server instance to check the copy against.
                 Some(held) if tokens.is_empty() && held.entry.deps.is_empty() => {}
-                Some(held) => match near_lookup(core, tokens, held, false) {
+                Some(held) => match near_lookup(core, tokens, held, false, with_reads) {
                     Ok(Some(hit)) => {
                         core.counters.count(Event::NearHit);
                         return hit;
@@ -1608,7 +1631,7 @@ impl Blocks {
                     html,
                     // What it read, for an enclosing render; nothing to build
                     // when there is none (the common case of a top-level block).
-                    reads: if wants_reads() {
+                    reads: if with_reads {
                         let mut reads = own_reads();
                         reads.extend(entry.deps.iter().cloned().zip(dep_gens));
                         reads
@@ -1643,12 +1666,13 @@ impl Blocks {
 /// is fetched).
 ///
 /// `local_only`: answer only from the in-process table (no I/O); `None`
-/// when it cannot.
+/// when it cannot. `with_reads`: a hit carries what it read.
 fn near_lookup(
     core: &Core,
     tokens: &[&str],
     held: near::Held,
     local_only: bool,
+    with_reads: bool,
 ) -> Result<Option<Lookup>> {
     let (Some(version), Payload::Text(html)) = (held.entry.version, &held.entry.payload) else {
         return Ok(None);
@@ -1685,7 +1709,7 @@ fn near_lookup(
     Ok(Some(Lookup::Hit {
         html: html.clone(),
         version,
-        reads: if wants_reads() {
+        reads: if with_reads {
             all.iter().map(|t| Box::from(*t)).zip(gens).collect()
         } else {
             Vec::new()

@@ -308,6 +308,8 @@ macro_rules! suite {
 
 #[path = "conformance/async_blocks.rs"]
 mod async_blocks;
+#[path = "conformance/async_inner_hits.rs"]
+mod async_inner_hits;
 #[path = "conformance/bad_input.rs"]
 mod bad_input;
 #[path = "conformance/engines.rs"]
@@ -326,6 +328,8 @@ mod guidance;
 mod hardening;
 #[path = "conformance/instance.rs"]
 mod instance;
+#[path = "conformance/lease_found.rs"]
+mod lease_found;
 #[path = "conformance/memcached_faults.rs"]
 mod memcached_faults;
 #[path = "conformance/messages.rs"]
