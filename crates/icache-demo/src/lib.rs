@@ -154,11 +154,12 @@ pub fn open_paged(
     let cache_for_pages = cache.clone();
     // The relay purges the proxy after each batch it bumped (set later by
     // `set_purger`): a purge that fails keeps the rows, so it is retried
-    // with them (at least once, as the bumps).
+    // with them (at least once, as the bumps), unless the proxy has refused
+    // for over 10 s: then the purges wait in the purger and bumps go on.
     let purger: Arc<OnceLock<Purger>> = Arc::default();
     let hook = purger.clone();
     db.start_relay(cache.clone(), move |tokens: &[String]| match hook.get() {
-        Some(p) => p.purge(tokens).map_err(|e| e.to_string()),
+        Some(p) => p.purge_for_relay(tokens).map_err(|e| e.to_string()),
         None => Ok(()),
     })?;
     let mut env = Environment::new();

@@ -112,9 +112,7 @@ impl Relay {
                     .poll_interval(Duration::from_millis(poll_ms))
                     .batch_size(batch);
                 match purger {
-                    Some(p) => b.after_bump(move |tokens: &[String]| {
-                        p.purge(tokens).map_err(|e| e.to_string())
-                    }),
+                    Some(p) => b.after_bump(p.relay_hook()),
                     None => b,
                 }
                 .spawn()

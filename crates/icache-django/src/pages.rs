@@ -254,6 +254,24 @@ impl Purger {
         })
     }
 
+    /// What a relay does after a batch's bump: raises `CacheError` (kind
+    /// `"purge"`: the rows stay) only while the proxy has refused for less
+    /// than 10 s; after that the purge waits here, retried in the
+    /// background, and the relay goes on.
+    fn purge_for_relay(&self, py: Python<'_>, tokens: Vec<String>) -> PyResult<()> {
+        detached(py, || self.inner.purge_for_relay(&tokens)).map_err(|e| {
+            let err = CacheError::new_err(format!("purge: {e}"));
+            let _ = err.value(py).setattr("kind", "purge");
+            err
+        })
+    }
+
+    /// Remembers `tokens` for the next purge without sending one now (a
+    /// bump that failed: the core replays it later).
+    fn defer(&self, tokens: Vec<String>) {
+        self.inner.defer(&tokens);
+    }
+
     /// Tokens waiting for their purge to be sent again.
     #[getter]
     fn pending(&self) -> usize {

@@ -1,9 +1,9 @@
 //! [`Purger`]: for every bumped token, the purge its proxy understands.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::{Duration, Instant};
 
 use icache::ICache;
 
@@ -18,6 +18,14 @@ const FASTLY_KEYS: usize = 256;
 const CLOUDFLARE_TAGS: usize = 30;
 /// Tries per purge request, with a doubling pause from 50 ms.
 const ATTEMPTS: u32 = 3;
+/// How long the relay's hook ([`Purger::relay_hook`]) keeps a batch's rows
+/// while the proxy refuses: a blip is retried from the outbox itself;
+/// beyond it the purges wait in the purger and the relay's bumps go on.
+pub const RELAY_HOLD: Duration = Duration::from_secs(10);
+/// The background retry of pending purges: from this pause, doubling, up
+/// to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Fastly's API.
 pub const FASTLY_API: &str = "https://api.fastly.com";
@@ -113,8 +121,15 @@ struct Inner {
     agent: ureq::Agent,
     ok: AtomicU64,
     failed: AtomicU64,
-    /// Tokens whose purge failed: sent again with the next purge.
+    /// Tokens whose purge failed: sent again with the next purge, and by
+    /// the retry thread meanwhile.
     pending: Mutex<Vec<String>>,
+    /// Since when every purge failed (`None`: the last one went through).
+    failing_since: Mutex<Option<Instant>>,
+    /// The retry thread runs (one per purger and its clones).
+    retrying: AtomicBool,
+    /// [`Purger::relay_hold`].
+    hold: Duration,
 }
 
 /// Most tokens remembered for a later purge (beyond it the oldest are
@@ -210,6 +225,9 @@ impl Purger {
                 ok: AtomicU64::new(0),
                 failed: AtomicU64::new(0),
                 pending: Mutex::new(Vec::new()),
+                failing_since: Mutex::new(None),
+                retrying: AtomicBool::new(false),
+                hold: RELAY_HOLD,
             }),
         }
     }
@@ -336,9 +354,22 @@ impl Purger {
 
     /// The time-out of each purge request (default 2 s).
     pub fn timeout(self, timeout: Duration) -> Purger {
+        self.rebuilt(agent(timeout), self.inner.hold)
+    }
+
+    /// How long the relay hook keeps a batch's rows while the proxy
+    /// refuses (default [`RELAY_HOLD`]); see [`relay_hook`](Self::relay_hook).
+    pub fn relay_hold(self, hold: Duration) -> Purger {
+        self.rebuilt(self.inner.agent.clone(), hold)
+    }
+
+    /// A purger of its own (builder methods: counters and pending purges
+    /// start afresh) with this target, agent and hold.
+    fn rebuilt(&self, agent: ureq::Agent, hold: Duration) -> Purger {
         let mut p = Purger::with(self.inner.target.clone());
         if let Some(inner) = Arc::get_mut(&mut p.inner) {
-            inner.agent = agent(timeout);
+            inner.agent = agent;
+            inner.hold = hold;
         }
         p
     }
@@ -372,24 +403,130 @@ impl Purger {
     /// then remembered and sent again with the next purge (purging twice is
     /// harmless).
     pub fn purge<S: AsRef<str>>(&self, tokens: &[S]) -> Result<(), PurgeError> {
-        let mut all: Vec<String> = tokens.iter().map(|t| t.as_ref().to_owned()).collect();
-        all.append(
-            &mut self
-                .inner
-                .pending
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner),
+        self.inner
+            .purge(tokens.iter().map(|t| t.as_ref().to_owned()).collect())
+    }
+
+    /// Remembers `tokens` for a purge without sending one now: they go with
+    /// the next [`purge`](Self::purge) (for a bump that failed and that
+    /// icache replays later: purged now, the proxy could fetch the page
+    /// again before the replay and keep it).
+    pub fn defer<S: AsRef<str>>(&self, tokens: &[S]) {
+        self.inner.remember(
+            tokens.iter().map(|t| t.as_ref().to_owned()).collect(),
+            false,
         );
+    }
+
+    /// The `after_bump` hook for an outbox relay (`icache::db`'s
+    /// `RelayBuilder::after_bump`, features `postgres`/`sqlite`):
+    /// purges each batch's tokens. While the proxy has refused for less
+    /// than [`RELAY_HOLD`], a failure is the batch's (its rows stay and the
+    /// relay retries them: purges at least once, also across a relay that
+    /// dies); once it has refused for longer, the batch's purge waits in
+    /// this purger instead (retried in the background until the proxy
+    /// takes it) and the relay goes on, so a proxy that is down never holds
+    /// back the bumps the site's own blocks need.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let purger = icache_http::Purger::from_url("http://127.0.0.1:6081")?;
+    /// let hook = purger.relay_hook();
+    /// // icache::db::Relay::builder(db_url, cache)?.after_bump(hook).spawn()?;
+    /// # drop(hook);
+    /// # Ok::<(), icache_http::PurgeError>(())
+    /// ```
+    pub fn relay_hook(&self) -> impl Fn(&[String]) -> Result<(), String> + Send + Sync + 'static {
+        let purger = self.clone();
+        move |tokens: &[String]| purger.purge_for_relay(tokens).map_err(|e| e.to_string())
+    }
+
+    /// What [`relay_hook`](Self::relay_hook) does, for relays that are not
+    /// icache's own (Django's SQLite relay).
+    ///
+    /// # Errors
+    ///
+    /// [`PurgeErrorKind::Purge`] while the proxy has refused for less than
+    /// [`RELAY_HOLD`]; after that `Ok`, the tokens pending here.
+    pub fn purge_for_relay<S: AsRef<str>>(&self, tokens: &[S]) -> Result<(), PurgeError> {
+        match self.purge(tokens) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let since = *self
+                    .inner
+                    .failing_since
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if since.is_some_and(|t| t.elapsed() >= self.inner.hold) {
+                    // Pending here (the failed purge kept them), retried in
+                    // the background.
+                    tracing::warn!(
+                        "icache-http: the proxy has refused purges for over {:?}: the relay goes on \
+                         and the purges wait in the purger ({e})",
+                        self.inner.hold
+                    );
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    /// Bumps `tokens` ([`ICache::incr_many`]), then purges their pages:
+    /// for sites without an outbox relay. Returns the new generations.
+    ///
+    /// # Errors
+    ///
+    /// [`PurgeErrorKind::Bump`] when the bump failed (then nothing is
+    /// purged; the handle replays the bump); [`PurgeErrorKind::Purge`] when
+    /// the bump was done but the proxy could not be told: its pages of
+    /// these tokens stay until a later purge of them, so call again.
+    pub fn incr_and_purge(&self, cache: &ICache, tokens: &[&str]) -> Result<Vec<u64>, PurgeError> {
+        let gens = cache.incr_many(tokens).map_err(|e| {
+            PurgeError::new(
+                PurgeErrorKind::Bump,
+                format!("bump failed, nothing purged: {e}"),
+            )
+        })?;
+        self.purge(tokens)?;
+        Ok(gens)
+    }
+}
+
+impl Inner {
+    /// Sends `tokens` and everything pending; on failure keeps them all
+    /// pending and makes sure the retry thread runs.
+    fn purge(self: &Arc<Self>, mut all: Vec<String>) -> Result<(), PurgeError> {
+        all.append(&mut self.pending.lock().unwrap_or_else(PoisonError::into_inner));
         all.sort_unstable();
         all.dedup();
         let out = self.purge_now(&all);
-        if out.is_err() {
-            let mut pending = self
-                .inner
-                .pending
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            pending.extend(all);
+        let mut since = self
+            .failing_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match &out {
+            Ok(()) => *since = None,
+            Err(_) => {
+                since.get_or_insert_with(Instant::now);
+                drop(since);
+                self.remember(all, true);
+            }
+        }
+        out
+    }
+
+    /// Adds tokens to the pending ones (bounded) and, if `retry`, starts
+    /// the retry thread if it is not running.
+    fn remember(self: &Arc<Self>, tokens: Vec<String>, retry: bool) {
+        if tokens.is_empty() {
+            return;
+        }
+        {
+            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            pending.extend(tokens);
             pending.sort_unstable();
             pending.dedup();
             if pending.len() > MAX_PENDING {
@@ -402,7 +539,16 @@ impl Purger {
                 );
             }
         }
-        out
+        if retry && !self.retrying.swap(true, Ordering::AcqRel) {
+            let weak = Arc::downgrade(self);
+            let spawned = std::thread::Builder::new()
+                .name("icache-purge-retry".into())
+                .spawn(move || retry_pending(weak));
+            if spawned.is_err() {
+                // No thread: the next purge still carries them.
+                self.retrying.store(false, Ordering::Release);
+            }
+        }
     }
 
     fn purge_now(&self, tokens: &[String]) -> Result<(), PurgeError> {
@@ -412,7 +558,7 @@ impl Purger {
         if keys.is_empty() {
             return Ok(());
         }
-        match &self.inner.target {
+        match &self.target {
             Target::Varnish { url } => {
                 let mut batch = String::new();
                 for k in &keys {
@@ -455,26 +601,6 @@ impl Purger {
         }
     }
 
-    /// Bumps `tokens` ([`ICache::incr_many`]), then purges their pages:
-    /// for sites without an outbox relay. Returns the new generations.
-    ///
-    /// # Errors
-    ///
-    /// [`PurgeErrorKind::Bump`] when the bump failed (then nothing is
-    /// purged; the handle replays the bump); [`PurgeErrorKind::Purge`] when
-    /// the bump was done but the proxy could not be told: its pages of
-    /// these tokens stay until a later purge of them, so call again.
-    pub fn incr_and_purge(&self, cache: &ICache, tokens: &[&str]) -> Result<Vec<u64>, PurgeError> {
-        let gens = cache.incr_many(tokens).map_err(|e| {
-            PurgeError::new(
-                PurgeErrorKind::Bump,
-                format!("bump failed, nothing purged: {e}"),
-            )
-        })?;
-        self.purge(tokens)?;
-        Ok(gens)
-    }
-
     /// Sends one request (built anew for each try), retrying failures.
     fn send(
         &self,
@@ -486,12 +612,12 @@ impl Purger {
             let request = build().map_err(|e| {
                 PurgeError::new(
                     PurgeErrorKind::Config,
-                    format!("purge for {:?}: {e}", self.inner.target),
+                    format!("purge for {:?}: {e}", self.target),
                 )
             })?;
-            match self.inner.agent.run(request) {
+            match self.agent.run(request) {
                 Ok(resp) if resp.status().is_success() => {
-                    self.inner.ok.fetch_add(1, Ordering::Relaxed);
+                    self.ok.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("icache_http_purges_total", "result" => "ok").increment(1);
                     return Ok(());
                 }
@@ -512,9 +638,9 @@ impl Purger {
                 pause *= 2;
             }
         }
-        self.inner.failed.fetch_add(1, Ordering::Relaxed);
+        self.failed.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("icache_http_purges_total", "result" => "error").increment(1);
-        let message = format!("purge at {:?} failed: {last}", self.inner.target);
+        let message = format!("purge at {:?} failed: {last}", self.target);
         tracing::warn!("icache-http: {message}");
         Err(PurgeError::new(PurgeErrorKind::Purge, message))
     }
@@ -526,4 +652,39 @@ fn varnish_request(url: &str, keys: &str) -> http::Result<http::Request<String>>
         .uri(format!("{url}/"))
         .header("xkey-purge", keys)
         .body(String::new())
+}
+
+/// The retry thread: sends what is pending, with a doubling pause, until
+/// nothing is (or the purger is gone).
+fn retry_pending(weak: Weak<Inner>) {
+    let mut pause = RETRY_FIRST;
+    loop {
+        std::thread::sleep(pause);
+        let Some(inner) = weak.upgrade() else {
+            return;
+        };
+        let empty = inner
+            .pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty();
+        if empty {
+            inner.retrying.store(false, Ordering::Release);
+            // A purge that failed between the check and the store started
+            // no thread (it saw one running): look once more.
+            let again = !inner
+                .pending
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty();
+            if again && !inner.retrying.swap(true, Ordering::AcqRel) {
+                continue;
+            }
+            return;
+        }
+        pause = match inner.purge(Vec::new()) {
+            Ok(()) => RETRY_FIRST,
+            Err(_) => (pause * 2).min(RETRY_MAX),
+        };
+    }
 }

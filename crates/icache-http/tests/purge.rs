@@ -277,3 +277,65 @@ fn a_failed_purge_is_sent_again_with_the_next_one() {
     assert_eq!(keys, sorted_keys(&["movies".into(), "7".into()]));
     assert_eq!(p.pending(), 0);
 }
+
+fn wait_until(mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        thread::sleep(std::time::Duration::from_millis(50));
+    }
+    done()
+}
+
+#[test]
+fn a_failed_purge_is_retried_in_the_background_until_the_proxy_takes_it() {
+    // One purge call tries 3 times: all refused; then the proxy is back.
+    let r = Recorder::start(&[503, 503, 503, 200]);
+    let p = Purger::varnish(&r.url).expect("url");
+    assert!(p.purge(&["late"]).is_err());
+    assert_eq!(p.pending(), 1);
+    // No further purge from the app: the purger's own retry sends it.
+    assert!(wait_until(|| p.stats().ok == 1), "not retried");
+    assert_eq!(p.pending(), 0);
+    let seen = r.seen();
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    assert_eq!(seen[3].header("xkey-purge"), surrogate_key("late"));
+}
+
+#[test]
+fn the_relay_hook_keeps_rows_only_while_the_proxy_has_refused_briefly() {
+    let r = Recorder::start(&[503]);
+    let p = Purger::varnish(&r.url)
+        .expect("url")
+        .timeout(std::time::Duration::from_millis(500))
+        .relay_hold(std::time::Duration::from_millis(300));
+    let hook = p.relay_hook();
+    // A blip: the batch fails, its rows stay for the relay to retry.
+    let first = hook(&["a".to_owned()]);
+    assert!(first.is_err(), "{first:?}");
+    thread::sleep(std::time::Duration::from_millis(400));
+    // Refused for longer than the hold: the relay goes on (its bumps are
+    // the site's own), the purges wait in the purger.
+    assert_eq!(hook(&["b".to_owned()]), Ok(()));
+    assert!(p.pending() >= 2, "{}", p.pending());
+}
+
+#[test]
+fn a_deferred_purge_waits_for_the_next_one() {
+    let r = Recorder::start(&[200]);
+    let p = Purger::varnish(&r.url).expect("url");
+    p.defer(&["replayed"]);
+    thread::sleep(std::time::Duration::from_millis(800));
+    assert!(r.seen().is_empty(), "a deferred purge went out on its own");
+    assert_eq!(p.pending(), 1);
+    p.purge(&["next"]).expect("purge");
+    let keys: Vec<String> = r.seen()[0]
+        .header("xkey-purge")
+        .split(' ')
+        .map(str::to_owned)
+        .collect();
+    assert!(keys.contains(&surrogate_key("replayed")) && keys.contains(&surrogate_key("next")));
+    assert_eq!(p.pending(), 0);
+}

@@ -24,7 +24,11 @@ from typing import Any, Callable, Iterable
 from ._core import Cache, CacheError, flush_log
 from ._tokens import token_value as token
 
-__all__ = ["icache", "ICache", "CacheError", "token"]
+__all__ = ["icache", "ICache", "CacheError", "token", "FLUSH_TOKEN"]
+
+#: The token every block also reads (``ICache::FLUSH_TOKEN``): ``flush()``
+#: bumps it, and its surrogate key is on every tagged page.
+FLUSH_TOKEN = "icache:flush"
 
 def _tokens(tokens: Iterable[Any]) -> list[str]:
     if isinstance(tokens, (str, bytes)):
@@ -106,8 +110,15 @@ class ICache:
     def flush(self) -> int:
         """Every block misses once (one epoch bump in the backend, seen by
         every process on this cache; nothing is deleted): for the changes no
-        token or digest sees. Returns the new epoch."""
-        return self.handle.flush()
+        token or digest sees. Returns the new epoch. With ``ICACHE_PURGE_URL``,
+        every page the middleware tagged is purged at the proxy too (they all
+        carry the flush token's key); a purge that fails is logged and
+        retried."""
+        from . import edge
+
+        epoch = self.handle.flush()
+        edge.purge([FLUSH_TOKEN], strict=False)
+        return epoch
 
     # ---- the seed's five methods ------------------------------------------------
 

@@ -14,10 +14,18 @@ Where the purge runs:
 - **with the outbox's relay** (``ICACHE_RELAY``; the PostgreSQL relay, the
   SQLite relay thread, the in-memory SQLite drain): after each batch's bump,
   before its rows are deleted. A purge the proxy refuses keeps the rows, so
-  the batch is bumped and purged again: purges are at least once;
+  the batch is bumped and purged again: purges are at least once. A proxy
+  that has refused for over 10 s no longer holds the rows (the site's own
+  bumps must go on): its purges wait in the process, retried in the
+  background until it takes them;
 - **otherwise right after** ``icache.incr`` / ``incr_many`` (after the commit
-  inside ``transaction.atomic()``): a purge that fails is logged and its
-  tokens are sent again with the next purge.
+  inside ``transaction.atomic()``): a purge that fails is logged and retried
+  in the background (and with the next purge). A bump that failed (the
+  core replays it before its next use of the cache) has its purge sent with
+  the next purge, after the replay;
+- ``manage.py icache bump`` purges its tokens (an error if the proxy
+  refuses); ``icache.flush()`` and ``manage.py icache flush`` purge every
+  tagged page (each carries the flush token's key).
 
 The pages' keys are the ones :class:`django_icache.middleware.ICacheMiddleware`
 puts in their surrogate-key header, and the same as a Rust service's behind
@@ -69,17 +77,35 @@ def reset() -> None:
         _purger[0] = None
 
 
+def defer(tokens: list[str]) -> None:
+    """A bump of `tokens` failed (the core replays it before its next use of
+    the cache): their purge goes with the next one, after the replay. Purged
+    now, the proxy could fetch the page again before the replay and keep it."""
+    try:
+        p = purger()
+    except Exception:  # noqa: BLE001 - a bad setting is reported by check and by purge()
+        return
+    if p is not None and tokens:
+        p.defer(list(tokens))
+
+
 def purge(tokens: list[str], strict: bool) -> None:
     """Purges the pages of `tokens` after their bump. `strict` (a relay):
-    a failure raises ``CacheError`` so the rows stay; otherwise it is logged
-    (at most every 10 s) and the tokens wait for the next purge."""
+    while the proxy has refused for less than 10 s a failure raises
+    ``CacheError`` so the rows stay and are retried; after that the purge
+    waits in the purger (retried in the background) and the relay goes on,
+    so a proxy that is down never holds back the site's bumps. Not strict:
+    a failure is logged (at most every 10 s) and retried in the background."""
     from ._core import CacheError
 
     p = purger()
     if p is None or not tokens:
         return
     try:
-        p.purge(list(tokens))
+        if strict:
+            p.purge_for_relay(list(tokens))
+        else:
+            p.purge(list(tokens))
     except CacheError as e:
         if strict:
             raise

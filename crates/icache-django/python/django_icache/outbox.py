@@ -163,6 +163,11 @@ def apply(cache, tokens: list[str], raise_errors: bool, single: bool = False):
         return done
     except CacheError as e:
         _count("bumps_failed", len(tokens))
+        # The proxy's old pages go now, and once more with the next purge,
+        # after the core's replay (a page fetched meanwhile from another
+        # process, still at the old generations, goes then).
+        edge.purge(tokens, strict=False)
+        edge.defer(tokens)
         now = time.monotonic()
         if now - _warned_at[0] >= 10.0:
             _warned_at[0] = now

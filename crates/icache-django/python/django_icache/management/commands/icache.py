@@ -1,10 +1,12 @@
 """``manage.py icache SUBCOMMAND …``: operating django_icache the Django way,
 on the cache the settings name (``ICACHE_URL``/``ICACHE_CACHE``).
 
-- ``bump TOKEN…``: bump tokens (as ``icache.incr``); prints each new generation.
+- ``bump TOKEN…``: bump tokens (as ``icache.incr``); prints each new generation,
+  then purges their pages at the proxy (``ICACHE_PURGE_URL``).
 - ``version TOKEN…``: each token's generation and their sum (a block's version).
 - ``flush``: one epoch bump: every block misses once (for what no digest or
   token sees). Entries are not deleted; they are overwritten as pages render.
+  The proxy's tagged pages are purged too (``ICACHE_PURGE_URL``).
 - ``stats``: the backend's own counters (Redis INFO, memcached stats…), then
   this process's (``process.hits``…).
 
@@ -29,8 +31,15 @@ class Bump:
     def handle(self, command, options):
         # Tokens as typed are the token strings themselves (icache:none, the
         # anonymous user's, included): no conversion of Python values here.
-        for tok, gen in zip(options["tokens"], icache.handle.incr_many(options["tokens"])):
+        from ... import edge
+
+        tokens = options["tokens"]
+        for tok, gen in zip(tokens, icache.handle.incr_many(tokens)):
             command.stdout.write(f"{tok} {gen}")
+        try:
+            edge.purge(tokens, strict=True)  # ICACHE_PURGE_URL: the proxy's pages of them
+        except CacheError as e:
+            raise CommandError(f"bumped, but the proxy's pages were not purged (run the bump again): {e}") from None
 
 
 class Version:
@@ -54,7 +63,7 @@ class Flush:
         pass
 
     def handle(self, command, options):
-        epoch = icache.flush()
+        epoch = icache.flush()  # and the proxy's tagged pages (ICACHE_PURGE_URL)
         command.stdout.write(f"flushed {icache.url} (epoch {epoch}): every block renders again once")
 
 
