@@ -16,7 +16,9 @@ from django.test import Client
 from django.test.utils import override_settings
 from movieapp.views import CALLS
 
+from django_icache import FLUSH_TOKEN
 from django_icache._core import surrogate_key
+from django_icache.middleware import pages
 
 MW = "django_icache.middleware.ICacheMiddleware"
 
@@ -46,10 +48,9 @@ def test_a_page_of_blocks_gets_an_etag_and_surrogate_keys(site):
     r = Client().get(f"/page/{name}")
     assert r.status_code == 200
     assert r.headers["ETag"].startswith('W/"'), r.headers
-    assert keys_of(r) == {surrogate_key(movies), surrogate_key(top)}
+    # And the flush token's, on every tagged page: icache.flush() purges them all.
+    assert keys_of(r) == {surrogate_key(movies), surrogate_key(top), surrogate_key(FLUSH_TOKEN)}
     assert r.headers["Cache-Control"] == "no-cache"
-    # The flush token every block reads is never a surrogate key.
-    assert surrogate_key("icache:flush") not in keys_of(r)
 
 
 def test_304_before_the_view_until_a_token_the_page_read_moves(site):
@@ -103,7 +104,7 @@ def test_an_outer_hit_still_names_the_inner_tokens(site):
     c = Client()
     c.get(f"/page/{name}")  # miss: both stored
     hit = c.get(f"/page/{name}")  # the outer block is a hit
-    assert keys_of(hit) == {surrogate_key(outer), surrogate_key(inner)}
+    assert keys_of(hit) == {surrogate_key(outer), surrogate_key(inner), surrogate_key(FLUSH_TOKEN)}
     etag = hit.headers["ETag"]
     assert c.get(f"/page/{name}", headers={"If-None-Match": etag}).status_code == 304
     site.incr(inner)
@@ -139,10 +140,13 @@ def test_pages_that_are_not_the_same_for_every_request_get_no_tag_nor_manifest(s
     r = c.get(f"/{url}/{name}")
     assert r.status_code == 200
     assert "ETag" not in r.headers and "Surrogate-Key" not in r.headers, r.headers
-    calls = CALLS[name]
-    # No manifest either: a revalidation runs the view.
+    calls, before = CALLS[name], pages().stats()
+    # No manifest either: a revalidation finds none, and runs the view.
     c.get(f"/{url}/{name}", headers={"If-None-Match": 'W/"anything"'})
+    after = pages().stats()
     assert CALLS[name] == calls + 1
+    assert after["manifest_hits"] == before["manifest_hits"], "a manifest was kept"
+    assert after["manifest_misses"] == before["manifest_misses"] + 1
 
 
 def test_a_page_for_one_user_is_never_a_304_for_another(site):
@@ -173,9 +177,55 @@ def test_python_fragments_are_part_of_the_page(site):
     from django.test import RequestFactory
 
     r = mw(RequestFactory().get("/py"))
-    assert keys_of(r) == {surrogate_key(token)}
+    assert keys_of(r) == {surrogate_key(token), surrogate_key(FLUSH_TOKEN)}
     assert mw(RequestFactory().get("/py", headers={"If-None-Match": r.headers["ETag"]})).status_code == 304
     assert len(calls) == 1
+
+
+def test_a_view_that_shows_a_fallback_for_a_failed_block_is_not_tagged(site):
+    from django.http import HttpResponse
+    from django.test import RequestFactory
+
+    from django_icache.middleware import ICacheMiddleware
+
+    ok, broken = unique("ok"), unique("broken")
+
+    def fail():
+        raise RuntimeError("the database is down")
+
+    def view(request):
+        try:
+            part = site.fragment("list", [broken], fail)
+        except RuntimeError:
+            part = "<p>no list right now</p>"
+        return HttpResponse(site.fragment("top", [ok], lambda: "<ol/>") + part)
+
+    r = ICacheMiddleware(view)(RequestFactory().get("/fallback"))
+    assert r.status_code == 200 and "ETag" not in r.headers, r.headers
+
+
+def test_another_language_is_another_page(site):
+    movies = unique("movies")
+    name = page(f"{{% icache '{movies}' %}}<p>list</p>{{% endicache %}}")
+    c = Client()
+    en = c.get(f"/page/{name}", headers={"Accept-Language": "en"})
+    etag = en.headers["ETag"]
+    assert c.get(f"/page/{name}", headers={"Accept-Language": "en", "If-None-Match": etag}).status_code == 304
+    # The same tag, another language (by cookie: nothing the page varies on).
+    c.cookies[settings.LANGUAGE_COOKIE_NAME] = "de"
+    de = c.get(f"/page/{name}", headers={"Accept-Language": "en", "If-None-Match": etag})
+    assert de.status_code == 200 and de.headers["ETag"] != etag
+
+
+def test_a_request_with_flash_messages_in_its_cookie_runs_the_view(site):
+    movies = unique("movies")
+    name = page(f"{{% icache '{movies}' %}}<p>list</p>{{% endicache %}}")
+    c = Client()
+    etag = c.get(f"/page/{name}").headers["ETag"]
+    calls = CALLS[name]
+    c.cookies["messages"] = "pending"
+    c.get(f"/page/{name}", headers={"If-None-Match": etag})
+    assert CALLS[name] == calls + 1, "answered from the manifest: the messages would wait"
 
 
 def test_bad_settings_are_named(site):
@@ -188,6 +238,11 @@ def test_bad_settings_are_named(site):
         with pytest.raises(ImproperlyConfigured, match="ICACHE_SURROGATE_HEADER"):
             Client().get(f"/page/{name}")
         assert [e.id for e in check_edge_settings()] == ["django_icache.E020"]
+    with override_settings(ICACHE_PURGE_URL="cloudflare://zone?token=t"):
+        errors = check_edge_settings()
+        assert [e.id for e in errors] == ["django_icache.E020"] and "Cache-Tag" in errors[0].msg
+    with override_settings(ICACHE_PURGE_URL="cloudflare://zone?token=t", ICACHE_SURROGATE_HEADER="Cache-Tag"):
+        assert check_edge_settings() == []
     with override_settings(ICACHE_PURGE_URL="gopher://proxy"):
         errors = check_edge_settings()
         assert [e.id for e in errors] == ["django_icache.E020"] and "ICACHE_PURGE_URL" in errors[0].msg
@@ -201,7 +256,7 @@ def test_xkey_header_and_budget(site):
     name = page("".join(f"{{% icache '{t}' %}}<p/>{{% endicache %}}" for t in tokens))
     with override_settings(ICACHE_SURROGATE_HEADER="xkey"):
         r = Client().get(f"/page/{name}")
-        assert set(r.headers["xkey"].split()) == {surrogate_key(t) for t in tokens}
+        assert set(r.headers["xkey"].split()) == {surrogate_key(t) for t in [*tokens, FLUSH_TOKEN]}
     with override_settings(ICACHE_SURROGATE_BUDGET=30):
         r = Client().get(f"/page/{name}")
         # Over budget: no shared cache may keep it (fewer keys would let a
@@ -248,3 +303,39 @@ def test_a_refused_purge_is_logged_and_sent_with_the_next(site, proxy, caplog):
     site.incr(second)
     assert {surrogate_key(first), surrogate_key(second)} <= purged(proxy)
     assert edge.purger().pending == 0
+
+
+def test_flush_purges_every_tagged_page(site, proxy):
+    site.flush()
+    assert purged(proxy) == {surrogate_key(FLUSH_TOKEN)}
+
+
+def test_manage_py_icache_bump_and_flush_purge(site, proxy):
+    import io
+
+    from django.core.management import CommandError, call_command
+
+    token = unique("cmd")
+    call_command("icache", "bump", token, stdout=io.StringIO())
+    assert surrogate_key(token) in purged(proxy)
+    call_command("icache", "flush", stdout=io.StringIO())
+    assert surrogate_key(FLUSH_TOKEN) in purged(proxy)
+    proxy.status = 503
+    with pytest.raises(CommandError, match="not purged"):
+        call_command("icache", "bump", unique("cmd"), stdout=io.StringIO())
+
+
+def test_a_failed_bump_purges_now_and_again_after_the_replay(site, proxy, caplog):
+    from conftest import free_port
+
+    from django_icache import ICache, edge
+
+    dead = ICache(f"redis://127.0.0.1:{free_port()}/0?timeout_ms=50&connect_timeout_ms=50")
+    token = unique("down")
+    assert dead.incr(token) is None  # failed, logged, replayed later by the core
+    assert surrogate_key(token) in purged(proxy), "the proxy's old pages were not purged"
+    # Remembered for the next purge (after the replay).
+    assert edge.purger().pending >= 1
+    proxy.seen.clear()
+    site.incr(unique("later"))
+    assert surrogate_key(token) in purged(proxy)

@@ -136,6 +136,15 @@ def check_edge_settings(app_configs=None, **kwargs):
     except ImproperlyConfigured as e:
         out.append(checks.Error(str(e), hint="http://HOST:PORT, fastly://SERVICE?token=… or cloudflare://ZONE?token=…",
                                 id="django_icache.E020"))
+    url = getattr(settings, "ICACHE_PURGE_URL", None) or ""
+    header = str(getattr(settings, "ICACHE_SURROGATE_HEADER", "Surrogate-Key")).lower()
+    if url.startswith("cloudflare://") and header != "cache-tag":
+        out.append(checks.Error(
+            "django_icache: ICACHE_PURGE_URL is Cloudflare, which purges by Cache-Tag, but "
+            f"ICACHE_SURROGATE_HEADER is {header!r}: no page would carry the keys its purges name",
+            hint='set ICACHE_SURROGATE_HEADER = "Cache-Tag"',
+            id="django_icache.E020",
+        ))
     middleware = list(getattr(settings, "MIDDLEWARE", None) or [])
     name = "django_icache.middleware.ICacheMiddleware"
     if name in middleware:

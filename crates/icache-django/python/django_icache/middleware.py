@@ -34,6 +34,20 @@ responses with cookies (``Set-Cookie``, a CSRF cookie to renew), their own
 undefined token, a mangled hole) or a hole filled for the request
 (``{% csrf_token %}``, ``{% nocache %}``); pages that read no token.
 
+**Language and time zone.** The page key holds the language the request
+asks for (cookie or ``Accept-Language``, as ``LocaleMiddleware`` picks it);
+a time zone activated per user (a middleware of the site's) is in the
+blocks' identities, so in the ETag, but not in the key of the 304 answered
+before the view: such a site should vary its pages on ``Cookie`` (Django
+does when the session is read). A request carrying flash messages in its
+cookie is never answered from the manifest.
+
+**Threads.** Blocks are seen through a context variable: a block rendered
+in a thread the view starts itself (a ``ThreadPoolExecutor``) is seen only
+if the work runs in a copy of the view's context
+(``contextvars.copy_context().run``); otherwise the page is tagged from
+its other blocks alone.
+
 **The rule the page must keep**: what a tagged page shows outside its blocks
 must depend only on its URL and the headers it ``Vary``\\ s on (like the
 template around the blocks). Anything else (the time, a per-user greeting
@@ -122,6 +136,31 @@ def pages():
         return p
 
 
+def _page_uri(request) -> str:
+    """The page's path and query, and the language this request will be
+    served in (a ``django_language`` cookie or ``Accept-Language`` choose
+    it, before the view runs): a revalidation in another language is
+    another page. (``#`` is never part of a request's path.)"""
+    from django.conf import settings
+
+    uri = request.get_full_path()
+    if getattr(settings, "USE_I18N", False) and getattr(settings, "ICACHE_VARY_ON_LANGUAGE", True):
+        from django.utils import translation
+
+        uri += "#lang=" + (translation.get_language_from_request(request) or "")
+    return uri
+
+
+def _pending_messages(request) -> bool:
+    """Flash messages wait in the request's cookie: the view must run (a
+    304 would show the old page and keep them for later)."""
+    try:
+        from django.contrib.messages.storage.cookie import CookieStorage
+    except ImportError:  # pragma: no cover - contrib.messages is part of Django
+        return False
+    return CookieStorage.cookie_name in request.COOKIES
+
+
 def _request_headers(request) -> list[tuple[str, str]]:
     return [(k, v) for k, v in request.headers.items() if isinstance(v, str)]
 
@@ -142,9 +181,9 @@ class ICacheMiddleware:
         from ._core import Page
 
         p = pages()
-        uri = request.get_full_path()
+        uri = _page_uri(request)
         headers = _request_headers(request)
-        if "If-None-Match" in request.headers:
+        if "If-None-Match" in request.headers and not _pending_messages(request):
             kept = p.not_modified(uri, headers)
             if kept is not None:
                 return _not_modified(kept)
