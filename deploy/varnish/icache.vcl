@@ -83,6 +83,13 @@ sub vcl_backend_response {
         # and Varnish answers 304 from the stored ETag).
         set beresp.ttl = 3650d;
         set beresp.grace = 0s;
+        # Stored gzipped once, served as stored to the clients that accept
+        # it (every browser) and unzipped for the rest: a page costs its
+        # compressed bytes on every hit, and the app never compresses.
+        if (!beresp.http.Content-Encoding
+            && beresp.http.Content-Type ~ "(?i)^(text/|application/(json|javascript|xml))") {
+            set beresp.do_gzip = true;
+        }
         return (deliver);
     }
     # Not ours to keep (untagged, personal, an error): fetched every time;

@@ -167,3 +167,21 @@ def test_one_users_page_never_reaches_another(site, varnish):
     site.incr(ann)
     assert get(varnish, f"/session/{name}", f"sessionid={ann}")[1]["X-Cache"] == "MISS"
     assert get(varnish, f"/session/{name}", f"sessionid={bob}")[1]["X-Cache"] == "HIT"
+
+
+def test_varnish_stores_pages_gzipped_and_unzips_for_clients_that_do_not_accept_it(site, varnish):
+    import gzip
+
+    token = unique("gz")
+    name = data_page(token)
+    DATA[name] = "x" * 2000
+    _, plain_h, plain = get(varnish, f"/data/{name}")
+    c = http.client.HTTPConnection("127.0.0.1", varnish, timeout=10)
+    c.request("GET", f"/data/{name}", headers={"Accept-Encoding": "gzip"})
+    r = c.getresponse()
+    raw = r.read()
+    c.close()
+    assert r.getheader("X-Cache") == "HIT" and r.getheader("Content-Encoding") == "gzip"
+    assert len(raw) < len(plain) / 4, (len(raw), len(plain))
+    assert gzip.decompress(raw).decode() == plain
+    assert "Content-Encoding" not in plain_h
