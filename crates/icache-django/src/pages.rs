@@ -230,11 +230,25 @@ pub(crate) struct Purger {
 
 #[pymethods]
 impl Purger {
+    /// `timeout`: seconds each purge request may take (default 2; each is
+    /// tried 3 times).
     #[new]
-    fn new(url: &str) -> PyResult<Self> {
-        icache_http::Purger::from_url(url)
-            .map(|inner| Purger { inner })
-            .map_err(|e| PyValueError::new_err(e.to_string()))
+    #[pyo3(signature = (url, timeout = None))]
+    fn new(url: &str, timeout: Option<f64>) -> PyResult<Self> {
+        let inner = icache_http::Purger::from_url(url)
+            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let inner = match timeout {
+            None => inner,
+            Some(t) if t.is_finite() && t > 0.0 && t <= 3600.0 => {
+                inner.timeout(std::time::Duration::from_secs_f64(t))
+            }
+            Some(t) => {
+                return Err(PyValueError::new_err(format!(
+                    "purge timeout {t}: expected seconds, more than 0 and at most 3600"
+                )));
+            }
+        };
+        Ok(Purger { inner })
     }
 
     /// Purges the pages that read any of `tokens` (and the tokens of earlier

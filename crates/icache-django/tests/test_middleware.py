@@ -243,6 +243,9 @@ def test_bad_settings_are_named(site):
         assert [e.id for e in errors] == ["django_icache.E020"] and "Cache-Tag" in errors[0].msg
     with override_settings(ICACHE_PURGE_URL="cloudflare://zone?token=t", ICACHE_SURROGATE_HEADER="Cache-Tag"):
         assert check_edge_settings() == []
+    with override_settings(ICACHE_PURGE_URL="http://127.0.0.1:1", ICACHE_PURGE_TIMEOUT=-1):
+        errors = check_edge_settings()
+        assert [e.id for e in errors] == ["django_icache.E020"] and "ICACHE_PURGE_TIMEOUT" in errors[0].msg
     with override_settings(ICACHE_PURGE_URL="gopher://proxy"):
         errors = check_edge_settings()
         assert [e.id for e in errors] == ["django_icache.E020"] and "ICACHE_PURGE_URL" in errors[0].msg

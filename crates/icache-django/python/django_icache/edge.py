@@ -1,7 +1,9 @@
 """Purges at the edge: for every bumped token, the purge the proxy in front
 of the site understands, from the same bumps as the blocks'.
 
-``ICACHE_PURGE_URL`` names the proxy (unset: no purges):
+``ICACHE_PURGE_URL`` names the proxy (unset: no purges;
+``ICACHE_PURGE_TIMEOUT``, seconds, bounds each purge request: default 2, and
+each is tried 3 times, so a proxy that hangs costs a bump about 6 s):
 
 - ``http://127.0.0.1:6081``: Varnish running the repository's
   ``deploy/varnish/icache.vcl`` (``PURGE`` with ``xkey-purge``, vmod xkey);
@@ -53,22 +55,29 @@ def purger():
     from django.core.exceptions import ImproperlyConfigured
 
     url = getattr(settings, "ICACHE_PURGE_URL", None) or ""
+    timeout = getattr(settings, "ICACHE_PURGE_TIMEOUT", None)
+    key = (url, timeout)
     held = _purger[0]
-    if held is not None and held[0] == url:
+    if held is not None and held[0] == key:
         return held[1]
     with _lock:
         held = _purger[0]
-        if held is not None and held[0] == url:
+        if held is not None and held[0] == key:
             return held[1]
         p = None
         if url:
             from ._core import Purger
 
+            if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
+                raise ImproperlyConfigured(
+                    f"django_icache: ICACHE_PURGE_TIMEOUT must be a number of seconds, not {timeout!r}"
+                )
             try:
-                p = Purger(url)
+                p = Purger(url, None if timeout is None else float(timeout))
             except ValueError as e:
-                raise ImproperlyConfigured(f"django_icache: ICACHE_PURGE_URL: {e}") from None
-        _purger[0] = (url, p)
+                name = "ICACHE_PURGE_TIMEOUT" if "timeout" in str(e) else "ICACHE_PURGE_URL"
+                raise ImproperlyConfigured(f"django_icache: {name}: {e}") from None
+        _purger[0] = (key, p)
         return p
 
 
