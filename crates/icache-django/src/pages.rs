@@ -235,8 +235,8 @@ impl Purger {
     #[new]
     #[pyo3(signature = (url, timeout = None))]
     fn new(url: &str, timeout: Option<f64>) -> PyResult<Self> {
-        let inner = icache_http::Purger::from_url(url)
-            .map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let inner =
+            icache_http::Purger::from_url(url).map_err(|e| PyValueError::new_err(e.to_string()))?;
         let inner = match timeout {
             None => inner,
             Some(t) if t.is_finite() && t > 0.0 && t <= 3600.0 => {
