@@ -28,20 +28,41 @@ fn bump(url: &str, args: &[&str]) -> std::process::Output {
         .expect("run icache")
 }
 
-#[test]
-fn icache_bump_with_a_purge_url_purges_only_the_pages_of_its_tokens() {
-    let Some(redis) = support::RedisServer::start() else {
-        return;
-    };
+/// The movies site on a real Redis, behind a real Varnish (fields drop
+/// in this order: the proxy, then the site, then its cache).
+struct Behind {
+    agent: ureq::Agent,
+    varnish: support::VarnishServer,
+    url: String,
+    _site: Site,
+    _redis: support::RedisServer,
+}
+
+fn behind_varnish() -> Option<Behind> {
+    let redis = support::RedisServer::start()?;
     let url = format!("{}?timeout_ms=2000", redis.url());
     let site = Site::start(ICache::from_url(&url).expect("cache"));
-    let Some(varnish) = support::VarnishServer::start(site.port) else {
-        return;
-    };
+    let varnish = support::VarnishServer::start(site.port)?;
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)
         .build()
         .into();
+    Some(Behind {
+        _redis: redis,
+        _site: site,
+        url,
+        varnish,
+        agent,
+    })
+}
+
+#[test]
+fn icache_bump_with_a_purge_url_purges_only_the_pages_of_its_tokens() {
+    // Held whole: a pattern with `..` would drop the site and its Redis here.
+    let Some(behind) = behind_varnish() else {
+        return;
+    };
+    let (url, varnish, agent) = (&behind.url, &behind.varnish, &behind.agent);
     let page = format!("{}/users/7", varnish.url());
     x_cache(&agent, &page);
     assert_eq!(x_cache(&agent, &page), "HIT");
@@ -108,18 +129,11 @@ fn a_bad_purge_url_is_refused_before_the_bump_and_a_failed_purge_exits_1() {
 
 #[test]
 fn icache_flush_with_a_purge_url_empties_the_proxy_of_tagged_pages() {
-    let Some(redis) = support::RedisServer::start() else {
+    // Held whole: a pattern with `..` would drop the site and its Redis here.
+    let Some(behind) = behind_varnish() else {
         return;
     };
-    let url = format!("{}?timeout_ms=2000", redis.url());
-    let site = Site::start(ICache::from_url(&url).expect("cache"));
-    let Some(varnish) = support::VarnishServer::start(site.port) else {
-        return;
-    };
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .build()
-        .into();
+    let (url, varnish, agent) = (&behind.url, &behind.varnish, &behind.agent);
     let pages = [
         format!("{}/users/7", varnish.url()),
         format!("{}/users/8", varnish.url()),
