@@ -64,29 +64,29 @@ fn icache_bump_with_a_purge_url_purges_only_the_pages_of_its_tokens() {
     };
     let (url, varnish, agent) = (&behind.url, &behind.varnish, &behind.agent);
     let page = format!("{}/users/7", varnish.url());
-    x_cache(&agent, &page);
-    assert_eq!(x_cache(&agent, &page), "HIT");
+    x_cache(agent, &page);
+    assert_eq!(x_cache(agent, &page), "HIT");
 
     // `icache bump 9`: user 7's page read no token 9; still a hit.
-    let out = bump(&url, &["9", "--purge-url", &varnish.url()]);
+    let out = bump(url, &["9", "--purge-url", &varnish.url()]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(x_cache(&agent, &page), "HIT");
+    assert_eq!(x_cache(agent, &page), "HIT");
     // Without a purge URL the proxy is not told (said in the docs).
-    assert!(bump(&url, &["7"]).status.success());
-    assert_eq!(x_cache(&agent, &page), "HIT");
+    assert!(bump(url, &["7"]).status.success());
+    assert_eq!(x_cache(agent, &page), "HIT");
     // `icache bump 7 --purge-url`: purged, rendered afresh.
-    let out = bump(&url, &["7", "--purge-url", &varnish.url()]);
+    let out = bump(url, &["7", "--purge-url", &varnish.url()]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(x_cache(&agent, &page), "MISS");
-    assert_eq!(x_cache(&agent, &page), "HIT");
+    assert_eq!(x_cache(agent, &page), "MISS");
+    assert_eq!(x_cache(agent, &page), "HIT");
 }
 
 #[test]
@@ -139,11 +139,11 @@ fn icache_flush_with_a_purge_url_empties_the_proxy_of_tagged_pages() {
         format!("{}/users/8", varnish.url()),
     ];
     for page in &pages {
-        x_cache(&agent, page);
-        assert_eq!(x_cache(&agent, page), "HIT", "{page}");
+        x_cache(agent, page);
+        assert_eq!(x_cache(agent, page), "HIT", "{page}");
     }
     let out = Command::new(env!("CARGO_BIN_EXE_icache"))
-        .args(["--url", &url, "flush", "--purge-url", &varnish.url()])
+        .args(["--url", url, "flush", "--purge-url", &varnish.url()])
         .env_remove("ICACHE_PURGE_URL")
         .output()
         .expect("run icache");
@@ -154,7 +154,7 @@ fn icache_flush_with_a_purge_url_empties_the_proxy_of_tagged_pages() {
     );
     // Every tagged page carries the flush token's key: all purged.
     for page in &pages {
-        assert_eq!(x_cache(&agent, page), "MISS", "{page}");
-        assert_eq!(x_cache(&agent, page), "HIT", "{page}");
+        assert_eq!(x_cache(agent, page), "MISS", "{page}");
+        assert_eq!(x_cache(agent, page), "HIT", "{page}");
     }
 }
