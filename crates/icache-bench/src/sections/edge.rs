@@ -196,19 +196,19 @@ pub(crate) fn edge(settings: &Settings, quick: bool) -> Section {
 
     let targets = vec![
         Target {
-            section: 7,
+            section: 9,
             what: "user page through Varnish: requests/s ÷ the app's alone".to_owned(),
             goal: Goal::AtLeast(5.0),
             measured: through.rps / app.rps,
         },
         Target {
-            section: 7,
+            section: 9,
             what: "304 from the layer: requests/s ÷ a full hit page's".to_owned(),
             goal: Goal::AtLeast(3.0),
             measured: revalidated.rps / app.rps,
         },
         Target {
-            section: 7,
+            section: 9,
             what: "bump → fresh page at Varnish: p99 ÷ 20 ms".to_owned(),
             goal: Goal::AtMost(1.0),
             measured: fresh_p99 as f64 / 20_000.0,
