@@ -280,10 +280,10 @@ impl Purger {
         })
     }
 
-    /// Remembers `tokens` for the next purge without sending one now (a
-    /// bump that failed: the core replays it later).
-    fn defer(&self, tokens: Vec<String>) {
-        self.inner.defer(&tokens);
+    /// The purge of a bump of `tokens` that failed on `cache`: sent once
+    /// `cache` has replayed its failed bumps (checked in the background).
+    fn defer(&self, cache: &Bound<'_, Cache>, tokens: Vec<String>) {
+        self.inner.defer(&cache.get().inner, &tokens);
     }
 
     /// Tokens waiting for their purge to be sent again.

@@ -130,6 +130,9 @@ struct Inner {
     retrying: AtomicBool,
     /// [`Purger::relay_hold`].
     hold: Duration,
+    /// Purges of bumps that failed, each waiting until its handle has
+    /// replayed them ([`Purger::defer`]).
+    deferred: Mutex<Vec<(ICache, Vec<String>)>>,
 }
 
 /// Most tokens remembered for a later purge (beyond it the oldest are
@@ -228,6 +231,7 @@ impl Purger {
                 failing_since: Mutex::new(None),
                 retrying: AtomicBool::new(false),
                 hold: RELAY_HOLD,
+                deferred: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -349,7 +353,12 @@ impl Purger {
             },
             varnish => varnish,
         };
-        Purger::with(target)
+        let mut p = Purger::with(target);
+        if let Some(inner) = Arc::get_mut(&mut p.inner) {
+            inner.agent = self.inner.agent.clone();
+            inner.hold = self.inner.hold;
+        }
+        p
     }
 
     /// The time-out of each purge request (default 2 s).
@@ -403,19 +412,42 @@ impl Purger {
     /// then remembered and sent again with the next purge (purging twice is
     /// harmless).
     pub fn purge<S: AsRef<str>>(&self, tokens: &[S]) -> Result<(), PurgeError> {
-        self.inner
-            .purge(tokens.iter().map(|t| t.as_ref().to_owned()).collect())
+        let tokens: Vec<String> = tokens.iter().map(|t| t.as_ref().to_owned()).collect();
+        if self.inner.down_past_hold() {
+            // Refused for longer than the hold: queued for the retry thread
+            // (which probes the proxy) instead of one more round of
+            // time-outs in the caller's request.
+            self.inner.remember(tokens, true);
+            return Err(PurgeError::new(
+                PurgeErrorKind::Purge,
+                format!(
+                    "purge at {:?}: the proxy has refused purges for over {:?}; queued, sent when \
+                     it answers",
+                    self.inner.target, self.inner.hold
+                ),
+            ));
+        }
+        self.inner.purge(tokens)
     }
 
-    /// Remembers `tokens` for a purge without sending one now: they go with
-    /// the next [`purge`](Self::purge) (for a bump that failed and that
-    /// icache replays later: purged now, the proxy could fetch the page
-    /// again before the replay and keep it).
-    pub fn defer<S: AsRef<str>>(&self, tokens: &[S]) {
-        self.inner.remember(
-            tokens.iter().map(|t| t.as_ref().to_owned()).collect(),
-            false,
-        );
+    /// The purge of a bump of `tokens` that failed on `cache`: `cache`
+    /// replays the bump before its next read or bump, and until then
+    /// another process may still render these pages at the old generations
+    /// and the proxy keep them. So the purge is sent once `cache` has no
+    /// bump waiting any more ([`ICache::has_pending_bumps`]), checked in
+    /// the background (from 0.5 s, doubling to 10 s). Purge now as well to
+    /// drop what the proxy holds already.
+    pub fn defer<S: AsRef<str>>(&self, cache: &ICache, tokens: &[S]) {
+        let tokens: Vec<String> = tokens.iter().map(|t| t.as_ref().to_owned()).collect();
+        if tokens.is_empty() {
+            return;
+        }
+        self.inner
+            .deferred
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((cache.clone(), tokens));
+        self.inner.start_retry();
     }
 
     /// The `after_bump` hook for an outbox relay (`icache::db`'s
@@ -450,6 +482,14 @@ impl Purger {
     /// [`PurgeErrorKind::Purge`] while the proxy has refused for less than
     /// [`RELAY_HOLD`]; after that `Ok`, the tokens pending here.
     pub fn purge_for_relay<S: AsRef<str>>(&self, tokens: &[S]) -> Result<(), PurgeError> {
+        if self.inner.down_past_hold() {
+            // Down for longer than the hold: no request of ours (a proxy
+            // that hangs would cost each batch its time-outs); the retry
+            // thread probes it and sends these when it answers.
+            self.inner
+                .remember(tokens.iter().map(|t| t.as_ref().to_owned()).collect(), true);
+            return Ok(());
+        }
         match self.purge(tokens) {
             Ok(()) => Ok(()),
             Err(e) => {
@@ -496,6 +536,16 @@ impl Purger {
 }
 
 impl Inner {
+    /// Every purge has failed for longer than the hold, and the retry
+    /// thread is on it.
+    fn down_past_hold(&self) -> bool {
+        let since = *self
+            .failing_since
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        since.is_some_and(|t| t.elapsed() >= self.hold) && self.retrying.load(Ordering::Acquire)
+    }
+
     /// Sends `tokens` and everything pending; on failure keeps them all
     /// pending and makes sure the retry thread runs.
     fn purge(self: &Arc<Self>, mut all: Vec<String>) -> Result<(), PurgeError> {
@@ -530,25 +580,73 @@ impl Inner {
             pending.sort_unstable();
             pending.dedup();
             if pending.len() > MAX_PENDING {
-                let dropped = pending.len() - MAX_PENDING;
-                pending.drain(..dropped);
+                // Dropping any would leave its pages at the proxy forever:
+                // the flush token's key, on every tagged page, purges them
+                // all at once instead.
+                let dropped = pending.len();
+                pending.clear();
+                pending.push(ICache::FLUSH_TOKEN.to_owned());
                 tracing::warn!(
                     dropped,
-                    "icache-http: too many purges pending; the oldest dropped (their pages stay \
-                     at the proxy until purged again)"
+                    "icache-http: too many purges pending; they are replaced by one purge of \
+                     every tagged page (the flush token's key)"
                 );
             }
         }
-        if retry && !self.retrying.swap(true, Ordering::AcqRel) {
+        if retry {
+            self.start_retry();
+        }
+    }
+
+    /// Starts the retry thread unless it runs.
+    fn start_retry(self: &Arc<Self>) {
+        if !self.retrying.swap(true, Ordering::AcqRel) {
             let weak = Arc::downgrade(self);
             let spawned = std::thread::Builder::new()
                 .name("icache-purge-retry".into())
                 .spawn(move || retry_pending(weak));
             if spawned.is_err() {
-                // No thread: the next purge still carries them.
+                // No thread: the next purge still carries what is pending.
                 self.retrying.store(false, Ordering::Release);
             }
         }
+    }
+
+    /// The deferred purges whose handle has replayed its bumps, moved to
+    /// the pending ones; whether any is left waiting.
+    fn release_deferred(&self) -> bool {
+        let mut deferred = self.deferred.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ready = Vec::new();
+        deferred.retain_mut(|(cache, tokens)| {
+            if cache.has_pending_bumps() {
+                true
+            } else {
+                ready.append(tokens);
+                false
+            }
+        });
+        let waiting = !deferred.is_empty();
+        drop(deferred);
+        if !ready.is_empty() {
+            let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            pending.extend(ready);
+            pending.sort_unstable();
+            pending.dedup();
+        }
+        waiting
+    }
+
+    /// Nothing pending nor deferred.
+    fn idle(&self) -> bool {
+        self.pending
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+            && self
+                .deferred
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
     }
 
     fn purge_now(&self, tokens: &[String]) -> Result<(), PurgeError> {
@@ -654,8 +752,9 @@ fn varnish_request(url: &str, keys: &str) -> http::Result<http::Request<String>>
         .body(String::new())
 }
 
-/// The retry thread: sends what is pending, with a doubling pause, until
-/// nothing is (or the purger is gone).
+/// The retry thread: sends what is pending (and the deferred purges whose
+/// bumps were replayed), with a doubling pause, until nothing is left (or
+/// the purger is gone).
 fn retry_pending(weak: Weak<Inner>) {
     let mut pause = RETRY_FIRST;
     loop {
@@ -663,21 +762,21 @@ fn retry_pending(weak: Weak<Inner>) {
         let Some(inner) = weak.upgrade() else {
             return;
         };
+        let waiting = inner.release_deferred();
         let empty = inner
             .pending
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .is_empty();
         if empty {
+            if waiting {
+                pause = (pause * 2).min(RETRY_MAX);
+                continue;
+            }
             inner.retrying.store(false, Ordering::Release);
-            // A purge that failed between the check and the store started
-            // no thread (it saw one running): look once more.
-            let again = !inner
-                .pending
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_empty();
-            if again && !inner.retrying.swap(true, Ordering::AcqRel) {
+            // Something remembered between the check and the store started
+            // no thread (it saw this one running): look once more.
+            if !inner.idle() && !inner.retrying.swap(true, Ordering::AcqRel) {
                 continue;
             }
             return;

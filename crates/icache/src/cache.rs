@@ -366,6 +366,23 @@ impl ICache {
     /// `flush` to reach them.
     pub const FLUSH_TOKEN: &'static str = "icache:flush";
 
+    /// Whether bumps that failed wait in this handle to be replayed (they
+    /// are, before its next read or bump). For work that must follow a
+    /// bump's replay, such as the purge of a proxy's pages
+    /// (`icache_http::Purger::defer`). One atomic load.
+    ///
+    /// # Example
+    ///
+    /// ```
+    /// let cache = icache::ICache::memory();
+    /// cache.incr("movies")?;
+    /// assert!(!cache.has_pending_bumps());
+    /// # Ok::<(), icache::Error>(())
+    /// ```
+    pub fn has_pending_bumps(&self) -> bool {
+        self.inner.core.has_pending()
+    }
+
     /// Makes **every cached block miss once**, on every handle and process
     /// that shares this backend and prefix: one bump of
     /// [`FLUSH_TOKEN`](Self::FLUSH_TOKEN), whose generation is part of every

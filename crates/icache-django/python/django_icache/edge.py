@@ -22,9 +22,9 @@ Where the purge runs:
   background until it takes them;
 - **otherwise right after** ``icache.incr`` / ``incr_many`` (after the commit
   inside ``transaction.atomic()``): a purge that fails is logged and retried
-  in the background (and with the next purge). A bump that failed (the
-  core replays it before its next use of the cache) has its purge sent with
-  the next purge, after the replay;
+  in the background (and with the next purge). A bump that failed is
+  purged now and once more after the core has replayed it (it does before
+  its next use of the cache), checked in the background;
 - ``manage.py icache bump`` purges its tokens (an error if the proxy
   refuses); ``icache.flush()`` and ``manage.py icache flush`` purge every
   tagged page (each carries the flush token's key).
@@ -86,16 +86,17 @@ def reset() -> None:
         _purger[0] = None
 
 
-def defer(tokens: list[str]) -> None:
-    """A bump of `tokens` failed (the core replays it before its next use of
-    the cache): their purge goes with the next one, after the replay. Purged
-    now, the proxy could fetch the page again before the replay and keep it."""
+def defer(handle, tokens: list[str]) -> None:
+    """A bump of `tokens` on `handle` (a ``_core.Cache``) failed: the core
+    replays it before its next use of the cache, and until then another
+    process may render these pages at the old generations. Their purge is
+    sent once the handle has replayed it (checked in the background)."""
     try:
         p = purger()
     except Exception:  # noqa: BLE001 - a bad setting is reported by check and by purge()
         return
     if p is not None and tokens:
-        p.defer(list(tokens))
+        p.defer(handle, list(tokens))
 
 
 def purge(tokens: list[str], strict: bool) -> None:

@@ -167,7 +167,7 @@ def apply(cache, tokens: list[str], raise_errors: bool, single: bool = False):
         # after the core's replay (a page fetched meanwhile from another
         # process, still at the old generations, goes then).
         edge.purge(tokens, strict=False)
-        edge.defer(tokens)
+        edge.defer(cache.handle, tokens)
         now = time.monotonic()
         if now - _warned_at[0] >= 10.0:
             _warned_at[0] = now
