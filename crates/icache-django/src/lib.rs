@@ -53,7 +53,12 @@ fn to_py(op: &str, e: icache::Error) -> PyErr {
         ErrorKind::Backend => "backend",
         _ => "other",
     };
-    let err = CacheError::new_err(format!("{op}: {e}"));
+    cache_error(format!("{op}: {e}"), kind)
+}
+
+/// A `CacheError` with this message and `.kind`.
+pub(crate) fn cache_error(message: String, kind: &str) -> PyErr {
+    let err = CacheError::new_err(message);
     Python::attach(|py| {
         // Setting an attribute on a fresh exception object cannot fail in
         // practice; if it did, the message still says everything.

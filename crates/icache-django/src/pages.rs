@@ -17,7 +17,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::{Cache, CacheError, detached};
+use crate::{Cache, cache_error, detached};
 
 /// What the blocks of one page did, collected while Django renders it.
 /// `taint()` marks a page that showed something no token covers (a block
@@ -62,15 +62,6 @@ impl Page {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
-    }
-
-    /// `(token, generation)` of every block seen (for tests and debugging).
-    fn reads(&self) -> Vec<(String, u64)> {
-        let events = self.events.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut all: Vec<(String, u64)> = events.iter().flat_map(|e| e.reads.clone()).collect();
-        all.sort_unstable();
-        all.dedup();
-        all
     }
 }
 
@@ -256,16 +247,7 @@ impl Purger {
     /// `"purge"`) when the proxy did not take it after its retries: the
     /// tokens are then sent again with the next purge.
     fn purge(&self, py: Python<'_>, tokens: Vec<String>) -> PyResult<()> {
-        detached(py, || self.inner.purge(&tokens)).map_err(|e| {
-            let kind = if e.kind() == PurgeErrorKind::Config {
-                "other"
-            } else {
-                "purge"
-            };
-            let err = CacheError::new_err(format!("purge: {e}"));
-            let _ = err.value(py).setattr("kind", kind);
-            err
-        })
+        detached(py, || self.inner.purge(&tokens)).map_err(|e| purge_err(&e))
     }
 
     /// What a relay does after a batch's bump: raises `CacheError` (kind
@@ -273,11 +255,7 @@ impl Purger {
     /// than 10 s; after that the purge waits here, retried in the
     /// background, and the relay goes on.
     fn purge_for_relay(&self, py: Python<'_>, tokens: Vec<String>) -> PyResult<()> {
-        detached(py, || self.inner.purge_for_relay(&tokens)).map_err(|e| {
-            let err = CacheError::new_err(format!("purge: {e}"));
-            let _ = err.value(py).setattr("kind", "purge");
-            err
-        })
+        detached(py, || self.inner.purge_for_relay(&tokens)).map_err(|e| purge_err(&e))
     }
 
     /// The purge of a bump of `tokens` that failed on `cache`: sent once
@@ -307,6 +285,17 @@ impl Purger {
 #[pyfunction]
 fn surrogate_key(token: &str) -> String {
     icache_http::surrogate_key(token)
+}
+
+/// A purge that failed as a `CacheError`: kind `"purge"` (the proxy did
+/// not take it), `"other"` for a purger that cannot build its requests.
+fn purge_err(e: &icache_http::PurgeError) -> PyErr {
+    let kind = if e.kind() == PurgeErrorKind::Config {
+        "other"
+    } else {
+        "purge"
+    };
+    cache_error(format!("purge: {e}"), kind)
 }
 
 /// Adds this module's classes to `_core`.

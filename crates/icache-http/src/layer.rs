@@ -310,15 +310,15 @@ where
             events.extend(polled);
             let mut resp = resp?;
             let status = resp.status();
-            let Some(reads) = layer.taggable(status, resp.headers(), &events) else {
+            let Some(page) = layer.taggable(status, resp.headers(), &events) else {
                 return Ok(resp);
             };
             let now = layer
                 .shared
                 .cache
-                .generations_async(&read_tokens(&reads))
+                .generations_async(&read_tokens(&page.reads))
                 .await;
-            match layer.tag_read(&uri, &headers, resp.headers_mut(), &events, reads, now) {
+            match layer.tag_read(&uri, &headers, resp.headers_mut(), &events, page, now) {
                 Tagging::NotModified(kept) => Ok(not_modified(kept)),
                 _ => Ok(resp),
             }
@@ -413,6 +413,13 @@ fn page_reads(events: &[BlockEvent]) -> Option<Vec<(String, u64)>> {
     all.sort_unstable();
     all.dedup();
     Some(all)
+}
+
+/// A page a cache may keep by its data: the response's `Vary` names and
+/// what its blocks read.
+struct Taggable {
+    vary: Vec<HeaderName>,
+    reads: Vec<(String, u64)>,
 }
 
 /// The tokens of a page's reads, in their order.
@@ -538,11 +545,11 @@ impl PageLayer {
         response: &mut HeaderMap,
         events: &[BlockEvent],
     ) -> Tagging {
-        let Some(reads) = self.taggable(status, response, events) else {
+        let Some(page) = self.taggable(status, response, events) else {
             return Tagging::Untouched;
         };
-        let now = self.shared.cache.generations(&read_tokens(&reads));
-        self.tag_read(uri, request, response, events, reads, now)
+        let now = self.shared.cache.generations(&read_tokens(&page.reads));
+        self.tag_read(uri, request, response, events, page, now)
     }
 
     /// The page's reads, if it is a page a cache may keep by its data.
@@ -551,7 +558,7 @@ impl PageLayer {
         status: StatusCode,
         h: &HeaderMap,
         events: &[BlockEvent],
-    ) -> Option<Vec<(String, u64)>> {
+    ) -> Option<Taggable> {
         if status != StatusCode::OK
             || events.is_empty()
             || h.contains_key(ETAG)
@@ -560,14 +567,14 @@ impl PageLayer {
         {
             return None;
         }
-        vary_names(h)?;
+        let vary = vary_names(h)?;
         let reads = page_reads(events)?;
         // Every block also reads the flush token (`ICache::flush`): a page
         // whose blocks read nothing else read no data.
         if reads.iter().all(|(t, _)| t == ICache::FLUSH_TOKEN) {
             return None;
         }
-        Some(reads)
+        Some(Taggable { vary, reads })
     }
 
     /// Tags a taggable page given the generations of its tokens read after
@@ -578,7 +585,7 @@ impl PageLayer {
         request: &HeaderMap,
         response: &mut HeaderMap,
         events: &[BlockEvent],
-        reads: Vec<(String, u64)>,
+        Taggable { vary, reads }: Taggable,
         now: icache::Result<Vec<u64>>,
     ) -> Tagging {
         match now {
@@ -589,9 +596,6 @@ impl PageLayer {
                 return Tagging::Untouched;
             }
         }
-        let Some(vary) = vary_names(response) else {
-            return Tagging::Untouched;
-        };
         // The outermost blocks only: an inner block's output is part of its
         // outer block's (whose reads include the inner tokens), and it is not
         // even seen when the outer block is a hit, so counting it would give

@@ -38,14 +38,15 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
+
+from ._every import Every
 
 logger = logging.getLogger("django_icache")
 
 _lock = threading.Lock()
 # (url, Purger) of the setting last read; ("", None): no purges.
 _purger: list = [None]
-_warned_at = [0.0]
+_warned = Every()
 
 
 def purger():
@@ -119,9 +120,7 @@ def purge(tokens: list[str], strict: bool) -> None:
     except CacheError as e:
         if strict:
             raise
-        now = time.monotonic()
-        if now - _warned_at[0] >= 10.0:
-            _warned_at[0] = now
+        if _warned.due():
             logger.warning(
                 "django_icache: the proxy's pages of %d bumped token(s) were not purged (%s); "
                 "they are sent again with the next purge",

@@ -40,6 +40,8 @@ from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 
+from ._every import Every
+
 logger = logging.getLogger("django_icache")
 
 SUPPORTED = {"postgresql": "postgres", "sqlite": "sqlite"}
@@ -47,7 +49,7 @@ SUPPORTED = {"postgresql": "postgres", "sqlite": "sqlite"}
 # Process-wide counters, reported by icache.stats().
 _counts = {"bumps_failed": 0, "bumps_deferred": 0, "bumps_to_outbox": 0}
 _counts_lock = threading.Lock()
-_warned_at = [0.0]
+_warned = Every()
 
 
 def _count(name: str, n: int = 1) -> None:
@@ -168,9 +170,7 @@ def apply(cache, tokens: list[str], raise_errors: bool, single: bool = False):
         # process, still at the old generations, goes then).
         edge.purge(tokens, strict=False)
         edge.defer(cache.handle, tokens)
-        now = time.monotonic()
-        if now - _warned_at[0] >= 10.0:
-            _warned_at[0] = now
+        if _warned.due():
             logger.warning(
                 "django_icache: %d token(s) could not be bumped (%s); they are replayed before this process "
                 "reads the cache again",

@@ -41,6 +41,7 @@ from urllib.parse import quote
 from django.core.exceptions import ImproperlyConfigured
 
 from . import edge
+from ._every import Every
 
 logger = logging.getLogger("django_icache")
 
@@ -133,7 +134,7 @@ class SqliteRelay:
         self._requested = self._done = 0
         self._woken = self._stopped = False
         self._stats = {"batches": 0, "rows": 0, "bumps": 0, "errors": 0, "pending": 0, "last_error": None}
-        self._warned = 0.0
+        self._warned = Every()
         self._thread = threading.Thread(target=self._run, name="icache-relay-sqlite", daemon=True)
         self._thread.start()
 
@@ -195,9 +196,7 @@ class SqliteRelay:
                 with self._cond:
                     self._stats["errors"] += 1
                     self._stats["last_error"] = str(e)
-                now = time.monotonic()
-                if now - self._warned >= 10.0:
-                    self._warned = now
+                if self._warned.due():
                     logger.warning("django_icache: relay on %s: %s; retrying (rows stay in the outbox)", self.path, e)
                 continue
             backoff = 0.0
@@ -357,7 +356,7 @@ def in_memory(connection) -> bool:
 
 
 _draining = threading.local()
-_drain_warned = [0.0]
+_drain_warned = Every()
 
 
 def drain_inline(connection) -> bool:
@@ -386,9 +385,7 @@ def drain_inline(connection) -> bool:
             with connection.cursor() as c:
                 c.execute("DELETE FROM icache_outbox WHERE seq <= %s", [rows[-1][0]])
     except (CacheError, DatabaseError) as e:
-        now = time.monotonic()
-        if now - _drain_warned[0] >= 10.0:
-            _drain_warned[0] = now
+        if _drain_warned.due():
             logger.warning("django_icache: outbox of %r not applied yet (%s); retried after the next commit",
                            connection.alias, e)
         return False
