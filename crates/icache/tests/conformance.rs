@@ -215,6 +215,16 @@ fn key_of(tag: &str, name: &str) -> String {
 }
 
 /// One RESP command on a fresh connection; the first reply line.
+/// A multi-threaded tokio runtime for the async cases (2 workers: an inner
+/// block's lookup may run on another thread than its outer block's).
+pub(crate) fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
 pub(crate) fn raw_redis(port: u16, args: &[&[u8]]) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
     s.set_read_timeout(Some(Duration::from_secs(5)))

@@ -20,13 +20,7 @@ suite!(async_blocks = crate::async_blocks::cases:
     caught_async_inner_error_leaves_the_outer_unstored,
 );
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
+use crate::runtime;
 
 fn ok(s: String) -> Result<String, Infallible> {
     Ok(s)

@@ -13,13 +13,7 @@ suite!(async_inner_hits = crate::async_inner_hits::cases:
     an_async_inner_hit_adds_its_tokens_to_the_outer,
 );
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
+use crate::runtime;
 
 pub mod cases {
     use super::*;
